@@ -1,0 +1,178 @@
+"""Experiment configs: loading with overrides, validation before anything compiles, provenance.
+
+Configs are Python files whose `get_config()` returns an `ml_collections.ConfigDict`
+(`experiments/default.py` holds every key). On the command line they are given as
+`--config FILE --config.KEY=VALUE ...` (ml_collections' config flags).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import platform
+import runpy
+import subprocess
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ml_collections
+
+# Keys a resumed run may change; anything else must match the checkpoint's config.
+RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+MINING_SCOPES = ("global", "local")
+DTYPES = ("float32", "bfloat16")
+_PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
+                        "numpy", "facenet_jax")
+
+
+def load_config(path: str | pathlib.Path, overrides: Mapping[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+    """Runs the config file's `get_config()` and applies dotted overrides {"loss.margin": 0.3}.
+
+    Overrides go through ml_collections' type checks, so an unknown key or a wrong type is an
+    error here, naming the key.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    config = runpy.run_path(str(path))["get_config"]()
+    for key, value in (overrides or {}).items():
+        set_dotted(config, key, value)
+    return config
+
+
+def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets `a.b.c` in a ConfigDict; raises KeyError naming an unknown key."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if part not in node:
+            raise KeyError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in {key!r})")
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(f"unknown config key {key!r}; valid keys here: {sorted(node.keys())}")
+    node[leaf] = value
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"margin": 0.2}} → {"loss.margin": 0.2} (lists/tuples kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-ready dict of the resolved config (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
+                 allowed: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two plain configs, except the allowed ones."""
+    a, b = flatten(saved), flatten(current)
+    allowed = set(allowed)
+    return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k))
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """Checks everything that can be checked before data loading or compilation.
+
+    Raises ValueError naming the key and the fix. Dataset-dependent checks (P not above the
+    number of trainable identities) happen when the data is loaded, still before compiling.
+    """
+    from facenet_jax import losses, models, optim  # local: keep `config` import-light
+
+    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        value = config[key]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+    losses.validate_loss_args(
+        margin=config.loss.margin, strategy=config.loss.strategy,
+        distance=config.loss.distance, soft=config.loss.soft,
+        strategy_options=dict(config.loss.options))
+    if config.model.name not in models.MODEL_NAMES:
+        raise ValueError(f"unknown model.name {config.model.name!r}; valid names: "
+                         f"{', '.join(models.MODEL_NAMES)}")
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
+    optim.validate_optimizer_config(config.optimizer, config.num_steps)
+    if config.parallel.mining not in MINING_SCOPES:
+        raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
+                         f"got {config.parallel.mining!r}")
+    if config.eval.distance not in losses.DISTANCES:
+        raise ValueError(f"eval.distance must be one of {losses.DISTANCES}, "
+                         f"got {config.eval.distance!r}")
+    validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
+                          num_devices)
+    if config.eval.batch_size % num_devices:
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
+                         f"{num_devices} devices; use a multiple of {num_devices}")
+
+
+def validate_batch_layout(identities: int, images_per_identity: int, num_devices: int) -> None:
+    """P ≥ 2, K ≥ 2 and whole identities per device (P divisible by the device count)."""
+    if identities < 2:
+        raise ValueError(f"batch.identities (P) = {identities}: a batch needs at least 2 "
+                         "identities to have negatives; set --config.batch.identities >= 2")
+    if images_per_identity < 2:
+        raise ValueError(f"batch.images_per_identity (K) = {images_per_identity}: with K < 2 "
+                         "no anchor has a positive; set --config.batch.images_per_identity >= 2")
+    if identities % num_devices:
+        lower = max(num_devices, identities // num_devices * num_devices)
+        raise ValueError(
+            f"batch.identities (P) = {identities} is not divisible by the {num_devices} "
+            f"devices; each device must hold whole identities: use P = {lower} or "
+            f"{lower + num_devices}")
+
+
+def provenance() -> dict[str, Any]:
+    """Package versions, git commit, devices and hosts: enough to reproduce a number."""
+    import jax  # local: only the CLI needs device information
+
+    versions = {}
+    for name in _PROVENANCE_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "device_kind": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _git_commit() -> str | None:
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats → None, numpy scalars → Python, recursively (valid JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

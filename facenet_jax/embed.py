@@ -1,0 +1,174 @@
+"""Embedding images with a trained encoder: the one-shot use of a model.
+
+    python -m facenet_jax.embed --workdir DIR --data_root FOLDER --output FILE.npz
+
+Public API: `make_embedder` (jitted, sharded over the devices, fixed batch shape so the last
+partial batch never recompiles), `load_encoder(workdir)` → `Encoder` with `.embed(images)` and
+`.embed_files(paths)`. The notebooks, the evaluation and training all use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from facenet_jax import checkpoints, parallel
+from facenet_jax.state import build_model, build_optimizer, create_train_state
+
+FLIP_MODES = ("sum", "concat")
+Embedder = Callable[[Any, np.ndarray], np.ndarray]
+
+
+def make_embedder(model: Any, mesh: jax.sharding.Mesh, *, batch_size: int, flip: bool = False,
+                  flip_mode: str = "sum") -> Embedder:
+    """Returns embed(variables, images uint8 [N,H,W,3]) -> float32 [N,D] (numpy).
+
+    Batches of `batch_size` (a multiple of the device count) are split over the devices; the
+    last batch is zero-padded to the same shape so one compiled program serves every N.
+    flip=True also embeds the mirror image: "sum" adds both embeddings and renormalises
+    (the result stays D-dimensional and unit-norm); "concat" concatenates them, [N, 2D], each
+    half unit-norm (distances then add the two views' distances).
+    """
+    if flip_mode not in FLIP_MODES:
+        raise ValueError(f"flip_mode must be one of {FLIP_MODES}, got {flip_mode!r}")
+    if batch_size % mesh.size:
+        raise ValueError(f"embedding batch_size={batch_size} must be a multiple of the "
+                         f"{mesh.size} devices")
+
+    def per_device(variables: Any, images: jax.Array) -> jax.Array:
+        x = images.astype(jnp.float32) / 255.0
+        embeddings = model.apply(variables, x, train=False)
+        if flip:
+            mirrored = model.apply(variables, x[:, :, ::-1, :], train=False)
+            if flip_mode == "sum":
+                summed = embeddings + mirrored
+                embeddings = summed / jnp.maximum(
+                    jnp.linalg.norm(summed, axis=-1, keepdims=True), 1e-12)
+            else:
+                embeddings = jnp.concatenate([embeddings, mirrored], axis=-1)
+        return lax.all_gather(embeddings, parallel.AXIS, tiled=True)
+
+    compiled = parallel.shard_per_device(per_device, mesh, in_specs=(P(), P(parallel.AXIS)),
+                                         out_specs=P())
+    sharding = parallel.batch_sharded(mesh)
+
+    def embed(variables: Any, images: np.ndarray) -> np.ndarray:
+        count = len(images)
+        outputs = []
+        chunks = range(0, count, batch_size)
+        if count > 20 * batch_size and sys.stderr.isatty():
+            from tqdm import tqdm
+            chunks = tqdm(chunks, desc="embedding", unit="batch")
+        for start in chunks:
+            chunk = np.asarray(images[start:start + batch_size])
+            padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+            padded[:len(chunk)] = chunk
+            device_chunk = jax.make_array_from_callback(padded.shape, sharding,
+                                                        lambda index: padded[index])
+            outputs.append(parallel.to_host(compiled(variables, device_chunk))[:len(chunk)])
+        if not outputs:
+            raise ValueError("no images to embed")
+        return np.concatenate(outputs).astype(np.float32)
+
+    return embed
+
+
+@dataclasses.dataclass
+class Encoder:
+    """A trained encoder restored from a run folder."""
+
+    config: ml_collections.ConfigDict
+    variables: Any
+    step: int
+    embedder: Embedder
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """images: uint8 [N,H,W,3] at the run's image size → unit embeddings [N,D]."""
+        size = self.config.data.image_size
+        if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected uint8 images [N,{size},{size},3] (the run's "
+                             f"data.image_size), got shape {images.shape}")
+        return self.embedder(self.variables, images)
+
+    def embed_files(self, paths: Sequence[str | pathlib.Path]) -> np.ndarray:
+        """Decodes and preprocesses files exactly as the run's data config says, then embeds."""
+        from facenet_jax import data
+
+        images = data.load_images(paths, image_size=self.config.data.image_size,
+                                  center_crop=self.config.data.center_crop)
+        return self.embed(images)
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a facenet_jax run folder?")
+    return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+
+
+def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
+                 flip: bool | None = None) -> Encoder:
+    """Restores the latest loadable checkpoint of `workdir` (params and BN statistics)."""
+    config = load_run_config(workdir)
+    mesh = mesh or parallel.make_mesh()
+    model = build_model(config, bn_axis_name=None)
+    tx, _ = build_optimizer(config)
+    target = parallel.put_replicated(create_train_state(config, model, tx), mesh)
+    manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                       read_only=True)
+    restored = checkpoints.restore_latest(manager, target)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
+    state, step = restored
+    batch_size = _round_up(config.eval.batch_size, mesh.size)
+    embedder = make_embedder(model, mesh, batch_size=batch_size,
+                             flip=config.eval.flip if flip is None else flip)
+    return Encoder(config=config, variables=state.variables, step=step, embedder=embedder)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from facenet_jax import data
+
+    del argv
+    flags_ = flags.FLAGS
+    encoder = load_encoder(flags_.workdir, flip=flags_.flip)
+    folder = data.load_image_folder(
+        flags_.data_root, image_size=encoder.config.data.image_size,
+        center_crop=encoder.config.data.center_crop, min_images_per_identity=1)
+    embeddings = encoder.embed(folder.images)
+    output = pathlib.Path(flags_.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(output, embeddings=embeddings,
+             labels=folder.labels, identity_names=np.asarray(folder.identity_names),
+             paths=np.asarray(folder.paths if folder.paths is not None else []),
+             step=encoder.step)
+    print(f"wrote {len(embeddings)} embeddings of {folder.num_identities} identities "
+          f"(step {encoder.step}) to {output}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "trained run folder")
+    flags.DEFINE_string("data_root", None, "image folder root/<identity>/<image>")
+    flags.DEFINE_string("output", None, "output .npz")
+    flags.DEFINE_bool("flip", None, "also embed mirrored images (default: the run's eval.flip)")
+    flags.mark_flags_as_required(["workdir", "data_root", "output"])
+    app.run(main)

@@ -1,0 +1,198 @@
+"""Evaluation of a trained run (or the raw-pixel baseline) the way the field reports it.
+
+    python -m facenet_jax.evaluate --workdir DIR [--data_root FOLDER --pairs PAIRS] [--output F]
+    python -m facenet_jax.evaluate --baseline pixels --config CONFIG [--config.KEY=VALUE ...]
+
+Verification on LFW-style 10-fold pairs (accuracy ± std, VAL@FAR, ROC AUC, EER), retrieval
+(Recall@K, R-precision, MAP@R) and one-shot identification, written as JSON plus figures (ROC
+curve, same/different distance histograms with the chosen threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from facenet_jax import data, metrics, plots
+from facenet_jax.config import json_safe, provenance, to_plain
+
+EVAL_FILE = "eval.json"
+BASELINES = ("pixels",)
+
+
+def evaluate_dataset(embed: Callable[[Any, np.ndarray], np.ndarray], variables: Any,
+                     dataset: data.Dataset, pairs: data.Pairs, *, distance: str
+                     ) -> dict[str, Any]:
+    """Embeds every image of `dataset` once and computes all metrics on it and its pairs."""
+    embeddings = embed(variables, dataset.images)
+    return evaluate_embedded(embeddings, dataset.labels, pairs, distance=distance)
+
+
+def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pairs, *,
+                      distance: str) -> dict[str, Any]:
+    """All metrics from embeddings [N,D] and integer labels [N] (pairs index into them)."""
+    return metrics.evaluate_embeddings(embeddings, labels, pairs.first, pairs.second,
+                                       pairs.is_same, pairs.fold, distance=distance)
+
+
+def pixel_embeddings(images: np.ndarray) -> np.ndarray:
+    """The raw-pixel baseline: uint8 [N,H,W,3] → [0,1], flattened, L2-normalised [N, H*W*3]."""
+    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+
+def test_split_and_pairs(config: ml_collections.ConfigDict
+                         ) -> tuple[data.Dataset, data.Pairs]:
+    """The test split of a config's data and its generated pairs (deterministic from seeds)."""
+    splits = data.split_dataset(data.load_dataset(config.data), config.data)
+    test = splits["test"]
+    return test, generated_pairs(config, test)
+
+
+def generated_pairs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> data.Pairs:
+    if dataset.num_identities < 2:
+        raise ValueError(
+            f"the evaluation split has {dataset.num_identities} identities; pairs need at "
+            "least 2: raise data.split.test (or validation)")
+    return data.generate_pairs(dataset, num_folds=config.data.pairs.num_folds,
+                               pairs_per_fold=config.data.pairs.pairs_per_fold,
+                               seed=config.seed)
+
+
+def write_evaluation(result: dict[str, Any], output: pathlib.Path, *,
+                     distances: np.ndarray, is_same: np.ndarray) -> dict[str, Any]:
+    """Writes the JSON (atomically) and the ROC and histogram figures beside it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stem = output.with_suffix("")
+    far, tar, _ = metrics.roc_curve(distances, is_same)
+    result["figures"] = {
+        "roc": str(plots.plot_roc(far, tar, f"{stem}_roc.png", auc=result["auc"],
+                                  eer=result["eer"])),
+        "histogram": str(plots.plot_distance_histogram(
+            distances, is_same, result["threshold"], f"{stem}_distances.png")),
+    }
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(json_safe(result), indent=2))
+    os.replace(tmp, output)
+    return result
+
+
+def _finish(result: dict[str, Any], embeddings: np.ndarray, pairs: data.Pairs,
+            config: ml_collections.ConfigDict, output: pathlib.Path | None, *,
+            distance: str, extra: dict[str, Any]) -> dict[str, Any]:
+    result = {**result, **extra, "distance": distance, "config": to_plain(config),
+              "provenance": provenance()}
+    if output is None:
+        return result
+    distances = metrics.pair_distances(embeddings, pairs.first, pairs.second, distance)
+    return write_evaluation(result, output, distances=distances, is_same=pairs.is_same)
+
+
+def evaluate_run_test_split(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                            embed: Callable, variables: Any, test: data.Dataset, *, step: int,
+                            write: bool = True) -> dict[str, Any]:
+    """End-of-training evaluation on the run's test split → DIR/eval.json (+ figures)."""
+    pairs = generated_pairs(config, test)
+    embeddings = embed(variables, test.images)
+    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
+    return _finish(result, embeddings, pairs, config, workdir / EVAL_FILE if write else None,
+                   distance=config.eval.distance,
+                   extra={"step": step, "split": "test", "model": config.model.name})
+
+
+def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | None
+                    ) -> dict[str, Any]:
+    """The raw-pixel floor on exactly the pairs and images the config's run is evaluated on."""
+    test, pairs = test_split_and_pairs(config)
+    embeddings = pixel_embeddings(np.asarray(test.images))
+    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
+    return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
+                   extra={"baseline": "pixels", "split": "test", "step": None})
+
+
+def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file: str | None,
+                     output: pathlib.Path) -> dict[str, Any]:
+    """Loads DIR's latest checkpoint; evaluates its test split or a folder + pairs file."""
+    from facenet_jax.embed import load_encoder
+
+    encoder = load_encoder(workdir)
+    config = encoder.config
+    if data_root is None:
+        test, pairs = test_split_and_pairs(config)
+        extra = {"split": "test"}
+    else:
+        test = data.load_image_folder(
+            data_root, image_size=config.data.image_size, center_crop=config.data.center_crop,
+            min_images_per_identity=1)
+        pairs = (data.read_pairs(pairs_file, test) if pairs_file is not None
+                 else generated_pairs(config, test))
+        extra = {"data_root": str(data_root), "pairs": pairs_file}
+    embeddings = encoder.embed(np.asarray(test.images))
+    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
+    return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
+                   extra={**extra, "step": encoder.step, "model": config.model.name})
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A readable few lines of the headline numbers."""
+    def pct(key: str) -> str:
+        value = result.get(key)
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    lines = [
+        f"verification ({result['num_folds']}-fold, {result['num_pairs']} pairs, "
+        f"{result.get('distance')} distance): accuracy {pct('accuracy')} ± "
+        f"{pct('accuracy_std')}  threshold {result['threshold']:.4f}",
+        f"VAL@FAR=1e-3 {pct('val@far=1e-3')} ± {pct('val@far=1e-3_std')} (actual FAR "
+        f"{pct('far@far=1e-3')})  VAL@FAR=1e-2 {pct('val@far=1e-2')}  AUC "
+        f"{result['auc']:.4f}  EER {pct('eer')}",
+    ]
+    if "recall@1" in result:
+        lines.append(f"retrieval: Recall@1 {pct('recall@1')}  Recall@5 {pct('recall@5')}  "
+                     f"R-precision {pct('r_precision')}  MAP@R {pct('map@r')}  one-shot top-1 "
+                     f"{pct('oneshot_top1')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    del argv
+    flags_ = flags.FLAGS
+    if flags_.baseline is not None:
+        if flags_.config is None:
+            raise ValueError("--baseline pixels needs --config CONFIG (the run it floors)")
+        output = pathlib.Path(flags_.output or "eval_pixels.json")
+        result = evaluate_pixels(flags_.config, output)
+    else:
+        if flags_.workdir is None:
+            raise ValueError("give --workdir DIR (a trained run) or --baseline pixels --config")
+        if flags_.pairs is not None and flags_.data_root is None:
+            raise ValueError("--pairs needs --data_root (the image folder it names)")
+        workdir = pathlib.Path(flags_.workdir)
+        output = pathlib.Path(flags_.output) if flags_.output else workdir / EVAL_FILE
+        result = evaluate_workdir(workdir, data_root=flags_.data_root, pairs_file=flags_.pairs,
+                                  output=output)
+    print(format_summary(result))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "config file (for --baseline)",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "trained run folder")
+    flags.DEFINE_string("data_root", None, "image folder to evaluate instead of the test split")
+    flags.DEFINE_string("pairs", None, "LFW-format pairs file for --data_root")
+    flags.DEFINE_string("output", None, "output JSON (default DIR/eval.json or "
+                        "./eval_pixels.json)")
+    flags.DEFINE_enum("baseline", None, list(BASELINES), "evaluate a baseline instead of a run")
+    app.run(main)

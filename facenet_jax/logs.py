@@ -1,0 +1,70 @@
+"""Run logs: `metrics.jsonl` (one JSON object per line) and TensorBoard events (no TensorFlow).
+
+Only process 0 writes. Non-finite values become `null`. After a resume, lines past the restored
+step are dropped first (atomically: write aside, rename), so each step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from facenet_jax.config import json_safe
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """All rows of DIR/metrics.jsonl (a torn last line from a killed process is skipped)."""
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
+    """Keeps only rows with step ≤ last_step (and drops a torn last line)."""
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return
+    kept = [row for row in read_metrics(workdir) if row.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends metric rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+        self._enabled = enabled
+        self._path = pathlib.Path(workdir) / METRICS_FILE
+        self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+            self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self._enabled:
+            return
+        row = json_safe({"step": int(step), **values})
+        with self._path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+            self._tensorboard.close()

@@ -1,0 +1,76 @@
+"""Optimisers and learning-rate schedules from the config (optax)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+OPTIMIZER_NAMES = ("adagrad", "adam", "adamw", "sgd")
+SCHEDULE_NAMES = ("cosine", "piecewise", "constant")
+
+
+def validate_optimizer_config(opt: Any, num_steps: int) -> None:
+    """Raises ValueError for an unknown optimiser/schedule or an impossible setting."""
+    if opt.name not in OPTIMIZER_NAMES:
+        raise ValueError(
+            f"unknown optimizer.name {opt.name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
+    if opt.schedule not in SCHEDULE_NAMES:
+        raise ValueError(
+            f"unknown optimizer.schedule {opt.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
+    if not opt.learning_rate > 0:
+        raise ValueError(f"optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+    if opt.warmup_steps < 0:
+        raise ValueError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    if opt.schedule == "piecewise" and not all(0 < b < 1 for b in opt.decay_boundaries):
+        raise ValueError(
+            "optimizer.decay_boundaries are fractions of num_steps in (0, 1), got "
+            f"{tuple(opt.decay_boundaries)}")
+    if opt.weight_decay < 0 or (opt.grad_clip_norm is not None and opt.grad_clip_norm < 0):
+        raise ValueError("optimizer.weight_decay and optimizer.grad_clip_norm must be >= 0")
+
+
+def make_schedule(opt: Any, num_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine / piecewise-constant decay or a constant rate.
+
+    The schedule is defined over the config's `num_steps`; a resumed run that raises
+    `num_steps` stretches the remaining decay accordingly.
+    """
+    peak = opt.learning_rate
+    warmup = int(min(opt.warmup_steps, max(num_steps - 1, 0)))
+    decay_steps = max(num_steps - warmup, 1)
+    if opt.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps)
+    elif opt.schedule == "piecewise":
+        boundaries = {
+            max(int(b * num_steps) - warmup, 1): opt.decay_factor for b in opt.decay_boundaries}
+        after = optax.piecewise_constant_schedule(peak, boundaries)
+    else:
+        after = optax.constant_schedule(peak)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(opt: Any, num_steps: int) -> optax.GradientTransformation:
+    """Clipping → the named optimiser → (coupled) weight decay, driven by `make_schedule`.
+
+    AdamW decouples weight decay itself; for the others it is added to the gradient (L2), as in
+    FaceNet-era training with AdaGrad / SGD.
+    """
+    schedule = make_schedule(opt, num_steps)
+    chain = []
+    if opt.grad_clip_norm:
+        chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+    if opt.name == "adamw":
+        chain.append(optax.adamw(schedule, weight_decay=opt.weight_decay))
+    else:
+        if opt.weight_decay:
+            chain.append(optax.add_decayed_weights(opt.weight_decay))
+        if opt.name == "adagrad":
+            chain.append(optax.adagrad(schedule))
+        elif opt.name == "adam":
+            chain.append(optax.adam(schedule))
+        else:
+            chain.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=True))
+    return optax.chain(*chain)

@@ -1,0 +1,64 @@
+"""The train state and how it is built from a config (shared by training and inference)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from facenet_jax import models, optim
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds. `step` counts completed updates.
+
+    `rng` is the run's base key; the key of step s is `fold_in(rng, s)`, so a resumed run draws
+    exactly what an uninterrupted one would.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
+    """The encoder named by `config.model`, with global-batch BN over `bn_axis_name`."""
+    return models.create_model(
+        config.model.name, embedding_dim=config.model.embedding_dim,
+        dtype=jnp.dtype(config.model.dtype), bn_axis_name=bn_axis_name)
+
+
+def build_optimizer(config: ml_collections.ConfigDict
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    return (optim.make_optimizer(config.optimizer, config.num_steps),
+            optim.make_schedule(config.optimizer, config.num_steps))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: Any,
+                       tx: optax.GradientTransformation) -> TrainState:
+    """Initialises parameters from `config.seed` (identical on every process), on the host."""
+    size = config.data.image_size
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    @jax.jit
+    def init() -> TrainState:
+        variables = model.init(init_key, jnp.zeros((2, size, size, 3), jnp.float32),
+                               train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), rng=run_key)
+
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return init()

@@ -1,0 +1,359 @@
+"""Training: the per-device train step with global mining, the loop, checkpoints, logs, CLI.
+
+    python -m facenet_jax.train --config experiments/default.py --workdir DIR [--config.K=V ...]
+
+Re-running the same command on the same DIR resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from facenet_jax import checkpoints, data, evaluate, losses, parallel
+from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
+                                validate_config)
+from facenet_jax.embed import make_embedder
+from facenet_jax.logs import MetricsWriter, truncate_metrics
+from facenet_jax.state import TrainState, build_model, build_optimizer, create_train_state
+
+AXIS = parallel.AXIS
+# Training-line keys averaged over the steps since the previous log line.
+LOGGED_STATS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_triplets",
+                "num_active", "semihard_found_fraction", "embedding_spread", "learning_rate",
+                "grad_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The loss settings, hashable so they can be static arguments of the compiled step."""
+
+    strategy: str
+    margin: float
+    distance: str
+    soft: bool
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_config(cls, loss_config: ml_collections.ConfigDict) -> "LossSpec":
+        return cls(strategy=loss_config.strategy, margin=float(loss_config.margin),
+                   distance=loss_config.distance, soft=bool(loss_config.soft),
+                   options=tuple(sorted(dict(loss_config.options).items())))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, loss: LossSpec,
+               mining: str) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update, per device, with pmap semantics over the axis `AXIS`.
+
+    images: this device's shard, uint8 [b, H, W, 3] holding whole identities; labels: int [b].
+    With mining="global" the embeddings and labels are all-gathered and this device's b anchors
+    are mined against the whole global batch (`triplet_loss_sums`); the loss sums and counts are
+    psum'd so the mean is exactly the one-device mean. The per-device objective is its own loss
+    sum divided by the global count; gradients of the replicated parameters are the psum of the
+    per-device gradients (the all_gather's transpose routes each anchor's gradient back to the
+    device that embedded the candidate). With mining="local" each device mines in its shard.
+    """
+    b = images.shape[0]
+    device = lax.axis_index(AXIS)
+    key = jax.random.fold_in(state.rng, state.step)
+    x = images.astype(jnp.float32) / 255.0
+
+    def objective(params: Any) -> tuple[jax.Array, tuple[dict, Any]]:
+        embeddings, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+            mutable=["batch_stats"])
+        if mining == "global":
+            candidates = lax.all_gather(embeddings, AXIS, tiled=True)
+            candidate_labels = lax.all_gather(labels, AXIS, tiled=True)
+            anchor_start, mining_key = device * b, key
+        else:
+            candidates, candidate_labels = embeddings, labels
+            anchor_start, mining_key = 0, jax.random.fold_in(key, device)
+        sums = losses.triplet_loss_sums(
+            candidates, candidate_labels, anchor_start=anchor_start, num_anchors=b,
+            margin=loss.margin, strategy=loss.strategy, distance=loss.distance,
+            soft=loss.soft, key=mining_key, **dict(loss.options))
+        global_count = lax.psum(lax.stop_gradient(sums["count"]), AXIS)
+        return sums["loss_sum"] / jnp.maximum(global_count, 1.0), (sums, updates["batch_stats"])
+
+    grads, (sums, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    grads = lax.psum(grads, AXIS)
+    loss_value, stats = losses.reduce_triplet_sums(lax.psum(sums, AXIS))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
+                                                                              updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {"loss": loss_value, **stats, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step)}
+    return new_state, metrics
+
+
+def make_train_step(mesh: jax.sharding.Mesh, **step_kwargs: Any):
+    """`train_step` compiled once over the mesh; the state buffers are donated."""
+    def per_device(state, images, labels):
+        return train_step(state, images, labels, **step_kwargs)
+    return parallel.shard_per_device(
+        per_device, mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()),
+        donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop (effects: files, devices, signals, terminal).
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Preemption":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _prepare_workdir(workdir: pathlib.Path, is_writer: bool) -> None:
+    """Creates DIR and proves it writable before any long work (clear error otherwise)."""
+    if not is_writer:
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"workdir {workdir} is not writable ({error.strerror}); choose another "
+                      "--workdir or free space/permissions there") from error
+
+
+def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys."""
+    saved_path = workdir / "config.json"
+    if not saved_path.exists() or not checkpoints.checkpoint_dir(workdir).exists():
+        return
+    saved = json.loads(saved_path.read_text())["config"]
+    differing = changed_keys(saved, to_plain(config))
+    if differing:
+        details = "; ".join(
+            f"{k}: {_lookup(saved, k)!r} -> {_lookup(to_plain(config), k)!r}" for k in differing)
+        raise ValueError(
+            f"{workdir} holds a run with a different config ({details}). A resumed run may only "
+            f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    payload = {"config": to_plain(config), "provenance": provenance()}
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, workdir / "config.json")
+
+
+def _device_batches(sampler: data.PKSampler, mesh: jax.sharding.Mesh, steps: range,
+                    prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Host batches built ahead in a background thread, put on the devices one step early."""
+    process, count = jax.process_index(), jax.process_count()
+    host = data.prefetch((sampler.host_batch(s, process, count) for s in steps), prefetch)
+    pending = None
+    for images, labels in host:
+        batch = parallel.put_global_batch((images, labels), mesh)
+        if pending is not None:
+            yield pending
+        pending = batch
+    if pending is not None:
+        yield pending
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, row: Mapping[str, Any], steps_done: int, total: int,
+               seconds_per_step: float) -> None:
+        summary = (f"loss {row['loss']:.4f}  active {row['active_fraction']:.3f}  "
+                   f"{row['images_per_second']:.0f} img/s")
+        if self._bar is not None:
+            self._bar.update(steps_done)
+            self._bar.set_postfix_str(summary)
+        else:
+            eta = (total - step) * seconds_per_step
+            logging.info("step %d/%d  %s  ETA %.0fs", step, total, summary, eta)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _mean_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                       ) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir` and returns the test-split evaluation."""
+    parallel.maybe_initialize_distributed(config.parallel.distributed)
+    workdir = pathlib.Path(workdir).resolve()
+    is_writer = jax.process_index() == 0
+    mesh = parallel.make_mesh()
+    validate_config(config, num_devices=mesh.size)
+    _prepare_workdir(workdir, is_writer)
+    _check_resume_config(workdir, config)
+
+    dataset = data.load_dataset(config.data)
+    splits = data.split_dataset(dataset, config.data)
+    sampler = data.PKSampler(
+        splits["train"], identities=config.batch.identities,
+        images_per_identity=config.batch.images_per_identity, seed=config.seed,
+        num_shards=mesh.size, augment=config.data.augment)
+
+    model = build_model(config, bn_axis_name=AXIS)
+    tx, schedule = build_optimizer(config)
+    state = parallel.put_replicated(create_train_state(config, model, tx), mesh)
+    manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
+    restored = checkpoints.restore_latest(manager, state)
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        if start_step > config.num_steps:
+            raise ValueError(
+                f"config.num_steps={config.num_steps} is below the step {start_step} this "
+                f"workdir already reached; pass --config.num_steps >= {start_step}")
+        logging.info("resumed from step %d", start_step)
+    if is_writer:
+        truncate_metrics(workdir, start_step)
+        _write_config(workdir, config)
+
+    step_fn = make_train_step(mesh, model=model, tx=tx, schedule=schedule,
+                              loss=LossSpec.from_config(config.loss),
+                              mining=config.parallel.mining)
+    embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
+                          batch_size=config.eval.batch_size, flip=config.eval.flip)
+    pairs_cfg = config.data.pairs
+    validation = splits["validation"]
+    validation_pairs = (data.generate_pairs(validation, num_folds=pairs_cfg.num_folds,
+                                            pairs_per_fold=pairs_cfg.pairs_per_fold,
+                                            seed=config.seed)
+                        if validation.num_identities >= 2 else None)
+    writer = MetricsWriter(workdir, enabled=is_writer)
+    progress = _Progress(start_step, config.num_steps, enabled=is_writer)
+    batch_size = config.batch.identities * config.batch.images_per_identity
+    last_checkpoint = start_step if restored is not None else None
+    pending: list[dict[str, jax.Array]] = []
+    window_start = time.perf_counter()
+
+    def flush_logs(step: int) -> None:
+        nonlocal window_start
+        if not pending:
+            return
+        rows = parallel.to_host(pending)
+        for offset, row in enumerate(rows):
+            if not math.isfinite(float(row["loss"])):
+                bad = step - len(rows) + offset + 1
+                raise NonFiniteLossError(
+                    f"non-finite loss ({float(row['loss'])}) at step {bad}; last good "
+                    f"checkpoint: {last_checkpoint if last_checkpoint is not None else 'none'} "
+                    f"in {checkpoints.checkpoint_dir(workdir)}. Lower the learning rate or check "
+                    "the data, then re-run the same command to resume from it.")
+        elapsed = time.perf_counter() - window_start
+        row = {k: v for k, v in _mean_rows(rows).items() if k in LOGGED_STATS}
+        row["images_per_second"] = batch_size * len(rows) / max(elapsed, 1e-9)
+        writer.write(step, row)
+        progress.update(step, row, len(rows), config.num_steps, elapsed / len(rows))
+        pending.clear()
+        window_start = time.perf_counter()
+
+    steps = range(start_step, config.num_steps)
+    with _Preemption() as preemption:
+        for step, (images, labels) in zip(steps, _device_batches(sampler, mesh, steps,
+                                                                 config.data.prefetch)):
+            state, metrics = step_fn(state, images, labels)
+            pending.append(metrics)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                flush_logs(done)
+            if validation_pairs is not None and done % config.eval_every == 0:
+                result = evaluate.evaluate_dataset(embed, state.variables, validation,
+                                                   validation_pairs,
+                                                   distance=config.eval.distance)
+                writer.write(done, {f"eval/{k}": v for k, v in result.items()
+                                    if isinstance(v, (int, float))})
+            should_save = done % config.checkpoint_every == 0 or done == config.num_steps
+            if should_save or preemption.requested:
+                flush_logs(done)
+                checkpoints.save(manager, done, state)
+                last_checkpoint = done
+            if preemption.requested:
+                logging.warning("SIGTERM: saved step %d; re-run the same command to resume",
+                                done)
+                progress.close()
+                writer.close()
+                return {"preempted": True, "step": done}
+    flush_logs(config.num_steps)
+    progress.close()
+    writer.close()
+    return evaluate.evaluate_run_test_split(
+        config, workdir, embed, state.variables, splits["test"], step=config.num_steps,
+        write=is_writer)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    logging.getLogger().setLevel(logging.INFO)
+    flags_ = flags.FLAGS
+    result = train_and_evaluate(flags_.config, flags_.workdir)
+    if result.get("preempted"):
+        return
+    print(evaluate.format_summary(result), flush=True)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run folder (created; re-use to resume)")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,109 @@
+"""Configs, validation before compile, optimiser schedules, JSON safety of logs."""
+
+import json
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+
+from facenet_jax import config as cfg
+from facenet_jax import optim
+from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
+
+DEFAULT = cfg.pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
+
+
+def test_load_config_applies_dotted_overrides():
+    config = cfg.load_config(DEFAULT, {"loss.margin": 0.3, "batch.identities": 16})
+    assert config.loss.margin == 0.3 and config.batch.identities == 16
+    assert config.data.root is None  # placeholder still accepts a later override
+    config.data.root = "/somewhere"
+
+
+def test_unknown_key_and_wrong_type_are_errors():
+    with pytest.raises(KeyError, match="loss.margn"):
+        cfg.load_config(DEFAULT, {"loss.margn": 0.3})
+    with pytest.raises(KeyError, match="los"):
+        cfg.load_config(DEFAULT, {"los.margin": 0.3})
+    with pytest.raises(TypeError):
+        cfg.load_config(DEFAULT, {"batch.identities": "many"})
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"loss.strategy": "semi-hard"}, "semihard"),
+    ({"loss.distance": "manhattan"}, "squared"),
+    ({"loss.margin": -0.1}, "margin"),
+    ({"model.name": "vgg"}, "small_cnn"),
+    ({"optimizer.name": "lamb"}, "adagrad"),
+    ({"parallel.mining": "world"}, "global"),
+    ({"batch.images_per_identity": 1}, "K"),
+    ({"batch.identities": 1}, "identities"),
+    ({"batch.identities": 12}, "divisible"),
+    ({"num_steps": 0}, "num_steps"),
+])
+def test_validate_config_names_the_problem(override, message):
+    config = cfg.load_config(DEFAULT, override)
+    with pytest.raises(ValueError, match=message):
+        cfg.validate_config(config, num_devices=8)
+
+
+def test_default_config_is_valid_on_1_and_8_devices():
+    for devices in (1, 8):
+        cfg.validate_config(cfg.load_config(DEFAULT), num_devices=devices)
+
+
+def test_changed_keys_ignores_resumable_ones():
+    a = cfg.to_plain(cfg.load_config(DEFAULT))
+    b = cfg.to_plain(cfg.load_config(DEFAULT, {"num_steps": 5000, "log_every": 1,
+                                               "model.embedding_dim": 64}))
+    assert cfg.changed_keys(a, b) == ["model.embedding_dim"]
+
+
+def test_json_safe_maps_non_finite_to_null():
+    value = cfg.json_safe({"a": float("nan"), "b": np.float32(np.inf), "c": [1.5, np.int64(2)]})
+    assert json.loads(json.dumps(value)) == {"a": None, "b": None, "c": [1.5, 2]}
+
+
+def _opt(**kw):
+    base = cfg.load_config(DEFAULT).optimizer
+    base.update(kw)
+    return base
+
+
+def test_warmup_then_cosine_schedule():
+    schedule = optim.make_schedule(_opt(learning_rate=1.0, warmup_steps=10, schedule="cosine"),
+                                   110)
+    assert float(schedule(0)) == 0.0
+    assert math.isclose(float(schedule(5)), 0.5, rel_tol=1e-6)
+    assert math.isclose(float(schedule(10)), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(schedule(60)), 0.5, rel_tol=1e-5)  # half-way down the cosine
+    assert float(schedule(110)) < 1e-6
+
+
+def test_piecewise_schedule_decays_at_fractions():
+    schedule = optim.make_schedule(
+        _opt(learning_rate=1.0, warmup_steps=0, schedule="piecewise",
+             decay_boundaries=(0.5, 0.75), decay_factor=0.1), 100)
+    assert [round(float(schedule(s)), 6) for s in (49, 51, 76)] == [1.0, 0.1, 0.01]
+
+
+def test_bad_optimizer_settings():
+    with pytest.raises(ValueError, match="learning_rate"):
+        optim.validate_optimizer_config(_opt(learning_rate=0.0), 10)
+    with pytest.raises(ValueError, match="decay_boundaries"):
+        optim.validate_optimizer_config(_opt(schedule="piecewise", decay_boundaries=(1.5,)), 10)
+
+
+def test_metrics_log_nulls_and_truncation(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": float("nan") if step == 2 else 0.5})
+    writer.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')  # a torn line from a killed process
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] is None
+    truncate_metrics(tmp_path, 2)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert any((tmp_path / "tensorboard").iterdir())

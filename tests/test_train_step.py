@@ -1,0 +1,160 @@
+"""The data-parallel train step: global mining on 8 devices equals one device on the whole batch.
+
+The reference is written independently of `train_step`: plain `jax.grad` of `triplet_loss` on the
+model applied to the whole batch (BatchNorm with no axis = global-batch statistics), no
+collectives. SGD with learning rate 1 makes the parameter update the negative gradient, so a
+gradient that is n× too large (the classic double-psum bug) cannot pass.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from facenet_jax import losses, models, parallel
+from facenet_jax.state import TrainState
+from facenet_jax.train import LossSpec, make_train_step, train_step
+
+NUM_DEVICES = 8
+P_IDS, K = 8, 4  # one identity of 4 images per device
+SIZE = 16
+RTOL, ATOL = 2e-4, 2e-6
+
+
+def _model(bn_axis_name):
+    return models.create_model("small_cnn", embedding_dim=16, bn_axis_name=bn_axis_name)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (P_IDS * K, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(P_IDS), K).astype(np.int32)
+    return images, labels
+
+
+def _state(tx):
+    variables = _model(None).init(jax.random.PRNGKey(0), jnp.zeros((2, SIZE, SIZE, 3)),
+                                  train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(7))
+
+
+def _reference_grads(state, images, labels, loss: LossSpec):
+    """One device, whole batch, no collectives."""
+    model = _model(None)
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+        emb, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                   jnp.asarray(images, jnp.float32) / 255.0, train=True,
+                                   mutable=["batch_stats"])
+        value, stats = losses.triplet_loss(
+            emb, jnp.asarray(labels), margin=loss.margin, strategy=loss.strategy,
+            distance=loss.distance, soft=loss.soft, key=key, **dict(loss.options))
+        return value, (stats, updates["batch_stats"])
+
+    (value, (stats, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    return value, stats, grads, batch_stats
+
+
+def _sharded_step(loss, mining, tx):
+    mesh = parallel.make_mesh(NUM_DEVICES)
+    step = make_train_step(mesh, model=_model(parallel.AXIS), tx=tx,
+                           schedule=optax.constant_schedule(1.0), loss=loss, mining=mining)
+    return mesh, step
+
+
+def _assert_tree_close(actual, expected, what):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual),
+                            jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("strategy", losses.STRATEGIES)
+def test_global_mining_matches_one_device(strategy):
+    tx = optax.sgd(1.0)
+    loss = LossSpec(strategy=strategy, margin=0.5, distance="squared", soft=False)
+    images, labels = _batch()
+    state = _state(tx)
+    ref_loss, ref_stats, ref_grads, ref_bn = _reference_grads(state, images, labels, loss)
+
+    mesh, step = _sharded_step(loss, "global", tx)
+    new_state, metrics = step(parallel.put_replicated(state, mesh), images, labels)
+
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL, atol=ATOL)
+    assert float(ref_loss) > 0, "the case must exercise a non-zero gradient"
+    for key in ("num_triplets", "num_active", "mean_d_ap", "mean_d_an", "embedding_spread"):
+        np.testing.assert_allclose(metrics[key], ref_stats[key], rtol=RTOL, atol=ATOL,
+                                   err_msg=key)
+    update = jax.tree.map(lambda new, old: old - new, new_state.params, state.params)
+    _assert_tree_close(update, ref_grads, "gradient")
+    _assert_tree_close(new_state.batch_stats, ref_bn, "batch_stats")
+    np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(ref_grads), rtol=RTOL)
+
+
+def test_local_mining_mines_within_each_shard():
+    tx = optax.sgd(1.0)
+    loss = LossSpec(strategy="hardest", margin=0.5, distance="squared", soft=False)
+    # Two identities per device so every shard has negatives of its own.
+    images, _ = _batch(1)
+    labels = np.repeat(np.arange(2 * NUM_DEVICES), 2).astype(np.int32)
+    state = _state(tx)
+    model = _model(None)
+    emb, _ = model.apply(state.variables, jnp.asarray(images, jnp.float32) / 255.0,
+                         train=True, mutable=["batch_stats"])
+    b = len(images) // NUM_DEVICES
+    shard_sums = [losses.triplet_loss_sums(emb[i * b:(i + 1) * b], labels[i * b:(i + 1) * b],
+                                           anchor_start=0, num_anchors=b, margin=0.5,
+                                           strategy="hardest", distance="squared")
+                  for i in range(NUM_DEVICES)]
+    total = jax.tree.map(lambda *xs: sum(xs), *shard_sums)
+    expected, _ = losses.reduce_triplet_sums(total)
+    global_expected, _ = losses.triplet_loss(emb, labels, margin=0.5, strategy="hardest")
+
+    mesh, step = _sharded_step(loss, "local", tx)
+    _, metrics = step(parallel.put_replicated(state, mesh), images, labels)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=RTOL, atol=ATOL)
+    assert abs(float(expected) - float(global_expected)) > 1e-4, "scopes must differ here"
+
+
+def test_pmap_gives_the_same_step_as_shard_map():
+    tx = optax.adam(1e-2)
+    loss = LossSpec(strategy="semihard", margin=0.2, distance="squared", soft=False)
+    images, labels = _batch(2)
+    state = _state(tx)
+    mesh, step = _sharded_step(loss, "global", tx)
+    new_state, metrics = step(parallel.put_replicated(state, mesh), images, labels)
+
+    per_device = functools.partial(train_step, model=_model(parallel.AXIS), tx=tx,
+                                   schedule=optax.constant_schedule(1e-2), loss=loss,
+                                   mining="global")
+    pmapped = jax.pmap(per_device, axis_name=parallel.AXIS)
+    replicated = jax.tree.map(lambda x: jnp.stack([x] * NUM_DEVICES), state)
+    shape = (NUM_DEVICES, -1)
+    p_state, p_metrics = pmapped(replicated, images.reshape(*shape, *images.shape[1:]),
+                                 labels.reshape(shape))
+    np.testing.assert_allclose(p_metrics["loss"][0], metrics["loss"], rtol=1e-5, atol=1e-6)
+    _assert_tree_close(jax.tree.map(lambda x: x[0], p_state.params), new_state.params, "params")
+    _assert_tree_close(jax.tree.map(lambda x: x[0], p_state.opt_state), new_state.opt_state,
+                       "opt_state")
+
+
+def test_step_compiles_once():
+    tx = optax.adam(1e-3)
+    loss = LossSpec(strategy="semihard", margin=0.2, distance="squared", soft=False)
+    mesh, step = _sharded_step(loss, "global", tx)
+    state = parallel.put_replicated(_state(tx), mesh)
+    for seed in range(3):
+        images, labels = _batch(seed)
+        batch = parallel.put_global_batch((images, labels), mesh)
+        state, _ = step(state, *batch)
+    assert int(state.step) == 3
+    assert step._cache_size() == 1
