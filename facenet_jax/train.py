@@ -170,6 +170,13 @@ def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
             f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
 
 
+def _fault_injection_step() -> int | None:
+    """FACENET_JAX_KILL_AFTER_STEP=s makes the process SIGKILL itself after step s (and its
+    checkpoint, if one is due): the fault tests use it to kill at an exact point."""
+    value = os.environ.get("FACENET_JAX_KILL_AFTER_STEP")
+    return int(value) if value else None
+
+
 def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(tree, Mapping) or part not in tree:
@@ -304,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         window_start = time.perf_counter()
 
     steps = range(start_step, config.num_steps)
+    kill_after_step = _fault_injection_step()
     with _Preemption() as preemption:
         for step, (images, labels) in zip(steps, _device_batches(sampler, mesh, steps,
                                                                  config.data.prefetch)):
@@ -323,6 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 flush_logs(done)
                 checkpoints.save(manager, done, state)
                 last_checkpoint = done
+            if done == kill_after_step:
+                os.kill(os.getpid(), signal.SIGKILL)
             if preemption.requested:
                 logging.warning("SIGTERM: saved step %d; re-run the same command to resume",
                                 done)

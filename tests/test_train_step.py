@@ -38,11 +38,13 @@ def _batch(seed=0):
 
 
 def _state(tx):
+    """A host (numpy) state, so donating its device copy cannot delete the reference."""
     variables = _model(None).init(jax.random.PRNGKey(0), jnp.zeros((2, SIZE, SIZE, 3)),
                                   train=False)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(7))
+    return jax.device_get(TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"],
+        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+        rng=jax.random.PRNGKey(7)))
 
 
 def _reference_grads(state, images, labels, loss: LossSpec):

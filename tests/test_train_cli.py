@@ -1,0 +1,142 @@
+"""The train CLI end to end: its outputs, resume after a kill, preemption, bad resumes."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.num_steps=8", "--config.log_every=2", "--config.eval_every=4",
+    "--config.checkpoint_every=4", "--config.data.image_size=16",
+    "--config.data.synthetic.num_identities=40", "--config.data.synthetic.images_per_identity=6",
+    "--config.batch.identities=8", "--config.batch.images_per_identity=2",
+    "--config.data.pairs.pairs_per_fold=20", "--config.eval.batch_size=64",
+    "--config.model.embedding_dim=16", "--config.optimizer.schedule=constant",
+]
+TRAIN_KEYS = {"step", "loss", "active_fraction", "mean_d_ap", "mean_d_an", "learning_rate",
+              "grad_norm", "images_per_second"}
+EVAL_KEYS = {"accuracy", "accuracy_std", "threshold", "val@far=1e-3", "val@far=1e-3_std",
+             "far@far=1e-3", "val@far=1e-2", "auc", "eer", "num_pairs", "num_folds",
+             "recall@1", "recall@5", "r_precision", "map@r", "oneshot_top1"}
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def _train(workdir, *overrides, check=True, env=None, timeout=240):
+    cmd = [sys.executable, "-m", "facenet_jax.train", "--config",
+           str(REPO / "experiments" / "default.py"), "--workdir", str(workdir), *TINY,
+           *overrides]
+    result = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def _params(workdir):
+    from facenet_jax.embed import load_encoder
+    from facenet_jax import parallel
+    import jax
+
+    encoder = load_encoder(workdir, mesh=parallel.make_mesh(1))
+    return encoder.step, [np.asarray(x) for x in jax.tree.leaves(encoder.variables)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    result = _train(workdir)
+    return workdir, result
+
+
+def test_outputs_and_their_keys(straight_run):
+    workdir, result = straight_run
+    assert "accuracy" in result.stdout  # the summary is printed at the end
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["config"]["loss"]["margin"] == 0.2
+    assert {"versions", "git_commit", "device_kind", "device_count", "process_count"} <= set(
+        saved["provenance"])
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert all(TRAIN_KEYS <= set(r) for r in train_rows)
+    assert [r["step"] for r in eval_rows] == [4, 8]
+    assert "eval/accuracy" in eval_rows[0]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "4", "8"]
+    evaluation = json.loads((workdir / "eval.json").read_text())
+    assert EVAL_KEYS <= set(evaluation)
+    assert evaluation["step"] == 8 and evaluation["num_folds"] == 10
+    assert 0.0 <= evaluation["accuracy"] <= 1.0
+    assert (workdir / "eval_roc.png").stat().st_size > 0
+    assert any((workdir / "tensorboard").iterdir())
+
+
+def test_resume_after_kill_gives_identical_parameters(straight_run, tmp_path):
+    straight, _ = straight_run
+    killed = _train(tmp_path, check=False, env=_env(FACENET_JAX_KILL_AFTER_STEP="6"))
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoints" / "4").is_dir() and not (tmp_path / "eval.json").exists()
+    _train(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == [2, 4, 6, 8], "lines past the restored step are dropped, no repeats"
+    step_a, params_a = _params(straight)
+    step_b, params_b = _params(tmp_path)
+    assert step_a == step_b == 8
+    for a, b in zip(params_a, params_b):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_changed_config_on_resume_names_the_keys(straight_run):
+    workdir, _ = straight_run
+    result = _train(workdir, "--config.loss.margin=0.5", check=False)
+    assert result.returncode != 0
+    assert "loss.margin" in result.stderr and "0.2" in result.stderr
+
+
+def test_num_steps_below_reached_step_is_an_error(straight_run):
+    workdir, _ = straight_run
+    result = _train(workdir, "--config.num_steps=4", check=False)
+    assert result.returncode != 0 and "num_steps" in result.stderr
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "facenet_jax.train", "--config",
+           str(REPO / "experiments" / "default.py"), "--workdir", str(tmp_path), *TINY,
+           "--config.num_steps=100000", "--config.checkpoint_every=100000"]
+    process = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 100000
+
+
+def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
+    result = _train(tmp_path, "--config.optimizer.name=sgd",
+                    "--config.optimizer.learning_rate=1e38",
+                    "--config.optimizer.grad_clip_norm=0.0", "--config.log_every=1",
+                    check=False)
+    assert result.returncode != 0
+    assert "non-finite loss" in result.stderr and "last good checkpoint" in result.stderr
+    assert not (tmp_path / "checkpoints" / "8").exists()
