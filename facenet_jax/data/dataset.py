@@ -1,0 +1,115 @@
+"""The Dataset type every source returns: uint8 images, int32 identity labels, identity names."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class RowSubset:
+    """Lazy rows of a (memory-mapped) image array: subsets of a cache larger than RAM.
+
+    Behaves like a read-only uint8 array [N,H,W,3] for `len`, `shape`, slicing, integer and
+    fancy indexing and `np.asarray`; reads from the base array only the rows asked for.
+    """
+
+    def __init__(self, base: Any, rows: np.ndarray):
+        self.base, self.rows = base, np.asarray(rows, np.int64)
+        self.dtype = base.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.base.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        rows = self.rows[index]
+        if np.ndim(rows) == 0:
+            return np.asarray(self.base[int(rows)])
+        order = np.argsort(rows, kind="stable")  # sorted reads are sequential on disk
+        out = np.empty((len(rows), *self.base.shape[1:]), self.dtype)
+        out[order] = self.base[rows[order]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """images uint8 [N,H,W,3] (array, memmap or RowSubset), labels int32 [N] in
+    0..num_identities-1, identity_names [num_identities], paths [N] (None for generated data)."""
+
+    images: Any
+    labels: np.ndarray
+    identity_names: list[str]
+    paths: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, np.int32)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [N,H,W,3], got {self.images.dtype} "
+                             f"{self.images.shape}")
+        if len(self.labels) and (self.labels.min() < 0
+                                 or self.labels.max() >= len(self.identity_names)):
+            raise ValueError(f"labels must lie in [0, {len(self.identity_names)}) "
+                             "(one name per identity)")
+        if self.paths is not None and len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths for {len(self.labels)} images")
+
+    @property
+    def num_identities(self) -> int:
+        return len(self.identity_names)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def counts(self) -> np.ndarray:
+        """Images per identity, int [num_identities]."""
+        return np.bincount(self.labels, minlength=self.num_identities)
+
+    def subset(self, identity_ids: Sequence[int]) -> Dataset:
+        """The images of the given identities, in dataset order; labels re-indexed 0..len-1
+        in the order of `identity_ids`. Memory-mapped images stay on disk (a RowSubset)."""
+        identity_ids = np.asarray(identity_ids, np.int64)
+        if len(np.unique(identity_ids)) != len(identity_ids):
+            raise ValueError("subset: identity ids must be distinct")
+        if len(identity_ids) and (identity_ids.min() < 0
+                                  or identity_ids.max() >= self.num_identities):
+            raise ValueError(f"subset: identity ids must lie in [0, {self.num_identities})")
+        new_label = np.full(self.num_identities, -1, np.int64)
+        new_label[identity_ids] = np.arange(len(identity_ids))
+        rows = np.flatnonzero(new_label[self.labels] >= 0)
+        return Dataset(images=_take_rows(self.images, rows),
+                       labels=new_label[self.labels[rows]],
+                       identity_names=[self.identity_names[i] for i in identity_ids],
+                       paths=None if self.paths is None else [self.paths[i] for i in rows])
+
+    def with_min_images(self, min_images: int) -> tuple[Dataset, int]:
+        """Drops identities with fewer than `min_images` images; returns (dataset, dropped)."""
+        keep = np.flatnonzero(self.counts() >= min_images)
+        dropped = self.num_identities - len(keep)
+        return (self if dropped == 0 else self.subset(keep)), dropped
+
+
+def _take_rows(images: Any, rows: np.ndarray) -> Any:
+    if len(images) == len(rows):  # every row, in order: keep the array (or memmap) itself
+        return images
+    if isinstance(images, RowSubset):
+        return RowSubset(images.base, images.rows[rows])
+    if isinstance(images, np.memmap):
+        return RowSubset(images, rows)
+    return images[rows]

@@ -1,0 +1,236 @@
+"""Image folders `root/<identity>/<image>`, decoded once into a memory-mapped cache on disk.
+
+The cache is keyed by the folder's contents (relative paths, sizes, modification times) and the
+preprocessing, built aside and renamed into place under a file lock, so concurrent processes
+(many hosts) never read a half-written cache and the second run starts at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from facenet_jax.data.dataset import Dataset, RowSubset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".pbm", ".bmp")
+_CACHE_VERSION = 1  # bump when decoding or the cache layout changes
+_DEFAULT_CACHE = pathlib.Path("~/.cache/facenet_jax").expanduser()
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def decode_image(path: str | pathlib.Path, image_size: int,
+                 center_crop: float | None = None) -> np.ndarray:
+    """One file → uint8 [S,S,3]: any mode to RGB (grayscale repeated, alpha dropped),
+    optionally the central square of `center_crop` × the shorter side, then resized to S×S
+    (without a crop the whole image is resized, aspect ratio not kept)."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so truncated files fail here
+            return _preprocess(img, image_size, center_crop)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise BadImageError(f"cannot decode image {path}: {error}. Fix or remove the file, or "
+                            "set data.skip_bad_files=True (skip_bad_files=True) to skip "
+                            "unreadable files with a log line each") from error
+
+
+def resize_array(image: np.ndarray, image_size: int, center_crop: float | None = None
+                 ) -> np.ndarray:
+    """A decoded image uint8 [H,W], [H,W,1], [H,W,3] or [H,W,4] → uint8 [S,S,3], preprocessed
+    exactly as files are."""
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return _preprocess(Image.fromarray(image), image_size, center_crop)
+
+
+def _preprocess(img: Image.Image, image_size: int, center_crop: float | None) -> np.ndarray:
+    if img.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float PGM and PNG
+        pixels = np.asarray(img, np.float32)
+        img = Image.fromarray(np.uint8(255 * pixels / max(float(pixels.max()), 1.0)))
+    img = img.convert("RGB")
+    if center_crop is not None:
+        side = center_crop * min(img.size)
+        left, top = (img.size[0] - side) / 2, (img.size[1] - side) / 2
+        img = img.crop((round(left), round(top), round(left + side), round(top + side)))
+    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR))
+
+
+def load_images(paths: Sequence[str | pathlib.Path], image_size: int,
+                center_crop: float | None = None) -> np.ndarray:
+    """Decodes files in parallel with the folder preprocessing → uint8 [N,S,S,3] in memory."""
+    _check_preprocessing(image_size, center_crop)
+    images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
+    for i, image in _decode_all(paths, image_size, center_crop, progress=False):
+        if isinstance(image, BadImageError):
+            raise image
+        images[i] = image
+    return images
+
+
+def scan_folder(root: str | pathlib.Path) -> tuple[list[str], list[str]]:
+    """Identity folders and image files under root, sorted; hidden and non-image files ignored.
+
+    Returns (relative paths `identity/file`, identity names of the folders that hold images).
+    """
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set "
+                                "data.root to a folder laid out as root/<identity>/<image>")
+    paths, names = [], []
+    for identity in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p)):
+        files = sorted(f.name for f in identity.iterdir()
+                       if f.is_file() and _visible(f)
+                       and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if files:
+            names.append(identity.name)
+            paths.extend(f"{identity.name}/{f}" for f in files)
+    if not paths:
+        raise ValueError(f"no images found under {root}: expected root/<identity>/<image> with "
+                         f"extensions {', '.join(IMAGE_EXTENSIONS)}")
+    return paths, names
+
+
+def load_image_folder(root: str | pathlib.Path, image_size: int, *,
+                      center_crop: float | None = None,
+                      cache_dir: str | pathlib.Path | None = None,
+                      skip_bad_files: bool = False,
+                      min_images_per_identity: int = 2) -> Dataset:
+    """root/<identity>/<image> → Dataset whose images are a read-only memory map of the cache.
+
+    Identities with fewer than `min_images_per_identity` decodable images are excluded (logged
+    count). A corrupt file is a BadImageError naming it, unless `skip_bad_files` (each logged).
+    """
+    _check_preprocessing(image_size, center_crop)
+    root = pathlib.Path(root).expanduser().resolve()
+    relative, _ = scan_folder(root)
+    cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir else _DEFAULT_CACHE
+    key = _cache_key(root, relative, image_size, center_crop, skip_bad_files)
+    entry = cache_dir / f"{root.name}-{image_size}px-{key[:20]}"
+    if not (entry / "meta.json").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _file_lock(cache_dir / f"{entry.name}.lock"):
+            if not (entry / "meta.json").exists():  # another process may have built it
+                _build_cache(root, relative, entry, image_size, center_crop, skip_bad_files)
+    dataset = _open_cache(root, entry)
+    dataset, dropped = dataset.with_min_images(max(min_images_per_identity, 1))
+    if dropped:
+        logging.info("%s: excluded %d identities with fewer than %d images", root, dropped,
+                     min_images_per_identity)
+    if dataset.num_identities == 0:
+        raise ValueError(f"no identity under {root} has {min_images_per_identity} or more "
+                         "readable images")
+    return dataset
+
+
+def _check_preprocessing(image_size: int, center_crop: float | None) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if center_crop is not None and not 0 < center_crop <= 1:
+        raise ValueError(f"center_crop={center_crop} must lie in (0, 1] (the fraction of the "
+                         "shorter side kept) or be None")
+
+
+def _visible(path: pathlib.Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _cache_key(root: pathlib.Path, relative: list[str], image_size: int,
+               center_crop: float | None, skip_bad_files: bool) -> str:
+    digest = hashlib.sha256(json.dumps(
+        [_CACHE_VERSION, image_size, center_crop, skip_bad_files]).encode())
+    for rel in relative:
+        stat = (root / rel).stat()
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _decode_all(paths: Sequence[str | pathlib.Path], image_size: int,
+                center_crop: float | None, progress: bool
+                ) -> Iterator[tuple[int, np.ndarray | BadImageError]]:
+    """Yields (index, image or the BadImageError) in order; PIL decodes outside the GIL."""
+    def decode(path: str | pathlib.Path) -> np.ndarray | BadImageError:
+        try:
+            return decode_image(path, image_size, center_crop)
+        except BadImageError as error:
+            return error
+
+    with concurrent.futures.ThreadPoolExecutor(min(32, 2 * (os.cpu_count() or 1))) as pool:
+        results = pool.map(decode, paths, chunksize=64)
+        if progress:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(paths), desc="decoding images", unit="img",
+                           mininterval=1.0)
+        yield from enumerate(results)
+
+
+def _build_cache(root: pathlib.Path, relative: list[str], entry: pathlib.Path, image_size: int,
+                 center_crop: float | None, skip_bad_files: bool) -> None:
+    """Decodes every image into entry/images.npy (uint8 [N,S,S,3]) + meta.json, written in
+    a temporary folder and renamed into place (atomic: readers never see a partial cache)."""
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shape = (len(relative), image_size, image_size, 3)
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=shape)
+        good = np.ones(len(relative), bool)
+        for i, image in _decode_all([root / r for r in relative], image_size, center_crop,
+                                    progress=True):
+            if isinstance(image, BadImageError):
+                if not skip_bad_files:
+                    raise image
+                logging.warning("skipping unreadable image: %s", image)
+                good[i] = False
+            else:
+                images[i] = image
+        images.flush()
+        del images
+        # Skipped files keep their (unused) rows: meta.json lists the rows that hold images.
+        meta = {"version": _CACHE_VERSION, "rows": np.flatnonzero(good).tolist(),
+                "paths": [r for r, ok in zip(relative, good) if ok],
+                "skipped": [r for r, ok in zip(relative, good) if not ok]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if entry.exists():  # built meanwhile by a process that did not take the lock
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _open_cache(root: pathlib.Path, entry: pathlib.Path) -> Dataset:
+    meta = json.loads((entry / "meta.json").read_text())
+    relative = meta["paths"]
+    identity = [p.split("/", 1)[0] for p in relative]
+    names = sorted(set(identity))
+    index = {name: i for i, name in enumerate(names)}
+    images = np.load(entry / "images.npy", mmap_mode="r")
+    if len(meta["rows"]) < len(images):
+        images = RowSubset(images, np.asarray(meta["rows"]))
+    return Dataset(images=images, labels=np.array([index[n] for n in identity], np.int32),
+                   identity_names=names, paths=[str(root / p) for p in relative])

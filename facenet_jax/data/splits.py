@@ -1,0 +1,101 @@
+"""Identity-disjoint train / validation / test splits."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from facenet_jax.data.dataset import Dataset
+
+SPLITS = ("train", "validation", "test")
+
+
+def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                     seed: int = 0, identity_files: str | pathlib.Path | None = None,
+                     exclude_pairs_file: str | pathlib.Path | None = None
+                     ) -> dict[str, Dataset]:
+    """Splits identities (never images) into "train", "validation" and "test".
+
+    By `fractions` of the identities (shuffled by `seed`; test and validation sizes rounded,
+    train takes the rest) or, with `identity_files`, by a folder holding train.txt,
+    validation.txt and test.txt (one identity name per line; identities in none are left out,
+    logged). `exclude_pairs_file`: every identity named in that pairs file moves from train to
+    test, so a model evaluated on those pairs never trained on those people.
+    """
+    if identity_files is not None:
+        assignment = _assignment_from_files(dataset, pathlib.Path(identity_files))
+    else:
+        assignment = _assignment_from_fractions(dataset.num_identities, fractions, seed)
+    if exclude_pairs_file is not None:
+        named = pair_file_identities(exclude_pairs_file)
+        moved = [i for i, name in enumerate(dataset.identity_names)
+                 if name in named and assignment[i] == 0]
+        assignment[moved] = 2
+        logging.info("excluded %d identities named in %s from training (moved to test)",
+                     len(moved), exclude_pairs_file)
+    return {name: dataset.subset(np.flatnonzero(assignment == side))
+            for side, name in enumerate(SPLITS)}
+
+
+def split_dataset(dataset: Dataset, data_config: Any) -> dict[str, Dataset]:
+    """split_identities driven by the `config.data` ConfigDict (its `split` block)."""
+    split = data_config.split
+    return split_identities(
+        dataset, fractions=(split.train, split.validation, split.test), seed=split.seed,
+        identity_files=split.identity_files, exclude_pairs_file=split.exclude_pairs_file)
+
+
+def pair_file_identities(path: str | pathlib.Path) -> set[str]:
+    """Every identity name in an LFW-format pairs file (images are not resolved)."""
+    names = set()
+    for line in pathlib.Path(path).read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) in (3, 4):
+            names.update(fields[::2] if len(fields) == 4 else fields[:1])
+    return names
+
+
+def _assignment_from_fractions(num_identities: int, fractions: Sequence[float],
+                               seed: int) -> np.ndarray:
+    """int [num_identities]: 0 train, 1 validation, 2 test."""
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split fractions (train, validation, test) must be 3 non-negative "
+                         f"numbers summing to 1, got {fractions}; set data.split.train/"
+                         ".validation/.test")
+    num_val = int(round(fractions[1] * num_identities))
+    num_test = int(round(fractions[2] * num_identities))
+    order = np.random.default_rng([seed, 0x5B1]).permutation(num_identities)
+    assignment = np.zeros(num_identities, np.int64)
+    assignment[order[:num_test]] = 2
+    assignment[order[num_test:num_test + num_val]] = 1
+    return assignment
+
+
+def _assignment_from_files(dataset: Dataset, folder: pathlib.Path) -> np.ndarray:
+    index = {name: i for i, name in enumerate(dataset.identity_names)}
+    assignment = np.full(dataset.num_identities, -1, np.int64)
+    for side, split in enumerate(SPLITS):
+        path = folder / f"{split}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"identity list {path} not found; data.split.identity_files "
+                                    "must be a folder with train.txt, validation.txt, test.txt")
+        names = [l.strip() for l in path.read_text().splitlines()
+                 if l.strip() and not l.startswith("#")]
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} identities are not in the dataset: "
+                             f"{unknown[:20]}")
+        for name in names:
+            if assignment[index[name]] not in (-1, side):
+                raise ValueError(f"{path}: identity {name!r} is also listed in "
+                                 f"{SPLITS[assignment[index[name]]]}.txt")
+            assignment[index[name]] = side
+    left_out = int(np.sum(assignment < 0))
+    if left_out:
+        logging.info("%d identities are in none of the lists in %s: left out", left_out, folder)
+    return assignment
