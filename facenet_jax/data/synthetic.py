@@ -51,11 +51,12 @@ def load_synthetic(num_identities: int, images_per_identity: int, image_size: in
 
 def identity_parameters(num_identities: int, seed: int) -> dict[str, np.ndarray]:
     """Per-identity face parameters, each float32 [num_identities] (colours [n,3])."""
-    rng = np.random.default_rng([seed, 0x1D])
-    n = num_identities
+    # One row of draws per identity: identity i's face does not depend on how many are drawn.
+    draws = np.random.default_rng([seed, 0x1D]).random((num_identities, 64)).astype(np.float32)
+    columns = iter(range(64))
 
     def u(lo: float, hi: float) -> np.ndarray:
-        return rng.uniform(lo, hi, n).astype(np.float32)
+        return lo + (hi - lo) * draws[:, next(columns)]
 
     tone = u(0.25, 0.95)
     skin = np.stack([tone, tone * u(0.7, 0.88), tone * u(0.5, 0.75)], -1)
@@ -79,7 +80,8 @@ def identity_parameters(num_identities: int, seed: int) -> dict[str, np.ndarray]
 
 def nuisance_parameters(identity: np.ndarray, nth: np.ndarray, difficulty: float,
                         seed: int) -> dict[str, np.ndarray]:
-    """Per-image nuisances for image `nth` of `identity` (int [n] each) → float32 [n] arrays.
+    """Per-image nuisances for image `nth` of `identity` (int [n] each) → float32 [n] arrays
+    (noise_seed: int64 [n]).
 
     Each image has its own random stream (seeded by seed, identity, nth), so an image does not
     depend on how many identities or images are generated alongside it.
@@ -98,7 +100,7 @@ def nuisance_parameters(identity: np.ndarray, nth: np.ndarray, difficulty: float
         light_strength=np.clip(u(10, 0, 0.6) * d, 0, 0.95),
         gain=np.exp(sym(11, 0.25)),
         background=0.5 + sym(12, 0.35), background_hue=0.5 + sym(13, 0.35),
-        noise_seed=(draws[:, 14] * 2**31).astype(np.float32), noise=u(15, 0.01, 0.035) * d)
+        noise_seed=(draws[:, 14] * 2**24).astype(np.int64), noise=u(15, 0.01, 0.035) * d)
 
 
 def render_faces(face: dict[str, np.ndarray], nuisance: dict[str, np.ndarray],
@@ -190,8 +192,9 @@ def render_faces(face: dict[str, np.ndarray], nuisance: dict[str, np.ndarray],
     darkening.append(1 + head * (shading - 1))
     img = _composite(layers, background) * (np.prod(darkening, axis=0)
                                             * col(nuisance["gain"]))[..., None]
-    noise_rng = np.random.default_rng(nuisance["noise_seed"].astype(np.int64))
-    img += noise_rng.standard_normal(img.shape, np.float32) * col(nuisance["noise"])[..., None]
+    noise = np.stack([np.random.default_rng(int(s)).standard_normal((size, size, 3), np.float32)
+                      for s in nuisance["noise_seed"]])  # per image: independent of the chunk
+    img += noise * col(nuisance["noise"])[..., None]
     return img
 
 

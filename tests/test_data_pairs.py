@@ -1,0 +1,183 @@
+"""Identity-disjoint splits and LFW-format pairs: reading, writing, generating."""
+
+import numpy as np
+import pytest
+
+from facenet_jax import data
+
+
+def _toy(counts, paths=None):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    return data.Dataset(images=np.zeros((len(labels), 4, 4, 3), np.uint8), labels=labels,
+                        identity_names=[f"Person_{i}" for i in range(len(counts))],
+                        paths=paths)
+
+
+def _lfw_like():
+    counts = [3, 1, 2, 4]
+    paths = [f"/lfw/Person_{i}/Person_{i}_{j + 1:04d}.jpg"
+             for i, c in enumerate(counts) for j in range(c)]
+    return _toy(counts, paths)
+
+
+# ---------------------------------------------------------------- splits
+
+def test_fraction_split_is_identity_disjoint_complete_and_deterministic():
+    ds = _toy([3] * 50)
+    splits = data.split_identities(ds, fractions=(0.7, 0.2, 0.1), seed=4)
+    names = {k: set(v.identity_names) for k, v in splits.items()}
+    assert [len(names[k]) for k in ("train", "validation", "test")] == [35, 10, 5]
+    assert not (names["train"] & names["validation"] or names["train"] & names["test"]
+                or names["validation"] & names["test"])
+    assert set().union(*names.values()) == set(ds.identity_names)
+    again = data.split_identities(ds, fractions=(0.7, 0.2, 0.1), seed=4)
+    assert all(again[k].identity_names == splits[k].identity_names for k in splits)
+    other = data.split_identities(ds, fractions=(0.7, 0.2, 0.1), seed=5)
+    assert other["test"].identity_names != splits["test"].identity_names
+    # labels are re-indexed within each split, images follow their identity
+    for split in splits.values():
+        assert split.labels.max() == split.num_identities - 1
+        assert np.all(split.counts() == 3)
+
+
+def test_identity_files_and_exclusion_by_pairs_file(tmp_path):
+    ds = _toy([2] * 6)
+    (tmp_path / "train.txt").write_text("Person_0\nPerson_1\nPerson_2\n# a comment\n")
+    (tmp_path / "validation.txt").write_text("Person_3\n")
+    (tmp_path / "test.txt").write_text("Person_4\n")
+    pairs_file = tmp_path / "pairs.txt"
+    pairs_file.write_text("1\t1\nPerson_1\t1\t2\nPerson_2\t1\tPerson_4\t2\n")
+    splits = data.split_identities(ds, identity_files=tmp_path, exclude_pairs_file=pairs_file)
+    assert splits["train"].identity_names == ["Person_0"]
+    assert splits["validation"].identity_names == ["Person_3"]
+    assert sorted(splits["test"].identity_names) == ["Person_1", "Person_2", "Person_4"]
+    # Person_5 is in no list: left out everywhere
+
+    (tmp_path / "test.txt").write_text("Person_0\n")
+    with pytest.raises(ValueError, match="also listed in train.txt"):
+        data.split_identities(ds, identity_files=tmp_path)
+    (tmp_path / "test.txt").write_text("Nobody\n")
+    with pytest.raises(ValueError, match="Nobody"):
+        data.split_identities(ds, identity_files=tmp_path)
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5, 0.5), (1.2, -0.1, -0.1), (0.5, 0.5)])
+def test_bad_fractions_are_clear_errors(fractions):
+    with pytest.raises(ValueError, match="fractions"):
+        data.split_identities(_toy([2] * 4), fractions=fractions)
+
+
+# ---------------------------------------------------------------- reading and writing
+
+def test_read_lfw_format_resolves_by_stem_and_assigns_folds_in_file_order(tmp_path):
+    ds = _lfw_like()
+    path = tmp_path / "pairs.txt"
+    path.write_text("2\t1\nPerson_0\t1\t3\nPerson_0\t2\tPerson_3\t4\n"
+                    "Person_3\t2\t4\n\nPerson_2\t2\tPerson_1\t1\n")
+    pairs = data.read_pairs(path, ds)
+    np.testing.assert_array_equal(pairs.first, [0, 1, 7, 5])
+    np.testing.assert_array_equal(pairs.second, [2, 9, 9, 3])
+    np.testing.assert_array_equal(pairs.is_same, [True, False, True, False])
+    np.testing.assert_array_equal(pairs.fold, [0, 0, 1, 1])
+
+
+def test_read_single_number_header_and_orl_style_numbers(tmp_path):
+    paths = [f"/orl/s{i}/{j}.pgm" for i in (1, 2) for j in (1, 2, 10)]
+    ds = data.Dataset(np.zeros((6, 4, 4, 3), np.uint8), np.repeat([0, 1], 3), ["s1", "s2"],
+                      paths)
+    path = tmp_path / "pairs.txt"
+    path.write_text("1\ns1\t10\t2\ns1\t1\ts2\t10\n")
+    pairs = data.read_pairs(path, ds)
+    np.testing.assert_array_equal(pairs.first, [2, 0])
+    np.testing.assert_array_equal(pairs.second, [1, 5])
+
+
+def test_missing_images_are_all_listed(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_text("1\t2\nPerson_0\t1\t9\nPerson_5\t1\t2\n"
+                    "Person_0\t1\tPerson_3\t1\nPerson_1\t1\tPerson_2\t1\n")
+    with pytest.raises(FileNotFoundError) as error:
+        data.read_pairs(path, _lfw_like())
+    message = str(error.value)
+    assert "3 paired images" in message
+    for missing in ("Person_0/Person_0_0009", "Person_5/Person_5_0001", "Person_5_0002"):
+        assert missing in message
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "empty file"),
+    ("ten 3\n", ":1: header"),
+    ("1\t1\nPerson_0\t1\t2\nPerson_0\n", ":3: expected 3 fields"),
+    ("1\t1\nPerson_0\t1\tx\nPerson_0\t1\tPerson_3\t1\n", ":2: image number 'x'"),
+    ("2\t1\nPerson_0\t1\t2\nPerson_0\t1\tPerson_3\t1\n", "promises 2 folds"),
+])
+def test_malformed_files_report_the_line(tmp_path, text, match):
+    path = tmp_path / "pairs.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        data.read_pairs(path, _lfw_like())
+
+
+def test_write_then_read_round_trips_generated_pairs(tmp_path):
+    for ds in (_toy([4] * 30), _lfw_like()):  # positional numbers and LFW stems
+        pairs = data.generate_pairs(ds, num_folds=2, pairs_per_fold=3, seed=0)
+        data.write_pairs(tmp_path / "p.txt", pairs, ds)
+        back = data.read_pairs(tmp_path / "p.txt", ds)
+        for field in ("first", "second", "is_same", "fold"):
+            np.testing.assert_array_equal(getattr(back, field), getattr(pairs, field))
+    bad = data.Pairs(np.array([0]), np.array([1]), np.array([True]), np.array([0]))
+    with pytest.raises(ValueError, match="LFW layout"):
+        data.write_pairs(tmp_path / "p.txt", bad, _lfw_like())
+
+
+# ---------------------------------------------------------------- generating
+
+def _check_valid(pairs, ds):
+    same_label = ds.labels[pairs.first] == ds.labels[pairs.second]
+    np.testing.assert_array_equal(same_label, pairs.is_same)
+    assert np.all(pairs.first != pairs.second)
+    keys = {tuple(sorted(p)) for p in zip(pairs.first, pairs.second)}
+    assert len(keys) == len(pairs)  # no pair repeats
+
+
+def test_generated_pairs_are_balanced_disjoint_folds_and_deterministic():
+    ds = _toy(np.random.default_rng(0).integers(2, 8, 80))
+    pairs = data.generate_pairs(ds, num_folds=10, pairs_per_fold=20, seed=3)
+    assert len(pairs) == 400
+    _check_valid(pairs, ds)
+    for fold in range(10):
+        in_fold = pairs.fold == fold
+        assert pairs.is_same[in_fold].sum() == 20 and (~pairs.is_same[in_fold]).sum() == 20
+        ids = set(ds.labels[pairs.first[in_fold]]) | set(ds.labels[pairs.second[in_fold]])
+        others = set(ds.labels[pairs.first[~in_fold]]) | set(ds.labels[pairs.second[~in_fold]])
+        assert not ids & others  # identity-disjoint folds
+    again = data.generate_pairs(ds, num_folds=10, pairs_per_fold=20, seed=3)
+    np.testing.assert_array_equal(again.first, pairs.first)
+    np.testing.assert_array_equal(again.second, pairs.second)
+    assert not np.array_equal(data.generate_pairs(ds, num_folds=10, pairs_per_fold=20,
+                                                  seed=4).first, pairs.first)
+
+
+def test_few_identities_share_the_pool_and_give_fewer_pairs_per_fold():
+    ds = _toy([3, 3, 2])  # 3+3+1 = 7 same pairs, 21 different pairs in total
+    pairs = data.generate_pairs(ds, num_folds=10, pairs_per_fold=300, seed=0)
+    _check_valid(pairs, ds)
+    # the limit is 7 same pairs over 10 folds: none per fold is possible without repeats
+    assert len(pairs) == 0
+    pairs = data.generate_pairs(ds, num_folds=3, pairs_per_fold=300, seed=0)
+    _check_valid(pairs, ds)
+    assert len(pairs) == 3 * 2 * 2  # 7 // 3 = 2 same (and 2 different) per fold
+
+
+def test_large_identities_use_rejection_sampling_without_repeats():
+    ds = _toy([700, 700, 5])  # ~490k candidate same pairs: above the enumeration limit
+    pairs = data.generate_pairs(ds, num_folds=2, pairs_per_fold=500, seed=0)
+    assert len(pairs) == 2000
+    _check_valid(pairs, ds)
+
+
+def test_generate_pairs_rejects_unusable_datasets():
+    with pytest.raises(ValueError, match="2 identities"):
+        data.generate_pairs(_toy([5]), seed=0)
+    with pytest.raises(ValueError, match="one with 2 images"):
+        data.generate_pairs(_toy([1, 1, 1]), seed=0)
