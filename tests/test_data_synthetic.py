@@ -76,3 +76,24 @@ def test_default_is_hard_on_raw_pixels_but_identity_survives():
 def test_bad_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.load_synthetic(**kwargs)
+
+
+def test_load_dataset_dispatches_on_the_config(tmp_path):
+    from facenet_jax.config import load_config
+
+    config = load_config("experiments/default.py", {
+        "data.synthetic.num_identities": 12, "data.synthetic.images_per_identity": 3,
+        "data.image_size": 16})
+    ds = data.load_dataset(config.data)
+    np.testing.assert_array_equal(ds.images, data.load_synthetic(12, 3, 16, 1.0, seed=0).images)
+    splits = data.split_dataset(ds, config.data)
+    assert [s.num_identities for s in splits.values()] == [10, 1, 1]
+    config.data.source = "folder"
+    with pytest.raises(ValueError, match="needs data.root"):
+        data.load_dataset(config.data)
+    config.data.source = "tfds"
+    with pytest.raises(ValueError, match="needs data.name"):
+        data.load_dataset(config.data)
+    config.data.source = "webdataset"
+    with pytest.raises(ValueError, match="unknown data.source 'webdataset'"):
+        data.load_dataset(config.data)
