@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.tfds_data_dir = placeholder(str)
     data.min_images_per_identity = 2
     data.synthetic = ml_collections.ConfigDict(
-        dict(num_identities=500, images_per_identity=20, difficulty=1.0))
+        dict(num_identities=500, images_per_identity=20, difficulty=1.0, seed=0))
     data.split = ml_collections.ConfigDict(dict(
         train=0.8, validation=0.1, test=0.1, seed=0,
         identity_files=placeholder(str), exclude_pairs_file=placeholder(str)))
