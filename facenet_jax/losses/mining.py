@@ -1,0 +1,198 @@
+"""Triplet mining on rows of the distance matrix: which negative (and positive) each term uses.
+
+Every function here works on *stop-gradient* distances `d` [A,B] (A anchors against all B
+candidates) and boolean masks `positive`/`negative` [A,B], and returns *indices* plus validity
+masks; `triplet.py` then gathers the differentiable distances at those indices, so gradients
+flow only through the chosen d(a,p) and d(a,n). An empty masked row is never resolved to a
+silent index 0: every choice comes with a mask saying whether it exists.
+
+Memory stays O(A·B) (O(B²)) for every rule: the rules that depend on each positive's distance
+(TF-Addons semi-hard, FaceNet's band) sort each anchor's negative distances once and
+binary-search every positive's distance in that row (`jnp.searchsorted`, method "scan":
+O(B log B) per anchor, never a B×B comparison per anchor); random and distance-weighted
+sampling draw one uniform per (anchor, candidate) pair and look it up in the anchor's
+cumulative-weight row (inverse CDF), with no sort at all.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from facenet_jax.losses.distances import euclidean_on_sphere
+
+
+class SortedNegatives(NamedTuple):
+    """Each anchor's negative distances in ascending order.
+
+    values: [A,B] float, the negatives first, then +inf padding.
+    columns: [A,B] int32, the candidate column of each sorted entry.
+    count: [A] int32, number of negatives of each anchor.
+    """
+    values: jax.Array
+    columns: jax.Array
+    count: jax.Array
+
+
+class PairNegatives(NamedTuple):
+    """One negative per (anchor, positive) pair; the positive is the pair's own column.
+
+    column: [A,B] int32 chosen negative's column (meaningless where `has_term` is False).
+    has_term: [A,B] bool, the pair is an anchor-positive pair and got a negative.
+    semihard_found: [A,B] bool, the pair found a negative inside the rule's semi-hard condition.
+    semihard_pairs: [A,B] bool, the pairs `semihard_found` is a fraction of (all False where
+        the rule has no semi-hard condition).
+    """
+    column: jax.Array
+    has_term: jax.Array
+    semihard_found: jax.Array
+    semihard_pairs: jax.Array
+
+
+def label_masks(labels: jax.Array, anchor_start: jax.Array | int,
+                num_anchors: int) -> tuple[jax.Array, jax.Array]:
+    """labels [B] -> (positive, negative) bool [num_anchors, B] for the anchor rows.
+
+    positive: same label, other image (an anchor is never its own positive; duplicates of it
+    are). negative: different label.
+    """
+    anchor_labels = lax.dynamic_slice_in_dim(labels, anchor_start, num_anchors)
+    same = anchor_labels[:, None] == labels[None, :]
+    is_self = (anchor_start + jnp.arange(num_anchors))[:, None] == jnp.arange(
+        labels.shape[0])[None, :]
+    return same & ~is_self, ~same
+
+
+def sort_negatives(d: jax.Array, negative: jax.Array) -> SortedNegatives:
+    """One row sort per anchor (values and their columns together), [A,B] -> SortedNegatives."""
+    keys = jnp.where(negative, d, jnp.inf)
+    columns = jnp.broadcast_to(jnp.arange(d.shape[1], dtype=jnp.int32), d.shape)
+    values, columns = lax.sort((keys, columns), dimension=1, num_keys=1)
+    return SortedNegatives(values, columns, jnp.sum(negative, axis=1, dtype=jnp.int32))
+
+
+def rank_in_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
+    """Per row, how many sorted entries are < query (side "left") or <= query ("right").
+
+    sorted_rows: [A,B] ascending; queries: [A,Q] -> [A,Q] int32. Binary search ("scan"), so
+    O(Q log B) work and O(Q) memory per row.
+    """
+    search = lambda row, q: jnp.searchsorted(row, q, side=side, method="scan")  # noqa: E731
+    return jax.vmap(search)(sorted_rows, queries).astype(jnp.int32)
+
+
+def _column_at_rank(sorted_negatives: SortedNegatives, rank: jax.Array) -> jax.Array:
+    """[A,Q] ranks (clipped into [0, B)) -> [A,Q] candidate columns."""
+    rank = jnp.clip(rank, 0, sorted_negatives.columns.shape[1] - 1)
+    return jnp.take_along_axis(sorted_negatives.columns, rank, axis=1)
+
+
+def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array) -> PairNegatives:
+    """TF-Addons `triplet_semihard_loss` rule, per ordered anchor-positive pair (a, p):
+    the closest negative with d(a,n) > d(a,p) strictly; if there is none, the farthest
+    negative. Pairs whose anchor has no negative at all get no term.
+    """
+    negatives = sort_negatives(d, negative)
+    first_farther = rank_in_rows(negatives.values, d, side="right")
+    count = negatives.count[:, None]
+    found = first_farther < count
+    rank = jnp.where(found, first_farther, count - 1)
+    has_term = positive & (count > 0)
+    return PairNegatives(_column_at_rank(negatives, rank), has_term, has_term & found, has_term)
+
+
+def mine_semihard_facenet(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                          margin: jax.Array | float, uniform: jax.Array) -> PairNegatives:
+    """FaceNet's band, per anchor-positive pair: a uniformly random negative among those with
+    d(a,p) < d(a,n) < d(a,p) + margin, picked by `uniform` [A,B] in [0,1). Pairs with no such
+    negative get no term.
+    """
+    negatives = sort_negatives(d, negative)
+    band_start = rank_in_rows(negatives.values, d, side="right")
+    band_stop = rank_in_rows(negatives.values, d + margin, side="left")
+    band_size = jnp.maximum(band_stop - band_start, 0)
+    offset = jnp.minimum(jnp.floor(uniform * band_size).astype(jnp.int32), band_size - 1)
+    found = positive & (band_size > 0)
+    pairs = positive & (negatives.count[:, None] > 0)
+    return PairNegatives(_column_at_rank(negatives, band_start + offset), found, found, pairs)
+
+
+def sample_by_weight(weights: jax.Array, uniform: jax.Array) -> jax.Array:
+    """Inverse-CDF sampling of one column per query, P(column j) = w[a,j] / sum_j w[a,j].
+
+    weights: [A,B] ≥ 0; uniform: [A,Q] in [0,1) -> [A,Q] int32 columns, each with positive
+    weight whenever the row has any (rows of zeros give a meaningless column; mask them).
+    """
+    cumulative = jnp.cumsum(weights, axis=1)
+    targets = uniform * cumulative[:, -1:]
+    # First column whose cumulative weight exceeds the target: zero-weight columns never are.
+    columns = rank_in_rows(cumulative, targets, side="right")
+    last_weighted = jnp.max(jnp.where(weights > 0, jnp.arange(weights.shape[1]), 0), axis=1)
+    return jnp.minimum(columns, last_weighted[:, None])  # u·total can round up to total
+
+
+def mine_random(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                uniform: jax.Array) -> PairNegatives:
+    """Per anchor-positive pair, a uniformly random negative (the baseline). Pairs whose anchor
+    has no negative get no term. `d` is unused: the rule ignores distances.
+    """
+    del d
+    has_term = positive & jnp.any(negative, axis=1, keepdims=True)
+    columns = sample_by_weight(negative.astype(jnp.float32), uniform)
+    no_condition = jnp.zeros_like(has_term)
+    return PairNegatives(columns, has_term, no_condition, no_condition)
+
+
+def distance_weighted_weights(d: jax.Array, negative: jax.Array, *, distance: str,
+                              embedding_dim: int, cutoff: float,
+                              nonzero_loss_cutoff: float) -> jax.Array:
+    """Wu et al. 2017 sampling weights [A,B] (unnormalised; 0 off the negatives).
+
+    On the unit sphere in R^n the density of the distance between two random points is
+    q(δ) ∝ δ^(n-2) (1 - δ²/4)^((n-3)/2); each negative is weighted by 1/q(max(δ, cutoff)),
+    with δ the Euclidean distance (converted from `distance`, so embeddings must be unit
+    vectors), and negatives with δ ≥ nonzero_loss_cutoff get weight 0. Computed in log space,
+    scaled so each row's largest weight is 1. An anchor whose negatives all lie beyond
+    nonzero_loss_cutoff falls back to uniform weights over its negatives (as Wu et al.'s code).
+    """
+    delta = euclidean_on_sphere(d, distance)
+    clipped = jnp.clip(delta, cutoff, nonzero_loss_cutoff)
+    n = embedding_dim
+    log_q = ((n - 2.0) * jnp.log(clipped)
+             + (n - 3.0) / 2.0 * jnp.log(jnp.maximum(1.0 - clipped**2 / 4.0, 1e-12)))
+    eligible = negative & (delta < nonzero_loss_cutoff)
+    log_w = jnp.where(eligible, -log_q, -jnp.inf)
+    row_max = jnp.max(log_w, axis=1, keepdims=True)
+    weights = jnp.where(eligible, jnp.exp(log_w - jnp.where(eligible, row_max, 0.0)), 0.0)
+    any_eligible = jnp.any(eligible, axis=1, keepdims=True)
+    return jnp.where(any_eligible, weights, negative.astype(weights.dtype))
+
+
+def mine_distance_weighted(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                           uniform: jax.Array, *, distance: str, embedding_dim: int,
+                           cutoff: float, nonzero_loss_cutoff: float) -> PairNegatives:
+    """Per anchor-positive pair, a negative sampled with probability ∝ the weights of
+    `distance_weighted_weights`. Pairs whose anchor has no negative get no term.
+    """
+    weights = distance_weighted_weights(d, negative, distance=distance,
+                                        embedding_dim=embedding_dim, cutoff=cutoff,
+                                        nonzero_loss_cutoff=nonzero_loss_cutoff)
+    has_term = positive & jnp.any(negative, axis=1, keepdims=True)
+    no_condition = jnp.zeros_like(has_term)
+    return PairNegatives(sample_by_weight(weights, uniform), has_term, no_condition,
+                         no_condition)
+
+
+def mine_hardest(d: jax.Array, positive: jax.Array,
+                 negative: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch-hard (Hermans et al. 2017): per anchor, the farthest positive and the closest
+    negative -> (positive column [A], negative column [A], valid [A] = anchor has both).
+    Ties go to the lowest column.
+    """
+    positive_column = jnp.argmax(jnp.where(positive, d, -jnp.inf), axis=1)
+    negative_column = jnp.argmin(jnp.where(negative, d, jnp.inf), axis=1)
+    valid = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
+    return positive_column, negative_column, valid

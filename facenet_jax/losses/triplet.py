@@ -1,0 +1,270 @@
+"""Triplet margin losses with on-device mining, as additive sums that split across devices.
+
+A term's loss is the hinge max(d(a,p) + margin - d(a,n), 0), or with soft=True
+softplus(d(a,p) - d(a,n)) (Hermans et al. 2017) for every strategy. A term is *active* when
+d(a,n) < d(a,p) + margin (for the hinge: exactly when its loss is positive; for soft, the same
+margin test, since softplus is never 0).
+
+Strategies (the exact rule and the reduction each one's loss is the mean over):
+
+- "semihard": TF-Addons `triplet_semihard_loss`. Per ordered anchor-positive pair, the closest
+  negative strictly farther than the positive, else the farthest negative; mean over all
+  anchor-positive pairs whose anchor has a negative (zero-loss pairs included).
+- "semihard_facenet": per anchor-positive pair, a uniformly random negative with
+  d(a,p) < d(a,n) < d(a,p) + margin (needs `key`); mean over the pairs that found one.
+- "hardest": batch-hard; per anchor, farthest positive and closest negative; mean over anchors
+  that have both.
+- "all": batch-all; every (a, p, n); hinge: mean over the active triplets; soft: mean over all
+  valid triplets (every softplus term is positive).
+- "random": per anchor-positive pair, a uniformly random negative (needs `key`); mean over pairs
+  whose anchor has a negative.
+- "distance_weighted": Wu et al. 2017; per anchor-positive pair, a negative sampled ∝ 1/q(δ)
+  (see `mining.distance_weighted_weights`; options `cutoff`, `nonzero_loss_cutoff`; needs
+  `key`); mean over pairs whose anchor has a negative.
+
+`num_triplets` counts the chosen terms (triplets for "all", anchors for "hardest", pairs for the
+others); `mean_d_ap`/`mean_d_an` average over them. A batch with no term has loss 0 with zero
+gradients, and every stat is 0 rather than NaN.
+
+Random draws: anchor row r (its position in the *global* batch) draws its B uniforms from
+`fold_in(key, r)`, so a batch gives the same triplets however its anchors are split.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from facenet_jax.losses import mining
+from facenet_jax.losses.distances import DISTANCES, anchor_distance_rows
+
+STRATEGIES = ("semihard", "semihard_facenet", "hardest", "all", "random", "distance_weighted")
+RANDOM_STRATEGIES = ("semihard_facenet", "random", "distance_weighted")
+STRATEGY_OPTIONS: dict[str, dict[str, float]] = {
+    "distance_weighted": {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
+}
+SUM_KEYS = ("loss_sum", "count", "num_triplets", "num_active", "d_ap_sum", "d_an_sum",
+            "semihard_found", "semihard_pairs", "spread_sum", "spread_count")
+STATS_KEYS = ("num_triplets", "num_active", "active_fraction", "mean_d_ap", "mean_d_an",
+              "semihard_found_fraction", "embedding_spread")
+
+# Soft batch-all has no closed form, so it loops over anchor chunks holding at most about this
+# many elements per [chunk, B, B] intermediate.
+_SOFT_ALL_CHUNK_ELEMENTS = 1 << 22
+
+TripletSums = dict[str, jax.Array]
+
+
+def validate_loss_args(*, margin: Any, strategy: str, distance: str, soft: bool,
+                       strategy_options: dict[str, Any] | None = None) -> None:
+    """Pure-Python checks, no JAX work: ValueError naming the problem and the valid choices.
+
+    margin == 0 without soft is allowed with a warning: it admits the collapsed embedding.
+    A traced margin (e.g. under vmap over margins) skips the value checks.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies: "
+                         f"{', '.join(STRATEGIES)}")
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; valid distances: "
+                         f"{', '.join(DISTANCES)}")
+    if not isinstance(soft, bool):
+        raise ValueError(f"soft must be True or False, got {soft!r}")
+    if isinstance(margin, numbers.Real):
+        if not math.isfinite(margin) or margin < 0:
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        if margin == 0 and not soft:
+            warnings.warn("margin == 0 with the hinge loss admits the collapsed embedding "
+                          "(all points equal, zero loss); use margin > 0 unless that is the "
+                          "point", stacklevel=2)
+    _strategy_settings(strategy, strategy_options or {})
+
+
+def _strategy_settings(strategy: str, options: dict[str, Any]) -> dict[str, float]:
+    """The strategy's options with defaults filled in; ValueError on unknown or bad ones."""
+    defaults = STRATEGY_OPTIONS.get(strategy, {})
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        valid = ", ".join(defaults) if defaults else "none"
+        raise ValueError(f"unknown option(s) {unknown} for strategy {strategy!r}; "
+                         f"valid options: {valid}")
+    settings = {**defaults, **options}
+    if strategy == "distance_weighted":
+        cutoff, nonzero = settings["cutoff"], settings["nonzero_loss_cutoff"]
+        if not 0 < cutoff < nonzero:
+            raise ValueError("distance_weighted needs 0 < cutoff < nonzero_loss_cutoff "
+                             f"(Euclidean distances on the unit sphere, at most 2); got "
+                             f"cutoff={cutoff}, nonzero_loss_cutoff={nonzero}")
+    return settings
+
+
+def _row_uniforms(key: jax.Array, anchor_start: jax.Array | int, num_anchors: int,
+                  num_candidates: int) -> jax.Array:
+    """[num_anchors, B] uniforms in [0,1); global row r uses fold_in(key, r), split-invariant."""
+    rows = anchor_start + jnp.arange(num_anchors)
+    draw = lambda r: jax.random.uniform(jax.random.fold_in(key, r), (num_candidates,))  # noqa: E731
+    return jax.vmap(draw)(rows)
+
+
+def _term_sums(d_ap: jax.Array, d_an: jax.Array, has_term: jax.Array, margin: Any,
+               soft: bool) -> TripletSums:
+    """Sums over the terms where has_term (any common shape); count = number of terms."""
+    threshold = d_ap + margin
+    loss = jax.nn.softplus(d_ap - d_an) if soft else jnp.maximum(threshold - d_an, 0.0)
+    active = has_term & (d_an < threshold)
+    num_terms = jnp.sum(has_term, dtype=jnp.float32)
+    stats = {"num_triplets": num_terms, "count": num_terms,
+             "num_active": jnp.sum(active, dtype=jnp.float32),
+             "d_ap_sum": jnp.sum(jnp.where(has_term, d_ap, 0.0)),
+             "d_an_sum": jnp.sum(jnp.where(has_term, d_an, 0.0))}
+    return {"loss_sum": jnp.sum(jnp.where(has_term, loss, 0.0)),
+            **jax.tree.map(lax.stop_gradient, stats)}
+
+
+def _pair_sums(d: jax.Array, chosen: mining.PairNegatives, margin: Any,
+               soft: bool) -> TripletSums:
+    """Terms (a, p = column, n = chosen.column[a, p]) gathered from the differentiable d."""
+    d_an = jnp.take_along_axis(d, chosen.column, axis=1)
+    return {**_term_sums(d, d_an, chosen.has_term, margin, soft),
+            "semihard_found": jnp.sum(chosen.semihard_found, dtype=jnp.float32),
+            "semihard_pairs": jnp.sum(chosen.semihard_pairs, dtype=jnp.float32)}
+
+
+def _hardest_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin: Any,
+                  soft: bool) -> TripletSums:
+    positive_column, negative_column, valid = mining.mine_hardest(
+        lax.stop_gradient(d), positive, negative)
+    d_ap = jnp.take_along_axis(d, positive_column[:, None], axis=1)[:, 0]
+    d_an = jnp.take_along_axis(d, negative_column[:, None], axis=1)[:, 0]
+    return _term_sums(d_ap, d_an, valid, margin, soft)
+
+
+def _batch_all_hinge_sums(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                          margin: Any) -> TripletSums:
+    """Batch-all hinge in O(B²) memory and O(B² log B) time, without enumerating triplets.
+
+    For pair (a,p) with t = d(a,p) + margin, the active negatives are those with d(a,n) < t:
+    the first k of the anchor's sorted negatives, k found by binary search; their loss is
+    k·t - (sum of those k distances), a prefix sum of the sorted (gathered, differentiable)
+    distances.
+    """
+    negatives = mining.sort_negatives(lax.stop_gradient(d), negative)
+    threshold = d + margin
+    num_active = mining.rank_in_rows(negatives.values, lax.stop_gradient(threshold), side="left")
+    is_negative = jnp.arange(d.shape[1])[None, :] < negatives.count[:, None]
+    sorted_d = jnp.where(is_negative, jnp.take_along_axis(d, negatives.columns, axis=1), 0.0)
+    prefix = jnp.concatenate([jnp.zeros_like(sorted_d[:, :1]), jnp.cumsum(sorted_d, axis=1)],
+                             axis=1)
+    active_d_an = jnp.take_along_axis(prefix, num_active, axis=1)
+    pair_loss = num_active * threshold - active_d_an
+    negatives_per_pair = jnp.where(positive, negatives.count[:, None], 0).astype(jnp.float32)
+    stats = {"count": jnp.sum(jnp.where(positive, num_active, 0), dtype=jnp.float32),
+             "num_triplets": jnp.sum(negatives_per_pair),
+             "d_ap_sum": jnp.sum(negatives_per_pair * d),
+             "d_an_sum": jnp.sum(jnp.sum(positive, axis=1) * prefix[:, -1])}
+    stats["num_active"] = stats["count"]
+    return {"loss_sum": jnp.sum(jnp.where(positive, pair_loss, 0.0)),
+            **jax.tree.map(lax.stop_gradient, stats)}
+
+
+def _batch_all_soft_sums(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                         margin: Any) -> TripletSums:
+    """Batch-all softplus: no closed form, so every triplet is evaluated (O(B³) time), one
+    chunk of anchors at a time with `lax.map` under `jax.checkpoint`, so forward and backward
+    hold O(chunk·B²) memory."""
+    num_anchors, num_candidates = d.shape
+    chunk = max(1, min(num_anchors, _SOFT_ALL_CHUNK_ELEMENTS // num_candidates**2))
+
+    @jax.checkpoint
+    def anchor_sums(row: tuple[jax.Array, jax.Array, jax.Array]) -> TripletSums:
+        d_row, positive_row, negative_row = row
+        d_ap, d_an = d_row[:, None], d_row[None, :]
+        valid = positive_row[:, None] & negative_row[None, :]
+        return _term_sums(d_ap, d_an, valid, margin, soft=True)
+
+    per_anchor = lax.map(anchor_sums, (d, positive, negative), batch_size=chunk)
+    return jax.tree.map(jnp.sum, per_anchor)
+
+
+def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start: jax.Array | int,
+                      num_anchors: int, margin: Any, strategy: str, distance: str = "squared",
+                      soft: bool = False, key: jax.Array | None = None,
+                      **strategy_options: Any) -> TripletSums:
+    """Additive loss sums for anchors [anchor_start, anchor_start + num_anchors) of the batch.
+
+    embeddings: [B,D] (unit vectors for distance_weighted); labels: [B] int. The anchors are
+    mined against all B candidates; anchor_start may be traced (e.g. axis_index * b),
+    num_anchors is static. Returns float32 scalars keyed by SUM_KEYS; adding the dicts of a
+    partition of the anchors (e.g. `lax.psum`) and applying `reduce_triplet_sums` gives
+    `triplet_loss` on the whole batch. Only "loss_sum" carries a gradient. `key` is required by
+    RANDOM_STRATEGIES and ignored by the others. See the module docstring for the rules.
+    """
+    validate_loss_args(margin=margin, strategy=strategy, distance=distance, soft=soft,
+                       strategy_options=strategy_options)
+    settings = _strategy_settings(strategy, strategy_options)
+    if strategy in RANDOM_STRATEGIES and key is None:
+        raise ValueError(f"strategy {strategy!r} samples negatives: pass key=jax.random.key(...)")
+    num_candidates = embeddings.shape[0]
+    d = anchor_distance_rows(embeddings, anchor_start, num_anchors, distance)
+    d_fixed = lax.stop_gradient(d)
+    positive, negative = mining.label_masks(labels, anchor_start, num_anchors)
+
+    if strategy == "hardest":
+        sums = _hardest_sums(d, positive, negative, margin, soft)
+    elif strategy == "all":
+        all_sums = _batch_all_soft_sums if soft else _batch_all_hinge_sums
+        sums = all_sums(d, positive, negative, margin)
+    elif strategy == "semihard":
+        sums = _pair_sums(d, mining.mine_semihard(d_fixed, positive, negative), margin, soft)
+    else:
+        uniform = _row_uniforms(key, anchor_start, num_anchors, num_candidates)
+        if strategy == "semihard_facenet":
+            chosen = mining.mine_semihard_facenet(d_fixed, positive, negative, margin, uniform)
+        elif strategy == "random":
+            chosen = mining.mine_random(d_fixed, positive, negative, uniform)
+        else:
+            chosen = mining.mine_distance_weighted(
+                d_fixed, positive, negative, uniform, distance=distance,
+                embedding_dim=embeddings.shape[1], **settings)
+        sums = _pair_sums(d, chosen, margin, soft)
+
+    zero = jnp.zeros((), jnp.float32)
+    not_self = (anchor_start + jnp.arange(num_anchors))[:, None] != jnp.arange(num_candidates)
+    return {"semihard_found": zero, "semihard_pairs": zero, **sums,
+            "spread_sum": jnp.sum(jnp.where(not_self, d_fixed, 0.0)),
+            "spread_count": jnp.asarray(num_anchors * (num_candidates - 1), jnp.float32)}
+
+
+def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, 0 where the denominator is 0 (counts are ≥ 0)."""
+    return numerator / jnp.maximum(denominator, 1.0)
+
+
+def reduce_triplet_sums(sums: TripletSums) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sums (added over any partition of the anchors) -> (loss, stats), all NaN-free."""
+    stats = {"num_triplets": sums["num_triplets"], "num_active": sums["num_active"],
+             "active_fraction": _ratio(sums["num_active"], sums["num_triplets"]),
+             "mean_d_ap": _ratio(sums["d_ap_sum"], sums["num_triplets"]),
+             "mean_d_an": _ratio(sums["d_an_sum"], sums["num_triplets"]),
+             "semihard_found_fraction": _ratio(sums["semihard_found"], sums["semihard_pairs"]),
+             "embedding_spread": _ratio(sums["spread_sum"], sums["spread_count"])}
+    return _ratio(sums["loss_sum"], sums["count"]), stats
+
+
+def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: Any, strategy: str,
+                 distance: str = "squared", soft: bool = False, key: jax.Array | None = None,
+                 **strategy_options: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean triplet loss of the batch and its mining stats (STATS_KEYS).
+
+    embeddings: [B,D]; labels: [B] int -> (loss scalar, dict of scalars). The rules are in the
+    module docstring; this is `triplet_loss_sums` over all B anchors, reduced.
+    """
+    return reduce_triplet_sums(triplet_loss_sums(
+        embeddings, labels, anchor_start=0, num_anchors=embeddings.shape[0], margin=margin,
+        strategy=strategy, distance=distance, soft=soft, key=key, **strategy_options))
