@@ -66,6 +66,18 @@ def label_masks(labels: jax.Array, anchor_start: jax.Array | int,
     return same & ~is_self, ~same
 
 
+def row_uniforms(key: jax.Array, anchor_start: jax.Array | int, num_anchors: int,
+                 num_candidates: int) -> jax.Array:
+    """[num_anchors, B] uniforms in [0,1) for the anchor rows.
+
+    Global row r draws from fold_in(key, r), so a row's draw does not depend on how the batch's
+    anchors are split across devices (and costs O(rows·B), not B², per device).
+    """
+    rows = anchor_start + jnp.arange(num_anchors)
+    draw = lambda r: jax.random.uniform(jax.random.fold_in(key, r), (num_candidates,))  # noqa: E731
+    return jax.vmap(draw)(rows)
+
+
 def sort_negatives(d: jax.Array, negative: jax.Array) -> SortedNegatives:
     """One row sort per anchor (values and their columns together), [A,B] -> SortedNegatives."""
     keys = jnp.where(negative, d, jnp.inf)

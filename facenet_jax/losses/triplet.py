@@ -104,14 +104,6 @@ def _strategy_settings(strategy: str, options: dict[str, Any]) -> dict[str, floa
     return settings
 
 
-def _row_uniforms(key: jax.Array, anchor_start: jax.Array | int, num_anchors: int,
-                  num_candidates: int) -> jax.Array:
-    """[num_anchors, B] uniforms in [0,1); global row r uses fold_in(key, r), split-invariant."""
-    rows = anchor_start + jnp.arange(num_anchors)
-    draw = lambda r: jax.random.uniform(jax.random.fold_in(key, r), (num_candidates,))  # noqa: E731
-    return jax.vmap(draw)(rows)
-
-
 def _term_sums(d_ap: jax.Array, d_an: jax.Array, has_term: jax.Array, margin: Any,
                soft: bool) -> TripletSums:
     """Sums over the terms where has_term (any common shape); count = number of terms."""
@@ -223,7 +215,7 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
     elif strategy == "semihard":
         sums = _pair_sums(d, mining.mine_semihard(d_fixed, positive, negative), margin, soft)
     else:
-        uniform = _row_uniforms(key, anchor_start, num_anchors, num_candidates)
+        uniform = mining.row_uniforms(key, anchor_start, num_anchors, num_candidates)
         if strategy == "semihard_facenet":
             chosen = mining.mine_semihard_facenet(d_fixed, positive, negative, margin, uniform)
         elif strategy == "random":
