@@ -65,7 +65,7 @@ def _chosen_fn(strategy, distance, margin):
         if strategy == "semihard_facenet":
             return mining.mine_semihard_facenet(d, positive, negative, margin, uniform).column
         if strategy == "random":
-            return mining.mine_random(d, positive, negative, uniform).column
+            return mining.mine_random(positive, negative, uniform).column
         return mining.mine_distance_weighted(
             d, positive, negative, uniform, distance=distance, embedding_dim=e.shape[1],
             cutoff=0.5, nonzero_loss_cutoff=1.4).column
@@ -358,9 +358,8 @@ def _sample_counts(sampler, weights_row, num_draws):
 def test_random_negative_is_uniform_over_negatives():
     labels = np.array([0] * 4 + list(range(1, B - 3)), np.int32)
     positive, negative = mining.label_masks(jnp.asarray(labels), 0, B)
-    d = jnp.zeros((B, B))
     uniform = jax.random.uniform(jax.random.key(1), (400, B, B))
-    columns = jax.jit(jax.vmap(lambda u: mining.mine_random(d, positive, negative, u).column))(
+    columns = jax.jit(jax.vmap(lambda u: mining.mine_random(positive, negative, u).column))(
         uniform)
     counts = np.bincount(np.asarray(columns[:, 0, 1:4]).ravel(), minlength=B)  # anchor 0
     assert counts[:4].sum() == 0  # never a positive or the anchor

@@ -146,12 +146,10 @@ def sample_by_weight(weights: jax.Array, uniform: jax.Array) -> jax.Array:
     return jnp.minimum(columns, last_weighted[:, None])  # u·total can round up to total
 
 
-def mine_random(d: jax.Array, positive: jax.Array, negative: jax.Array,
-                uniform: jax.Array) -> PairNegatives:
-    """Per anchor-positive pair, a uniformly random negative (the baseline). Pairs whose anchor
-    has no negative get no term. `d` is unused: the rule ignores distances.
+def mine_random(positive: jax.Array, negative: jax.Array, uniform: jax.Array) -> PairNegatives:
+    """Per anchor-positive pair, a uniformly random negative (the baseline; distances play no
+    part). Pairs whose anchor has no negative get no term.
     """
-    del d
     has_term = positive & jnp.any(negative, axis=1, keepdims=True)
     columns = sample_by_weight(negative.astype(jnp.float32), uniform)
     no_condition = jnp.zeros_like(has_term)

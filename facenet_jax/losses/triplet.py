@@ -219,7 +219,7 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
         if strategy == "semihard_facenet":
             chosen = mining.mine_semihard_facenet(d_fixed, positive, negative, margin, uniform)
         elif strategy == "random":
-            chosen = mining.mine_random(d_fixed, positive, negative, uniform)
+            chosen = mining.mine_random(positive, negative, uniform)
         else:
             chosen = mining.mine_distance_weighted(
                 d_fixed, positive, negative, uniform, distance=distance,
