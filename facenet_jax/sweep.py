@@ -1,0 +1,648 @@
+"""Sweeps: run a grid of config overrides cell by cell, then tabulate and plot the results.
+
+    python -m facenet_jax.sweep --sweep experiments/sweeps/FILE.py --workdir DIR
+        [--print_commands] [--aggregate_only] [--rerun_failed]
+
+A sweep file's `get_sweep()` returns a dict (or ConfigDict) with
+- `base`: the config file every cell starts from: absolute, or relative to the sweep file's
+  folder, or (if not found there) relative to the repository root;
+- `cells`: a list of dicts of dotted overrides, one per run (`grid(...)` builds products);
+- optionally `common`: overrides applied to every cell (e.g. a shorter `num_steps`), left out of
+  the cell names and columns but passed on every command line;
+- optionally `name`: a title for the results.
+
+Each cell runs as `python -m facenet_jax.train --config BASE --workdir DIR/CELL --config.K=V ...`
+in a subprocess, one after another. A subprocess per cell costs a few seconds of start-up
+against minutes of training and buys: a crash (or an out-of-memory kill) ends one cell, not the
+sweep; each cell's compiled programs and datasets are freed; and the command run is exactly the
+one `--print_commands` prints, with the train CLI's own parsing and type checks.
+
+A cell whose `eval.json` exists is finished and skipped. A cell that crashed or diverged is
+recorded in DIR/CELL/sweep_status.json (status, the error's last line, wall time) and becomes a
+row saying so; it is not re-run unless `--rerun_failed` is given (re-running resumes from its
+last checkpoint). Results go to DIR/results.csv, DIR/results.md and the PNG plots.
+
+Collapse rule (`is_collapsed`): over the last `COLLAPSE_WINDOW` training log rows (each the mean
+of `log_every` steps), every row has embedding_spread (mean pairwise distance of the batch, in
+the loss's distance) below `COLLAPSE_SPREAD`, or every row has its loss within
+`COLLAPSE_LOSS_RTOL` × pinned of the pinned value, where pinned = α for the hinge (all distances
+0 ⇒ every triplet costs exactly α) and ln 2 with the soft margin (softplus(0)).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import pathlib
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from facenet_jax.config import flatten, json_safe, load_config, to_plain
+from facenet_jax.logs import read_metrics
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+EVAL_FILE = "eval.json"  # the train CLI's end-of-run evaluation (facenet_jax.evaluate)
+STATUS_FILE = "sweep_status.json"
+LOG_FILE = "train.log"
+BASELINE_DIR = "pixel_baselines"
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+ACCURACY_PLOT = "accuracy_vs_margin.png"
+ACTIVE_PLOT = "active_fraction.png"
+SWEEP_KEYS = {"base", "cells", "common", "name"}
+ALWAYS_COLUMNS = ("loss.margin", "loss.distance", "loss.strategy")
+METRIC_COLUMNS = ("accuracy", "accuracy_std", "val@far=1e-3", "auc", "final_loss",
+                  "final_active_fraction", "final_embedding_spread", "collapsed", "wall_s",
+                  "status", "error", "pixel_accuracy")
+COLLAPSE_WINDOW = 3
+COLLAPSE_SPREAD = 1e-3
+COLLAPSE_LOSS_RTOL = 1e-3
+_MAX_NAME = 120
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9._+-]+$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep files and cells (pure).
+
+
+def grid(axes: Mapping[str, Sequence[Any]], *, seeds: Sequence[int] | None = None
+         ) -> list[dict[str, Any]]:
+    """The product of value lists, first key slowest: {"a": [1, 2], "b": [3]} → [{a:1,b:3},
+    {a:2,b:3}]; with `seeds`, each combination once per seed (key "seed", varied fastest)."""
+    axes = dict(axes)
+    if seeds is not None:
+        axes["seed"] = list(seeds)
+    for key, values in axes.items():
+        if isinstance(values, (str, bytes)) or not len(values):
+            raise ValueError(f"grid axis {key!r} needs a non-empty list of values, got "
+                             f"{values!r}")
+    keys = list(axes)
+    return [dict(zip(keys, combination)) for combination in itertools.product(*axes.values())]
+
+
+def load_sweep(path: str | pathlib.Path) -> dict[str, Any]:
+    """Runs the sweep file's `get_sweep()`; checks its keys and cells and resolves `base`.
+
+    Returns {"name", "base" (absolute Path), "cells" (list of dicts), "common" (dict)}.
+    """
+    path = pathlib.Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} does not exist")
+    spec = runpy.run_path(str(path)).get("get_sweep")
+    if spec is None:
+        raise ValueError(f"sweep file {path} defines no get_sweep()")
+    spec = spec()
+    spec = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else dict(spec)
+    unknown = set(spec) - SWEEP_KEYS
+    missing = {"base", "cells"} - set(spec)
+    if unknown or missing:
+        raise ValueError(f"{path}: get_sweep() must return keys base, cells (and optionally "
+                         f"common, name); unknown: {sorted(unknown)}, missing: {sorted(missing)}")
+    cells = [dict(cell) for cell in spec["cells"]]
+    if not cells:
+        raise ValueError(f"{path}: the sweep has no cells")
+    common = dict(spec.get("common") or {})
+    for cell in [common, *cells]:
+        for key in cell:
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{path}: override keys must be dotted strings, got {key!r}")
+    duplicates = _duplicates(_canonical(cell) for cell in cells)
+    if duplicates:
+        raise ValueError(f"{path}: cells repeat the same overrides: {duplicates[:3]}; remove "
+                         "the repeats (add a seed to repeat a run)")
+    return {"name": spec.get("name") or path.stem, "base": resolve_base(spec["base"], path),
+            "cells": cells, "common": common}
+
+
+def resolve_base(base: str, sweep_path: pathlib.Path) -> pathlib.Path:
+    """`base` as written in the sweep file → an existing absolute config path."""
+    candidates = [pathlib.Path(base)] if pathlib.Path(base).is_absolute() else [
+        sweep_path.parent / base, REPO_ROOT / base]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"sweep base config {base!r} not found (looked at "
+                            f"{', '.join(map(str, candidates))})")
+
+
+def cell_names(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Readable, filesystem-safe, unique folder names, one per cell (see `cell_name`); names
+    that would still coincide get a hash of their overrides appended."""
+    names = [cell_name(cell) for cell in cells]
+    repeated = set(_duplicates(names))
+    return [f"{name}_{_digest(cell)}" if name in repeated else name
+            for name, cell in zip(names, cells)]
+
+
+def cell_name(overrides: Mapping[str, Any]) -> str:
+    """{"loss.margin": 0.2, "loss.strategy": "semihard"} → "margin-0.2__strategy-semihard".
+
+    Keys sorted (so the name does not depend on dict order), each shown by its last component
+    unless two keys of the cell share it. A value with characters outside [A-Za-z0-9._+-] or
+    with "__" (or a name over 120 characters) is made safe and the name gets a hash of the
+    overrides, so no two different cells can share a name. No overrides: "base".
+    """
+    if not overrides:
+        return "base"
+    keys = sorted(overrides)
+    leaves = [key.rsplit(".", 1)[-1] for key in keys]
+    shared = set(_duplicates(leaves))
+    parts, lossy = [], False
+    for key, leaf in zip(keys, leaves):
+        text = format_value(overrides[key])
+        if not _SAFE_VALUE.match(text) or "__" in text:
+            text, lossy = re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_"), True
+        parts.append(f"{key if leaf in shared else leaf}-{text}")
+    name = "__".join(parts)
+    if lossy or len(name) > _MAX_NAME:
+        name = f"{name[:_MAX_NAME]}_{_digest(overrides)}"
+    return name
+
+
+def format_value(value: Any) -> str:
+    """An override as the train CLI parses it: strings raw, everything else its repr."""
+    if value is None:
+        raise ValueError("an override cannot be None (the command line cannot express it)")
+    return value if isinstance(value, str) else repr(value)
+
+
+def train_command(base: pathlib.Path, workdir: pathlib.Path, overrides: Mapping[str, Any],
+                  python: str = "python") -> list[str]:
+    """The argv that trains one cell (overrides in order; later ones win)."""
+    return [python, "-m", "facenet_jax.train", "--config", str(base), "--workdir",
+            str(workdir), *(f"--config.{k}={format_value(v)}" for k, v in overrides.items())]
+
+
+def cell_config(base: pathlib.Path, common: Mapping[str, Any], cell: Mapping[str, Any]
+                ) -> ml_collections.ConfigDict:
+    """The config a cell trains with (raises naming an unknown key or a wrong type)."""
+    return load_config(base, {**common, **cell})
+
+
+def _canonical(overrides: Mapping[str, Any]) -> str:
+    return json.dumps(json_safe(dict(overrides)), sort_keys=True, default=repr)
+
+
+def _digest(overrides: Mapping[str, Any]) -> str:
+    return hashlib.sha1(_canonical(overrides).encode()).hexdigest()[:8]
+
+
+def _duplicates(items: Iterable[str]) -> list[str]:
+    seen, repeated = set(), []
+    for item in items:
+        if item in seen and item not in repeated:
+            repeated.append(item)
+        seen.add(item)
+    return repeated
+
+
+# ----------------------------------------------------------------------------------------------
+# Collapse and result rows (pure).
+
+
+def is_collapsed(train_rows: Sequence[Mapping[str, Any]], *, margin: float, soft: bool
+                 ) -> bool | None:
+    """The collapse rule of the module docstring over the last training log rows; None when
+    there are no rows to judge."""
+    window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
+    if not window:
+        return None
+    pinned = math.log(2.0) if soft else float(margin)
+    spread_gone = all(row.get("embedding_spread") is not None
+                      and row["embedding_spread"] < COLLAPSE_SPREAD for row in window)
+    loss_pinned = pinned > 0 and all(
+        abs(row["loss"] - pinned) <= COLLAPSE_LOSS_RTOL * pinned for row in window)
+    return spread_gone or loss_pinned
+
+
+def result_row(overrides: Mapping[str, Any], config: Mapping[str, Any],
+               evaluation: Mapping[str, Any] | None, metrics: Sequence[Mapping[str, Any]],
+               status_record: Mapping[str, Any] | None, pixel_accuracy: float | None
+               ) -> dict[str, Any]:
+    """One table row from a cell's overrides, plain config, eval.json, metrics and status.
+
+    status: "ok" (eval.json exists), else the recorded "crashed"/"diverged", else "pending".
+    """
+    flat = flatten(config)
+    train_rows = [row for row in metrics if "loss" in row]
+    last = train_rows[-1] if train_rows else {}
+    row = {key: overrides[key] for key in overrides}
+    for key in ALWAYS_COLUMNS:
+        row.setdefault(key, flat.get(key))
+    status_record = status_record or {}
+    if evaluation is not None:
+        status, error = "ok", None
+    else:
+        status, error = status_record.get("status", "pending"), status_record.get("error")
+    evaluation = evaluation or {}
+    row.update({
+        "accuracy": evaluation.get("accuracy"),
+        "accuracy_std": evaluation.get("accuracy_std"),
+        "val@far=1e-3": evaluation.get("val@far=1e-3"),
+        "auc": evaluation.get("auc"),
+        "final_loss": last.get("loss"),
+        "final_active_fraction": last.get("active_fraction"),
+        "final_embedding_spread": last.get("embedding_spread"),
+        "collapsed": is_collapsed(train_rows, margin=flat.get("loss.margin", 0.0),
+                                  soft=bool(flat.get("loss.soft"))),
+        "wall_s": status_record.get("wall_s"),
+        "status": status,
+        "error": error,
+        "pixel_accuracy": pixel_accuracy,
+    })
+    return row
+
+
+def table_columns(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Overridden keys (first-seen order), then the always-present loss keys, then metrics."""
+    columns: list[str] = []
+    for key in itertools.chain(*(cell.keys() for cell in cells), ALWAYS_COLUMNS):
+        if key not in columns:
+            columns.append(key)
+    return columns + list(METRIC_COLUMNS)
+
+
+def diagnose_failure(returncode: int, stderr: str) -> tuple[str, str]:
+    """(status, last line) of a failed train process: "diverged" for a non-finite loss,
+    "crashed" otherwise (signals included)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    last = lines[-1] if lines else f"exit status {returncode} with no error output"
+    if returncode < 0:
+        last = f"killed by signal {-returncode}; {last}"
+    status = "diverged" if "NonFiniteLossError" in stderr else "crashed"
+    return status, last
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and plots (files).
+
+
+def _format_cell(column: str, row: Mapping[str, Any]) -> str:
+    value = row.get(column)
+    if column == "accuracy" and value is not None and row.get("accuracy_std") is not None:
+        return f"{value:.4f} ± {row['accuracy_std']:.4f}"
+    if value is None:
+        return "—" if column != "error" else ""
+    if column == "wall_s":
+        return f"{value:.0f}"
+    if column == "collapsed":
+        return "**yes**" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if column in ("loss.margin",) else f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+              path: pathlib.Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as a markdown table (accuracy shown as mean ± std; the std column folded in)."""
+    shown = [c for c in columns if c != "accuracy_std"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_format_cell(c, row) for c in shown) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+                   columns: Sequence[str], baselines: Mapping[str, Any],
+                   path: pathlib.Path) -> None:
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "crashed", "diverged",
+                                                                "pending")}
+    common = ", ".join(f"`{k}={format_value(v)}`" for k, v in sweep["common"].items()) or "none"
+    base = sweep["base"]
+    base_text = base.relative_to(REPO_ROOT) if base.is_relative_to(REPO_ROOT) else base
+    lines = [
+        f"# Sweep `{sweep['name']}`", "",
+        f"Base config `{base_text}`; common overrides: {common}.  ",
+        f"{len(rows)} cells: {counts['ok']} finished, {counts['crashed']} crashed, "
+        f"{counts['diverged']} diverged, {counts['pending']} not run.", "",
+        "accuracy: 10-fold verification accuracy ± std over folds on held-out identities; "
+        "val@far=1e-3: true-accept rate at false-accept rate 1e-3; auc: ROC AUC; final_*: the "
+        "last training log row (a mean over `log_every` steps); embedding spread is the mean "
+        "pairwise distance in the loss's distance. "
+        f"collapsed: over the last {COLLAPSE_WINDOW} log rows, embedding spread < "
+        f"{COLLAPSE_SPREAD:g}, or loss within {COLLAPSE_LOSS_RTOL:g}·α of α (of ln 2 with the "
+        "soft margin). pixel_accuracy: the raw-pixel baseline on the same test pairs. wall_s: "
+        "the cell's wall time here, compile and evaluation included.", "",
+        markdown_table(rows, columns), "",
+    ]
+    for key, baseline in baselines.items():
+        if baseline is not None:
+            lines.append(f"Pixel baseline `{key}`: accuracy {baseline['accuracy']:.4f} ± "
+                         f"{baseline['accuracy_std']:.4f}, AUC {baseline['auc']:.4f}.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _series_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" if k != "loss.strategy" else
+                     str(row[k]) for k in keys) or "all"
+
+
+def _series_keys(columns: Sequence[str]) -> list[str]:
+    """Overridden keys other than margin, distance and seed: what tells the lines apart."""
+    metric = set(METRIC_COLUMNS)
+    keys = [c for c in columns if c not in metric and c not in ("loss.margin", "loss.distance",
+                                                                "seed")]
+    return [k for k in keys if k != "loss.strategy"] + ["loss.strategy"]
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                  path: pathlib.Path) -> pathlib.Path:
+    """Accuracy against α (log x), one line per strategy, one panel per distance; seeds
+    averaged; collapsed cells marked ×; the pixel baseline dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "ok" and r["accuracy"] is not None]
+    distances = _in_order(r["loss.distance"] for r in rows)
+    keys = _series_keys(columns)
+    labels = _in_order(_series_label(r, keys) for r in rows)
+    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, len(distances), figsize=(5.5 * len(distances), 4.2),
+                             sharey=True, squeeze=False)
+    for ax, distance in zip(axes[0], distances):
+        for label in labels:
+            points = [r for r in done
+                      if r["loss.distance"] == distance and _series_label(r, keys) == label]
+            if not points:
+                continue
+            margins = sorted({r["loss.margin"] for r in points})
+            mean = [_mean(r["accuracy"] for r in points if r["loss.margin"] == m)
+                    for m in margins]
+            ax.plot(margins, mean, "o-", color=colors[label], label=label, lw=1.5, ms=4)
+            collapsed = [(r["loss.margin"], r["accuracy"]) for r in points if r["collapsed"]]
+            if collapsed:
+                ax.plot(*zip(*collapsed), "x", color=colors[label], ms=10, mew=2)
+        baselines = {r["pixel_accuracy"] for r in rows
+                     if r["loss.distance"] == distance and r["pixel_accuracy"] is not None}
+        for baseline in baselines:
+            ax.axhline(baseline, color="gray", ls="--", lw=1)
+        if baselines:
+            ax.text(0.01, min(baselines), " pixels", color="gray", va="bottom",
+                    transform=ax.get_yaxis_transform())
+        ax.set_xscale("log")
+        ax.set_xlabel(f"margin α ({distance} distance)")
+        ax.set_title(f"distance = {distance}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("10-fold verification accuracy")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    handles.append(plt.Line2D([], [], color="k", marker="x", ls="", ms=8, mew=2))
+    names.append("collapsed")
+    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_active_fraction(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                         histories: Mapping[str, Sequence[Mapping[str, Any]]],
+                         path: pathlib.Path) -> pathlib.Path:
+    """Active-triplet fraction over training: a panel per (distance, α), a line per strategy
+    (first seed only)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = _series_keys(columns)
+    labels = _in_order(_series_label(r, keys) for r in rows)
+    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
+    distances = _in_order(r["loss.distance"] for r in rows)
+    margins = sorted({r["loss.margin"] for r in rows})
+    fig, axes = plt.subplots(len(distances), len(margins),
+                             figsize=(2.9 * len(margins) + 1.8, 2.5 * len(distances) + 0.4),
+                             sharex=True, sharey=True, squeeze=False)
+    for i, distance in enumerate(distances):
+        for j, margin in enumerate(margins):
+            ax = axes[i][j]
+            drawn = set()
+            for row in rows:
+                label = _series_label(row, keys)
+                if (row["loss.distance"], row["loss.margin"]) != (distance, margin) or (
+                        label in drawn):
+                    continue
+                history = [h for h in histories.get(row["name"], ())
+                           if h.get("active_fraction") is not None]
+                if history:
+                    drawn.add(label)
+                    ax.plot([h["step"] for h in history],
+                            [h["active_fraction"] for h in history],
+                            color=colors[label], lw=1.3, label=label)
+            ax.set_title(f"{distance}, α={margin:g}", fontsize=9)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if i == len(distances) - 1:
+                ax.set_xlabel("step")
+            if j == 0:
+                ax.set_ylabel("active fraction")
+    handles = [plt.Line2D([], [], color=colors[label], lw=2) for label in labels]
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (2.9 * len(margins) + 1.8), 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _in_order(values: Iterable[Any]) -> list[Any]:
+    """Distinct values in first-seen order (the sweep's own order for legends and panels)."""
+    return list(dict.fromkeys(values))
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running and aggregating (effects).
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(json_safe(dict(payload)), indent=2))
+    os.replace(tmp, path)
+
+
+def plan(sweep: Mapping[str, Any], workdir: pathlib.Path
+         ) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """(name, overrides, command) per cell; loads every cell's config first, so an unknown
+    key or a wrong type fails before anything runs."""
+    workdir = workdir.resolve()
+    planned = []
+    for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
+        try:
+            cell_config(sweep["base"], sweep["common"], cell)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"sweep cell {name} ({cell}): {error}") from error
+        command = train_command(sweep["base"], workdir / name, {**sweep["common"], **cell})
+        planned.append((name, cell, command))
+    return planned
+
+
+def run_cell(command: Sequence[str], cell_dir: pathlib.Path, env: Mapping[str, str] | None
+             ) -> dict[str, Any]:
+    """Runs one train command (stdout+stderr to DIR/CELL/train.log); returns and writes its
+    status record: {"status", "error", "wall_s", "returncode"}."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, *command[1:]]
+    start = time.perf_counter()
+    with (cell_dir / LOG_FILE).open("w") as log:
+        process = subprocess.run(argv, cwd=REPO_ROOT, env=dict(env or os.environ),
+                                 stdout=log, stderr=subprocess.PIPE, text=True)
+        log.write(process.stderr)
+    wall = time.perf_counter() - start
+    if process.returncode == 0 and (cell_dir / EVAL_FILE).exists():
+        record = {"status": "ok", "error": None}
+    elif process.returncode == 0:
+        record = {"status": "crashed",
+                  "error": "the train process exited 0 without writing eval.json"}
+    else:
+        status, error = diagnose_failure(process.returncode, process.stderr)
+        record = {"status": status, "error": error}
+    record.update(wall_s=wall, returncode=process.returncode)
+    _write_json(cell_dir / STATUS_FILE, record)
+    return record
+
+
+def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: bool = False,
+              env: Mapping[str, str] | None = None, out=sys.stdout) -> None:
+    """Runs the unfinished cells one after another, printing progress and an ETA."""
+    planned = plan(sweep, workdir)
+    todo = []
+    for name, _, command in planned:
+        record = _read_json(workdir / name / STATUS_FILE) or {}
+        finished = (workdir / name / EVAL_FILE).exists()
+        failed = record.get("status") in ("crashed", "diverged")
+        if not finished and (rerun_failed or not failed):
+            todo.append((name, command))
+    print(f"sweep {sweep['name']}: {len(planned)} cells, {len(planned) - len(todo)} already "
+          f"finished or failed (skipped), {len(todo)} to run", file=out, flush=True)
+    start, durations = time.perf_counter(), []
+    for i, (name, command) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {name} ...", file=out, flush=True)
+        record = run_cell(command, workdir / name, env)
+        durations.append(record["wall_s"])
+        elapsed = time.perf_counter() - start
+        eta = _mean(durations) * (len(todo) - i)
+        detail = f": {record['error']}" if record["error"] else ""
+        print(f"[{i}/{len(todo)}] {name}: {record['status']} in {record['wall_s']:.0f}s"
+              f"{detail}  (elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+              file=out, flush=True)
+
+
+def baseline_key(config: ml_collections.ConfigDict) -> str:
+    """What the pixel baseline depends on: the data config, the pairs seed, the distance."""
+    plain = to_plain(config)
+    identity = {"data": plain["data"], "seed": plain["seed"],
+                "eval_distance": plain["eval"]["distance"]}
+    return f"{plain['data']['source']}_{_digest(identity)}"
+
+
+def pixel_baseline(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                   ) -> tuple[str, dict[str, Any] | None]:
+    """The raw-pixel baseline of a config's test pairs, computed once per distinct (data,
+    seed, eval distance) and cached as DIR/pixel_baselines/<key>.json."""
+    key = baseline_key(config)
+    path = workdir / BASELINE_DIR / f"{key}.json"
+    cached = _read_json(path)
+    if cached is not None:
+        return key, cached
+    from facenet_jax import evaluate  # local: pulls in the data pipeline and metrics
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = evaluate.evaluate_pixels(config, path)
+    except (OSError, ValueError) as error:
+        print(f"pixel baseline {key} unavailable: {error}", file=sys.stderr)
+        return key, None
+    return key, {k: result[k] for k in ("accuracy", "accuracy_std", "auc")}
+
+
+def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str, Any]]:
+    """Writes DIR/results.csv, DIR/results.md and the plots from whatever the cells hold."""
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows, histories, baselines = [], {}, {}
+    for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
+        cell_dir = workdir / name
+        saved = _read_json(cell_dir / "config.json")
+        config = cell_config(sweep["base"], sweep["common"], cell)
+        plain = saved["config"] if saved else to_plain(config)
+        key, baseline = pixel_baseline(config, workdir)
+        baselines[key] = baseline
+        metrics = read_metrics(cell_dir)
+        histories[name] = [row for row in metrics if "loss" in row]
+        row = result_row(cell, plain, _read_json(cell_dir / EVAL_FILE), metrics,
+                         _read_json(cell_dir / STATUS_FILE),
+                         baseline["accuracy"] if baseline else None)
+        rows.append({"name": name, **row})
+    columns = table_columns(sweep["cells"])
+    write_csv(rows, ["name", *columns], workdir / RESULTS_CSV)
+    write_markdown(sweep, rows, columns, baselines, workdir / RESULTS_MD)
+    if any(row["status"] == "ok" for row in rows):
+        plot_accuracy(rows, columns, workdir / ACCURACY_PLOT)
+        plot_active_fraction(rows, columns, histories, workdir / ACTIVE_PLOT)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", required=True, help="sweep file with get_sweep()")
+    parser.add_argument("--workdir", required=True, help="folder of the cells and results")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--print_commands", action="store_true",
+                      help="print one train command per cell and run nothing")
+    mode.add_argument("--aggregate_only", action="store_true",
+                      help="only rebuild results.csv/results.md/plots from the cell folders")
+    parser.add_argument("--rerun_failed", action="store_true",
+                        help="also re-run cells recorded as crashed or diverged")
+    args = parser.parse_args(argv)
+    sweep = load_sweep(args.sweep)
+    workdir = pathlib.Path(args.workdir).resolve()
+    if args.print_commands:
+        for _, _, command in plan(sweep, workdir):
+            print(shlex.join(command))
+        return
+    if not args.aggregate_only:
+        run_sweep(sweep, workdir, rerun_failed=args.rerun_failed)
+    rows = aggregate(sweep, workdir)
+    ok = sum(row["status"] == "ok" for row in rows)
+    print(f"{ok}/{len(rows)} cells finished; wrote {workdir / RESULTS_MD}, "
+          f"{workdir / RESULTS_CSV}")
+
+
+if __name__ == "__main__":
+    main()

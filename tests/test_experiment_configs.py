@@ -1,0 +1,113 @@
+"""Every config in experiments/ and every sweep in experiments/sweeps/: loads from any working
+directory, validates for 1 and 8 devices (where P allows), says what it reproduces and how to run
+it, and the real-folder configs split their data as their docstrings claim."""
+
+import ast
+import pathlib
+
+import pytest
+
+from facenet_jax import data, losses, sweep
+from facenet_jax.config import flatten, load_config, to_plain, validate_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "experiments").glob("*.py"))
+SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.py"))
+FOLDER_DATA = {"orl.py": "orl_faces", "yaleb.py": "extended_yaleb"}
+ACCELERATOR_CONFIGS = ("casia_webface.py", "vggface2.py")
+
+
+def _docstring(path):
+    return ast.get_docstring(ast.parse(path.read_text())) or ""
+
+
+def test_the_expected_configs_and_sweeps_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"default.py", "orl.py", "yaleb.py", "lfw.py", "casia_webface.py",
+            "vggface2.py"} <= names
+    assert {"default_margin_strategy.py", "yaleb_margin_strategy.py"} <= {p.name for p in SWEEPS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_from_any_cwd_and_validates(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    validate_config(config, num_devices=1)
+    if config.batch.identities % 8 == 0:
+        validate_config(config, num_devices=8)
+    else:
+        with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+            validate_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "default.py"],
+                         ids=lambda p: p.name)
+def test_config_extends_the_default_schema(path):
+    """Same keys as default.py (every key lives there), so CLI overrides mean the same."""
+    default = flatten(to_plain(load_config(REPO / "experiments" / "default.py")))
+    config = flatten(to_plain(load_config(path)))
+    assert set(config) == set(default)
+    assert "default.py" in path.read_text()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_docstring_says_what_where_how_long_and_how(path):
+    doc = _docstring(path)
+    assert "Reproduces" in doc and "Hardware" in doc
+    assert f"python -m facenet_jax.train --config experiments/{path.name}" in doc
+    if path.name in ACCELERATOR_CONFIGS:
+        assert "benchmarks/train_step.py" in doc  # how to measure its time
+
+
+def test_lfw_config_crops_the_centre_and_documents_the_official_pairs():
+    config = load_config(REPO / "experiments" / "lfw.py")
+    assert config.data.source == "folder" and 0 < config.data.center_crop < 1
+    doc = _docstring(REPO / "experiments" / "lfw.py")
+    assert "--config.data.split.exclude_pairs_file=" in doc
+    assert "python -m facenet_jax.evaluate --workdir runs/lfw --data_root" in doc
+    assert "--pairs /data/lfw/pairs.txt" in doc
+
+
+@pytest.mark.parametrize("name", ACCELERATOR_CONFIGS)
+def test_accelerator_configs_use_facenets_batch_and_margin(name):
+    config = load_config(REPO / "experiments" / name)
+    assert (config.batch.identities, config.batch.images_per_identity) == (45, 40)
+    assert (config.loss.margin, config.loss.distance) == (0.2, "squared")
+    assert config.model.name in ("inception_resnet_v1", "resnet50")
+    assert config.data.source == "folder" and config.data.root is None
+    assert config.optimizer.name in ("adagrad", "adam")
+
+
+@pytest.mark.parametrize("name", sorted(FOLDER_DATA))
+def test_folder_configs_default_to_the_shared_data_when_present(name):
+    config = load_config(REPO / "experiments" / name)
+    assert config.data.source == "folder"
+    shared = REPO.parent / "shared" / "data" / FOLDER_DATA[name]
+    assert config.data.root == (str(shared.resolve()) if shared.is_dir() else None)
+
+
+@pytest.mark.parametrize("name, expected", [("orl.py", (24, 4, 12)), ("yaleb.py", (23, 4, 11))])
+def test_folder_configs_split_as_documented(shared_data, name, expected):
+    config = load_config(REPO / "experiments" / name)
+    splits = data.split_dataset(data.load_dataset(config.data), config.data)
+    counts = tuple(splits[s].num_identities for s in ("train", "validation", "test"))
+    assert counts == expected
+    assert f"{expected[0]} train / {expected[1]} validation / {expected[2]} test" in " ".join(
+        _docstring(REPO / "experiments" / name).split())
+    assert config.batch.identities <= expected[0]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_cells_all_load_validate_and_cover_the_issue_grid(path, tmp_path):
+    spec = sweep.load_sweep(path)
+    planned = sweep.plan(spec, tmp_path)
+    assert len(planned) == len(spec["cells"]) == 60
+    grid = set()
+    for cell in spec["cells"]:
+        config = sweep.cell_config(spec["base"], spec["common"], cell)
+        validate_config(config, num_devices=1)
+        grid.add((config.loss.margin, config.loss.strategy, config.loss.distance))
+    assert grid == {(m, s, d) for m in (0.05, 0.1, 0.2, 0.5, 1.0) for s in losses.STRATEGIES
+                    for d in ("squared", "euclidean")}
+    doc = _docstring(path)
+    assert f"python -m facenet_jax.sweep --sweep experiments/sweeps/{path.name}" in doc

@@ -1,0 +1,406 @@
+"""Sweeps: grids, cell names, sweep files, printed commands, skipping, failure records, the
+collapse rule, aggregation from faked cells, and one real two-cell sweep end to end."""
+
+import csv
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from facenet_jax import sweep
+from facenet_jax.config import load_config, to_plain
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "experiments" / "default.py"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=-]+$")
+
+
+def _write_sweep(folder, body):
+    path = folder / "my_sweep.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Grids and names.
+
+
+def test_grid_is_the_product_in_key_order():
+    cells = sweep.grid({"a": [1, 2], "b": ["x", "y", "z"]})
+    assert cells == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"},
+                     {"a": 2, "b": "x"}, {"a": 2, "b": "y"}, {"a": 2, "b": "z"}]
+
+
+def test_grid_seeds_vary_fastest_and_single_axis():
+    assert sweep.grid({"a": [1, 2]}, seeds=[0, 1]) == [
+        {"a": 1, "seed": 0}, {"a": 1, "seed": 1}, {"a": 2, "seed": 0}, {"a": 2, "seed": 1}]
+    assert sweep.grid({"a": [3]}) == [{"a": 3}]
+
+
+@pytest.mark.parametrize("axes", [{"a": []}, {"a": "semihard"}])
+def test_grid_rejects_empty_or_string_axes(axes):
+    with pytest.raises(ValueError, match="axis 'a'"):
+        sweep.grid(axes)
+
+
+def test_cell_name_readable_and_independent_of_key_order():
+    a = {"loss.margin": 0.2, "loss.strategy": "semihard"}
+    b = {"loss.strategy": "semihard", "loss.margin": 0.2}
+    assert sweep.cell_name(a) == sweep.cell_name(b) == "margin-0.2__strategy-semihard"
+    assert sweep.cell_name({}) == "base"
+    assert sweep.cell_name({"optimizer.learning_rate": 1e-05}) == "learning_rate-1e-05"
+
+
+def test_cell_name_uses_full_keys_when_leaves_coincide():
+    name = sweep.cell_name({"seed": 1, "data.split.seed": 2})
+    assert name == "data.split.seed-2__seed-1"
+
+
+def test_cell_name_makes_unsafe_values_safe_and_keeps_them_apart():
+    a = sweep.cell_name({"data.root": "/x/y z"})
+    b = sweep.cell_name({"data.root": "/x/y_z"})
+    assert SAFE_NAME.match(a) and SAFE_NAME.match(b) and a != b
+    assert a.startswith("root-x_y_z_")
+    long_name = sweep.cell_name({f"k{i}": "v" * 20 for i in range(10)})
+    assert len(long_name) <= 120 + 9 and SAFE_NAME.match(long_name)
+
+
+def test_cell_names_unique_even_when_leaves_collide_across_cells():
+    cells = [{"a.x": 1}, {"b.x": 1}, {"a.x": 2}]
+    names = sweep.cell_names(cells)
+    assert len(set(names)) == 3
+    assert names[2] == "x-2"
+    assert names[0].startswith("x-1_") and names[1].startswith("x-1_")
+    assert sweep.cell_names(cells) == names  # stable
+
+
+def test_every_cell_of_the_shipped_sweeps_has_a_unique_safe_name():
+    for path in sorted((REPO / "experiments" / "sweeps").glob("*.py")):
+        names = sweep.cell_names(sweep.load_sweep(path)["cells"])
+        assert len(set(names)) == len(names), path
+        assert all(SAFE_NAME.match(n) and not re.search(r"_[0-9a-f]{8}$", n) for n in names), path
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep files.
+
+
+def test_load_sweep_resolves_base_relative_to_file_then_repo(tmp_path):
+    relative_to_repo = _write_sweep(tmp_path, """
+        def get_sweep():
+            return {"base": "experiments/default.py", "cells": [{"loss.margin": 0.1}]}
+    """)
+    spec = sweep.load_sweep(relative_to_repo)
+    assert spec["base"] == DEFAULT and spec["name"] == "my_sweep" and spec["common"] == {}
+    (tmp_path / "cfg.py").write_text(DEFAULT.read_text())
+    relative_to_file = _write_sweep(tmp_path, """
+        def get_sweep():
+            return {"base": "cfg.py", "cells": [{"loss.margin": 0.1}], "name": "n"}
+    """)
+    spec = sweep.load_sweep(relative_to_file)
+    assert spec["base"] == (tmp_path / "cfg.py").resolve() and spec["name"] == "n"
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"base": "experiments/default.py"}', "missing: \\['cells'\\]"),
+    ('{"base": "experiments/default.py", "cells": [{}], "grid": 1}', "unknown: \\['grid'\\]"),
+    ('{"base": "experiments/default.py", "cells": []}', "no cells"),
+    ('{"base": "nope.py", "cells": [{}]}', "'nope.py' not found"),
+    ('{"base": "experiments/default.py", "cells": [{"seed": 1}, {"seed": 1}]}',
+     "repeat the same overrides"),
+])
+def test_load_sweep_rejects_bad_files(tmp_path, body, message):
+    path = _write_sweep(tmp_path, f"def get_sweep():\n    return {body}\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        sweep.load_sweep(path)
+
+
+def test_plan_rejects_an_unknown_key_before_running(tmp_path):
+    path = _write_sweep(tmp_path, """
+        def get_sweep():
+            return {"base": "experiments/default.py", "cells": [{"loss.margn": 0.1}]}
+    """)
+    with pytest.raises(ValueError, match="loss.margn"):
+        sweep.plan(sweep.load_sweep(path), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --print_commands.
+
+
+def _parse_train_command(line):
+    """Parses a printed line the way the train CLI does (absl + ml_collections flags)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", "facenet_jax.train"]
+    cli = ["train", *argv[3:]]
+    values = flags.FlagValues()
+    # sys_argv: the config flag scans the command line for the override flags it must define.
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=cli)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    values(cli)
+    return values.config, values.workdir
+
+
+def test_print_commands_are_exactly_runnable(tmp_path, capsys):
+    path = _write_sweep(tmp_path, """
+        from facenet_jax.sweep import grid
+        def get_sweep():
+            return {"base": "experiments/default.py",
+                    "common": {"num_steps": 30, "optimizer.decay_boundaries": (0.3, 0.6)},
+                    "cells": grid({"loss.strategy": ["semihard", "all"],
+                                   "loss.margin": [0.05, 1], "loss.soft": [True, False],
+                                   "data.root": ["/a b/c'd"]})}
+    """)
+    spec = sweep.load_sweep(path)
+    sweep.main(["--sweep", str(path), "--workdir", str(tmp_path / "runs"),
+                "--print_commands"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8
+    names = sweep.cell_names(spec["cells"])
+    for line, cell, name in zip(lines, spec["cells"], names):
+        parsed, workdir = _parse_train_command(line)
+        expected = load_config(DEFAULT, {**spec["common"], **cell})
+        assert to_plain(parsed) == to_plain(expected)
+        assert workdir == str((tmp_path / "runs" / name).resolve())
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+# ----------------------------------------------------------------------------------------------
+# Running: skipping, failure records, progress.
+
+
+def _tiny_sweep_file(folder, cells):
+    return _write_sweep(folder, f"""
+        def get_sweep():
+            return {{"base": "experiments/default.py", "cells": {cells!r}}}
+    """)
+
+
+def test_run_sweep_skips_finished_and_failed_cells(tmp_path, monkeypatch):
+    spec = sweep.load_sweep(_tiny_sweep_file(
+        tmp_path, [{"loss.margin": m} for m in (0.1, 0.2, 0.3, 0.4)]))
+    workdir = tmp_path / "runs"
+    names = sweep.cell_names(spec["cells"])
+    (workdir / names[0]).mkdir(parents=True)
+    (workdir / names[0] / "eval.json").write_text("{}")
+    (workdir / names[1]).mkdir()
+    (workdir / names[1] / sweep.STATUS_FILE).write_text(json.dumps({"status": "crashed"}))
+    (workdir / names[2]).mkdir()  # started, never finished (e.g. the sweep was killed)
+    ran = []
+
+    def fake_run_cell(command, cell_dir, env):
+        ran.append(cell_dir.name)
+        return {"status": "ok", "error": None, "wall_s": 1.0, "returncode": 0}
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
+    out = io.StringIO()
+    sweep.run_sweep(spec, workdir, out=out)
+    assert ran == names[2:]
+    text = out.getvalue()
+    assert "4 cells, 2 already finished or failed (skipped), 2 to run" in text
+    assert f"[1/2] {names[2]}: ok in 1s" in text and "ETA" in text
+    ran.clear()
+    sweep.run_sweep(spec, workdir, rerun_failed=True, out=io.StringIO())
+    assert ran == names[1:]
+
+
+@pytest.mark.parametrize("returncode, stderr, status, error", [
+    (1, "Traceback...\nfacenet_jax.train.NonFiniteLossError: non-finite loss (nan) at step 7\n",
+     "diverged", "facenet_jax.train.NonFiniteLossError: non-finite loss (nan) at step 7"),
+    (1, "Traceback...\nValueError: data.root missing\n\n", "crashed",
+     "ValueError: data.root missing"),
+    (-9, "", "crashed", "killed by signal 9; exit status -9 with no error output"),
+])
+def test_diagnose_failure(returncode, stderr, status, error):
+    assert sweep.diagnose_failure(returncode, stderr) == (status, error)
+
+
+def test_run_cell_records_a_real_crash(tmp_path):
+    cell_dir = tmp_path / "cell"
+    command = sweep.train_command(DEFAULT, cell_dir, {"data.source": "folder"})
+    record = sweep.run_cell(command, cell_dir, env=None)
+    assert record["status"] == "crashed" and record["returncode"] == 1
+    assert "data.root" in record["error"] and record["wall_s"] > 0
+    saved = json.loads((cell_dir / sweep.STATUS_FILE).read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert "Traceback" in (cell_dir / sweep.LOG_FILE).read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# The collapse rule.
+
+
+def _rows(losses, spreads):
+    return [{"step": 10 * (i + 1), "loss": loss, "embedding_spread": spread}
+            for i, (loss, spread) in enumerate(zip(losses, spreads))]
+
+
+@pytest.mark.parametrize("losses, spreads, margin, soft, expected", [
+    ([0.2, 0.2, 0.2], [1.0, 1.0, 1.0], 0.2, False, True),            # loss pinned at α
+    ([0.20019, 0.19981, 0.2], [1.0, 1.0, 1.0], 0.2, False, True),    # within 1e-3·α
+    ([0.2003, 0.2, 0.2], [1.0, 1.0, 1.0], 0.2, False, False),        # one row 1.5e-3·α off
+    ([0.05, 0.04, 0.03], [1e-4, 5e-4, 9e-4], 0.2, False, True),      # spread gone
+    ([0.05, 0.04, 0.03], [1e-4, 2e-3, 9e-4], 0.2, False, False),     # one row spread
+    ([0.2, 0.2, 0.2, 0.1], [1.0, 1.0, 1.0, 1.0], 0.2, False, False),  # recovered at the end
+    ([0.1, 0.2, 0.2, 0.2], [1.0, 1.0, 1.0, 1.0], 0.2, False, True),   # only the last 3 count
+    ([math.log(2)] * 3, [1.0] * 3, 0.2, True, True),                  # soft: ln 2
+    ([0.2] * 3, [1.0] * 3, 0.2, True, False),                         # soft ignores α
+    ([0.0] * 3, [1.0] * 3, 0.0, False, False),                        # α = 0: no pinned value
+    ([0.5], [1.0], 0.5, False, True),                                 # fewer rows than window
+])
+def test_collapse_rule(losses, spreads, margin, soft, expected):
+    assert sweep.is_collapsed(_rows(losses, spreads), margin=margin, soft=soft) is expected
+
+
+def test_collapse_rule_without_rows_is_unknown():
+    assert sweep.is_collapsed([], margin=0.2, soft=False) is None
+    assert sweep.is_collapsed([{"step": 1, "loss": None}], margin=0.2, soft=False) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation from faked cells.
+
+
+def _fake_cell(cell_dir, *, accuracy=None, losses=(), spreads=(), active=(), status=None):
+    cell_dir.mkdir(parents=True)
+    rows = [{"step": 25 * (i + 1), "loss": l, "embedding_spread": s, "active_fraction": a}
+            for i, (l, s, a) in enumerate(zip(losses, spreads, active))]
+    rows.insert(1, {"step": 25, "eval/accuracy": 0.5})  # eval rows have no "loss"
+    (cell_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if accuracy is not None:
+        (cell_dir / "eval.json").write_text(json.dumps(
+            {"accuracy": accuracy, "accuracy_std": 0.01, "val@far=1e-3": accuracy / 2,
+             "auc": accuracy + 0.01}))
+    if status is not None:
+        (cell_dir / sweep.STATUS_FILE).write_text(json.dumps(status))
+
+
+@pytest.fixture
+def faked_sweep(tmp_path):
+    cells = [{"loss.strategy": s, "loss.margin": m}
+             for s in ("semihard", "hardest") for m in (0.1, 0.5)]
+    spec = sweep.load_sweep(_tiny_sweep_file(tmp_path, cells))
+    workdir = tmp_path / "runs"
+    names = sweep.cell_names(cells)
+    _fake_cell(workdir / names[0], accuracy=0.9, losses=(0.3, 0.05, 0.04, 0.03),
+               spreads=(1.5, 1.2, 1.1, 1.0), active=(0.8, 0.4, 0.3, 0.2),
+               status={"status": "ok", "error": None, "wall_s": 42.0})
+    _fake_cell(workdir / names[1], accuracy=0.92, losses=(0.6, 0.4, 0.3, 0.2),
+               spreads=(1.5, 1.3, 1.2, 1.1), active=(0.9, 0.7, 0.6, 0.5))
+    _fake_cell(workdir / names[2], accuracy=0.5, losses=(0.1, 0.1, 0.1, 0.1),  # collapsed
+               spreads=(0.3, 1e-4, 1e-5, 1e-6), active=(1.0, 1.0, 1.0, 1.0),
+               status={"status": "ok", "error": None, "wall_s": 40.0})
+    _fake_cell(workdir / names[3], losses=(0.6,), spreads=(1.0,), active=(0.9,),
+               status={"status": "crashed", "error": "RuntimeError: out of memory",
+                       "wall_s": 5.0})
+    key = sweep.baseline_key(sweep.cell_config(spec["base"], {}, cells[0]))
+    (workdir / sweep.BASELINE_DIR).mkdir()
+    (workdir / sweep.BASELINE_DIR / f"{key}.json").write_text(json.dumps(
+        {"accuracy": 0.61, "accuracy_std": 0.02, "auc": 0.66}))
+    return spec, workdir, names
+
+
+def test_aggregate_rows_columns_and_statuses(faked_sweep):
+    spec, workdir, names = faked_sweep
+    rows = sweep.aggregate(spec, workdir)
+    with (workdir / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["name", "loss.strategy", "loss.margin", "loss.distance",
+                              *sweep.METRIC_COLUMNS]
+    assert [r["name"] for r in table] == names
+    assert [r["status"] for r in table] == ["ok", "ok", "ok", "crashed"]
+    assert [r["collapsed"] for r in table] == ["False", "False", "True", "False"]
+    assert table[0]["loss.distance"] == "squared" and table[0]["accuracy"] == "0.9"
+    assert table[0]["final_active_fraction"] == "0.2" and table[0]["wall_s"] == "42.0"
+    assert table[1]["wall_s"] == ""  # run elsewhere: no record of its time
+    assert table[3]["accuracy"] == "" and table[3]["error"] == "RuntimeError: out of memory"
+    assert {r["pixel_accuracy"] for r in table} == {"0.61"}
+    assert rows[2]["final_embedding_spread"] == 1e-6
+    md = (workdir / "results.md").read_text()
+    assert "4 cells: 3 finished, 1 crashed, 0 diverged, 0 not run" in md
+    assert "| 0.9000 ± 0.0100 |" in md and "**yes**" in md and "out of memory" in md
+    assert "Pixel baseline" in md and "0.6100 ± 0.0200" in md
+    for plot in (sweep.ACCURACY_PLOT, sweep.ACTIVE_PLOT):
+        assert (workdir / plot).stat().st_size > 10_000
+
+
+def test_aggregate_only_cli_and_pending_cells(faked_sweep, tmp_path):
+    spec, workdir, names = faked_sweep
+    for name in names[1:]:
+        for file in (workdir / name).iterdir():
+            file.unlink()
+    sweep.main(["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(workdir),
+                "--aggregate_only"])
+    with (workdir / "results.csv").open() as f:
+        statuses = [r["status"] for r in csv.DictReader(f)]
+    assert statuses == ["ok", "pending", "pending", "pending"]
+
+
+def test_aggregate_without_any_finished_cell_writes_tables_but_no_plots(tmp_path):
+    spec = sweep.load_sweep(_tiny_sweep_file(tmp_path, [{"loss.margin": 0.1}]))
+    workdir = tmp_path / "runs"
+    key = sweep.baseline_key(sweep.cell_config(spec["base"], {}, {"loss.margin": 0.1}))
+    (workdir / sweep.BASELINE_DIR).mkdir(parents=True)
+    (workdir / sweep.BASELINE_DIR / f"{key}.json").write_text(
+        json.dumps({"accuracy": 0.6, "accuracy_std": 0.0, "auc": 0.6}))
+    rows = sweep.aggregate(spec, workdir)
+    assert rows[0]["status"] == "pending" and rows[0]["collapsed"] is None
+    assert (workdir / "results.md").exists() and not (workdir / sweep.ACCURACY_PLOT).exists()
+
+
+def test_baseline_key_depends_on_data_seed_and_distance_only():
+    base = load_config(DEFAULT)
+    key = sweep.baseline_key(base)
+    assert sweep.baseline_key(load_config(DEFAULT, {"loss.margin": 0.5})) == key
+    for override in ({"data.image_size": 16}, {"seed": 3}, {"eval.distance": "cosine"}):
+        assert sweep.baseline_key(load_config(DEFAULT, override)) != key
+
+
+# ----------------------------------------------------------------------------------------------
+# A real two-cell sweep (subprocesses on one CPU device).
+
+TINY = {"num_steps": 6, "log_every": 2, "eval_every": 6, "checkpoint_every": 6,
+        "data.image_size": 16, "data.synthetic.num_identities": 40,
+        "data.synthetic.images_per_identity": 6, "batch.identities": 8,
+        "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 20,
+        "eval.batch_size": 64, "model.embedding_dim": 16, "optimizer.warmup_steps": 2}
+
+
+def test_real_two_cell_sweep_end_to_end(tmp_path):
+    path = _write_sweep(tmp_path, f"""
+        def get_sweep():
+            return {{"base": "experiments/default.py", "common": {TINY!r},
+                    "cells": [{{"loss.strategy": "semihard"}}, {{"loss.strategy": "hardest"}}]}}
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "facenet_jax.sweep", "--sweep", str(path), "--workdir",
+               str(tmp_path / "runs")]
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "[1/2] strategy-semihard: ok" in first.stdout
+    assert "[2/2] strategy-hardest: ok" in first.stdout
+    with (tmp_path / "runs" / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["status"] for r in table] == ["ok", "ok"]
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and float(r["wall_s"]) > 0 for r in table)
+    assert all(r["pixel_accuracy"] != "" for r in table)
+    assert len(list((tmp_path / "runs" / sweep.BASELINE_DIR).glob("*.json"))) == 1
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "2 already finished or failed (skipped), 0 to run" in second.stdout
