@@ -22,8 +22,8 @@ def get_sweep() -> dict:
     return {
         "name": "default_margin_strategy",
         "base": "../default.py",
-        "common": {"num_steps": 300, "log_every": 25, "eval_every": 300,
-                   "checkpoint_every": 300, "optimizer.warmup_steps": 30},
+        "common": {"num_steps": 200, "log_every": 20, "eval_every": 200,
+                   "checkpoint_every": 200, "optimizer.warmup_steps": 20},
         "cells": grid({"loss.distance": DISTANCES, "loss.strategy": STRATEGIES,
                        "loss.margin": MARGINS}),
     }
