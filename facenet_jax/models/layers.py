@@ -1,4 +1,4 @@
-"""Pieces every encoder shares: input checks, BatchNorm with global statistics, the embedding head."""
+"""What every encoder shares: input checks, BatchNorm with global statistics, the embedding head."""
 
 from __future__ import annotations
 
