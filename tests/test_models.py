@@ -85,7 +85,8 @@ def test_parameter_counts_match_published_architectures():
 
     torchvision resnet18/34/50 have 11,689,512 / 21,797,672 / 25,557,032 parameters including
     a 1000-way fc (in_features·1000 + 1000). Ours: a 3×3 stem instead of 7×7
-    (-(49-9)·3·64 = -7,680), a strided stage 1 that needs a 1×1 projection + BN in the basic-block nets (+64·64 + 128),
+    (-(49-9)·3·64 = -7,680), a strided stage 1 that needs a 1×1 projection + BN in the
+    basic-block nets (+64·64 + 128),
     BN on the pooled features (+2·C) and a 128-d linear head (C·128 + 128).
     """
     def expected(torchvision_total, features, basic_block):
