@@ -1,0 +1,485 @@
+"""Evaluation metrics: LFW-protocol verification, ROC, retrieval and one-shot identification.
+
+Pure numpy (float64 inside); inputs are numpy arrays, outputs plain Python numbers. DESIGN §2.
+
+Verification (pairs with fold ids): a pair is accepted as "same" iff its distance is ≤ the
+threshold. Every threshold search is exact: the candidates are one value below every distance
+(accepts nothing) and each distinct distance (accepts every pair at or below it), found with one
+sort and cumulative counts, O(M log M) per fold.
+
+- `verification_kfold`: per held fold, the threshold maximising accuracy on the other folds; among
+  equally accurate thresholds the *smallest* (a distance that occurs, so an achievable boundary);
+  accuracy on the held fold. Mean and population std (ddof=0, as np.std in the facenet/insightface
+  LFW scripts; not the standard error) over folds, all folds weighted equally.
+- `val_at_far`: per held fold, the *largest* threshold whose false-accept rate on the other folds
+  is ≤ the target: just below (np.nextafter towards -inf) the smallest training different-pair
+  distance at which the FAR would pass the target. It always exists (at worst just below every
+  different-pair distance: no different pair accepted) and is never forced to 0.
+- `roc_curve`, `roc_auc`, `equal_error_rate` over all pairs.
+
+Retrieval and identification (embeddings with identity labels), chunked over queries so memory
+is O(chunk_size × N), never N × N:
+
+- `retrieval_metrics`: Recall@K, R-precision, MAP@R (Musgrave, Belongie, Lim 2020, "A Metric
+  Learning Reality Check"); each query against all other items.
+- `oneshot_identification`: one enrolment image per identity, every other image a probe.
+
+Neighbours at equal distance are ranked by index (retrieval: the candidate's row; identification:
+the gallery identity's label), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from facenet_jax.losses.distances import check_distance
+
+# Squared norms below this count as zero for the cosine distance (as in losses.distances): a zero
+# vector's cosine with anything is 0, i.e. distance 1.
+_TINY_SQUARED_NORM = 1e-12
+VAL_FAR_TARGETS = {"1e-3": 1e-3, "1e-2": 1e-2}
+RETRIEVAL_KS = (1, 5, 10)
+ONESHOT_KS = (1, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (clear errors before any long work).
+
+
+def _finite_vector(values: Any, name: str, length: int | None = None) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D [M], got shape {array.shape}")
+    if length is not None and len(array) != length:
+        raise ValueError(f"{name} has {len(array)} entries but is_same/labels have {length}")
+    bad = np.flatnonzero(~np.isfinite(array))
+    if len(bad):
+        raise ValueError(f"{name} has {len(bad)} non-finite values (first at index {bad[0]}: "
+                         f"{array[bad[0]]}); NaN/inf usually means the embeddings diverged: "
+                         "check the training loss and the checkpoint")
+    return array
+
+
+def _bool_vector(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.dtype != bool:
+        if array.size and not np.isin(array, (0, 1)).all():
+            raise ValueError(f"{name} must be boolean (or 0/1), got values {np.unique(array)}")
+        array = array.astype(bool)
+    return array
+
+
+def _int_vector(values: Any, name: str, length: int) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1 or len(array) != length:
+        raise ValueError(f"{name} must be 1-D with {length} entries, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _check_pairs(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray]:
+    """float64 distances [M] and bool is_same [M]; both kinds of pair must be present."""
+    same = _bool_vector(is_same, "is_same")
+    d = _finite_vector(distances, "distances", len(same))
+    if same.all() or not same.any():
+        kind = "same" if len(same) and same.all() else "different"
+        raise ValueError(f"all {len(same)} pairs are {kind}-identity pairs; verification needs "
+                         "both same and different pairs")
+    return d, same
+
+
+def _check_folds(folds: Any, length: int) -> np.ndarray:
+    folds = _int_vector(folds, "folds", length)
+    if len(np.unique(folds)) < 2:
+        raise ValueError("k-fold verification needs at least 2 distinct fold ids in `folds`, got "
+                         f"{np.unique(folds).tolist()}")
+    return folds
+
+
+def _check_embeddings(embeddings: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """float64 embeddings [N,D] (finite) and int64 labels [N]."""
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [N,D], got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        rows = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        raise ValueError(f"embeddings rows {rows[:5].tolist()} (of {len(rows)} bad rows) are not "
+                         "finite; the model diverged or the checkpoint is broken")
+    return emb, _int_vector(labels, "labels", len(emb))
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    return tuple(int(k) for k in ks)
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distances.
+
+
+def _distance_from_parts(squared_a: np.ndarray, squared_b: np.ndarray, dots: np.ndarray,
+                         distance: str) -> np.ndarray:
+    """The distance from ||a||², ||b||² and a·b (any broadcastable shapes)."""
+    if distance == "cosine":
+        norms = np.sqrt(np.maximum(squared_a, _TINY_SQUARED_NORM) *
+                        np.maximum(squared_b, _TINY_SQUARED_NORM))
+        return np.clip(1.0 - dots / norms, 0.0, 2.0)
+    squared = np.maximum(squared_a + squared_b - 2.0 * dots, 0.0)  # rounding can go below 0
+    return np.sqrt(squared) if distance == "euclidean" else squared
+
+
+def _distances_between(queries: np.ndarray, candidates: np.ndarray, distance: str) -> np.ndarray:
+    """float64 queries [C,D], candidates [N,D] -> [C,N]."""
+    return _distance_from_parts(np.sum(queries**2, axis=1)[:, None],
+                                np.sum(candidates**2, axis=1)[None, :],
+                                queries @ candidates.T, distance)
+
+
+def pair_distances(embeddings: Any, first: Any, second: Any, distance: str) -> np.ndarray:
+    """Distances of pairs: embeddings [N,D], first [M], second [M] row indices -> float64 [M].
+
+    distance: "squared" (||a − b||²), "euclidean" (||a − b||) or "cosine" (1 − cos(a, b)).
+    """
+    check_distance(distance)
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [N,D], got shape {emb.shape}")
+    first = np.asarray(first)
+    first = _int_vector(first, "pair_first", len(first))
+    second = _int_vector(second, "pair_second", len(first))
+    for name, index in (("pair_first", first), ("pair_second", second)):
+        if index.size and (index.min() < 0 or index.max() >= len(emb)):
+            raise ValueError(f"{name} indexes rows [{index.min()}, {index.max()}] but there are "
+                             f"{len(emb)} embeddings; the pairs belong to another dataset")
+    a, b = emb[first], emb[second]
+    return _distance_from_parts(np.sum(a * a, axis=1), np.sum(b * b, axis=1),
+                                np.sum(a * b, axis=1), distance)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification over pairs.
+
+
+def _threshold_sweep(distances: np.ndarray, is_same: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every achievable decision boundary and the pairs it accepts.
+
+    distances [M] float64, is_same [M] bool -> thresholds [T], accepted_same [T],
+    accepted_different [T] (int counts of pairs with distance ≤ threshold), T = distinct + 1:
+    first a value just below every distance (accepts nothing), then the distinct distances
+    ascending. O(M log M).
+    """
+    values, inverse = np.unique(distances, return_inverse=True)
+    same_counts = np.bincount(inverse[is_same], minlength=len(values))
+    different_counts = np.bincount(inverse[~is_same], minlength=len(values))
+    thresholds = np.concatenate([[np.nextafter(values[0], -np.inf)], values])
+    zero = np.zeros(1, dtype=np.int64)
+    return (thresholds, np.concatenate([zero, np.cumsum(same_counts)]),
+            np.concatenate([zero, np.cumsum(different_counts)]))
+
+
+def _best_accuracy_threshold(distances: np.ndarray, is_same: np.ndarray) -> float:
+    """The smallest threshold maximising accuracy on these pairs (exact search)."""
+    thresholds, accepted_same, accepted_different = _threshold_sweep(distances, is_same)
+    correct = accepted_same + (accepted_different[-1] - accepted_different)
+    return float(thresholds[np.argmax(correct)])  # argmax: the first (smallest) maximiser
+
+
+def _largest_threshold_within_far(distances: np.ndarray, is_same: np.ndarray,
+                                  far_target: float) -> float:
+    """The largest threshold with FAR ≤ far_target on these pairs (needs a different pair)."""
+    thresholds, _, accepted_different = _threshold_sweep(distances, is_same)
+    far = accepted_different / accepted_different[-1]
+    first_over = np.argmax(far > far_target)  # exists: far[-1] = 1 > far_target
+    return float(np.nextafter(thresholds[first_over], -np.inf))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population std (ddof=0) over the defined (non-NaN) values."""
+    defined = np.asarray(values, dtype=np.float64)
+    defined = defined[~np.isnan(defined)]
+    return float(defined.mean()), float(defined.std())
+
+
+def _rate(accepted: np.ndarray) -> float:
+    """Fraction of True in a bool array; NaN when it is empty (the rate is undefined)."""
+    return float(accepted.mean()) if accepted.size else float("nan")
+
+
+def verification_kfold(distances: Any, is_same: Any, folds: Any) -> dict[str, Any]:
+    """LFW-protocol k-fold verification accuracy.
+
+    distances [M], is_same [M] bool, folds [M] int (≥ 2 distinct ids). For each fold id (sorted),
+    the threshold is the smallest one maximising accuracy on the pairs of all *other* folds
+    (searched exactly, see the module docstring); a pair is "same" iff distance ≤ threshold; the
+    accuracy is measured on the held fold.
+
+    Returns accuracy (mean of fold accuracies), accuracy_std (population std, ddof=0), threshold
+    (mean of the chosen thresholds), fold_accuracies and fold_thresholds (lists, sorted fold id
+    order), num_folds.
+    """
+    d, same = _check_pairs(distances, is_same)
+    folds = _check_folds(folds, len(d))
+    fold_ids = np.unique(folds)
+    accuracies, thresholds = [], []
+    for fold in fold_ids:
+        held = folds == fold
+        threshold = _best_accuracy_threshold(d[~held], same[~held])
+        accuracies.append(_rate((d[held] <= threshold) == same[held]))
+        thresholds.append(threshold)
+    accuracy, accuracy_std = _mean_std(accuracies)
+    return {"accuracy": accuracy, "accuracy_std": accuracy_std,
+            "threshold": float(np.mean(thresholds)), "fold_accuracies": accuracies,
+            "fold_thresholds": thresholds, "num_folds": len(fold_ids)}
+
+
+def val_at_far(distances: Any, is_same: Any, folds: Any, far_target: float) -> dict[str, Any]:
+    """VAL (true-accept rate) at a false-accept-rate target, LFW-style over folds.
+
+    distances [M], is_same [M] bool, folds [M] int, far_target in [0, 1). Per held fold: the
+    largest threshold whose FAR on the other folds is ≤ far_target (just below the smallest
+    training different-pair distance at which the FAR would pass the target; never 0 as a
+    fallback), then on the held fold the TAR (VAL: accepted same pairs / same pairs) and the
+    actual FAR (accepted different pairs / different pairs).
+
+    Returns val, val_std, far, far_std (mean and population std over the folds where the rate is
+    defined: a fold with no same pair has no VAL, one with no different pair no FAR), threshold
+    (mean), fold_vals, fold_fars (NaN where undefined), fold_thresholds.
+    """
+    if not 0.0 <= far_target < 1.0:
+        raise ValueError(f"far_target must be in [0, 1), got {far_target}")
+    d, same = _check_pairs(distances, is_same)
+    folds = _check_folds(folds, len(d))
+    vals, fars, thresholds = [], [], []
+    for fold in np.unique(folds):
+        held = folds == fold
+        if same[~held].all():
+            raise ValueError(f"the folds other than fold {fold} hold no different-identity "
+                             "pair, so their FAR is undefined; spread different pairs over "
+                             "every fold (e.g. data.generate_pairs)")
+        threshold = _largest_threshold_within_far(d[~held], same[~held], far_target)
+        accepted = d[held] <= threshold
+        vals.append(_rate(accepted[same[held]]))
+        fars.append(_rate(accepted[~same[held]]))
+        thresholds.append(threshold)
+    val, val_std = _mean_std(vals)
+    far, far_std = _mean_std(fars)
+    return {"val": val, "val_std": val_std, "far": far, "far_std": far_std,
+            "threshold": float(np.mean(thresholds)), "fold_vals": vals, "fold_fars": fars,
+            "fold_thresholds": thresholds}
+
+
+def roc_curve(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC over all pairs at every achievable threshold.
+
+    distances [M], is_same [M] bool -> far [T], tar [T], thresholds [T] (ascending; T = number of
+    distinct distances + 1). thresholds[0] is just below every distance (far = tar = 0); the last
+    is the largest distance (far = tar = 1). far = accepted different / different pairs, tar =
+    accepted same / same pairs, "accepted" meaning distance ≤ threshold.
+    """
+    d, same = _check_pairs(distances, is_same)
+    thresholds, accepted_same, accepted_different = _threshold_sweep(d, same)
+    return (accepted_different / accepted_different[-1], accepted_same / accepted_same[-1],
+            thresholds)
+
+
+def roc_auc(distances: Any, is_same: Any) -> float:
+    """Area under the ROC (trapezoids between achievable thresholds; a tie between a same and a
+    different pair counts one half), equal to sklearn.metrics.roc_auc_score(is_same, -distances).
+    """
+    far, tar, _ = roc_curve(distances, is_same)
+    return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1]) / 2.0))
+
+
+def equal_error_rate(distances: Any, is_same: Any) -> tuple[float, float]:
+    """(eer, threshold) where FAR = FRR (= 1 − TAR) on the ROC polyline.
+
+    Between the two consecutive achievable thresholds where FAR − FRR changes sign, FAR, FRR and
+    the threshold are interpolated linearly (exact at a threshold where they are equal).
+    """
+    far, tar, thresholds = roc_curve(distances, is_same)
+    gap = far - (1.0 - tar)  # rises from -1 (accept nothing) to +1 (accept all)
+    i = int(np.argmax(gap >= 0.0))
+    if gap[i] == 0.0:
+        return float(far[i]), float(thresholds[i])
+    weight = -gap[i - 1] / (gap[i] - gap[i - 1])
+    eer = far[i - 1] + weight * (far[i] - far[i - 1])
+    threshold = thresholds[i - 1] + weight * (thresholds[i] - thresholds[i - 1])
+    return float(eer), float(threshold)
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval and one-shot identification (chunked over queries).
+
+
+def _nearest_in_order(d: np.ndarray, k: int) -> np.ndarray:
+    """The k nearest columns of each row ordered by (distance, column index).
+
+    d [C,N] float64 (k ≤ N; +inf marks excluded columns, which never rank before finite ones)
+    -> int [C,k]. O(C·N) selection (np.partition) plus a sort of the rows' candidates only.
+    """
+    kth = np.partition(d, k - 1, axis=1)[:, k - 1:k]
+    rows, cols = np.nonzero(d <= kth)  # ≥ k per row; more where distances tie the k-th
+    order = np.lexsort((cols, d[rows, cols], rows))
+    cols = cols[order]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(d)))[:-1]])
+    return cols[starts[:, None] + np.arange(k)]
+
+
+def has_retrieval_queries(labels: Any) -> bool:
+    """Whether some identity has ≥ 2 images (so retrieval has a query and one-shot a probe)."""
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    return bool((counts >= 2).any())
+
+
+def retrieval_metrics(embeddings: Any, labels: Any, *, distance: str = "squared",
+                      ks: Sequence[int] = RETRIEVAL_KS, chunk_size: int = 1024
+                      ) -> dict[str, Any]:
+    """Recall@K, R-precision and MAP@R with every item as a query against all the others.
+
+    embeddings [N,D], labels [N] int. For a query, R = number of *other* items of its label;
+    queries with R = 0 are excluded (counted in num_excluded_queries) but stay candidates for
+    the others. Each query's candidates are all N − 1 other items, ranked by distance, ties by
+    row index. Per query, averaged over queries:
+    - recall@k: 1 if any of the min(k, N − 1) nearest has the query's label (Song et al. 2016);
+    - r_precision: (same-label items among the R nearest) / R;
+    - map@r: (1/R) Σ_{i ≤ R} P(i)·rel(i), P(i) = precision among the i nearest, rel(i) = 1 if the
+      i-th nearest has the query's label (Musgrave et al. 2020).
+    Memory O(chunk_size × N) (queries in chunks).
+    """
+    check_distance(distance)
+    ks = _check_ks(ks)
+    _check_chunk_size(chunk_size)
+    emb, labels = _check_embeddings(embeddings, labels)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    relevant_counts = counts[inverse] - 1  # R per item
+    queries = np.flatnonzero(relevant_counts > 0)
+    if not len(queries):
+        raise ValueError(f"no identity among the {len(labels)} items has a second image, so "
+                         "retrieval has no query; evaluate a split with ≥ 2 images per identity")
+    hits = {k: 0 for k in ks}
+    r_precision_sum = map_sum = 0.0
+    for start in range(0, len(queries), chunk_size):
+        chunk = queries[start:start + chunk_size]
+        d = _distances_between(emb[chunk], emb, distance)
+        d[np.arange(len(chunk)), chunk] = np.inf  # a query is not its own neighbour
+        r = relevant_counts[chunk]
+        depth = min(len(emb) - 1, max(max(ks), int(r.max())))
+        neighbours = _nearest_in_order(d, depth)
+        relevant = labels[neighbours] == labels[chunk][:, None]  # [C, depth]
+        for k in ks:
+            hits[k] += int(relevant[:, :k].any(axis=1).sum())
+        within_r = np.arange(depth)[None, :] < r[:, None]
+        relevant_in_r = relevant & within_r
+        r_precision_sum += float(np.sum(relevant_in_r.sum(axis=1) / r))
+        precision_at = np.cumsum(relevant, axis=1) / np.arange(1, depth + 1)
+        map_sum += float(np.sum((precision_at * relevant_in_r).sum(axis=1) / r))
+    num_queries = len(queries)
+    result: dict[str, Any] = {f"recall@{k}": hits[k] / num_queries for k in ks}
+    result.update({"r_precision": r_precision_sum / num_queries, "map@r": map_sum / num_queries,
+                   "num_queries": num_queries,
+                   "num_excluded_queries": int(len(labels) - num_queries)})
+    return result
+
+
+def enrolment_indices(labels: Any, seed: int) -> np.ndarray:
+    """One enrolment row per identity: labels [N] int -> [G] rows, in ascending label order.
+
+    The enrolled image of an identity is its first row in np.random.default_rng(seed)
+    .permutation(N) (uniform over its images, deterministic in seed and N).
+    """
+    labels = np.asarray(labels)
+    permutation = np.random.default_rng(seed).permutation(len(labels))
+    _, first = np.unique(labels[permutation], return_index=True)
+    return permutation[first]
+
+
+def oneshot_identification(embeddings: Any, labels: Any, *, distance: str = "squared",
+                           seed: int = 0, ks: Sequence[int] = ONESHOT_KS,
+                           chunk_size: int = 1024) -> dict[str, Any]:
+    """Closed-set one-shot identification: top-k accuracy of probes against one image per
+    identity.
+
+    embeddings [N,D], labels [N] int. The gallery holds one image per identity (see
+    `enrolment_indices`); every other image is a probe. Identities with a single image enrol
+    (and compete as wrong answers) but give no probe. A probe scores a top-k hit when its own
+    identity's enrolment image ranks among the k nearest gallery images, ties in distance ranked
+    by identity label. Returns oneshot_top{k} for each k, num_probes, num_gallery. Memory
+    O(chunk_size × G).
+    """
+    check_distance(distance)
+    ks = _check_ks(ks)
+    _check_chunk_size(chunk_size)
+    emb, labels = _check_embeddings(embeddings, labels)
+    gallery = enrolment_indices(labels, seed)
+    gallery_labels = labels[gallery]  # ascending
+    probes = np.setdiff1d(np.arange(len(labels)), gallery)
+    if not len(probes):
+        raise ValueError(f"every one of the {len(labels)} images is its identity's only image, "
+                         "so there is no probe; evaluate a split with ≥ 2 images per identity")
+    hits = {k: 0 for k in ks}
+    gallery_position = np.arange(len(gallery))[None, :]
+    for start in range(0, len(probes), chunk_size):
+        chunk = probes[start:start + chunk_size]
+        d = _distances_between(emb[chunk], emb[gallery], distance)  # [C, G]
+        true_position = np.searchsorted(gallery_labels, labels[chunk])[:, None]
+        d_true = np.take_along_axis(d, true_position, axis=1)
+        rank = np.sum((d < d_true) | ((d == d_true) & (gallery_position < true_position)),
+                      axis=1)
+        for k in ks:
+            hits[k] += int(np.sum(rank < k))
+    result: dict[str, Any] = {f"oneshot_top{k}": hits[k] / len(probes) for k in ks}
+    result.update({"num_probes": int(len(probes)), "num_gallery": int(len(gallery))})
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything eval.json reports.
+
+
+def evaluate_embeddings(embeddings: Any, labels: Any, pair_first: Any, pair_second: Any,
+                        is_same: Any, folds: Any, *, distance: str = "squared",
+                        include_identification: bool = True) -> dict[str, Any]:
+    """All eval.json metrics from embeddings [N,D], labels [N] and pairs (first [M], second [M]
+    row indices, is_same [M], folds [M]).
+
+    Keys: accuracy, accuracy_std, threshold, val@far=1e-3, val@far=1e-3_std, far@far=1e-3 (and
+    the same three for 1e-2), auc, eer, num_pairs, num_folds; with include_identification and
+    some identity with ≥ 2 images also recall@1, recall@5, recall@10, r_precision, map@r,
+    oneshot_top1, oneshot_top5 (seed 0). Rates are fractions in [0, 1]; values are plain Python
+    floats and ints.
+    """
+    check_distance(distance)
+    emb, labels = _check_embeddings(embeddings, labels)
+    d = pair_distances(emb, pair_first, pair_second, distance)
+    verification = verification_kfold(d, is_same, folds)
+    result: dict[str, Any] = {key: verification[key]
+                              for key in ("accuracy", "accuracy_std", "threshold")}
+    for name, target in VAL_FAR_TARGETS.items():
+        val = val_at_far(d, is_same, folds, target)
+        result.update({f"val@far={name}": val["val"], f"val@far={name}_std": val["val_std"],
+                       f"far@far={name}": val["far"]})
+    result["auc"] = roc_auc(d, is_same)
+    result["eer"] = equal_error_rate(d, is_same)[0]
+    result["num_pairs"] = int(len(d))
+    result["num_folds"] = verification["num_folds"]
+    if include_identification and has_retrieval_queries(labels):
+        retrieval = retrieval_metrics(emb, labels, distance=distance, ks=RETRIEVAL_KS)
+        oneshot = oneshot_identification(emb, labels, distance=distance, ks=ONESHOT_KS)
+        result.update({key: retrieval[key] for key in
+                       (*(f"recall@{k}" for k in RETRIEVAL_KS), "r_precision", "map@r")})
+        result.update({f"oneshot_top{k}": oneshot[f"oneshot_top{k}"] for k in ONESHOT_KS})
+    return result
