@@ -1,13 +1,16 @@
 """α × mining strategy × distance on the default synthetic data (experiments/default.py).
 
-5 margins × 6 strategies × 2 distances = 60 cells, one seed. Sized to run within about an hour
-on the 2-core CPU: each cell is the default run shortened to `num_steps` below (compile and
-evaluation included in each cell's wall time; see experiments/results/default_margin_strategy/).
+5 margins × 6 strategies × 2 distances = 60 cells, one seed, each the default run shortened to
+200 steps (`common`; the cosine schedule still decays to 0 within them). Sized so this sweep and
+the Yale B one run back to back in about 2 hours on this project's 2-core CPU shared with other
+jobs: a cell takes about 40–60 s there, start-up, data, compile and evaluation included (the
+measured time of every cell is the wall_s column of
+experiments/results/default_margin_strategy/results.md).
 
         python -m facenet_jax.sweep --sweep experiments/sweeps/default_margin_strategy.py \
             --workdir runs/sweeps/default_margin_strategy
 
-For the full-length version, drop the `common` num_steps and add seeds=(0, 1, 2) to the grid.
+With more time: drop `common` (the full 1,200-step runs) and pass seeds=(0, 1, 2) to `grid`.
 `base` is relative to this file.
 """
 
