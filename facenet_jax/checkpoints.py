@@ -2,17 +2,33 @@
 
 Saves are synchronous: orbax writes into a temporary folder and renames it when complete, so a
 process killed mid-save leaves the previous checkpoints intact and the torn folder is removed
-at the next start. Restore walks back from the newest step when one fails to load.
+at the next start. Restore walks back from the newest step when one fails to load; when the
+resumed run reaches such a step again, the unreadable folder is moved to
+DIR/unreadable_checkpoints/ (kept for inspection, never deleted) before the new save.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import pathlib
+import shutil
+import time
 import warnings
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+UNREADABLE_DIR = "unreadable_checkpoints"
+# Headroom over the raw array bytes for orbax's metadata files (measured: ~52 KB per save).
+_METADATA_BYTES = 1 << 16
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the step and what is still intact."""
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -27,9 +43,53 @@ def make_manager(workdir: str | pathlib.Path, *, max_to_keep: int,
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+def latest_step(workdir: str | pathlib.Path) -> int | None:
+    """The newest complete checkpoint's step in DIR (not restored: cheap, no arrays read)."""
+    if not checkpoint_dir(workdir).is_dir():
+        return None
+    return make_manager(workdir, max_to_keep=1, read_only=True).latest_step()
+
+
+def checkpoint_bytes(state: Any) -> int:
+    """About how many bytes one checkpoint of `state` takes on disk (arrays + metadata).
+
+    The leaves may be arrays or `jax.ShapeDtypeStruct`s (from `jax.eval_shape`), so the check
+    can run before anything is computed.
+    """
+    return _METADATA_BYTES + sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+                                 for leaf in jax.tree.leaves(state))
+
+
+def check_free_space(workdir: str | pathlib.Path, state: Any) -> None:
+    """OSError when DIR cannot hold one more checkpoint of `state` (arrays or shapes)."""
+    needed = checkpoint_bytes(state)
+    free = shutil.disk_usage(pathlib.Path(workdir)).free
+    if free < needed:
+        raise OSError(
+            f"workdir {workdir} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
+            f"{needed / 2**20:.1f} MiB (keep_checkpoints of them are kept); free space there "
+            "or choose another --workdir")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    """Writes step's checkpoint; CheckpointSaveError (naming what is intact) if it fails.
+
+    Any folder already at a step >= `step` is one that failed to restore (the run resumed from
+    the newest loadable checkpoint below it): it is moved aside first, so orbax neither refuses
+    the step nor keeps the broken folder in place of a good one when pruning old steps.
+    """
+    _set_aside(manager, [s for s in manager.all_steps() if s >= step])
+    try:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - orbax raises ValueError, OSError, ...
+        manager.reload()
+        intact = manager.all_steps()
+        raise CheckpointSaveError(
+            f"could not write the checkpoint of step {step} to {manager.directory} "
+            f"({_first_line(error)}). Checkpoints still intact: {intact or 'none'}. Free space "
+            "or fix permissions there, then re-run the same command to resume from the newest "
+            "of them") from error
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int] | None:
@@ -44,7 +104,8 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
             state = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as error:  # noqa: BLE001 - any failure means: try the previous one
             message = (f"checkpoint at step {step} in {manager.directory} failed to restore "
-                       f"({type(error).__name__}: {str(error)[:300]}); trying the previous one")
+                       f"({type(error).__name__}: {_first_line(error)}); trying the previous "
+                       "one")
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             logging.warning(message)
             continue
@@ -54,3 +115,23 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
             f"none of the checkpoints {steps} in {manager.directory} could be restored; move "
             "the folder aside to start afresh")
     return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves the given step folders to DIR/unreadable_checkpoints/ (process 0 moves)."""
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        aside = pathlib.Path(manager.directory).parent / UNREADABLE_DIR
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            shutil.move(pathlib.Path(manager.directory) / str(step), target)
+            logging.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+    ocp.multihost.sync_global_processes(f"facenet_jax_set_aside_{'_'.join(map(str, steps))}")
+    manager.reload()
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]

@@ -170,6 +170,15 @@ def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
             f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
 
 
+def _check_num_steps(workdir: pathlib.Path, num_steps: int) -> None:
+    """A resumed run may not ask for fewer steps than its newest checkpoint already holds."""
+    reached = checkpoints.latest_step(workdir)
+    if reached is not None and reached > num_steps:
+        raise ValueError(
+            f"config.num_steps={num_steps} is below the step {reached} this workdir already "
+            f"reached; pass --config.num_steps >= {reached}")
+
+
 def _fault_injection_step() -> int | None:
     """FACENET_JAX_KILL_AFTER_STEP=s makes the process SIGKILL itself after step s (and its
     checkpoint, if one is due): the fault tests use it to kill at an exact point."""
@@ -246,26 +255,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     validate_config(config, num_devices=mesh.size)
     _prepare_workdir(workdir, is_writer)
     _check_resume_config(workdir, config)
+    _check_num_steps(workdir, config.num_steps)
+    model = build_model(config, bn_axis_name=AXIS)
+    tx, schedule = build_optimizer(config)
+    if is_writer:  # from the state's shapes alone: before loading data or compiling
+        checkpoints.check_free_space(
+            workdir, jax.eval_shape(lambda: create_train_state(config, model, tx)))
 
     dataset = data.load_dataset(config.data)
     splits = data.split_dataset(dataset, config.data)
+    evaluate.generated_pairs(config, splits["test"])  # a too-small test split fails now
     sampler = data.PKSampler(
         splits["train"], identities=config.batch.identities,
         images_per_identity=config.batch.images_per_identity, seed=config.seed,
         num_shards=mesh.size, augment=config.data.augment)
 
-    model = build_model(config, bn_axis_name=AXIS)
-    tx, schedule = build_optimizer(config)
     state = parallel.put_replicated(create_train_state(config, model, tx), mesh)
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
     restored = checkpoints.restore_latest(manager, state)
     start_step = 0
     if restored is not None:
         state, start_step = restored
-        if start_step > config.num_steps:
-            raise ValueError(
-                f"config.num_steps={config.num_steps} is below the step {start_step} this "
-                f"workdir already reached; pass --config.num_steps >= {start_step}")
         logging.info("resumed from step %d", start_step)
     if is_writer:
         truncate_metrics(workdir, start_step)
@@ -321,6 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             if done % config.log_every == 0 or done == config.num_steps:
                 flush_logs(done)
             if validation_pairs is not None and done % config.eval_every == 0:
+                flush_logs(done)  # a non-finite loss is reported as such, before evaluating
                 result = evaluate.evaluate_dataset(embed, state.variables, validation,
                                                    validation_pairs,
                                                    distance=config.eval.distance)
