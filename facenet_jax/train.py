@@ -179,6 +179,15 @@ def _check_num_steps(workdir: pathlib.Path, num_steps: int) -> None:
             f"reached; pass --config.num_steps >= {reached}")
 
 
+def _check_enough_identities(dataset: data.Dataset) -> None:
+    """Training needs 2 identities and the test split 2 more, whatever the split fractions."""
+    if dataset.num_identities < 4:
+        raise ValueError(
+            f"the dataset holds {dataset.num_identities} identities ({dataset.identity_names}) "
+            "with 2 or more images; training needs at least 2 and the held-out test split 2 "
+            "more: add identities (folders root/<identity>/<image>) or check data.root")
+
+
 def _fault_injection_step() -> int | None:
     """FACENET_JAX_KILL_AFTER_STEP=s makes the process SIGKILL itself after step s (and its
     checkpoint, if one is due): the fault tests use it to kill at an exact point."""
@@ -263,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             workdir, jax.eval_shape(lambda: create_train_state(config, model, tx)))
 
     dataset = data.load_dataset(config.data)
+    _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
     evaluate.generated_pairs(config, splits["test"])  # a too-small test split fails now
     sampler = data.PKSampler(

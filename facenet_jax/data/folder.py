@@ -41,7 +41,8 @@ def decode_image(path: str | pathlib.Path, image_size: int,
         with Image.open(path) as img:
             img.load()  # decode now, so truncated files fail here
             return _preprocess(img, image_size, center_crop)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+            ValueError) as error:
         raise BadImageError(f"cannot decode image {path}: {error}. Fix or remove the file, or "
                             "set data.skip_bad_files=True (skip_bad_files=True) to skip "
                             "unreadable files with a log line each") from error
