@@ -183,9 +183,10 @@ def _check_enough_identities(dataset: data.Dataset) -> None:
     """Training needs 2 identities and the test split 2 more, whatever the split fractions."""
     if dataset.num_identities < 4:
         raise ValueError(
-            f"the dataset holds {dataset.num_identities} identities ({dataset.identity_names}) "
-            "with 2 or more images; training needs at least 2 and the held-out test split 2 "
-            "more: add identities (folders root/<identity>/<image>) or check data.root")
+            f"the dataset holds {dataset.num_identities} usable identities "
+            f"({dataset.identity_names}; those below data.min_images_per_identity are "
+            "dropped); training needs at least 2 and the held-out test split 2 more: add "
+            "identities (folders root/<identity>/<image>) or check data.root")
 
 
 def _fault_injection_step() -> int | None:
