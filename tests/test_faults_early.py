@@ -126,7 +126,7 @@ def _truncated_jpeg(root):
 @pytest.mark.parametrize("make_folder, overrides, error, match", [
     (_truncated_jpeg, {}, data.BadImageError, r"person_03/bad.jpg.*skip_bad_files"),
     (lambda root: _face_folder(root, 1, images=6), {}, ValueError,
-     r"holds 1 usable identities \(\['person_00'\]\).*add identities"),
+     r"holds 1 usable identities \(\['person_00'\];.*add identities"),
     (lambda root: _face_folder(root, 24), {"batch.identities": 24}, ValueError,
      r"batch.identities \(P\) = 24 exceeds the 20 trainable"),
 ], ids=["truncated_jpeg", "one_identity", "more_identities_than_exist"])
