@@ -117,6 +117,22 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
     return None
 
 
+def read_arrays(workdir: str | pathlib.Path, step: int) -> dict[str, np.ndarray]:
+    """Every array of step's checkpoint as host numpy, keyed by its tree path ("params/...").
+
+    Needs no config, model or devices (no target structure): for comparing two runs bit for
+    bit, e.g. a run killed and resumed many times against an uninterrupted one.
+    """
+    path = checkpoint_dir(workdir) / str(step) / "default"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no complete checkpoint of step {step} at {path}")
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    arrays = ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args)
+    return {jax.tree_util.keystr(key, simple=True, separator="/"): value
+            for key, value in jax.tree.leaves_with_path(arrays)}
+
+
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Moves the given step folders to DIR/unreadable_checkpoints/ (process 0 moves)."""
     if not steps:

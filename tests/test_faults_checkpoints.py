@@ -114,3 +114,12 @@ def test_latest_step_and_checkpoint_bytes(tmp_path):
     assert checkpoints.checkpoint_bytes(_state(1.0)) == 13 * 4 + (1 << 16)
     sizes = [p.stat().st_size for p in (_ckpt(tmp_path) / "8").rglob("*") if p.is_file()]
     assert sum(sizes) <= checkpoints.checkpoint_bytes(_state(1.0))  # the estimate is enough
+
+
+def test_read_arrays_returns_every_leaf_by_path(tmp_path):
+    _saved(tmp_path, [5])
+    arrays = checkpoints.read_arrays(tmp_path, 5)
+    assert sorted(arrays) == ["step", "w"]
+    assert arrays["w"].shape == (3, 4) and (arrays["w"] == 5.0).all() and arrays["step"] == 5
+    with pytest.raises(FileNotFoundError, match="step 6"):
+        checkpoints.read_arrays(tmp_path, 6)
