@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,24 +23,78 @@ from jax.sharding import PartitionSpec as P
 
 AXIS = "batch"
 
-_CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-                     "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+# Set by hand for a launch without a cluster manager, with JAX's own JAX_COORDINATOR_ADDRESS
+# (JAX 0.10 reads only that one from the environment; this module reads the other two).
+NUM_PROCESSES_VAR, PROCESS_ID_VAR = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def distributed_init_kwargs(distributed: bool, environ: Mapping[str, str]
+                            ) -> dict[str, Any] | None:
+    """What to pass to `jax.distributed.initialize`, or None to stay a single process.
+
+    Multi-process when `distributed` is set, when JAX_COORDINATOR_ADDRESS is set (a hand
+    launch: then JAX_NUM_PROCESSES and JAX_PROCESS_ID are required), or when a cluster manager
+    that JAX detects by itself reports more than one process (Slurm under srun, Open MPI's
+    mpirun, a multi-host TPU slice). Arguments missing here are left to JAX's own detection. A
+    one-task Slurm allocation or a single mpirun rank stays a single process: it has nothing
+    to coordinate, and an initialize there would only wait on a coordinator.
+    """
+    coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
+    given = {name: environ.get(name) for name in (NUM_PROCESSES_VAR, PROCESS_ID_VAR)}
+    if coordinator and not (all(given.values()) or _managed_cluster_size(environ) > 1):
+        missing = [name for name, value in given.items() if not value]
+        raise ValueError(
+            f"JAX_COORDINATOR_ADDRESS={coordinator} is set but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: set {NUM_PROCESSES_VAR} (the process "
+            f"count) and {PROCESS_ID_VAR} (0 … count-1, a different one per process), or unset "
+            "JAX_COORDINATOR_ADDRESS for a single-process run")
+    if not (distributed or coordinator or _managed_cluster_size(environ) > 1):
+        return None
+    kwargs: dict[str, Any] = {}
+    for key, name in (("num_processes", NUM_PROCESSES_VAR), ("process_id", PROCESS_ID_VAR)):
+        if given[name]:
+            try:
+                kwargs[key] = int(given[name])
+            except ValueError:
+                raise ValueError(f"{name}={given[name]!r} is not an integer") from None
+    if coordinator:
+        kwargs["coordinator_address"] = coordinator
+    return kwargs
+
+
+def _managed_cluster_size(environ: Mapping[str, str]) -> int:
+    """Process count announced by Slurm (srun), Open MPI or a multi-host TPU slice; else 1."""
+    if environ.get("SLURM_STEP_NODELIST") and environ.get("SLURM_NTASKS"):
+        return int(environ["SLURM_NTASKS"])
+    if environ.get("OMPI_MCA_orte_hnp_uri") and environ.get("OMPI_COMM_WORLD_SIZE"):
+        return int(environ["OMPI_COMM_WORLD_SIZE"])
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+    return max(len([h for h in hosts.split(",") if h]), 1)
 
 
 def maybe_initialize_distributed(distributed: bool) -> None:
-    """Calls `jax.distributed.initialize()` when asked to or when a cluster is detected.
+    """Calls `jax.distributed.initialize(...)` when `distributed_init_kwargs` says so.
 
-    With `distributed=False` and none of the usual cluster variables set, it does nothing, so a
-    single-process run never waits on a coordinator. Must run before any other JAX call.
+    Must run before any other JAX call that touches a device. Afterwards `jax.devices()` lists
+    every process's devices (the mesh spans them all) and `jax.process_index()` tells this
+    process which rows of each global batch to load.
     """
     if jax.distributed.is_initialized():
         return
-    cluster = any(os.environ.get(name) for name in _CLUSTER_ENV_VARS)
-    if distributed or cluster:
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                     jax.process_index(), jax.process_count(), jax.local_device_count(),
-                     jax.device_count())
+    kwargs = distributed_init_kwargs(distributed, os.environ)
+    if kwargs is None:
+        return
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as error:
+        raise ValueError(
+            f"jax.distributed.initialize failed ({error}). Outside Slurm, Open MPI and TPU "
+            f"slices, set JAX_COORDINATOR_ADDRESS=host:port (of process 0), "
+            f"{NUM_PROCESSES_VAR} and {PROCESS_ID_VAR} in every process, or set "
+            "config.parallel.distributed=False for a single-process run") from error
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
