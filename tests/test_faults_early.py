@@ -70,6 +70,21 @@ def _state_shapes(config):
         config, model, train.build_optimizer(config)[0]))
 
 
+@pytest.mark.parametrize("override, match", [
+    ({"loss.margin": -0.2}, "margin"),
+    ({"loss.strategy": "semi-hard"}, "semihard, semihard_facenet"),
+    ({"model.name": "resnet19"}, "resnet18"),
+    ({"batch.identities": 12}, r"not divisible by the 8 devices.*P = 8 or 16"),
+    ({"batch.images_per_identity": 1}, r"K\) = 1.*images_per_identity >= 2"),
+])
+def test_bad_config_stops_before_the_workdir_or_compiling(tmp_path, monkeypatch, compiles,
+                                                          override, match):
+    _no_data_loading(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(_config(**override), tmp_path / "run")
+    assert compiles == [] and not (tmp_path / "run").exists()
+
+
 def test_disk_without_room_for_one_checkpoint_is_clear_before_data(tmp_path, monkeypatch,
                                                                      compiles):
     _no_data_loading(monkeypatch)
