@@ -4,6 +4,7 @@ it, and the real-folder configs split their data as their docstrings claim."""
 
 import ast
 import pathlib
+import runpy
 
 import pytest
 
@@ -98,16 +99,22 @@ def test_folder_configs_split_as_documented(shared_data, name, expected):
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
-def test_sweep_cells_all_load_validate_and_cover_the_issue_grid(path, tmp_path):
+def test_sweep_cells_all_load_validate_and_cover_their_grid(path, tmp_path):
+    """Every cell is a valid config; the cells are exactly MARGINS × STRATEGIES × DISTANCES of
+    the file, with every strategy of facenet_jax.losses and α always set with its distance."""
     spec = sweep.load_sweep(path)
+    axes = runpy.run_path(str(path))
     planned = sweep.plan(spec, tmp_path)
-    assert len(planned) == len(spec["cells"]) == 60
+    assert len(planned) == len(spec["cells"])
     grid = set()
     for cell in spec["cells"]:
+        assert {"loss.margin", "loss.distance"} <= set(cell)
         config = sweep.cell_config(spec["base"], spec["common"], cell)
         validate_config(config, num_devices=1)
         grid.add((config.loss.margin, config.loss.strategy, config.loss.distance))
-    assert grid == {(m, s, d) for m in (0.05, 0.1, 0.2, 0.5, 1.0) for s in losses.STRATEGIES
-                    for d in ("squared", "euclidean")}
+    assert set(axes["STRATEGIES"]) == set(losses.STRATEGIES)
+    assert grid == {(m, s, d) for m in axes["MARGINS"] for s in axes["STRATEGIES"]
+                    for d in axes["DISTANCES"]}
+    assert len(grid) == len(spec["cells"])
     doc = _docstring(path)
     assert f"python -m facenet_jax.sweep --sweep experiments/sweeps/{path.name}" in doc
