@@ -4,10 +4,14 @@ synthetic generator's images/s; the raw-pixel verification baseline of synthetic
 difficulty; and a grid of sample faces.
 
     python benchmarks/input_pipeline.py [--folder PATH] [--steps 50]
+    python benchmarks/input_pipeline.py --train_step_overhead [--overhead_steps 10]
 
-Writes benchmarks/results/input_pipeline.json and benchmarks/results/synthetic_faces.png.
-(The train step's time with real input against a fixed batch is measured by
-`measure_train_step_input_overhead()`, added with the train step.)
+The first writes benchmarks/results/input_pipeline.json and benchmarks/results/synthetic_faces.png.
+The second (`measure_train_step_input_overhead()`) times the train step fed by the real input
+pipeline, as facenet_jax.train feeds it (P×K sampler + augmentation in a background thread, then
+each batch put on the devices one step ahead), against the same compiled step on one fixed
+device batch, and writes benchmarks/results/input_pipeline_train_step.json. A ratio near 1 means
+the host input overlaps the compute.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import train_step as train_step_benchmark  # noqa: E402
 from facenet_jax import data  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -43,6 +48,58 @@ def sampler_throughput(dataset: data.Dataset, identities: int, images_per_identi
     for _ in data.prefetch((sampler.batch(s) for s in range(1, steps + 1)), 4):
         pass
     return steps / (time.perf_counter() - start)
+
+
+def measure_train_step_input_overhead(model: str = "small_cnn", image_size: int = IMAGE_SIZE,
+                                      layouts: tuple[tuple[int, int], ...] = LAYOUTS,
+                                      devices: int = 1, steps: int = 10, rounds: int = 2,
+                                      prefetch: int = 4) -> list[dict]:
+    """Per P×K: seconds per train step fed by the real pipeline vs by one fixed device batch.
+
+    The real feed is `facenet_jax.train._device_batches` itself (sampler over synthetic faces,
+    the default augmentation, `prefetch` host batches ahead, device put one step ahead); the
+    step is the one `benchmarks/train_step.py` builds, compiled once and shared by both feeds.
+    Feeds alternate for `rounds` rounds of `steps` steps and the fastest round of each counts
+    (a shared CPU's load then falls on neither alone). Also reports the host alone (batches/s
+    through `prefetch`, no compute) for scale. Rows: P, K, fixed_step_s, real_input_step_s,
+    ratio (real / fixed), host_batch_s.
+    """
+    train_step_benchmark.force_host_devices(devices)
+    import jax
+
+    from facenet_jax.train import _device_batches
+
+    faces = data.load_synthetic(max(p for p, _ in layouts) + 15, max(k for _, k in layouts),
+                                image_size, 1.0, seed=0)
+    augment = {"crop_padding": 2, "flip": True}
+    rows = []
+    for p, k in layouts:
+        step, state, images, labels, _, _ = train_step_benchmark.build_step(
+            model, image_size, p, k, devices, "float32", "semihard")
+        mesh = images.sharding.mesh
+        sampler = data.PKSampler(faces, identities=p, images_per_identity=k, seed=0,
+                                 num_shards=devices, augment=augment)
+        state, _ = train_step_benchmark.time_steps(step, state, images, labels, 1)  # compile
+        fixed = real = float("inf")
+        for r in range(rounds):
+            state, seconds = train_step_benchmark.time_steps(step, state, images, labels, steps)
+            fixed = min(fixed, seconds)
+            batches = _device_batches(sampler, mesh, range(r * steps, (r + 1) * steps),
+                                      prefetch)
+            start = time.perf_counter()
+            for batch_images, batch_labels in batches:
+                state, metrics = step(state, batch_images, batch_labels)
+            jax.block_until_ready((state, metrics))
+            real = min(real, (time.perf_counter() - start) / steps)
+        host = 1.0 / sampler_throughput(faces, p, k, steps)
+        rows.append({"P": p, "K": k, "model": model, "image_size": image_size,
+                     "devices": devices, "steps": steps, "rounds": rounds,
+                     "prefetch": prefetch, "fixed_step_s": fixed, "real_input_step_s": real,
+                     "ratio": real / fixed, "host_batch_s": host})
+        print(f"{model} {image_size}px P×K={p}×{k}: fixed batch {1000 * fixed:.1f} ms/step, "
+              f"real input {1000 * real:.1f} ms/step (×{real / fixed:.2f}); host alone "
+              f"{1000 * host:.1f} ms/batch", flush=True)
+    return rows
 
 
 def generated_folder(root: pathlib.Path, identities: int = 60, per_identity: int = 40) -> None:
@@ -88,8 +145,20 @@ def main() -> None:
                         help="an image folder to time (default: ORL if present) besides a "
                         "generated one")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--train_step_overhead", action="store_true",
+                        help="only measure the train step fed by the real pipeline vs a fixed "
+                        "batch (writes input_pipeline_train_step.json)")
+    parser.add_argument("--overhead_steps", type=int, default=10,
+                        help="train steps per timing round of --train_step_overhead")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    if args.train_step_overhead:
+        rows = measure_train_step_input_overhead(steps=args.overhead_steps)
+        report = {"python": platform.python_version(),
+                  "host": train_step_benchmark.host_description(), "rows": rows}
+        (RESULTS / "input_pipeline_train_step.json").write_text(
+            json.dumps(report, indent=2) + "\n")
+        return
     results: dict = {"python": platform.python_version(), "image_size": IMAGE_SIZE,
                      "augment": {"crop_padding": 2, "flip": True}, "steps": args.steps}
 

@@ -1,0 +1,71 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run, write valid JSON, measure what
+they claim (bf16 requested with float32 params, both loss-share methods), reject bad input.
+No timing is asserted (timings belong in benchmarks/results)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import input_pipeline, train_step  # noqa: E402
+
+
+def test_train_step_benchmark_writes_a_row_per_setting(tmp_path):
+    output = tmp_path / "train_step.json"
+    train_step.main(["--models", "small_cnn", "--batches", "4x2", "--devices", "2",
+                     "--dtypes", "bfloat16", "--image_size", "16", "--steps", "1",
+                     "--rounds", "1", "--share", "both", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["platform"] == "cpu" and report["host"]["cpu_count"] >= 1
+    (row,) = report["rows"]
+    assert (row["model"], row["P"], row["K"], row["batch"], row["devices"], row["dtype"]) == (
+        "small_cnn", 4, 2, 8, 2, "bfloat16")
+    # bf16 compute, float32 parameters: the program asks for bf16 convolutions only.
+    assert row["param_dtypes"] == ["float32"]
+    assert set(row["conv_dtypes"]["requested"]) == {"bf16"}
+    assert sum(row["conv_dtypes"]["compiled"].values()) > 0
+    for key in ("compile_s", "step_s", "loss_alone_s", "linear_loss_step_s",
+                "flops_per_device_step"):
+        assert row[key] > 0, key
+    assert row["images_per_s"] == pytest.approx(8 / row["step_s"])
+    assert row["loss_share_alone"] == pytest.approx(row["loss_alone_s"] / row["step_s"])
+    assert row["loss_share_difference"] == pytest.approx(
+        1 - row["linear_loss_step_s"] / row["step_s"])
+    assert row["mfu"] is None  # no peak FLOP/s for a CPU
+
+
+def test_conv_dtypes_reads_stablehlo_and_compiled_hlo():
+    lowered = ("%3 = stablehlo.convolution(%1, %2) dim_numbers = [b, 0, 1, f] : "
+               "(tensor<8x16x16x3xbf16>, tensor<3x3x3x16xbf16>) -> tensor<8x8x8x16xbf16>")
+    compiled = ("%conv.1 = f32[8,8,8,16]{3,2,1,0} convolution(%a, %b), window={size=3x3}\n"
+                "%cudnn.2 = (bf16[8,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call(%c, %d), "
+                'window={size=3x3}, custom_call_target="__cudnn$convForward"\n'
+                "%add.3 = f32[8]{0} add(%e, %f)")
+    assert train_step.conv_dtypes(lowered, compiled) == {
+        "requested": {"bf16": 1}, "compiled": {"f32": 1, "bf16": 1}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "32"], "bad P×K"),
+    (["--batches", "6x4", "--devices", "4"], "cannot be split over 4 devices"),
+    (["--dtypes", "float16"], "unknown dtype"),
+    (["--models", "vgg"], "unknown model"),
+])
+def test_train_step_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        train_step.parse_args(argv)
+    assert message in str(error.value) + capsys.readouterr().err
+
+
+def test_input_overhead_times_both_feeds():
+    (row,) = input_pipeline.measure_train_step_input_overhead(
+        image_size=16, layouts=((4, 2),), devices=2, steps=2, rounds=1, prefetch=2)
+    assert (row["P"], row["K"], row["devices"], row["steps"]) == (4, 2, 2, 2)
+    for key in ("fixed_step_s", "real_input_step_s", "host_batch_s"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert row["ratio"] == pytest.approx(row["real_input_step_s"] / row["fixed_step_s"])
