@@ -9,8 +9,10 @@ killed with SIGKILL again and again, each time at a moment drawn (seeded) from:
               the loop's time with checkpoint_every=2, so many of these land mid-save too);
   from_start  a uniform random delay after the process starts (imports, restore, compile, ...),
 and restarted with the same command. After the last kill it runs to completion. Recorded for
-each kill: the moment, the delay, the newest complete checkpoint, whether a torn (temporary)
-save was left behind, and the step the next start resumed from (parsed from its log). Checked:
+each kill: the moment, the delay, the newest complete checkpoint, whether it cut a checkpoint
+write short (the killed process's log shows the write started and not finished, and the step's
+folder is not complete), the temporary folders present, and the step the next start resumed
+from (parsed from its log). Checked:
 every restart resumes from the newest complete checkpoint, no torn save survives a restart,
 metrics.jsonl holds every step exactly once, and the final checkpoint equals the reference's
 bit for bit (every array: parameters, BatchNorm statistics, optimiser state, step, key).
@@ -61,7 +63,8 @@ class Kill:
     delay_s: float
     logged_step: int               # newest step in metrics.jsonl when killed
     complete_before: int | None    # newest complete checkpoint when killed
-    torn_left: list[str]           # temporary (torn) save folders left by the kill
+    mid_save: int | None           # the step whose checkpoint write the kill cut off
+    torn_left: list[str]           # temporary (torn) save folders present after the kill
     # The step the next start restored (0: it started afresh), None if that start was itself
     # killed before it got that far.
     resumed_from: int | None = None
@@ -118,6 +121,15 @@ def restored_step(log_text: str) -> int | None:
     if found:
         return int(found[-1])
     return 0 if re.search(r"step \d+/\d+", log_text) else None
+
+
+def interrupted_save(log_text: str) -> int | None:
+    """The step whose checkpoint write a log shows started and not finished (checkpoints.save
+    logs both), else None."""
+    started = re.findall(r"writing the checkpoint of step (\d+)", log_text)
+    if started and f"checkpoint of step {started[-1]} complete" not in log_text:
+        return int(started[-1])
+    return None
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float, poll: float) -> bool:
@@ -202,7 +214,9 @@ def run_with_kills(workdir: pathlib.Path, moments: Sequence[str], *, num_steps: 
             return {"kills": kills, "final_returncode": 0, "restarts": index,
                     "final_resumed_from": restored_step(log_path.read_text())}
         complete = complete_steps(workdir)
+        cut = interrupted_save(log_path.read_text())
         kills.append(Kill(moment=moment, delay_s=round(delay, 4),
+                          mid_save=cut if cut not in complete else None,
                           logged_step=max(logged_steps(workdir), default=0),
                           complete_before=complete[-1] if complete else None,
                           torn_left=torn_saves(workdir)))
@@ -240,7 +254,7 @@ def check(result: dict[str, Any], workdir: pathlib.Path, reference: pathlib.Path
     return {
         "kills": len(kills),
         "kills_by_moment": {m: sum(k.moment == m for k in kills) for m in MOMENTS},
-        "kills_mid_save": sum(bool(k.torn_left) for k in kills),
+        "kills_mid_save": sum(k.mid_save is not None for k in kills),
         "kills_before_first_checkpoint": sum(k.complete_before is None for k in kills),
         "resumes": sum(bool(k.resumed_from) for k in kills),
         "restarts_killed_before_restoring": sum(k.resumed_from is None for k in kills),

@@ -79,9 +79,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     the step nor keeps the broken folder in place of a good one when pruning old steps.
     """
     _set_aside(manager, [s for s in manager.all_steps() if s >= step])
+    # Both lines bracket the write: a log that ends between them was cut off mid-save.
+    logging.info("writing the checkpoint of step %d", step)
     try:
         manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
+        logging.info("checkpoint of step %d complete", step)
     except Exception as error:  # noqa: BLE001 - orbax raises ValueError, OSError, ...
         manager.reload()
         intact = manager.all_steps()
