@@ -178,20 +178,13 @@ def test_saved_state_and_evaluation_match(runs):
     assert single_step == multi_step == NUM_STEPS
     assert jax.tree.structure(single) == jax.tree.structure(multi)
     # params, BN statistics, Adam moments, step and rng: the whole train state.
-    for path, a in jax.tree_util.tree_leaves_with_path(single):
-        b = _lookup(multi, path)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single), jax.tree.leaves(multi)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))
     single_eval = json.loads((single_dir / "eval.json").read_text())
     multi_eval = json.loads((multi_dir / "eval.json").read_text())
     for key in ("accuracy", "auc", "eer", "recall@1", "map@r", "oneshot_top1", "num_pairs"):
         assert multi_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
-
-
-def _lookup(tree, path):
-    for entry in path:
-        tree = tree[entry.idx if hasattr(entry, "idx") else entry.key]
-    return tree
 
 
 def test_only_process_zero_writes_logs(runs):
