@@ -25,11 +25,14 @@ last checkpoint). Results go to DIR/results.csv, DIR/results.md and the PNG plot
 Collapse rule (`is_collapsed`): over the last `COLLAPSE_WINDOW` training log rows (each the mean
 of `log_every` steps), either
 - every row has embedding_spread (mean pairwise distance of the batch, in the loss's distance)
-  below `COLLAPSE_SPREAD_OF_MARGIN` × α (hinge; at least `COLLAPSE_SPREAD`) or below
-  `COLLAPSE_SPREAD` (soft margin): with the batch's distances around α/10 or less, a typical
-  triplet costs about α whatever its faces, so the embedding has given up separating them and
-  the loss only sees α (a 200-step batch-hard run of experiments/default.py measured here
-  ended at spread α/36, loss 0.75% above α); or
+  below the larger of
+  * the spread of points `COLLAPSE_RADIUS` = 0.1 apart on the unit sphere (about 6°): 0.01
+    squared, 0.1 euclidean, 0.005 cosine, the same geometry in each distance; trained or not,
+    unit-norm embeddings of different faces sit O(1) apart (0.3–2 squared here), and
+  * α/10 (hinge only): with the batch's distances around α/10 or less, a typical triplet costs
+    about α whatever its faces, so the loss only sees α;
+  a 200-step batch-hard run of experiments/default.py measured here ended at spread 0.0055
+  squared (radius ≈ 0.07), identical for α = 0.05, 0.2 and 1.0; or
 - every row has its loss within `COLLAPSE_LOSS_RTOL` × pinned of the pinned value, where
   pinned = α for the hinge (all distances 0 ⇒ every triplet costs exactly α) and ln 2 with the
   soft margin (softplus(0)).
@@ -75,7 +78,7 @@ METRIC_COLUMNS = ("accuracy", "accuracy_std", "val@far=1e-3", "auc", "final_loss
                   "final_active_fraction", "final_embedding_spread", "collapsed", "wall_s",
                   "status", "error", "pixel_accuracy")
 COLLAPSE_WINDOW = 3
-COLLAPSE_SPREAD = 1e-3
+COLLAPSE_RADIUS = 0.1
 COLLAPSE_SPREAD_OF_MARGIN = 0.1
 COLLAPSE_LOSS_RTOL = 1e-2
 _MAX_NAME = 120
@@ -221,15 +224,15 @@ def _duplicates(items: Iterable[str]) -> list[str]:
 # Collapse and result rows (pure).
 
 
-def is_collapsed(train_rows: Sequence[Mapping[str, Any]], *, margin: float, soft: bool
-                 ) -> bool | None:
+def is_collapsed(train_rows: Sequence[Mapping[str, Any]], *, margin: float, distance: str,
+                 soft: bool) -> bool | None:
     """The collapse rule of the module docstring over the last training log rows; None when
     there are no rows to judge."""
     window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
     if not window:
         return None
     pinned = math.log(2.0) if soft else float(margin)
-    spread_floor = collapse_spread(margin=margin, soft=soft)
+    spread_floor = collapse_spread(margin=margin, distance=distance, soft=soft)
     spread_gone = all(row.get("embedding_spread") is not None
                       and row["embedding_spread"] < spread_floor for row in window)
     loss_pinned = pinned > 0 and all(
@@ -237,9 +240,14 @@ def is_collapsed(train_rows: Sequence[Mapping[str, Any]], *, margin: float, soft
     return spread_gone or loss_pinned
 
 
-def collapse_spread(*, margin: float, soft: bool) -> float:
-    """The embedding spread below which the collapse rule calls a log row collapsed."""
-    return COLLAPSE_SPREAD if soft else max(COLLAPSE_SPREAD, COLLAPSE_SPREAD_OF_MARGIN * margin)
+def collapse_spread(*, margin: float, distance: str, soft: bool) -> float:
+    """The embedding spread below which the collapse rule calls a log row collapsed: unit
+    vectors `COLLAPSE_RADIUS` apart in `distance`, or α/10 with the hinge if larger."""
+    radius = {"squared": COLLAPSE_RADIUS ** 2, "euclidean": COLLAPSE_RADIUS,
+              "cosine": COLLAPSE_RADIUS ** 2 / 2}  # cosine distance 1 - cos = ||u - v||² / 2
+    if distance not in radius:
+        raise ValueError(f"unknown loss.distance {distance!r}; expected one of {sorted(radius)}")
+    return radius[distance] if soft else max(radius[distance], COLLAPSE_SPREAD_OF_MARGIN * margin)
 
 
 def result_row(keys: Sequence[str], config: Mapping[str, Any],
@@ -271,6 +279,7 @@ def result_row(keys: Sequence[str], config: Mapping[str, Any],
         "final_active_fraction": last.get("active_fraction"),
         "final_embedding_spread": last.get("embedding_spread"),
         "collapsed": is_collapsed(train_rows, margin=flat.get("loss.margin", 0.0),
+                                  distance=flat.get("loss.distance", "squared"),
                                   soft=bool(flat.get("loss.soft"))),
         "wall_s": status_record.get("wall_s"),
         "status": status,
@@ -353,11 +362,12 @@ def write_markdown(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         "val@far=1e-3: true-accept rate at false-accept rate 1e-3; auc: ROC AUC; final_*: the "
         "last training log row (a mean over `log_every` steps); embedding spread is the mean "
         "pairwise distance in the loss's distance. "
-        f"collapsed: over the last {COLLAPSE_WINDOW} log rows, embedding spread < "
-        f"max({COLLAPSE_SPREAD_OF_MARGIN:g}·α, {COLLAPSE_SPREAD:g}) ({COLLAPSE_SPREAD:g} with "
-        f"the soft margin), or loss within {COLLAPSE_LOSS_RTOL:g}·α of α (of ln 2 with the soft "
-        "margin); a collapsed cell can still score above chance. pixel_accuracy: the raw-pixel baseline on the same test pairs. wall_s: "
-        "the cell's wall time here, compile and evaluation included.", "",
+        f"collapsed: over the last {COLLAPSE_WINDOW} log rows, embedding spread below that of "
+        f"unit vectors {COLLAPSE_RADIUS:g} apart (squared {COLLAPSE_RADIUS ** 2:g}, euclidean "
+        f"{COLLAPSE_RADIUS:g}) or, with the hinge, below {COLLAPSE_SPREAD_OF_MARGIN:g}·α; or "
+        f"loss within {COLLAPSE_LOSS_RTOL:g}·α of α (of ln 2 with the soft margin); a collapsed "
+        "cell can still score above chance. pixel_accuracy: the raw-pixel baseline on the same "
+        "test pairs. wall_s: the cell's wall time here, compile and evaluation included.", "",
         markdown_table(rows, columns), "",
     ]
     for key, baseline in baselines.items():

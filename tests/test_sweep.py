@@ -238,38 +238,51 @@ def _rows(losses, spreads):
             for i, (loss, spread) in enumerate(zip(losses, spreads))]
 
 
-@pytest.mark.parametrize("losses, spreads, margin, soft, expected", [
-    ([0.2, 0.2, 0.2], [1.0, 1.0, 1.0], 0.2, False, True),            # loss pinned at α
-    ([0.2019, 0.1981, 0.2], [1.0, 1.0, 1.0], 0.2, False, True),      # within 1e-2·α
-    ([0.203, 0.2, 0.2], [1.0, 1.0, 1.0], 0.2, False, False),         # one row 1.5e-2·α off
-    ([0.05, 0.04, 0.03], [1e-4, 5e-4, 9e-4], 0.2, False, True),      # spread gone
-    ([0.05, 0.04, 0.03], [1e-4, 0.03, 9e-4], 0.2, False, False),     # one row spread > α/10
-    ([0.05, 0.04, 0.03], [0.019] * 3, 0.2, False, True),              # spread < α/10 = 0.02
-    ([0.05, 0.04, 0.03], [0.019] * 3, 0.1, False, False),             # spread > α/10 = 0.01
-    ([0.0] * 3, [9e-4] * 3, 0.0, False, True),                        # α = 0: absolute floor
-    ([0.0] * 3, [2e-3] * 3, 0.0, False, False),                       # α = 0: no pinned value
-    ([0.2, 0.2, 0.2, 0.1], [1.0, 1.0, 1.0, 1.0], 0.2, False, False),  # recovered at the end
-    ([0.1, 0.2, 0.2, 0.2], [1.0, 1.0, 1.0, 1.0], 0.2, False, True),   # only the last 3 count
-    ([math.log(2)] * 3, [1.0] * 3, 0.2, True, True),                  # soft: ln 2
-    ([0.2] * 3, [1.0] * 3, 0.2, True, False),                         # soft ignores α ...
-    ([0.3] * 3, [0.019] * 3, 0.2, True, False),                       # ... also for the spread
-    ([0.3] * 3, [9e-4] * 3, 0.2, True, True),                         # soft: absolute floor
-    ([0.5], [1.0], 0.5, False, True),                                 # fewer rows than window
+@pytest.mark.parametrize("losses, spreads, margin, distance, soft, expected", [
+    ([0.2, 0.2, 0.2], [1.0] * 3, 0.2, "squared", False, True),          # loss pinned at α
+    ([0.2019, 0.1981, 0.2], [1.0] * 3, 0.2, "squared", False, True),    # within 1e-2·α
+    ([0.203, 0.2, 0.2], [1.0] * 3, 0.2, "squared", False, False),       # one row 1.5e-2·α off
+    ([0.05, 0.04, 0.03], [1e-4, 5e-3, 9e-3], 0.05, "squared", False, True),  # spread < 0.1²
+    ([0.05, 0.04, 0.03], [1e-4, 0.011, 9e-3], 0.05, "squared", False, False),  # one row above
+    ([0.05, 0.04, 0.03], [0.09] * 3, 0.05, "euclidean", False, True),   # euclidean: < 0.1
+    ([0.05, 0.04, 0.03], [0.11] * 3, 0.05, "euclidean", False, False),  # 0.11 > 0.1
+    ([0.05, 0.04, 0.03], [0.004] * 3, 0.05, "cosine", False, True),     # cosine: < 0.1²/2
+    ([0.05, 0.04, 0.03], [0.006] * 3, 0.05, "cosine", False, False),
+    ([0.5, 0.4, 0.3], [0.09] * 3, 1.0, "squared", False, True),         # spread < α/10 = 0.1
+    ([0.5, 0.4, 0.3], [0.09] * 3, 0.5, "squared", False, False),        # spread > α/10 = 0.05
+    ([0.0] * 3, [2e-3] * 3, 0.0, "squared", False, True),               # α = 0: radius floor
+    ([0.0] * 3, [0.02] * 3, 0.0, "squared", False, False),              # α = 0: no pinned loss
+    ([0.2, 0.2, 0.2, 0.1], [1.0] * 4, 0.2, "squared", False, False),    # recovered at the end
+    ([0.1, 0.2, 0.2, 0.2], [1.0] * 4, 0.2, "squared", False, True),     # only the last 3 count
+    ([math.log(2)] * 3, [1.0] * 3, 0.2, "squared", True, True),         # soft: ln 2
+    ([0.2] * 3, [1.0] * 3, 0.2, "squared", True, False),                # soft ignores α ...
+    ([0.3] * 3, [0.05] * 3, 1.0, "squared", True, False),               # ... also for spread
+    ([0.3] * 3, [0.009] * 3, 1.0, "squared", True, True),               # soft: radius floor
+    ([0.5], [1.0], 0.5, "squared", False, True),                        # fewer rows than window
 ])
-def test_collapse_rule(losses, spreads, margin, soft, expected):
-    assert sweep.is_collapsed(_rows(losses, spreads), margin=margin, soft=soft) is expected
+def test_collapse_rule(losses, spreads, margin, distance, soft, expected):
+    rows = _rows(losses, spreads)
+    assert sweep.is_collapsed(rows, margin=margin, distance=distance, soft=soft) is expected
 
 
-def test_collapse_rule_flags_the_measured_batch_hard_collapse():
-    """The last rows of a real 200-step batch-hard run of experiments/default.py (α = 0.2,
-    squared): spread ≈ α/36, loss 0.75% above α, gradient norm 0.007."""
-    rows = _rows([0.2016, 0.2015, 0.2015], [0.0059, 0.0057, 0.0056])
-    assert sweep.is_collapsed(rows, margin=0.2, soft=False) is True
+@pytest.mark.parametrize("margin", [0.05, 0.2, 1.0])
+def test_collapse_rule_flags_the_measured_batch_hard_collapse(margin):
+    """The last rows of real 200-step batch-hard runs of experiments/default.py on squared
+    distance: every triplet active, so the gradient and the spread do not depend on α (the
+    three runs are identical up to the loss's offset α)."""
+    rows = _rows([margin + 0.0016, margin + 0.0015, margin + 0.0015], [0.0059, 0.0057, 0.0055])
+    assert sweep.is_collapsed(rows, margin=margin, distance="squared", soft=False) is True
+
+
+def test_collapse_rule_rejects_an_unknown_distance():
+    with pytest.raises(ValueError, match="unknown loss.distance 'manhattan'"):
+        sweep.is_collapsed(_rows([0.1], [1.0]), margin=0.2, distance="manhattan", soft=False)
 
 
 def test_collapse_rule_without_rows_is_unknown():
-    assert sweep.is_collapsed([], margin=0.2, soft=False) is None
-    assert sweep.is_collapsed([{"step": 1, "loss": None}], margin=0.2, soft=False) is None
+    assert sweep.is_collapsed([], margin=0.2, distance="squared", soft=False) is None
+    assert sweep.is_collapsed([{"step": 1, "loss": None}], margin=0.2, distance="squared",
+                              soft=False) is None
 
 
 # ----------------------------------------------------------------------------------------------
