@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,9 +63,15 @@ class MetricsWriter:
             f.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
-                self._tensorboard.add_scalar(key, value, step)
+                self._tensorboard.add_scalar(tensorboard_tag(key), value, step)
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.flush()
             self._tensorboard.close()
+
+
+def tensorboard_tag(key: str) -> str:
+    """`eval/val@far=1e-3` -> `eval/val_far_1e-3`: TensorBoard tags allow [A-Za-z0-9_./-] only
+    (tensorboardX renames anything else itself, logging a line per name)."""
+    return re.sub(r"[^A-Za-z0-9_./-]+", "_", key)

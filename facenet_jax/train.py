@@ -374,6 +374,9 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     logging.getLogger().setLevel(logging.INFO)
+    # orbax logs each save in ~20 INFO lines through absl's logger; keep its warnings only, so
+    # the progress lines stay readable (this package logs through the root logger).
+    logging.getLogger("absl").setLevel(logging.WARNING)
     flags_ = flags.FLAGS
     result = train_and_evaluate(flags_.config, flags_.workdir)
     if result.get("preempted"):
