@@ -402,8 +402,9 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
     distances = _in_order(r["loss.distance"] for r in rows)
     keys = _series_keys(columns)
     labels = _in_order(_series_label(r, keys) for r in rows)
-    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, len(distances), figsize=(5.5 * len(distances), 4.2),
+    colors, styles = _line_styles(labels)
+    width = 5.5 * len(distances) + _LEGEND_WIDTH
+    fig, axes = plt.subplots(1, len(distances), figsize=(width, 4.2),
                              sharey=True, squeeze=False)
     for ax, distance in zip(axes[0], distances):
         for label in labels:
@@ -414,7 +415,8 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
             margins = sorted({r["loss.margin"] for r in points})
             mean = [_mean(r["accuracy"] for r in points if r["loss.margin"] == m)
                     for m in margins]
-            ax.plot(margins, mean, "o-", color=colors[label], label=label, lw=1.5, ms=4)
+            ax.plot(margins, mean, marker="o", ls=styles[label], color=colors[label],
+                    label=label, lw=1.5, ms=4)
             collapsed = [(r["loss.margin"], r["accuracy"]) for r in points if r["collapsed"]]
             if collapsed:
                 ax.plot(*zip(*collapsed), "x", color=colors[label], ms=10, mew=2)
@@ -439,7 +441,7 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
     handles.append(plt.Line2D([], [], color="k", marker="x", ls="", ms=8, mew=2))
     names.append("collapsed")
     fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.tight_layout(rect=(0, 0, 1 - _LEGEND_WIDTH / width, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -456,11 +458,12 @@ def plot_active_fraction(rows: Sequence[Mapping[str, Any]], columns: Sequence[st
 
     keys = _series_keys(columns)
     labels = _in_order(_series_label(r, keys) for r in rows)
-    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
+    colors, styles = _line_styles(labels)
     distances = _in_order(r["loss.distance"] for r in rows)
     margins = sorted({r["loss.margin"] for r in rows})
+    width = 2.9 * len(margins) + _LEGEND_WIDTH
     fig, axes = plt.subplots(len(distances), len(margins),
-                             figsize=(2.9 * len(margins) + 1.8, 2.5 * len(distances) + 0.4),
+                             figsize=(width, 2.5 * len(distances) + 0.4),
                              sharex=True, sharey=True, squeeze=False)
     for i, distance in enumerate(distances):
         for j, margin in enumerate(margins):
@@ -477,7 +480,7 @@ def plot_active_fraction(rows: Sequence[Mapping[str, Any]], columns: Sequence[st
                     drawn.add(label)
                     ax.plot([h["step"] for h in history],
                             [h["active_fraction"] for h in history],
-                            color=colors[label], lw=1.3, label=label)
+                            color=colors[label], ls=styles[label], lw=1.6, label=label)
             ax.set_title(f"{distance}, α={margin:g}", fontsize=9)
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
@@ -485,12 +488,27 @@ def plot_active_fraction(rows: Sequence[Mapping[str, Any]], columns: Sequence[st
                 ax.set_xlabel("step")
             if j == 0:
                 ax.set_ylabel("active fraction")
-    handles = [plt.Line2D([], [], color=colors[label], lw=2) for label in labels]
+    handles = [plt.Line2D([], [], color=colors[label], ls=styles[label], lw=2)
+               for label in labels]
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (2.9 * len(margins) + 1.8), 1))
+    fig.tight_layout(rect=(0, 0, 1 - _LEGEND_WIDTH / width, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+_LEGEND_WIDTH = 2.0  # inches right of the panels for the figure legend
+
+
+def _line_styles(labels: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A colour and a dash pattern per series: series that coincide (e.g. several strategies
+    with every triplet active) stay visible as dashes over one another."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    dashes = ("-", "--", "-.", ":")
+    return ({label: colors[i % len(colors)] for i, label in enumerate(labels)},
+            {label: dashes[i % len(dashes)] for i, label in enumerate(labels)})
 
 
 def _in_order(values: Iterable[Any]) -> list[Any]:
