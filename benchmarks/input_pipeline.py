@@ -53,7 +53,8 @@ def sampler_throughput(dataset: data.Dataset, identities: int, images_per_identi
 def measure_train_step_input_overhead(model: str = "small_cnn", image_size: int = IMAGE_SIZE,
                                       layouts: tuple[tuple[int, int], ...] = LAYOUTS,
                                       devices: int = 1, steps: int = 10, rounds: int = 2,
-                                      prefetch: int = 4) -> list[dict]:
+                                      prefetch: int = 4, strategy: str = "semihard"
+                                      ) -> list[dict]:
     """Per P×K: seconds per train step fed by the real pipeline vs by one fixed device batch.
 
     The real feed is `facenet_jax.train._device_batches` itself (sampler over synthetic faces,
@@ -75,7 +76,7 @@ def measure_train_step_input_overhead(model: str = "small_cnn", image_size: int 
     rows = []
     for p, k in layouts:
         step, state, images, labels, _, _ = train_step_benchmark.build_step(
-            model, image_size, p, k, devices, "float32", "semihard")
+            model, image_size, p, k, devices, "float32", strategy)
         mesh = images.sharding.mesh
         sampler = data.PKSampler(faces, identities=p, images_per_identity=k, seed=0,
                                  num_shards=devices, augment=augment)
@@ -93,6 +94,7 @@ def measure_train_step_input_overhead(model: str = "small_cnn", image_size: int 
             real = min(real, (time.perf_counter() - start) / steps)
         host = 1.0 / sampler_throughput(faces, p, k, steps)
         rows.append({"P": p, "K": k, "model": model, "image_size": image_size,
+                     "strategy": strategy,
                      "devices": devices, "steps": steps, "rounds": rounds,
                      "prefetch": prefetch, "fixed_step_s": fixed, "real_input_step_s": real,
                      "ratio": real / fixed, "host_batch_s": host})

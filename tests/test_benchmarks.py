@@ -1,6 +1,8 @@
 """Smoke tests of the benchmark scripts at tiny sizes: they run, write valid JSON, measure what
 they claim (bf16 requested with float32 params, both loss-share methods), reject bad input.
-No timing is asserted (timings belong in benchmarks/results)."""
+No timing is asserted (timings belong in benchmarks/results). One device and the cheapest
+strategy keep the compiles (most of this file's time) short; benchmarks/results holds the
+multi-device runs."""
 
 from __future__ import annotations
 
@@ -17,14 +19,15 @@ from benchmarks import input_pipeline, train_step  # noqa: E402
 
 def test_train_step_benchmark_writes_a_row_per_setting(tmp_path):
     output = tmp_path / "train_step.json"
-    train_step.main(["--models", "small_cnn", "--batches", "4x2", "--devices", "2",
+    train_step.main(["--models", "small_cnn", "--batches", "4x2", "--devices", "1",
                      "--dtypes", "bfloat16", "--image_size", "16", "--steps", "1",
-                     "--rounds", "1", "--share", "both", "--output", str(output)])
+                     "--rounds", "1", "--share", "both", "--strategy", "hardest",
+                     "--output", str(output)])
     report = json.loads(output.read_text())
     assert report["platform"] == "cpu" and report["host"]["cpu_count"] >= 1
     (row,) = report["rows"]
     assert (row["model"], row["P"], row["K"], row["batch"], row["devices"], row["dtype"]) == (
-        "small_cnn", 4, 2, 8, 2, "bfloat16")
+        "small_cnn", 4, 2, 8, 1, "bfloat16")
     # bf16 compute, float32 parameters: the program asks for bf16 convolutions only.
     assert row["param_dtypes"] == ["float32"]
     assert set(row["conv_dtypes"]["requested"]) == {"bf16"}
@@ -64,8 +67,9 @@ def test_train_step_benchmark_rejects_bad_arguments(argv, message, capsys):
 
 def test_input_overhead_times_both_feeds():
     (row,) = input_pipeline.measure_train_step_input_overhead(
-        image_size=16, layouts=((4, 2),), devices=2, steps=2, rounds=1, prefetch=2)
-    assert (row["P"], row["K"], row["devices"], row["steps"]) == (4, 2, 2, 2)
+        image_size=16, layouts=((4, 2),), devices=1, steps=2, rounds=1, prefetch=2,
+        strategy="hardest")
+    assert (row["P"], row["K"], row["devices"], row["steps"]) == (4, 2, 1, 2)
     for key in ("fixed_step_s", "real_input_step_s", "host_batch_s"):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["ratio"] == pytest.approx(row["real_input_step_s"] / row["fixed_step_s"])
