@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import train_step as train_step_benchmark  # noqa: E402
-from facenet_jax import data  # noqa: E402
+from facenet_jax import data, evaluate, metrics  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SHARED_ORL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
@@ -118,17 +118,9 @@ def pixel_baseline(difficulty: float, seed: int = 0) -> float:
     Euclidean) on generated pairs of 100 held-out synthetic identities × 20 images."""
     faces = data.load_synthetic(100, 20, IMAGE_SIZE, difficulty, seed=seed + 1000)
     pairs = data.generate_pairs(faces, num_folds=10, pairs_per_fold=300, seed=seed)
-    x = faces.images.reshape(len(faces.images), -1).astype(np.float64) / 255
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    dist = np.sum((x[pairs.first] - x[pairs.second]) ** 2, axis=1)
-    accuracies = []
-    for fold in range(10):
-        train = pairs.fold != fold
-        thresholds = np.unique(dist[train])
-        train_acc = [np.mean((dist[train] <= t) == pairs.is_same[train]) for t in thresholds]
-        best = thresholds[int(np.argmax(train_acc))]
-        accuracies.append(np.mean((dist[~train] <= best) == pairs.is_same[~train]))
-    return float(np.mean(accuracies))
+    embeddings = evaluate.pixel_embeddings(faces.images)
+    distances = metrics.pair_distances(embeddings, pairs.first, pairs.second, "squared")
+    return float(metrics.verification_kfold(distances, pairs.is_same, pairs.fold)["accuracy"])
 
 
 def save_grid(path: pathlib.Path, identities: int = 8, per_identity: int = 8) -> None:
