@@ -52,10 +52,17 @@ class LossSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def from_config(cls, loss_config: ml_collections.ConfigDict) -> "LossSpec":
+    def from_config(cls, loss_config: ml_collections.ConfigDict,
+                    images_per_identity: int | None = None) -> "LossSpec":
+        """With `images_per_identity` (K of a P×K batch), semi-hard mining gets
+        max_positives = K - 1 unless the config sets it: the same triplets, without the
+        [B, B] sort that dominates the step at large B (see mining.mine_semihard)."""
+        options = dict(loss_config.options)
+        if loss_config.strategy == "semihard" and images_per_identity is not None:
+            options.setdefault("max_positives", max(1, images_per_identity - 1))
         return cls(strategy=loss_config.strategy, margin=float(loss_config.margin),
                    distance=loss_config.distance, soft=bool(loss_config.soft),
-                   options=tuple(sorted(dict(loss_config.options).items())))
+                   options=tuple(sorted(options.items())))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -292,8 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         truncate_metrics(workdir, start_step)
         _write_config(workdir, config)
 
-    step_fn = make_train_step(mesh, model=model, tx=tx, schedule=schedule,
-                              loss=LossSpec.from_config(config.loss),
+    loss_spec = LossSpec.from_config(config.loss, config.batch.images_per_identity)
+    step_fn = make_train_step(mesh, model=model, tx=tx, schedule=schedule, loss=loss_spec,
                               mining=config.parallel.mining)
     embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
                           batch_size=config.eval.batch_size, flip=config.eval.flip)

@@ -147,6 +147,55 @@ def test_matches_brute_force_on_random_batches_with_ties(strategy, distance, sof
     assert saw_active, "the batches must exercise non-zero losses"
 
 
+@functools.cache
+def _semihard_value_and_grad(distance, max_positives):
+    def loss(e, l):
+        return losses.triplet_loss(e, l, margin=0.25, strategy="semihard", distance=distance,
+                                   max_positives=max_positives)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@pytest.mark.parametrize("distance", losses.DISTANCES)
+def test_semihard_max_positives_path_equals_the_sort_path_and_brute_force(distance):
+    """The same loss, stats and gradient whatever the bound: m = 2 leaves most batches
+    with anchors of more positives (the sort fall-back), m = B - 1 always takes the
+    positives-only path; random labels, ties, duplicates and a collapsed batch."""
+    batches = [random_batch(seed) for seed in range(9)]
+    collapsed = np.repeat(batches[0][0][:1], B, axis=0)
+    batches.append((collapsed, batches[0][1]))
+    for emb, labels in batches:
+        (loss, stats), grad = _semihard_value_and_grad(distance, None)(emb, labels)
+        ref_loss, _ = reference_triplet_loss(np.asarray(_distances_fn(distance)(emb)), labels,
+                                             margin=0.25, strategy="semihard", soft=False)
+        np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=2e-6)
+        for bound in (2, B - 1):
+            (loss_m, stats_m), grad_m = _semihard_value_and_grad(distance, bound)(emb, labels)
+            # Same triplets; the two compiled programs may sum in another order (1 ulp).
+            np.testing.assert_allclose(loss_m, loss, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(grad_m, grad, rtol=1e-6, atol=1e-7)
+            for name in stats:
+                np.testing.assert_allclose(stats_m[name], stats[name], rtol=1e-6, err_msg=name)
+
+
+def test_semihard_max_positives_path_picks_the_same_negatives_on_pk_batches():
+    """P×K layouts with exact ties (dyadic grid), where m = K - 1 takes the fast path on every
+    anchor: the chosen negative columns equal the sort path's, including the tie-breaks
+    (lowest column for the closest farther negative, highest for the farthest)."""
+    rng = np.random.default_rng(3)
+    for identities, per_identity in ((6, 4), (3, 8), (12, 2)):
+        labels = jnp.repeat(jnp.arange(identities), per_identity)
+        emb = rng.integers(-1, 2, size=(identities * per_identity, 3)) / 2.0
+        d = losses.pairwise_distances(jnp.asarray(emb, jnp.float32), "squared")
+        positive, negative = mining.label_masks(labels, 0, labels.shape[0])
+        by_sort = mining.mine_semihard(d, positive, negative)
+        fast = mining.mine_semihard(d, positive, negative, max_positives=per_identity - 1)
+        for field in by_sort._fields:
+            np.testing.assert_array_equal(
+                np.where(by_sort.has_term, getattr(fast, field), 0),
+                np.where(by_sort.has_term, getattr(by_sort, field), 0), err_msg=field)
+        np.testing.assert_array_equal(fast.has_term, by_sort.has_term)
+
+
 def test_semihard_equals_tf_addons_formula_on_nondegenerate_batches():
     for distance in ("squared", "euclidean"):  # TF-Addons' "squared-L2" and "L2"
         for seed in range(6):
@@ -456,7 +505,13 @@ def test_validate_loss_args():
         losses.validate_loss_args(**{**ok, "strategy": "distance_weighted",
                                      "strategy_options": {"cut_off": 0.3}})
     with pytest.raises(ValueError, match="valid options: none"):
+        losses.validate_loss_args(**{**ok, "strategy": "hardest",
+                                     "strategy_options": {"cutoff": 0.3}})
+    with pytest.raises(ValueError, match="valid options: max_positives"):
         losses.validate_loss_args(**{**ok, "strategy_options": {"cutoff": 0.3}})
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="max_positives must be None or an int >= 1"):
+            losses.validate_loss_args(**{**ok, "strategy_options": {"max_positives": bad}})
     with pytest.raises(ValueError, match="0 < cutoff < nonzero_loss_cutoff"):
         losses.validate_loss_args(**{**ok, "strategy": "distance_weighted",
                                      "strategy_options": {"cutoff": 1.5}})

@@ -80,10 +80,18 @@ def _assert_tree_close(actual, expected, what):
                                    err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("strategy", losses.STRATEGIES)
-def test_global_mining_matches_one_device(strategy):
+# Every strategy, plus semi-hard's positives-only path (each device's anchors mined against
+# the gathered batch with max_positives = K - 1, what the train CLI sets).
+GLOBAL_CASES = [(strategy, ()) for strategy in losses.STRATEGIES] + [
+    ("semihard", (("max_positives", K - 1),))]
+
+
+@pytest.mark.parametrize("strategy,options", GLOBAL_CASES,
+                         ids=[f"{s}{'-' + str(dict(o)) if o else ''}" for s, o in GLOBAL_CASES])
+def test_global_mining_matches_one_device(strategy, options):
     tx = optax.sgd(1.0)
-    loss = LossSpec(strategy=strategy, margin=0.5, distance="squared", soft=False)
+    loss = LossSpec(strategy=strategy, margin=0.5, distance="squared", soft=False,
+                    options=options)
     images, labels = _batch()
     state = _state(tx)
     ref_loss, ref_stats, ref_grads, ref_bn = _reference_grads(state, images, labels, loss)

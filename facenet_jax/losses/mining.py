@@ -9,9 +9,12 @@ silent index 0: every choice comes with a mask saying whether it exists.
 Memory stays O(A·B) (O(B²)) for every rule: the rules that depend on each positive's distance
 (TF-Addons semi-hard, FaceNet's band) sort each anchor's negative distances once and
 binary-search every positive's distance in that row (`jnp.searchsorted`, method "scan":
-O(B log B) per anchor, never a B×B comparison per anchor); random and distance-weighted
-sampling draw one uniform per (anchor, candidate) pair and look it up in the anchor's
-cumulative-weight row (inverse CDF), with no sort at all.
+O(B log B) per anchor, never a B×B comparison per anchor). Semi-hard with `max_positives` = m
+(a P×K batch: K − 1) instead resolves each anchor's m positives by one masked min over its row
+each, O(m·B) per anchor with no sort (XLA's CPU sort dominates the step at B = 1,800); a batch
+with more positives per anchor falls back to the sort, so the result never depends on m.
+Random and distance-weighted sampling draw one uniform per (anchor, candidate) pair and look it
+up in the anchor's cumulative-weight row (inverse CDF), with no sort at all.
 """
 
 from __future__ import annotations
@@ -102,11 +105,27 @@ def _column_at_rank(sorted_negatives: SortedNegatives, rank: jax.Array) -> jax.A
     return jnp.take_along_axis(sorted_negatives.columns, rank, axis=1)
 
 
-def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array) -> PairNegatives:
+def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                  max_positives: int | None = None) -> PairNegatives:
     """TF-Addons `triplet_semihard_loss` rule, per ordered anchor-positive pair (a, p):
     the closest negative with d(a,n) > d(a,p) strictly; if there is none, the farthest
     negative. Pairs whose anchor has no negative at all get no term.
+
+    Ties go to the lowest column for the closest negative and to the highest for the farthest
+    (a stable sort's order). With `max_positives` = m (static), batches where no anchor has more
+    than m positives (a P×K batch: m = K − 1) skip the [A,B] sort: each anchor's m positives are
+    picked with `lax.top_k` and each is resolved by one masked min over the row, O(A·B·m) work
+    and O(A·B) memory; other batches take the sort path, so the result never depends on m.
     """
+    if max_positives is None:
+        return _semihard_by_sort(d, positive, negative)
+    fits = jnp.max(jnp.sum(positive, axis=1)) <= max_positives
+    return lax.cond(fits, lambda: _semihard_by_positives(d, positive, negative, max_positives),
+                    lambda: _semihard_by_sort(d, positive, negative))
+
+
+def _semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) -> PairNegatives:
+    """Every column's distance binary-searched in the anchor's sorted negatives."""
     negatives = sort_negatives(d, negative)
     first_farther = rank_in_rows(negatives.values, d, side="right")
     count = negatives.count[:, None]
@@ -114,6 +133,39 @@ def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array) -> Pai
     rank = jnp.where(found, first_farther, count - 1)
     has_term = positive & (count > 0)
     return PairNegatives(_column_at_rank(negatives, rank), has_term, has_term & found, has_term)
+
+
+def _semihard_by_positives(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                           max_positives: int) -> PairNegatives:
+    """The same rule for anchors with at most `max_positives` positives each (not checked)."""
+    num_anchors, num_candidates = d.shape
+    slots = min(max_positives, num_candidates)
+    is_positive, positive_column = lax.top_k(positive.astype(jnp.float32), slots)  # [A,m]
+    slot_valid = is_positive > 0
+    d_ap = jnp.take_along_axis(d, positive_column, axis=1)
+    negative_d = jnp.where(negative, d, jnp.inf)
+    # The farthest negative, highest column among ties: argmax over the reversed row.
+    farthest = num_candidates - 1 - jnp.argmax(
+        jnp.where(negative, d, -jnp.inf)[:, ::-1], axis=1).astype(jnp.int32)
+
+    columns = jnp.arange(num_candidates, dtype=jnp.int32)
+
+    def resolve(slot: jax.Array) -> tuple[jax.Array, jax.Array]:
+        farther = jnp.where(d > d_ap[:, slot][:, None], negative_d, jnp.inf)  # [A,B]
+        closest_d = jnp.min(farther, axis=1, keepdims=True)
+        found = closest_d[:, 0] < jnp.inf
+        # Two plain min-reductions instead of argmin: XLA's CPU argmin is a slow variadic reduce.
+        closest = jnp.min(jnp.where(farther == closest_d, columns, num_candidates), axis=1)
+        return jnp.where(found, closest, farthest), found
+
+    chosen, found = lax.map(resolve, jnp.arange(slots))  # [m,A] each: one [A,B] pass per slot
+    rows = jnp.broadcast_to(jnp.arange(num_anchors)[:, None], positive_column.shape)
+    # Unused slots scatter out of bounds and are dropped.
+    target = jnp.where(slot_valid, positive_column, num_candidates)
+    column = jnp.zeros(d.shape, jnp.int32).at[rows, target].set(chosen.T, mode="drop")
+    found_at = jnp.zeros(d.shape, bool).at[rows, target].set(found.T, mode="drop")
+    has_term = positive & jnp.any(negative, axis=1, keepdims=True)
+    return PairNegatives(column, has_term, has_term & found_at, has_term)
 
 
 def mine_semihard_facenet(d: jax.Array, positive: jax.Array, negative: jax.Array,

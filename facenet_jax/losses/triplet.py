@@ -9,7 +9,8 @@ Strategies (the exact rule and the reduction each one's loss is the mean over):
 
 - "semihard": TF-Addons `triplet_semihard_loss`. Per ordered anchor-positive pair, the closest
   negative strictly farther than the positive, else the farthest negative; mean over all
-  anchor-positive pairs whose anchor has a negative (zero-loss pairs included).
+  anchor-positive pairs whose anchor has a negative (zero-loss pairs included). Option
+  `max_positives` (None, or K − 1 for a P×K batch): same triplets, mined without a sort.
 - "semihard_facenet": per anchor-positive pair, a uniformly random negative with
   d(a,p) < d(a,n) < d(a,p) + margin (needs `key`); mean over the pairs that found one.
 - "hardest": batch-hard; per anchor, farthest positive and closest negative; mean over anchors
@@ -46,7 +47,8 @@ from facenet_jax.losses.distances import DISTANCES, anchor_distance_rows
 
 STRATEGIES = ("semihard", "semihard_facenet", "hardest", "all", "random", "distance_weighted")
 RANDOM_STRATEGIES = ("semihard_facenet", "random", "distance_weighted")
-STRATEGY_OPTIONS: dict[str, dict[str, float]] = {
+STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
+    "semihard": {"max_positives": None},
     "distance_weighted": {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
 }
 SUM_KEYS = ("loss_sum", "count", "num_triplets", "num_active", "d_ap_sum", "d_an_sum",
@@ -86,7 +88,7 @@ def validate_loss_args(*, margin: Any, strategy: str, distance: str, soft: bool,
     _strategy_settings(strategy, strategy_options or {})
 
 
-def _strategy_settings(strategy: str, options: dict[str, Any]) -> dict[str, float]:
+def _strategy_settings(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     """The strategy's options with defaults filled in; ValueError on unknown or bad ones."""
     defaults = STRATEGY_OPTIONS.get(strategy, {})
     unknown = sorted(set(options) - set(defaults))
@@ -95,6 +97,13 @@ def _strategy_settings(strategy: str, options: dict[str, Any]) -> dict[str, floa
         raise ValueError(f"unknown option(s) {unknown} for strategy {strategy!r}; "
                          f"valid options: {valid}")
     settings = {**defaults, **options}
+    if strategy == "semihard":
+        bound = settings["max_positives"]
+        if bound is not None:
+            if isinstance(bound, bool) or not isinstance(bound, numbers.Integral) or bound < 1:
+                raise ValueError(f"semihard max_positives must be None or an int >= 1 (a P×K "
+                                 f"batch: K - 1), got {bound!r}")
+            settings["max_positives"] = int(bound)
     if strategy == "distance_weighted":
         cutoff, nonzero = settings["cutoff"], settings["nonzero_loss_cutoff"]
         if not 0 < cutoff < nonzero:
@@ -213,7 +222,8 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
         all_sums = _batch_all_soft_sums if soft else _batch_all_hinge_sums
         sums = all_sums(d, positive, negative, margin)
     elif strategy == "semihard":
-        sums = _pair_sums(d, mining.mine_semihard(d_fixed, positive, negative), margin, soft)
+        chosen = mining.mine_semihard(d_fixed, positive, negative, **settings)
+        sums = _pair_sums(d, chosen, margin, soft)
     else:
         uniform = mining.row_uniforms(key, anchor_start, num_anchors, num_candidates)
         if strategy == "semihard_facenet":
