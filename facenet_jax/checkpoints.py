@@ -60,24 +60,36 @@ def checkpoint_bytes(state: Any) -> int:
                                  for leaf in jax.tree.leaves(state))
 
 
+def _shortage(directory: pathlib.Path, state: Any) -> str | None:
+    """What is missing for one more checkpoint of `state` in `directory`, or None if it fits."""
+    needed = checkpoint_bytes(state)
+    free = shutil.disk_usage(directory).free
+    if free >= needed:
+        return None
+    return (f"{directory} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
+            f"{needed / 2**20:.1f} MiB")
+
+
 def check_free_space(workdir: str | pathlib.Path, state: Any) -> None:
     """OSError when DIR cannot hold one more checkpoint of `state` (arrays or shapes)."""
-    needed = checkpoint_bytes(state)
-    free = shutil.disk_usage(pathlib.Path(workdir)).free
-    if free < needed:
-        raise OSError(
-            f"workdir {workdir} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
-            f"{needed / 2**20:.1f} MiB (keep_checkpoints of them are kept); free space there "
-            "or choose another --workdir")
+    shortage = _shortage(pathlib.Path(workdir), state)
+    if shortage:
+        raise OSError(f"workdir {shortage} (keep_checkpoints of them are kept); free space "
+                      "there or choose another --workdir")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Writes step's checkpoint; CheckpointSaveError (naming what is intact) if it fails.
 
+    The free space is checked first, so a full disk stops the run before a write is torn.
     Any folder already at a step >= `step` is one that failed to restore (the run resumed from
     the newest loadable checkpoint below it): it is moved aside first, so orbax neither refuses
     the step nor keeps the broken folder in place of a good one when pruning old steps.
     """
+    directory = pathlib.Path(manager.directory)
+    shortage = _shortage(directory, state)
+    if shortage:
+        raise _save_error(step, directory, shortage)
     _set_aside(manager, [s for s in manager.all_steps() if s >= step])
     # Both lines bracket the write: a log that ends between them was cut off mid-save.
     logging.info("writing the checkpoint of step %d", step)
@@ -86,13 +98,39 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
         manager.wait_until_finished()
         logging.info("checkpoint of step %d complete", step)
     except Exception as error:  # noqa: BLE001 - orbax raises ValueError, OSError, ...
-        manager.reload()
-        intact = manager.all_steps()
-        raise CheckpointSaveError(
-            f"could not write the checkpoint of step {step} to {manager.directory} "
-            f"({_first_line(error)}). Checkpoints still intact: {intact or 'none'}. Free space "
-            "or fix permissions there, then re-run the same command to resume from the newest "
-            "of them") from error
+        # The manager itself may fail after a failed write (seen: "Event loop is closed" from
+        # reload()); that must not replace this message, so what is intact is read from disk.
+        _close_quietly(manager)
+        raise _save_error(step, directory, _first_line(error)) from error
+
+
+def _save_error(step: int, directory: pathlib.Path, reason: str) -> CheckpointSaveError:
+    intact = complete_steps(directory)
+    return CheckpointSaveError(
+        f"could not write the checkpoint of step {step} to {directory} ({reason}). Checkpoints "
+        f"still intact: {intact or 'none'}. Free space or fix permissions there, then re-run "
+        "the same command to resume from the newest of them")
+
+
+def complete_steps(directory: str | pathlib.Path) -> list[int]:
+    """Steps whose checkpoint folder under `directory` is complete, oldest first.
+
+    orbax writes into STEP.orbax-checkpoint-tmp and renames it to STEP when the write is done,
+    so a plain integer name is a finished checkpoint.
+    """
+    folder = pathlib.Path(directory)
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()) if (
+        folder.is_dir()) else []
+
+
+def _close_quietly(manager: ocp.CheckpointManager) -> None:
+    """Stops the manager's writer threads after a failed save, so their pending coroutines do
+    not print pages of shutdown tracebacks below the error; a failure to close is only logged."""
+    try:
+        manager.close()
+    except Exception as error:  # noqa: BLE001 - the save error is the one to report
+        logging.warning("closing the checkpoint manager after a failed save: %s",
+                        _first_line(error))
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int] | None:

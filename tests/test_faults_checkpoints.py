@@ -8,6 +8,7 @@ real kills of the train CLI.
 
 import errno
 import shutil
+import types
 import warnings
 
 import jax.numpy as jnp
@@ -103,6 +104,56 @@ def test_failed_save_names_the_step_and_what_is_intact(tmp_path, monkeypatch):
         checkpoints.save(manager, 3, _state(3.0))
     state, step = _restore(tmp_path)
     assert step == 2 and float(state["w"][0, 0]) == 2.0
+
+
+def test_failed_save_still_names_what_is_intact_when_the_manager_breaks_too(tmp_path,
+                                                                          monkeypatch, caplog):
+    """After a failed write orbax's manager can fail as well (CI saw "Event loop is closed"
+    from reload()); the error must still be the save error, with the intact steps read from
+    disk, and a failing close is only logged."""
+    manager = _saved(tmp_path, [1, 2])
+    (_ckpt(tmp_path) / "3.orbax-checkpoint-tmp").mkdir()  # the torn write: not intact
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Event loop is closed")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manager, "save", disk_full)
+    for method in ("reload", "all_steps", "close"):
+        monkeypatch.setattr(manager, method, broken if method != "all_steps" else lambda: [1, 2])
+    with caplog.at_level("WARNING"), pytest.raises(
+            checkpoints.CheckpointSaveError,
+            match=r"step 3 .*No space left.*still intact: \[1, 2\].*re-run"):
+        checkpoints.save(manager, 3, _state(3.0))
+    assert "closing the checkpoint manager after a failed save: Event loop" in caplog.text
+    assert checkpoints.complete_steps(_ckpt(tmp_path)) == [1, 2]
+
+
+def test_save_without_room_stops_before_writing_anything(tmp_path, monkeypatch):
+    manager = _saved(tmp_path, [1])
+    free = checkpoints.checkpoint_bytes(_state(2.0)) - 1
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage",
+                        lambda path: types.SimpleNamespace(free=free))
+
+    def must_not_write(*args, **kwargs):
+        raise AssertionError("orbax was asked to write although the disk has no room")
+
+    monkeypatch.setattr(manager, "save", must_not_write)
+    with pytest.raises(checkpoints.CheckpointSaveError,
+                       match=r"step 2 .*MiB free but one checkpoint needs about .*"
+                             r"still intact: \[1\].*Free space"):
+        checkpoints.save(manager, 2, _state(2.0))
+    assert sorted(p.name for p in _ckpt(tmp_path).iterdir()) == ["1"]  # no torn folder
+
+
+def test_complete_steps_reads_only_finished_step_folders(tmp_path):
+    assert checkpoints.complete_steps(tmp_path / "missing") == []
+    for name in ("10", "2", "3.orbax-checkpoint-tmp", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file, not a checkpoint")
+    assert checkpoints.complete_steps(tmp_path) == [2, 10]
 
 
 def test_latest_step_and_checkpoint_bytes(tmp_path):

@@ -11,9 +11,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from facenet_jax import train
+from facenet_jax import checkpoints, train
 from facenet_jax import config as cfg
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,12 +90,33 @@ def test_disk_filling_mid_run_keeps_checkpoints_then_resumes_to_the_same_state(
     assert "Free space or fix permissions there, then re-run" in full.stderr
     intact = kill_resume.complete_steps(workdir)
     assert intact and f"still intact: {intact}" in full.stderr
+    assert kill_resume.torn_saves(workdir) == []  # the free-space check stopped it before writing
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     resumed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert kill_resume.restored_step(resumed.stderr) == intact[-1]
     _assert_same_final_state(workdir, reference)
+
+
+def test_write_failing_on_a_full_disk_keeps_the_intact_checkpoints(small_disk, monkeypatch):
+    """The write itself failing (the disk filled after the free-space check, e.g. by another
+    process): orbax's real error becomes the save error, and the complete steps restore."""
+    monkeypatch.setattr(checkpoints, "_shortage", lambda directory, state: None)
+    manager = checkpoints.make_manager(small_disk, max_to_keep=5)
+    noise = np.random.default_rng(0).random((3, 300, 300), np.float32)  # zstd cannot shrink it
+    states = [{"w": jnp.asarray(noise[step])} for step in range(3)]
+    checkpoints.save(manager, 1, states[1])  # ~360 KiB each on a 2 MiB disk
+    checkpoints.save(manager, 2, states[2])
+    with pytest.raises(checkpoints.CheckpointSaveError,
+                       match=r"step \d+ .*still intact: \[1, 2(, \d+)*\].*re-run") as error:
+        for step in range(3, 10):
+            checkpoints.save(manager, step, states[0])
+    assert "RESOURCE_EXHAUSTED" in str(error.value)  # orbax's own error, not a stand-in
+    reopened = checkpoints.make_manager(small_disk, max_to_keep=5)
+    state, step = checkpoints.restore_latest(reopened, states[0])
+    assert step >= 2
+    np.testing.assert_array_equal(state["w"], noise[2] if step == 2 else noise[0])
 
 
 def test_full_disk_at_start_is_clear_before_data(small_disk):
