@@ -96,6 +96,11 @@ def test_folder_configs_split_as_documented(shared_data, name, expected):
     assert f"{expected[0]} train / {expected[1]} validation / {expected[2]} test" in " ".join(
         _docstring(REPO / "experiments" / name).split())
     assert config.batch.identities <= expected[0]
+    # The test pairs are what the config asks for, not silently capped by the split's size.
+    pairs = data.generate_pairs(splits["test"], num_folds=config.data.pairs.num_folds,
+                                pairs_per_fold=config.data.pairs.pairs_per_fold,
+                                seed=config.seed)
+    assert len(pairs.first) == 2 * config.data.pairs.num_folds * config.data.pairs.pairs_per_fold
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
