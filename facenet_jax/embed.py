@@ -24,6 +24,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
+from facenet_jax.logs import cli_logging
 from facenet_jax.state import build_model, build_optimizer, create_train_state
 
 FLIP_MODES = ("sum", "concat")
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> None:
     from facenet_jax import data
 
     del argv
+    cli_logging()
     flags_ = flags.FLAGS
     encoder = load_encoder(flags_.workdir, flip=flags_.flip)
     folder = data.load_image_folder(

@@ -21,6 +21,7 @@ import numpy as np
 
 from facenet_jax import data, metrics, plots
 from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax.logs import cli_logging
 
 EVAL_FILE = "eval.json"
 BASELINES = ("pixels",)
@@ -164,6 +165,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     del argv
+    cli_logging()
     flags_ = flags.FLAGS
     if flags_.baseline is not None:
         if flags_.config is None:

@@ -7,6 +7,7 @@ step are dropped first (atomically: write aside, rename), so each step appears o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -16,6 +17,16 @@ from typing import Any
 from facenet_jax.config import json_safe
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def cli_logging() -> None:
+    """The command lines' logging: this package's INFO lines, orbax's warnings only.
+
+    orbax logs each save or restore in ~20 INFO lines through absl's logger, which would bury
+    the progress lines (this package logs through the root logger).
+    """
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from facenet_jax import checkpoints, data, evaluate, losses, parallel
 from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
                                 validate_config)
 from facenet_jax.embed import make_embedder
-from facenet_jax.logs import MetricsWriter, truncate_metrics
+from facenet_jax.logs import MetricsWriter, cli_logging, truncate_metrics
 from facenet_jax.state import TrainState, build_model, build_optimizer, create_train_state
 
 AXIS = parallel.AXIS
@@ -380,10 +380,7 @@ def main(argv: list[str]) -> None:
     del argv
     from absl import flags
 
-    logging.getLogger().setLevel(logging.INFO)
-    # orbax logs each save in ~20 INFO lines through absl's logger; keep its warnings only, so
-    # the progress lines stay readable (this package logs through the root logger).
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cli_logging()
     flags_ = flags.FLAGS
     result = train_and_evaluate(flags_.config, flags_.workdir)
     if result.get("preempted"):

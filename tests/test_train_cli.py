@@ -86,6 +86,62 @@ def test_outputs_and_their_keys(straight_run):
     assert any((workdir / "tensorboard").iterdir())
 
 
+def _faces_folder(root: pathlib.Path, identities: int = 3, per_identity: int = 2):
+    """A small image folder (PNG) of synthetic faces: root/<identity>/<n>.png."""
+    from PIL import Image
+
+    from facenet_jax.data import load_synthetic
+
+    faces = load_synthetic(num_identities=identities, images_per_identity=per_identity,
+                           image_size=24, seed=5)
+    for index, (image, label) in enumerate(zip(faces.images, faces.labels)):
+        folder = root / f"person_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(image)).save(folder / f"{index}.png")
+    return root
+
+
+def _python_m(module, *args):
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+                            env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # orbax's per-restore INFO lines are silenced; this package's own lines stay.
+    assert not [line for line in result.stderr.splitlines() if "orbax" in line], result.stderr
+    return result
+
+
+def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_path):
+    workdir, _ = straight_run
+    output = tmp_path / "again.json"
+    result = _python_m("facenet_jax.evaluate", "--workdir", workdir, "--output", output)
+    assert f"wrote {output}" in result.stdout and "accuracy" in result.stdout
+    again = json.loads(output.read_text())
+    first = json.loads((workdir / "eval.json").read_text())
+    assert again["step"] == first["step"] == 8
+    for key in EVAL_KEYS:
+        assert again[key] == pytest.approx(first[key], abs=1e-6), key
+
+
+def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path):
+    from facenet_jax import data, parallel
+    from facenet_jax.embed import load_encoder
+
+    workdir, _ = straight_run
+    folder = _faces_folder(tmp_path / "faces")
+    output = tmp_path / "out" / "embeddings.npz"
+    result = _python_m("facenet_jax.embed", "--workdir", workdir, "--data_root", folder,
+                       "--output", output)
+    assert "wrote 6 embeddings of 3 identities (step 8)" in result.stdout
+    saved = np.load(output)
+    assert saved["embeddings"].shape == (6, 16) and int(saved["step"]) == 8
+    np.testing.assert_allclose(np.linalg.norm(saved["embeddings"], axis=1), 1.0, atol=1e-5)
+    assert list(saved["identity_names"]) == ["person_0", "person_1", "person_2"]
+    encoder = load_encoder(workdir, mesh=parallel.make_mesh(1))
+    images = data.load_image_folder(folder, image_size=16, min_images_per_identity=1)
+    assert list(saved["labels"]) == list(images.labels)
+    np.testing.assert_allclose(saved["embeddings"], encoder.embed(images.images), atol=1e-5)
+
+
 def test_resume_after_kill_gives_identical_parameters(straight_run, tmp_path):
     straight, _ = straight_run
     killed = _train(tmp_path, check=False, env=_env(FACENET_JAX_KILL_AFTER_STEP="6"))
