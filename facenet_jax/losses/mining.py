@@ -85,7 +85,9 @@ def sort_negatives(d: jax.Array, negative: jax.Array) -> SortedNegatives:
     """One row sort per anchor (values and their columns together), [A,B] -> SortedNegatives."""
     keys = jnp.where(negative, d, jnp.inf)
     columns = jnp.broadcast_to(jnp.arange(d.shape[1], dtype=jnp.int32), d.shape)
-    values, columns = lax.sort((keys, columns), dimension=1, num_keys=1)
+    # Stable, so tied distances keep column order (the documented tie-breaks) on every
+    # backend.
+    values, columns = lax.sort((keys, columns), dimension=1, num_keys=1, is_stable=True)
     return SortedNegatives(values, columns, jnp.sum(negative, axis=1, dtype=jnp.int32))
 
 
@@ -190,11 +192,19 @@ def sample_by_weight(weights: jax.Array, uniform: jax.Array) -> jax.Array:
     weights: [A,B] ≥ 0; uniform: [A,Q] in [0,1) -> [A,Q] int32 columns, each with positive
     weight whenever the row has any (rows of zeros give a meaningless column; mask them).
     """
+    num_columns = weights.shape[1]
     cumulative = jnp.cumsum(weights, axis=1)
     targets = uniform * cumulative[:, -1:]
-    # First column whose cumulative weight exceeds the target: zero-weight columns never are.
+    # First column whose cumulative weight exceeds the target.
     columns = rank_in_rows(cumulative, targets, side="right")
-    last_weighted = jnp.max(jnp.where(weights > 0, jnp.arange(weights.shape[1]), 0), axis=1)
+    # XLA sums long rows in a tree order, so the running total can change (even step down) at
+    # a zero-weight column and the search can land on one: move to the next weighted column.
+    # A min is exact in any order, unlike the sum.
+    column_ids = jnp.arange(num_columns, dtype=jnp.int32)
+    next_weighted = lax.cummin(jnp.where(weights > 0, column_ids, num_columns), axis=1,
+                               reverse=True)
+    columns = jnp.take_along_axis(next_weighted, jnp.minimum(columns, num_columns - 1), axis=1)
+    last_weighted = jnp.max(jnp.where(weights > 0, column_ids, 0), axis=1)
     return jnp.minimum(columns, last_weighted[:, None])  # u·total can round up to total
 
 
