@@ -73,3 +73,20 @@ def test_input_overhead_times_both_feeds():
     for key in ("fixed_step_s", "real_input_step_s", "host_batch_s"):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["ratio"] == pytest.approx(row["real_input_step_s"] / row["fixed_step_s"])
+
+
+def test_heap_growth_measures_both_heaps_between_its_marks(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from benchmarks import heap_growth, kill_resume
+
+    overrides = heap_growth.tiny_overrides(12)
+    assert overrides["num_steps"] == 12 and overrides["data.image_size"] == 16
+    assert overrides["optimizer.schedule"] == "constant"  # bare words stay strings
+    assert len(overrides) == len(kill_resume.TINY) + 1  # + checkpoint_every
+    result = heap_growth.measure(12, 6, tmp_path / "run")
+    assert result["first_mark"] == 6 and len(result["python_heap_mib"]) == 2
+    assert all(value > 0 for value in result["python_heap_mib"] + result["anon_rss_mib"])
+    assert math.isfinite(result["python_growth_mib_per_1000_steps"])
+    assert result["top_python_growth"] and all(
+        {"site", "growth_kib", "new_blocks"} <= set(site) for site in result["top_python_growth"])
+    assert not any("heap_growth.py" in site["site"] for site in result["top_python_growth"])
