@@ -1,8 +1,12 @@
 """Image folders: formats, preprocessing, the memory-mapped cache, bad files, real datasets."""
 
+import concurrent.futures
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +105,64 @@ def test_concurrent_builders_agree_and_leave_one_cache(folder, tmp_path):
         sums = pool.map(_load_in_subprocess, [(folder, cache)] * 3)
     assert len(set(sums)) == 1
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+
+
+def _entry_name(folder, cache):
+    """The cache entry `load_image_folder(folder, 8)` builds, and its images."""
+    images = np.asarray(data.load_image_folder(folder, 8, cache_dir=cache).images)
+    (entry,) = [p.name for p in cache.iterdir() if p.is_dir()]
+    return entry, images
+
+
+def test_leftovers_of_killed_builds_are_removed_by_the_next_build(folder, tmp_path, caplog):
+    entry, expected = _entry_name(folder, tmp_path / "reference")
+    cache = tmp_path / "cache"
+    for pid in (111, 222):  # two earlier builds killed before their cleanup ran
+        (cache / f"{entry}.tmp{pid}").mkdir(parents=True)
+        (cache / f"{entry}.tmp{pid}" / "images.npy").write_bytes(b"\1" * 300_000)
+    other = cache / "other-8px-0123456789abcdef0123.tmp333"  # another entry's build
+    other.mkdir()
+    with caplog.at_level(logging.WARNING):
+        ds = data.load_image_folder(folder, 8, cache_dir=cache)
+    np.testing.assert_array_equal(np.asarray(ds.images), expected)
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [entry, other.name]
+    assert all(f"{entry}.tmp{pid} (" in caplog.text for pid in (111, 222))
+    assert "MiB on disk), left by an interrupted cache build" in caplog.text
+
+
+_HOLD_LOCK_AND_BUILD = """
+import fcntl, os, pathlib, sys, time
+cache, entry = pathlib.Path(sys.argv[1]), sys.argv[2]
+lock = open(cache / f"{entry}.lock", "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+tmp = cache / f"{entry}.tmp{os.getpid()}"
+tmp.mkdir()
+(tmp / "images.npy").write_bytes(bytes(4096))
+print(tmp, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_waiting_process_deletes_nothing_and_cleans_up_after_a_killed_builder(folder,
+                                                                               tmp_path):
+    entry, expected = _entry_name(folder, tmp_path / "reference")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with (subprocess.Popen([sys.executable, "-c", _HOLD_LOCK_AND_BUILD, cache, entry],
+                           stdout=subprocess.PIPE, text=True) as builder,
+          concurrent.futures.ThreadPoolExecutor(1) as pool):
+        try:
+            building = builder.stdout.readline().strip()  # the builder holds the lock
+            waiter = pool.submit(data.load_image_folder, folder, 8, cache_dir=cache)
+            time.sleep(1.0)
+            assert not waiter.done()  # blocked on the lock ...
+            assert os.path.exists(os.path.join(building, "images.npy"))  # ... deleting nothing
+        finally:
+            builder.kill()  # SIGKILL: no cleanup runs, the kernel releases the lock
+            builder.wait()
+        ds = waiter.result(timeout=120)
+    np.testing.assert_array_equal(np.asarray(ds.images), expected)
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == [entry]
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n garbage", "truncated"])

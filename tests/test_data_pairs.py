@@ -118,6 +118,50 @@ def test_malformed_files_report_the_line(tmp_path, text, match):
         data.read_pairs(path, _lfw_like())
 
 
+def _alice_and_bob(alice_files, bob_files=("Bob_0001.jpg", "Bob_0002.jpg")):
+    files = [f"Alice/{f}" for f in alice_files] + [f"Bob/{f}" for f in bob_files]
+    return data.Dataset(np.zeros((len(files), 4, 4, 3), np.uint8),
+                        np.repeat([0, 1], [len(alice_files), len(bob_files)]),
+                        ["Alice", "Bob"], [f"/faces/{f}" for f in files])
+
+
+@pytest.mark.parametrize("alice_files, offending", [
+    (["Alice_0001.png", "Alice_0002.png", "Alice_0002_crop.png", "Alice_0003.png"],
+     ["Alice_0002_crop.png"]),
+    (["Alice_0001.png", "Alice_0002.jpg", "Alice_0002.png", "Alice_0003.png"],
+     ["Alice_0002.jpg", "Alice_0002.png"]),
+])
+def test_partly_numbered_or_repeated_numbers_are_an_error_naming_the_files(
+        tmp_path, alice_files, offending):
+    ds = _alice_and_bob(alice_files)
+    path = tmp_path / "pairs.txt"
+    path.write_text("1\nAlice\t1\t3\nAlice\t1\tBob\t2\n")
+    with pytest.raises(ValueError, match="identity 'Alice'") as error:
+        data.read_pairs(path, ds)  # "Alice 1 3" must never resolve to a file by its position
+    message = str(error.value)
+    assert f"{len(offending)} of its 4 files" in message and "Rename" in message
+    assert all(name in message for name in offending)
+    assert "Alice_0001.png" not in message
+    pairs = data.Pairs(np.array([0, 0]), np.array([3, 5]), np.array([True, False]),
+                       np.array([0, 0]))
+    with pytest.raises(ValueError, match="identity 'Alice'"):
+        data.write_pairs(tmp_path / "out.txt", pairs, ds)
+
+
+def test_only_identities_the_pairs_use_must_be_numbered_and_unnumbered_ones_count_by_position(
+        tmp_path):
+    ds = _alice_and_bob(["Alice_0001.png", "Alice_0002.png", "notes_scan.png"],
+                        ["P00A+000E+00.png", "P00A+005E+10.png", "P00A+010E-20.png"])
+    path = tmp_path / "pairs.txt"
+    path.write_text("1\nBob\t1\t3\nBob\t2\tBob\t3\n")  # is_same by field count only
+    pairs = data.read_pairs(path, ds)  # Alice is badly numbered but unused: no error
+    np.testing.assert_array_equal(pairs.first, [3, 4])
+    np.testing.assert_array_equal(pairs.second, [5, 5])
+    path.write_text("1\nAlice\t1\t2\nAlice\t1\tBob\t2\n")
+    with pytest.raises(ValueError, match="notes_scan.png"):
+        data.read_pairs(path, ds)
+
+
 def test_write_then_read_round_trips_generated_pairs(tmp_path):
     for ds in (_toy([4] * 30), _lfw_like()):  # positional numbers and LFW stems
         pairs = data.generate_pairs(ds, num_folds=2, pairs_per_fold=3, seed=0)
@@ -160,13 +204,37 @@ def test_generated_pairs_are_balanced_disjoint_folds_and_deterministic():
 
 def test_few_identities_share_the_pool_and_give_fewer_pairs_per_fold():
     ds = _toy([3, 3, 2])  # 3+3+1 = 7 same pairs, 21 different pairs in total
-    pairs = data.generate_pairs(ds, num_folds=10, pairs_per_fold=300, seed=0)
-    _check_valid(pairs, ds)
-    # the limit is 7 same pairs over 10 folds: none per fold is possible without repeats
-    assert len(pairs) == 0
     pairs = data.generate_pairs(ds, num_folds=3, pairs_per_fold=300, seed=0)
     _check_valid(pairs, ds)
     assert len(pairs) == 3 * 2 * 2  # 7 // 3 = 2 same (and 2 different) per fold
+
+
+@pytest.mark.parametrize("counts, num_folds, expected", [
+    # 7 same pairs for 10 folds: the shared pool gave 7 // 10 = 0 pairs per fold
+    ([3, 3, 2], 10, ["3 identities and 8 images", "7 same-identity and 21 different",
+                     "lower data.pairs.num_folds to 7 or less"]),
+    ([10, 1], 12, ["10 different-identity pairs", "num_folds to 10 or less"]),
+    # the synthetic test split of 4 identities × 2 images (40 × 2 in all, 10 % held out)
+    ([2] * 4, 10, ["4 identities and 8 images", "4 same-identity", "num_folds to 4 or less"]),
+])
+def test_a_fold_without_a_same_or_different_pair_is_an_error(counts, num_folds, expected):
+    with pytest.raises(ValueError, match="each of the") as error:
+        data.generate_pairs(_toy(counts), num_folds=num_folds, pairs_per_fold=20, seed=0)
+    message = str(error.value)
+    assert all(text in message for text in expected), message
+    assert all(key in message for key in ("data.split.", "images_per_identity"))
+
+
+def test_identities_without_images_never_leave_a_fold_without_pairs():
+    # Dealing 2 + 2 identities into 2 folds often puts each with-images identity beside an
+    # empty one: a fold with no different pair (identity-disjoint folds are not possible).
+    ds = _toy([3, 3, 0, 0])
+    for seed in range(6):
+        pairs = data.generate_pairs(ds, num_folds=2, pairs_per_fold=5, seed=seed)
+        _check_valid(pairs, ds)
+        for fold in range(2):
+            assert pairs.is_same[pairs.fold == fold].sum() == 3
+            assert (~pairs.is_same[pairs.fold == fold]).sum() == 3
 
 
 def test_large_identities_use_rejection_sampling_without_repeats():
@@ -177,7 +245,9 @@ def test_large_identities_use_rejection_sampling_without_repeats():
 
 
 def test_generate_pairs_rejects_unusable_datasets():
-    with pytest.raises(ValueError, match="2 identities"):
+    with pytest.raises(ValueError, match="give only 10 same-identity and 0 different"):
         data.generate_pairs(_toy([5]), seed=0)
-    with pytest.raises(ValueError, match="one with 2 images"):
+    with pytest.raises(ValueError, match="give only 0 same-identity and 3 different"):
         data.generate_pairs(_toy([1, 1, 1]), seed=0)
+    with pytest.raises(ValueError, match="0 different"):  # an identity without images
+        data.generate_pairs(_toy([3, 0]), num_folds=1, seed=0)

@@ -2,7 +2,8 @@
 
 The cache is keyed by the folder's contents (relative paths, sizes, modification times) and the
 preprocessing, built aside and renamed into place under a file lock, so concurrent processes
-(many hosts) never read a half-written cache and the second run starts at once.
+(many hosts) never read a half-written cache and the second run starts at once. The folder of a
+build that was killed (SIGKILL, out of memory) is deleted by the next build of that entry.
 """
 
 from __future__ import annotations
@@ -187,12 +188,25 @@ def _decode_all(paths: Sequence[str | pathlib.Path], image_size: int,
         yield from enumerate(results)
 
 
+def _remove_leftover_builds(entry: pathlib.Path) -> None:
+    """Deletes the `<entry>.tmp*` folders of earlier builds that were killed before their
+    cleanup ran. Only under the entry's lock: its holder is the only process that builds it."""
+    leftovers = [path for path in entry.parent.iterdir()
+                 if path.name.startswith(f"{entry.name}.tmp") and path.is_dir()]
+    for leftover in leftovers:
+        size = sum(f.stat().st_blocks * 512 for f in leftover.rglob("*") if f.is_file())
+        logging.warning("removing %s (%.1f MiB on disk), left by an interrupted cache build",
+                        leftover, size / 2**20)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _build_cache(root: pathlib.Path, relative: list[str], entry: pathlib.Path, image_size: int,
                  center_crop: float | None, skip_bad_files: bool) -> None:
     """Decodes every image into entry/images.npy (uint8 [N,S,S,3]) + meta.json, written in
-    a temporary folder and renamed into place (atomic: readers never see a partial cache)."""
+    a temporary folder and renamed into place (atomic: readers never see a partial cache).
+    The caller holds the entry's lock."""
+    _remove_leftover_builds(entry)
     tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         shape = (len(relative), image_size, image_size, 3)

@@ -3,16 +3,20 @@
 Format: a header `N_folds N_per_fold` (or one number: a single fold), then per fold N_per_fold
 same-identity lines `name n1 n2` and N_per_fold different-identity lines `name1 n1 name2 n2`.
 Image number n of identity `name` is the file whose stem is `name_%04d` (LFW) or the number
-itself (ORL: `s1/3.pgm`); for identities whose stems are not numbers (Yale B) and for
+itself (ORL: `s1/3.pgm`); for identities none of whose stems is a number (Yale B) and for
 generated data without files, n is the 1-based position of the image in the dataset's order.
+An identity with some numbered and some unnumbered stems, or with a number twice, is a
+ValueError naming its files (its numbers would otherwise point at the wrong images).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import pathlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,20 +38,40 @@ class Pairs:
         return len(self.first)
 
 
-def image_numbers(dataset: Dataset) -> np.ndarray:
-    """The LFW image number of every image, int [N] (see the module docstring)."""
+def image_numbers(dataset: Dataset, identities: Sequence[int] | None = None) -> np.ndarray:
+    """The LFW image number of every image, int [N] (see the module docstring).
+
+    Only the images of `identities` (default: all) are numbered, the others get 0: a badly
+    numbered identity is an error only where a pairs file uses it.
+    """
     numbers = np.zeros(len(dataset.labels), np.int64)
-    for identity, name in enumerate(dataset.identity_names):
+    for identity in range(dataset.num_identities) if identities is None else identities:
         rows = np.flatnonzero(dataset.labels == identity)
-        parsed = None
-        if dataset.paths is not None:
-            pattern = re.compile(rf"(?:{re.escape(name)}_)?(\d+)")
-            matches = [pattern.fullmatch(pathlib.Path(dataset.paths[r]).stem) for r in rows]
-            if all(matches):
-                parsed = [int(m.group(1)) for m in matches]
-        if parsed is None or len(set(parsed)) != len(parsed):
-            parsed = range(1, len(rows) + 1)
-        numbers[rows] = parsed
+        numbers[rows] = (range(1, len(rows) + 1) if dataset.paths is None else
+                         _file_numbers(dataset.identity_names[identity],
+                                       [dataset.paths[r] for r in rows]))
+    return numbers
+
+
+def _file_numbers(name: str, files: Sequence[str]) -> list[int]:
+    """One identity's image numbers, in the order of its files: the numbers of their stems, or
+    1-based positions when no stem is numbered; ValueError when that is ambiguous."""
+    pattern = re.compile(rf"(?:{re.escape(name)}_)?(\d+)")
+    matches = [pattern.fullmatch(pathlib.PurePath(f).stem) for f in files]
+    if not any(matches):
+        return list(range(1, len(files) + 1))
+    numbers = [int(m.group(1)) if m else None for m in matches]
+    repeated = {n for n, count in collections.Counter(numbers).items() if count > 1}
+    offending = [pathlib.PurePath(f).name for f, n in zip(files, numbers)
+                 if n is None or n in repeated]
+    if offending:
+        shown = ", ".join(offending[:20]) + (" ..." if len(offending) > 20 else "")
+        raise ValueError(
+            f"identity {name!r}: pairs number its images by the number in each file name "
+            f"({name}_0001.jpg or 1.pgm), but {len(offending)} of its {len(files)} files are "
+            f"unnumbered or repeat a number, so a pair could resolve to the wrong image: "
+            f"{shown}. Rename or move out these files so every file of {name!r} has its own "
+            "number (or none has one: then images are numbered by position)")
     return numbers
 
 
@@ -71,36 +95,37 @@ def read_pairs(path: str | pathlib.Path, dataset: Dataset) -> Pairs:
     if len(body) != 2 * num_folds * per_fold:
         raise ValueError(f"{path}: the header promises {num_folds} folds × {2 * per_fold} "
                          f"pairs = {2 * num_folds * per_fold} lines, found {len(body)}")
-    lookup = {(name, int(number)): i for i, (name, number) in enumerate(
-        zip((dataset.identity_names[l] for l in dataset.labels), image_numbers(dataset)))}
-    first, second, is_same, missing = [], [], [], []
-
-    def resolve(name: str, number: str, line_no: int) -> int:
-        if not number.isdigit():
-            raise ValueError(f"{path}:{line_no}: image number {number!r} is not an integer")
-        index = lookup.get((name, int(number)), -1)
-        if index < 0:
-            missing.append(f"{name}/{name}_{int(number):04d}.* (line {line_no})")
-        return index
-
-    for line_no, fields in body:
-        if len(fields) == 3:
-            a, b = (fields[0], fields[1]), (fields[0], fields[2])
-        elif len(fields) == 4:
-            a, b = (fields[0], fields[1]), (fields[2], fields[3])
-        else:
-            raise ValueError(f"{path}:{line_no}: expected 3 fields (same) or 4 (different), "
-                             f"got {len(fields)}: {' '.join(fields)!r}")
-        first.append(resolve(*a, line_no))
-        second.append(resolve(*b, line_no))
-        is_same.append(len(fields) == 3)
+    parsed = [(line_no, _pair_fields(fields, f"{path}:{line_no}")) for line_no, fields in body]
+    identity_of = {name: i for i, name in enumerate(dataset.identity_names)}
+    named = sorted({identity_of[name] for _, pair in parsed for name, _ in pair
+                    if name in identity_of})
+    numbers = image_numbers(dataset, named)  # only the named identities must be well numbered
+    lookup = {(dataset.identity_names[dataset.labels[i]], int(numbers[i])): int(i)
+              for i in np.flatnonzero(np.isin(dataset.labels, named))}
+    missing = [f"{name}/{name}_{number:04d}.* (line {line_no})" for line_no, pair in parsed
+               for name, number in pair if (name, number) not in lookup]
     if missing:
         shown = "\n  ".join(missing[:50])
         more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
         raise FileNotFoundError(f"{path}: {len(missing)} paired images are not in the dataset "
                                 f"(is the pairs file for this folder?):\n  {shown}{more}")
+    first, second = (np.array([lookup[pair[k]] for _, pair in parsed]) for k in (0, 1))
+    is_same = np.array([len(fields) == 3 for _, fields in body])
     fold = np.arange(len(body)) // (2 * per_fold)
-    return Pairs(np.array(first), np.array(second), np.array(is_same, bool), fold)
+    return Pairs(first, second, is_same, fold)
+
+
+def _pair_fields(fields: list[str], where: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    """One pairs.txt line's two images as (name, number): `name n1 n2` or `name1 n1 name2 n2`."""
+    if len(fields) not in (3, 4):
+        raise ValueError(f"{where}: expected 3 fields (same) or 4 (different), "
+                         f"got {len(fields)}: {' '.join(fields)!r}")
+    a = (fields[0], fields[1])
+    b = (fields[0], fields[2]) if len(fields) == 3 else (fields[2], fields[3])
+    for _, number in (a, b):
+        if not number.isdigit():
+            raise ValueError(f"{where}: image number {number!r} is not an integer")
+    return (a[0], int(a[1])), (b[0], int(b[1]))
 
 
 def write_pairs(path: str | pathlib.Path, pairs: Pairs, dataset: Dataset) -> None:
@@ -115,7 +140,7 @@ def write_pairs(path: str | pathlib.Path, pairs: Pairs, dataset: Dataset) -> Non
         raise ValueError("write_pairs needs folds 0..F-1 in order, each with N same pairs then "
                          "N different pairs (the LFW layout)")
     names = [dataset.identity_names[l] for l in dataset.labels]
-    numbers = image_numbers(dataset)
+    numbers = image_numbers(dataset, np.unique(dataset.labels[np.r_[pairs.first, pairs.second]]))
     out = [f"{len(folds)}\t{per_fold}"]
     for a, b, same in zip(pairs.first, pairs.second, pairs.is_same):
         if same:
@@ -130,18 +155,19 @@ def generate_pairs(dataset: Dataset, *, num_folds: int = 10, pairs_per_fold: int
     """LFW-style pairs: num_folds folds of n same + n different pairs, same pairs first.
 
     Identities are dealt into folds (identity-disjoint folds) when there are at least
-    2 × num_folds identities and every fold then has one identity with 2 images; otherwise
-    every fold draws from all identities (no pair repeats). n = pairs_per_fold where the data
-    allow, else the largest count every fold can give (logged). Deterministic in the seed.
+    2 × num_folds identities and every fold then has two identities with images, one of them
+    with 2; otherwise every fold draws from all identities (no pair repeats). n = pairs_per_fold
+    where the data allow, else the largest count every fold can give (logged). Deterministic in
+    the seed. ValueError when the dataset has fewer than num_folds same-identity pairs or
+    different-identity pairs in all (a fold would get none).
     """
     if num_folds < 1 or pairs_per_fold < 1:
         raise ValueError(f"num_folds and pairs_per_fold must be >= 1, got {num_folds} and "
                          f"{pairs_per_fold}")
     counts = dataset.counts()
-    if dataset.num_identities < 2 or not np.any(counts >= 2):
-        raise ValueError(f"pairs need 2 identities and one with 2 images; the dataset has "
-                         f"{dataset.num_identities} identities, at most {counts.max(initial=0)}"
-                         " images each")
+    same_total, different_total = _pair_totals(counts)
+    if min(same_total, different_total) < num_folds:
+        raise ValueError(_too_few_pairs(counts, same_total, different_total, num_folds))
     rng = np.random.default_rng([seed, 0x9A1])
     groups = _fold_groups(counts, num_folds, rng)
     rows_of = [np.flatnonzero(dataset.labels == i) for i in range(dataset.num_identities)]
@@ -166,15 +192,36 @@ def generate_pairs(dataset: Dataset, *, num_folds: int = 10, pairs_per_fold: int
                  fold=np.repeat(np.arange(num_folds), 2 * n))
 
 
+def _pair_totals(counts: np.ndarray) -> tuple[int, int]:
+    """(same-identity, different-identity) image pairs of identities with these image counts."""
+    counts = np.asarray(counts, np.int64)
+    return (int(np.sum(counts * (counts - 1) // 2)),
+            int((np.sum(counts) ** 2 - np.sum(counts ** 2)) // 2))
+
+
+def _too_few_pairs(counts: np.ndarray, same_total: int, different_total: int,
+                   num_folds: int) -> str:
+    """Why `num_folds` folds are impossible, with the config keys that fix it."""
+    lower = (f"lower data.pairs.num_folds to {min(same_total, different_total)} or less, "
+             if min(same_total, different_total) else "")
+    return (f"generate_pairs: each of the {num_folds} folds needs a same-identity and a "
+            f"different-identity pair, but the {len(counts)} identities and {np.sum(counts)} "
+            f"images of this split ({np.sum(counts >= 2)} identities with 2 or more images, at "
+            f"most {counts.max(initial=0)} each) give only {same_total} same-identity and "
+            f"{different_total} different-identity pairs: {lower}give the split more "
+            "identities (data.split.* fractions or identity files) or use more images per "
+            "identity (e.g. data.synthetic.images_per_identity)")
+
+
 def _fold_groups(counts: np.ndarray, num_folds: int, rng: np.random.Generator
                  ) -> list[np.ndarray] | None:
     """Identities dealt round-robin (shuffled) into folds, or None when some fold would lack
-    a different pair or a same pair."""
+    a different pair (two identities with images) or a same pair (one with 2 images)."""
     if len(counts) < 2 * num_folds:
         return None
     order = rng.permutation(len(counts))
     groups = [np.sort(order[f::num_folds]) for f in range(num_folds)]
-    if any(not np.any(counts[g] >= 2) for g in groups):
+    if any(np.sum(counts[g] >= 1) < 2 or not np.any(counts[g] >= 2) for g in groups):
         return None
     return groups
 
@@ -183,7 +230,7 @@ def _sample_same(rows_of: list[np.ndarray], identities: np.ndarray, n: int,
                  rng: np.random.Generator) -> np.ndarray:
     """Up to n distinct same-identity pairs [m,2] from the given identities, random order."""
     sizes = np.array([len(rows_of[i]) for i in identities])
-    total = int(np.sum(sizes * (sizes - 1) // 2))
+    total, _ = _pair_totals(sizes)
     if total <= max(_MAX_ENUMERATED, 4 * n):
         every = np.concatenate([_upper_pairs(rows_of[i]) for i in identities if
                                 len(rows_of[i]) >= 2])
@@ -202,7 +249,7 @@ def _sample_different(rows_of: list[np.ndarray], identities: np.ndarray, n: int,
     """Up to n distinct different-identity pairs [m,2] from the given identities."""
     rows = np.concatenate([rows_of[i] for i in identities])
     labels = np.concatenate([np.full(len(rows_of[i]), i) for i in identities])
-    total = (len(rows) ** 2 - sum(len(rows_of[i]) ** 2 for i in identities)) // 2
+    _, total = _pair_totals(np.array([len(rows_of[i]) for i in identities]))
     if total <= max(_MAX_ENUMERATED, 4 * n):
         a, b = np.triu_indices(len(rows), 1)
         keep = labels[a] != labels[b]
