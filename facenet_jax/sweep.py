@@ -17,10 +17,21 @@ against minutes of training and buys: a crash (or an out-of-memory kill) ends on
 sweep; each cell's compiled programs and datasets are freed; and the command run is exactly the
 one `--print_commands` prints, with the train CLI's own parsing and type checks.
 
+Before a cell runs, DIR/CELL/sweep_cell.json records what it runs with: the base config path,
+the overrides (common, then the cell's) and the resolved config. Every later run compares each
+record with what the sweep now gives that cell: if one differs (`base` or `common` changed, or
+the base file was edited), the sweep stops before running anything, naming the cells and the
+keys, and changes nothing; `--aggregate_only` shows such cells as "stale" rows without their
+numbers. Cells run before records were kept are assumed to match (a line says so).
+
 A cell whose `eval.json` exists is finished and skipped. A cell that crashed or diverged is
 recorded in DIR/CELL/sweep_status.json (status, the error's last line, wall time) and becomes a
 row saying so; it is not re-run unless `--rerun_failed` is given (re-running resumes from its
-last checkpoint). Results go to DIR/results.csv, DIR/results.md and the PNG plots.
+last checkpoint). A cell whose train process exited 0 without eval.json (the train CLI does so
+after saving a checkpoint on SIGTERM) is recorded as "preempted", and the next plain run
+resumes it. Each attempt's stdout and stderr stream into DIR/CELL/train.log as it runs, after a
+line naming the attempt and its start time (earlier attempts' output is kept). Results go to
+DIR/results.csv, DIR/results.md and the PNG plots.
 
 Collapse rule (`is_collapsed`): over the last `COLLAPSE_WINDOW` training log rows (each the mean
 of `log_every` steps), either
@@ -60,13 +71,15 @@ from typing import Any, TextIO
 
 import ml_collections
 
-from facenet_jax.config import flatten, json_safe, load_config, to_plain
+from facenet_jax.config import changed_keys, flatten, json_safe, load_config, to_plain
 from facenet_jax.logs import read_metrics
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EVAL_FILE = "eval.json"  # the train CLI's end-of-run evaluation (facenet_jax.evaluate)
 STATUS_FILE = "sweep_status.json"
+CELL_FILE = "sweep_cell.json"  # what the cell was last started with (see cell_record)
 LOG_FILE = "train.log"
+ATTEMPT_MARK = "===== sweep attempt"  # opens each attempt's output in train.log
 BASELINE_DIR = "pixel_baselines"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
@@ -82,6 +95,7 @@ COLLAPSE_RADIUS = 0.1
 COLLAPSE_SPREAD_OF_MARGIN = 0.1
 COLLAPSE_LOSS_RTOL = 1e-2
 _MAX_NAME = 120
+_OUTPUT_TAIL = 64 * 1024  # bytes of an attempt's output read back to diagnose it
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
@@ -203,6 +217,49 @@ def cell_config(base: pathlib.Path, common: Mapping[str, Any], cell: Mapping[str
     return load_config(base, {**common, **cell})
 
 
+def cell_record(base: pathlib.Path, common: Mapping[str, Any], cell: Mapping[str, Any]
+                ) -> dict[str, Any]:
+    """What a cell runs with, as DIR/CELL/sweep_cell.json records it: the base config path,
+    the overrides (common, then the cell's) and the resolved config, in JSON's own types so
+    that a record read back compares equal."""
+    record = {"base": str(base), "overrides": {**common, **cell},
+              "config": to_plain(cell_config(base, common, cell))}
+    return json.loads(json.dumps(json_safe(record), default=repr))
+
+
+def record_changes(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]
+                   ) -> list[str]:
+    """"KEY was OLD, now NEW" per resolved config key that differs between the record a
+    cell's folder was started with and `current`; [] when they match or there is no record.
+    The resolved configs are compared, not the overrides: an edited base file counts, a
+    moved one or an override restating the base's value does not."""
+    if recorded is None:
+        return []
+    old, new = flatten(recorded["config"]), flatten(current["config"])
+    return [f"{key} was {_shown(old, key)}, now {_shown(new, key)}"
+            for key in changed_keys(recorded["config"], current["config"], allowed=())]
+
+
+def _shown(flat: Mapping[str, Any], key: str) -> str:
+    return repr(flat[key]) if key in flat else "(absent)"
+
+
+def stale_error(stale: Mapping[str, Sequence[str]], workdir: pathlib.Path) -> str:
+    """The message that stops a sweep whose cell folders hold runs of other configs: the
+    cells grouped by what changed, then the ways to go on."""
+    groups: dict[str, list[str]] = {}
+    for name, changes in stale.items():
+        groups.setdefault("; ".join(changes), []).append(name)
+    lines = [f"{len(stale)} cell folder(s) in {workdir} hold a run started with another config "
+             "than the sweep now gives that cell (its base or common overrides changed, or the "
+             "base file was edited). Nothing was run or changed."]
+    lines += [f"  {', '.join(names)}: {changes}" for changes, names in groups.items()]
+    lines.append(f"To run the sweep as it is now, use a new --workdir, or move those cell folders "
+                 f"out of {workdir} (they then run from scratch). To keep their results, restore "
+                 "the sweep's base and common. --aggregate_only tabulates them as stale rows.")
+    return "\n".join(lines)
+
+
 def _canonical(overrides: Mapping[str, Any]) -> str:
     return json.dumps(json_safe(dict(overrides)), sort_keys=True, default=repr)
 
@@ -258,7 +315,7 @@ def result_row(keys: Sequence[str], config: Mapping[str, Any],
 
     keys: the config columns (dotted), read from the cell's config, so a key that only some
     cells override still has its value in every row. status: "ok" (eval.json exists), else the
-    recorded "crashed"/"diverged", else "pending".
+    recorded "crashed"/"diverged"/"preempted" (or "stale", see aggregate), else "pending".
     """
     flat = flatten(config)
     train_rows = [row for row in metrics if "loss" in row]
@@ -301,12 +358,39 @@ def table_columns(cells: Sequence[Mapping[str, Any]]) -> list[str]:
 def diagnose_failure(returncode: int, stderr: str) -> tuple[str, str]:
     """(status, last line) of a failed train process: "diverged" for a non-finite loss,
     "crashed" otherwise (signals included)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    last = lines[-1] if lines else f"exit status {returncode} with no error output"
+    last = _last_line(stderr) or f"exit status {returncode} with no error output"
     if returncode < 0:
         last = f"killed by signal {-returncode}; {last}"
     status = "diverged" if "NonFiniteLossError" in stderr else "crashed"
     return status, last
+
+
+def cell_outcome(returncode: int, finished: bool, output: str) -> tuple[str, str | None]:
+    """(status, error) of one attempt at a cell from its exit status, whether eval.json
+    exists, and its output: "ok"; "preempted" for exit 0 without eval.json (the train CLI's
+    exit after saving a checkpoint on SIGTERM: a re-run resumes it); else diagnose_failure."""
+    if returncode == 0 and finished:
+        return "ok", None
+    if returncode == 0:
+        last = _last_line(output)
+        return "preempted", ("exited 0 without writing eval.json; the next sweep run resumes it"
+                             + (f" (last output: {last})" if last else ""))
+    return diagnose_failure(returncode, output)
+
+
+def _last_line(text: str) -> str | None:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def attempt_header(attempt: int, started: str, command: Sequence[str]) -> str:
+    """The line that opens one attempt's output in a cell's train.log."""
+    return f"{ATTEMPT_MARK} {attempt}, started {started}: {shlex.join(command)} =====\n"
+
+
+def attempts_logged(log_text: str) -> int:
+    """How many attempts a cell's train.log holds (those logged with an attempt_header)."""
+    return sum(line.startswith(ATTEMPT_MARK) for line in log_text.splitlines())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +429,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     return "\n".join(lines)
 
 
+# Statuses the count line names only when some cell has them.
+_RARE_STATUSES = {"preempted": "the next sweep run resumes them",
+                  "stale": "their folders hold runs of another config; see error"}
+
+
 def write_markdown(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                    columns: Sequence[str], baselines: Mapping[str, Any],
                    path: pathlib.Path) -> None:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "crashed", "diverged",
-                                                                "pending")}
+                                                                "pending", *_RARE_STATUSES)}
+    rare = "".join(f", {counts[s]} {s} ({meaning})" for s, meaning in _RARE_STATUSES.items()
+                   if counts[s])
     common = ", ".join(f"`{k}={format_value(v)}`" for k, v in sweep["common"].items()) or "none"
     base = sweep["base"]
     base_text = base.relative_to(REPO_ROOT) if base.is_relative_to(REPO_ROOT) else base
@@ -357,7 +448,7 @@ def write_markdown(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         f"# Sweep `{sweep['name']}`", "",
         f"Base config `{base_text}`; common overrides: {common}.  ",
         f"{len(rows)} cells: {counts['ok']} finished, {counts['crashed']} crashed, "
-        f"{counts['diverged']} diverged, {counts['pending']} not run.", "",
+        f"{counts['diverged']} diverged, {counts['pending']} not run{rare}.", "",
         "accuracy: 10-fold verification accuracy ± std over folds on held-out identities; "
         "val@far=1e-3: true-accept rate at false-accept rate 1e-3; auc: ROC AUC; final_*: the "
         "last training log row (a mean over `log_every` steps); embedding spread is the mean "
@@ -556,47 +647,90 @@ def plan(sweep: Mapping[str, Any], workdir: pathlib.Path
 
 def run_cell(command: Sequence[str], cell_dir: pathlib.Path, env: Mapping[str, str] | None
              ) -> dict[str, Any]:
-    """Runs one train command (stdout+stderr to DIR/CELL/train.log); returns and writes its
-    status record: {"status", "error", "wall_s", "returncode"}."""
+    """Runs one train command, its stdout and stderr appended to DIR/CELL/train.log while it
+    runs (after an attempt_header); returns and writes its status record: {"status", "error",
+    "wall_s", "returncode"}."""
     cell_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cell_dir / LOG_FILE
+    earlier = log_path.read_text(errors="replace") if log_path.exists() else ""
     argv = [sys.executable, *command[1:]]
     start = time.perf_counter()
-    with (cell_dir / LOG_FILE).open("w") as log:
+    # Straight into the file, not through a pipe: `tail -f` follows the cell, and a killed
+    # sweep still leaves the log. Appending keeps an earlier (failed) attempt's log.
+    with log_path.open("ab") as log:
+        log.write(attempt_header(attempts_logged(earlier) + 1,
+                                 time.strftime("%Y-%m-%d %H:%M:%S %z"), command).encode())
+        log.flush()
+        output_start = log.tell()
         process = subprocess.run(argv, cwd=REPO_ROOT, env=dict(env or os.environ),
-                                 stdout=log, stderr=subprocess.PIPE, text=True)
-        log.write(process.stderr)
+                                 stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
-    if process.returncode == 0 and (cell_dir / EVAL_FILE).exists():
-        record = {"status": "ok", "error": None}
-    elif process.returncode == 0:
-        record = {"status": "crashed",
-                  "error": "the train process exited 0 without writing eval.json"}
-    else:
-        status, error = diagnose_failure(process.returncode, process.stderr)
-        record = {"status": status, "error": error}
-    record.update(wall_s=wall, returncode=process.returncode)
+    status, error = cell_outcome(process.returncode, (cell_dir / EVAL_FILE).exists(),
+                                 _read_output(log_path, output_start))
+    record = {"status": status, "error": error, "wall_s": wall,
+              "returncode": process.returncode}
     _write_json(cell_dir / STATUS_FILE, record)
     return record
+
+
+def _read_output(path: pathlib.Path, start: int) -> str:
+    """This attempt's output in the log (from byte `start`), at most its last _OUTPUT_TAIL
+    bytes: failures are diagnosed from the end."""
+    with path.open("rb") as f:
+        f.seek(max(start, path.stat().st_size - _OUTPUT_TAIL))
+        return f.read().decode(errors="replace")
+
+
+class StaleCellsError(ValueError):
+    """Cell folders hold runs of another config than the sweep now gives them."""
+
+
+def check_records(sweep: Mapping[str, Any], workdir: pathlib.Path
+                  ) -> tuple[dict[str, list[str]], list[str]]:
+    """(stale: cell name → what changed since its folder's run was started (record_changes),
+    unrecorded: cells with a result or status but no record, from before records were kept)."""
+    stale, unrecorded = {}, []
+    for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
+        cell_dir = workdir / name
+        recorded = _read_json(cell_dir / CELL_FILE)
+        if recorded is None:
+            if (cell_dir / EVAL_FILE).exists() or (cell_dir / STATUS_FILE).exists():
+                unrecorded.append(name)
+            continue
+        changes = record_changes(recorded, cell_record(sweep["base"], sweep["common"], cell))
+        if changes:
+            stale[name] = changes
+    return stale, unrecorded
 
 
 def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: bool = False,
               env: Mapping[str, str] | None = None, out: TextIO | None = None) -> None:
     """Runs the unfinished cells one after another, printing progress and an ETA to `out`
-    (sys.stdout as it is at call time when None)."""
+    (sys.stdout as it is at call time when None). Raises StaleCellsError, before running
+    anything, when a cell folder holds a run of another config (check_records)."""
     out = out or sys.stdout
     planned = plan(sweep, workdir)
+    stale, unrecorded = check_records(sweep, workdir)
+    if stale:
+        raise StaleCellsError(stale_error(stale, workdir))
+    if unrecorded:
+        print(f"{len(unrecorded)} cell(s) hold results from before the sweep recorded each "
+              f"cell's config, so they cannot be checked; assumed to match the sweep as it is "
+              f"now: {', '.join(unrecorded)}", file=out, flush=True)
     todo = []
-    for name, _, command in planned:
+    for name, cell, command in planned:
         record = _read_json(workdir / name / STATUS_FILE) or {}
         finished = (workdir / name / EVAL_FILE).exists()
         failed = record.get("status") in ("crashed", "diverged")
         if not finished and (rerun_failed or not failed):
-            todo.append((name, command))
+            todo.append((name, cell, command))
     print(f"sweep {sweep['name']}: {len(planned)} cells, {len(planned) - len(todo)} already "
           f"finished or failed (skipped), {len(todo)} to run", file=out, flush=True)
     start, durations = time.perf_counter(), []
-    for i, (name, command) in enumerate(todo, 1):
+    for i, (name, cell, command) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {name} ...", file=out, flush=True)
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+        _write_json(workdir / name / CELL_FILE, cell_record(sweep["base"], sweep["common"], cell))
         record = run_cell(command, workdir / name, env)
         durations.append(record["wall_s"])
         elapsed = time.perf_counter() - start
@@ -641,17 +775,24 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
     rows, histories, baselines = [], {}, {}
     columns = table_columns(sweep["cells"])
     config_keys = [c for c in columns if c not in METRIC_COLUMNS]
+    stale, _ = check_records(sweep, workdir)
     for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
         cell_dir = workdir / name
-        saved = _read_json(cell_dir / "config.json")
         config = cell_config(sweep["base"], sweep["common"], cell)
-        plain = saved["config"] if saved else to_plain(config)
         key, baseline = pixel_baseline(config, workdir)
         baselines[key] = baseline
-        metrics = read_metrics(cell_dir)
+        if name in stale:  # another config's run: the current cell's row, none of its numbers
+            plain, evaluation, metrics = to_plain(config), None, []
+            status = {"status": "stale",
+                      "error": f"its folder holds a run of another config: "
+                               f"{'; '.join(stale[name])}"}
+        else:
+            saved = _read_json(cell_dir / "config.json")
+            plain = saved["config"] if saved else to_plain(config)
+            evaluation, metrics = _read_json(cell_dir / EVAL_FILE), read_metrics(cell_dir)
+            status = _read_json(cell_dir / STATUS_FILE)
         histories[name] = [row for row in metrics if "loss" in row]
-        row = result_row(config_keys, plain, _read_json(cell_dir / EVAL_FILE), metrics,
-                         _read_json(cell_dir / STATUS_FILE),
+        row = result_row(config_keys, plain, evaluation, metrics, status,
                          baseline["accuracy"] if baseline else None)
         rows.append({"name": name, **row})
     write_csv(rows, ["name", *columns], workdir / RESULTS_CSV)
@@ -684,7 +825,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(shlex.join(command))
         return
     if not args.aggregate_only:
-        run_sweep(sweep, workdir, rerun_failed=args.rerun_failed)
+        try:
+            run_sweep(sweep, workdir, rerun_failed=args.rerun_failed)
+        except StaleCellsError as error:
+            sys.exit(f"sweep {sweep['name']}: {error}")
     rows = aggregate(sweep, workdir)
     ok = sum(row["status"] == "ok" for row in rows)
     print(f"{ok}/{len(rows)} cells finished; wrote {workdir / RESULTS_MD}, "

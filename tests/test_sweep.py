@@ -1,6 +1,6 @@
-"""Sweeps: grids, cell names, sweep files, printed commands, skipping, failure records, the
-collapse rule, aggregation from faked cells, and one real sweep end to end (two tiny training
-cells and a crashing one)."""
+"""Sweeps: grids, cell names, sweep files, printed commands, skipping, failure records, stale
+cells, preemption and cell logs (with a fake train), the collapse rule, aggregation from faked
+cells, and one real sweep end to end (two tiny training cells and a crashing one)."""
 
 import csv
 import io
@@ -230,6 +230,207 @@ def test_diagnose_failure(returncode, stderr, status, error):
 
 
 # ----------------------------------------------------------------------------------------------
+# Records of what each cell ran with (stale cells), preemption, the cell log (fake trains).
+
+# A stand-in for the train CLI, run as `python FAKE_TRAIN CELL_DIR`: it logs to stderr and
+# behaves as the file CELL_DIR/../plan.json says for the cell ("ok", "preempt", "fail").
+FAKE_TRAIN = """
+import json, pathlib, sys
+cell = pathlib.Path(sys.argv[1])
+plan = json.loads((cell.parent / "plan.json").read_text())
+runs = plan.setdefault("runs", {})
+runs[cell.name] = runs.get(cell.name, 0) + 1
+(cell.parent / "plan.json").write_text(json.dumps(plan))
+print(f"fake train of {cell.name}, run {runs[cell.name]}", file=sys.stderr, flush=True)
+todo = plan["actions"][cell.name]
+action = todo[min(runs[cell.name], len(todo)) - 1]
+if action == "preempt":
+    print("W train.py] SIGTERM: saved step 2; re-run the same command to resume",
+          file=sys.stderr)
+elif action == "fail":
+    sys.exit("ValueError: fake failure")
+else:
+    (cell / "eval.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_std": 0.01,
+                                                "val@far=1e-3": 0.5, "auc": 0.95}))
+"""
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    """Makes the sweep run FAKE_TRAIN instead of the train CLI; returns set_actions(workdir,
+    {cell name: [action per run]}), which returns a function giving each cell's run count."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(sweep, "train_command",
+                        lambda base, workdir, overrides, python="python":
+                        [python, str(script), str(workdir)])
+
+    def set_actions(workdir, actions):
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "plan.json").write_text(json.dumps({"actions": actions}))
+        return lambda: json.loads((workdir / "plan.json").read_text()).get("runs", {})
+    return set_actions
+
+
+def _cached_baseline(spec, workdir):
+    """Writes the pixel baseline aggregate would compute, so aggregating stays fast."""
+    config = sweep.cell_config(spec["base"], spec["common"], spec["cells"][0])
+    (workdir / sweep.BASELINE_DIR).mkdir(parents=True, exist_ok=True)
+    (workdir / sweep.BASELINE_DIR / f"{sweep.baseline_key(config)}.json").write_text(
+        json.dumps({"accuracy": 0.6, "accuracy_std": 0.0, "auc": 0.6}))
+
+
+def _sweep_with(folder, base, common, cells):
+    return sweep.load_sweep(_write_sweep(folder, f"""
+        def get_sweep():
+            return {{"base": {str(base)!r}, "common": {common!r}, "cells": {cells!r}}}
+    """))
+
+
+@pytest.mark.parametrize("change", ["common", "base file"])
+def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fake_train,
+                                                                    change):
+    """The repro of the bug: run with num_steps=4 in common, then 8 (or edit the base file):
+    the sweep stops naming the cells and keys, touches nothing, and the tables show the cells
+    as stale, not as results of the changed sweep. Restoring the sweep makes them count."""
+    base = tmp_path / "base.py"
+    base.write_text(DEFAULT.read_text())
+    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
+    spec = _sweep_with(tmp_path, base, {"num_steps": 4}, cells)
+    workdir = tmp_path / "runs"
+    names = sweep.cell_names(cells)
+    runs = fake_train(workdir, {name: ["ok"] for name in names})
+    _cached_baseline(spec, workdir)
+    sweep.run_sweep(spec, workdir, out=io.StringIO())
+    assert runs() == {name: 1 for name in names}
+    recorded = json.loads((workdir / names[0] / sweep.CELL_FILE).read_text())
+    assert recorded["overrides"] == {"num_steps": 4, "loss.margin": 0.1}
+    assert recorded["base"] == str(base.resolve()) and recorded["config"]["num_steps"] == 4
+
+    if change == "common":
+        changed = _sweep_with(tmp_path, base, {"num_steps": 8}, cells)
+        what = "num_steps was 4, now 8"
+    else:
+        base.write_text(DEFAULT.read_text().replace("opt.decay_boundaries = (0.5, 0.75)",
+                                                    "opt.decay_boundaries = (0.5, 0.8)"))
+        changed = spec
+        what = "optimizer.decay_boundaries was [0.5, 0.75], now [0.5, 0.8]"
+    evals = {name: (workdir / name / "eval.json").read_bytes() for name in names}
+    with pytest.raises(sweep.StaleCellsError) as error:
+        sweep.run_sweep(changed, workdir, out=io.StringIO())
+    message = str(error.value)
+    assert f"{names[0]}, {names[1]}: {what}" in message
+    assert "new --workdir" in message and "move those cell folders" in message
+    assert runs() == {name: 1 for name in names}  # nothing ran
+    assert {name: (workdir / name / "eval.json").read_bytes() for name in names} == evals
+
+    with pytest.raises(SystemExit, match="Nothing was run"):
+        sweep.main(["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(workdir)])
+    rows = sweep.aggregate(changed, workdir)
+    assert [row["status"] for row in rows] == ["stale", "stale"]
+    assert all(row["accuracy"] is None and what in row["error"] for row in rows)
+    assert "2 stale" in (workdir / "results.md").read_text()
+
+    base.write_text(DEFAULT.read_text())
+    restored = _sweep_with(tmp_path, base, {"num_steps": 4}, cells)
+    out = io.StringIO()
+    sweep.run_sweep(restored, workdir, out=out)
+    assert "2 already finished or failed (skipped), 0 to run" in out.getvalue()
+    assert [row["status"] for row in sweep.aggregate(restored, workdir)] == ["ok", "ok"]
+
+
+def test_cells_finished_before_records_were_kept_are_assumed_to_match(tmp_path, fake_train):
+    spec = sweep.load_sweep(_tiny_sweep_file(tmp_path, [{"loss.margin": 0.1},
+                                                        {"loss.margin": 0.2}]))
+    workdir = tmp_path / "runs"
+    names = sweep.cell_names(spec["cells"])
+    runs = fake_train(workdir, {name: ["ok"] for name in names})
+    _cached_baseline(spec, workdir)
+    (workdir / names[0]).mkdir()
+    (workdir / names[0] / "eval.json").write_text(json.dumps({"accuracy": 0.8}))
+    out = io.StringIO()
+    sweep.run_sweep(spec, workdir, out=out)
+    assert ("1 cell(s) hold results from before the sweep recorded each cell's config, so they "
+            f"cannot be checked; assumed to match the sweep as it is now: {names[0]}"
+            ) in out.getvalue()
+    assert runs() == {names[1]: 1} and not (workdir / names[0] / sweep.CELL_FILE).exists()
+    assert [row["status"] for row in sweep.aggregate(spec, workdir)] == ["ok", "ok"]
+
+
+def test_record_changes_compare_resolved_configs(tmp_path):
+    moved = tmp_path / "moved.py"
+    moved.write_text(DEFAULT.read_text())
+    cell = {"loss.margin": 0.1}
+    recorded = sweep.cell_record(DEFAULT, {}, cell)
+    # A moved base, and overrides restating its values (a tuple, as JSON's list), are the same.
+    same = sweep.cell_record(moved, {"num_steps": 1200,
+                                     "optimizer.decay_boundaries": (0.5, 0.75)}, cell)
+    assert sweep.record_changes(recorded, same) == []
+    other = sweep.cell_record(DEFAULT, {"num_steps": 8, "loss.soft": True}, cell)
+    assert sweep.record_changes(recorded, other) == ["loss.soft was False, now True",
+                                                     "num_steps was 1200, now 8"]
+    assert sweep.record_changes(None, other) == []
+
+
+def test_a_preempted_cell_is_recorded_so_and_resumed_by_the_next_plain_run(tmp_path,
+                                                                           fake_train):
+    """The train CLI exits 0 without eval.json after saving a checkpoint on SIGTERM: not a
+    crash, and not skipped by the next run (which resumes it)."""
+    spec = sweep.load_sweep(_tiny_sweep_file(tmp_path, [{"loss.margin": 0.1}]))
+    workdir = tmp_path / "runs"
+    name = sweep.cell_names(spec["cells"])[0]
+    runs = fake_train(workdir, {name: ["preempt", "ok"]})
+    _cached_baseline(spec, workdir)
+    out = io.StringIO()
+    sweep.run_sweep(spec, workdir, out=out)
+    record = json.loads((workdir / name / sweep.STATUS_FILE).read_text())
+    assert record["status"] == "preempted" and "SIGTERM: saved step 2" in record["error"]
+    assert f"{name}: preempted in" in out.getvalue()
+    assert sweep.aggregate(spec, workdir)[0]["status"] == "preempted"
+    assert "1 preempted" in (workdir / "results.md").read_text()
+    out = io.StringIO()
+    sweep.run_sweep(spec, workdir, out=out)
+    assert "0 already finished or failed (skipped), 1 to run" in out.getvalue()
+    assert runs() == {name: 2}
+    assert sweep.aggregate(spec, workdir)[0]["status"] == "ok"
+
+
+# Prints a line, then looks for it in its own cell's train.log: there only if streamed.
+STREAM_CHECK = """
+import pathlib, sys
+cell = pathlib.Path(sys.argv[1])
+print("line written before exiting", file=sys.stderr, flush=True)
+seen = "line written before exiting" in (cell / "train.log").read_text()
+if seen:
+    (cell / "eval.json").write_text("{}")
+sys.exit(0 if seen else 3)
+"""
+
+
+def test_cell_log_streams_while_running_and_keeps_every_attempt(tmp_path):
+    cell = tmp_path / "cell"
+
+    def attempt(code):
+        return sweep.run_cell(["python", "-c", code, str(cell)], cell, None)
+
+    first = attempt("import sys; print('NonFiniteLossError: nan at step 3', file=sys.stderr); "
+                    "sys.exit(1)")
+    assert first["status"] == "diverged"
+    second = attempt("import sys; sys.exit('ValueError: data.root missing')")
+    # Only this attempt's output is diagnosed, though the log still holds the first's.
+    assert (second["status"], second["error"]) == ("crashed", "ValueError: data.root missing")
+    third = attempt(STREAM_CHECK)
+    assert third["status"] == "ok", third  # the cell saw its own line in the log as it ran
+    log = (cell / sweep.LOG_FILE).read_text()
+    headers = [line for line in log.splitlines() if line.startswith(sweep.ATTEMPT_MARK)]
+    assert [h.split(",")[0] for h in headers] == [f"{sweep.ATTEMPT_MARK} {i}" for i in (1, 2, 3)]
+    assert re.search(r", started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", headers[2])
+    assert (log.index("NonFiniteLossError") < log.index(headers[1])
+            < log.index("data.root missing") < log.index(headers[2])
+            < log.index("line written before exiting"))
+
+
+# ----------------------------------------------------------------------------------------------
 # The collapse rule.
 
 
@@ -423,8 +624,14 @@ def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
     assert "data.root" in crashed["error"]
     assert all(float(r["wall_s"]) > 0 and r["loss.margin"] == "0.2"
                and r["loss.distance"] == "squared" for r in (ok, crashed))
-    assert "Traceback" in (workdir / "source-folder" / sweep.LOG_FILE).read_text()
+    log = (workdir / "source-folder" / sweep.LOG_FILE).read_text()
+    assert log.startswith(f"{sweep.ATTEMPT_MARK} 1, started ") and "Traceback" in log
     assert len(list((workdir / sweep.BASELINE_DIR).glob("*.json"))) == 1
     assert (workdir / sweep.ACCURACY_PLOT).exists() and (workdir / sweep.ACTIVE_PLOT).exists()
     sweep.main(["--sweep", str(path), "--workdir", str(workdir)])
     assert "2 already finished or failed (skipped), 0 to run" in capsys.readouterr().out
+    # The records the real cells left catch a changed common before anything runs.
+    path.write_text(path.read_text().replace("'num_steps': 6", "'num_steps': 8"))
+    with pytest.raises(SystemExit, match="strategy-hardest, source-folder: num_steps was 6, "
+                                         "now 8"):
+        sweep.main(["--sweep", str(path), "--workdir", str(workdir)])
