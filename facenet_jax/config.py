@@ -8,6 +8,7 @@ Configs are Python files whose `get_config()` returns an `ml_collections.ConfigD
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -22,6 +23,10 @@ import ml_collections
 
 # Keys a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+# Counts and sizes that are meaningless below 1 (a 0 would fail only deep inside a run).
+POSITIVE_INT_KEYS = RESUMABLE_KEYS + ("data.prefetch", "data.pairs.num_folds",
+                                      "data.pairs.pairs_per_fold", "eval.batch_size",
+                                      "model.embedding_dim")
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
@@ -90,10 +95,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     """
     from facenet_jax import losses, models, optim  # local: keep `config` import-light
 
-    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        value = config[key]
+    for key in POSITIVE_INT_KEYS:
+        value = functools.reduce(lambda node, part: node[part], key.split("."), config)
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+            raise ValueError(f"config.{key} must be a positive integer, got {value!r}; pass "
+                             f"--config.{key}=N with N >= 1")
     losses.validate_loss_args(
         margin=config.loss.margin, strategy=config.loss.strategy,
         distance=config.loss.distance, soft=config.loss.soft,

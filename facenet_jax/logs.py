@@ -57,13 +57,17 @@ def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
 class MetricsWriter:
     """Appends metric rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True,
+                 purge_step: int | None = None):
+        """`purge_step`: on a resume, the first step this run logs; TensorBoard then hides
+        events of earlier attempts at that step or later (metrics.jsonl is truncated apart)."""
         self._enabled = enabled
         self._path = pathlib.Path(workdir) / METRICS_FILE
         self._tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-            self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                                              purge_step=purge_step)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         if not self._enabled:
@@ -75,6 +79,11 @@ class MetricsWriter:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(tensorboard_tag(key), value, step)
+
+    def flush(self) -> None:
+        """Puts TensorBoard's buffered events on disk (it buffers up to two minutes)."""
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
 
     def close(self) -> None:
         if self._tensorboard is not None:

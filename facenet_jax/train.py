@@ -7,7 +7,9 @@ Re-running the same command on the same DIR resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -35,6 +37,7 @@ from facenet_jax.logs import MetricsWriter, cli_logging, truncate_metrics
 from facenet_jax.state import TrainState, build_model, build_optimizer, create_train_state
 
 AXIS = parallel.AXIS
+LOCK_FILE = ".lock"  # held by the training process; see _exclusive_workdir
 # Training-line keys averaged over the steps since the previous log line.
 LOGGED_STATS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_triplets",
                 "num_active", "semihard_found_fraction", "embedding_spread", "learning_rate",
@@ -66,7 +69,8 @@ class LossSpec:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+    """The loss or gradient norm became NaN/inf; the message names the step and the last good
+    checkpoint."""
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
@@ -162,10 +166,41 @@ def _prepare_workdir(workdir: pathlib.Path, is_writer: bool) -> None:
                       "--workdir or free space/permissions there") from error
 
 
+@contextlib.contextmanager
+def _exclusive_workdir(workdir: pathlib.Path, is_writer: bool) -> Iterator[None]:
+    """Holds an exclusive lock on DIR/.lock while training (process 0; the kernel drops it if
+    the process dies). Two runs in one DIR, e.g. a requeued job whose old copy still runs,
+    would each delete the other's in-progress checkpoint as a torn save."""
+    if not is_writer:
+        yield
+        return
+    with open(workdir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(
+                f"another process (pid {holder}) is training in {workdir}; wait for it to end "
+                "or stop it, or use another --workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)  # no stale pid once this run is over
+
+
 def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys."""
+    """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys.
+
+    Only a checkpoint binds the config: a run that stopped before its first save (bad data,
+    a NaN at step 3) may be started again with a corrected config in the same DIR.
+    """
     saved_path = workdir / "config.json"
-    if not saved_path.exists() or not checkpoints.checkpoint_dir(workdir).exists():
+    if not saved_path.exists() or checkpoints.latest_step(workdir) is None:
         return
     saved = json.loads(saved_path.read_text())["config"]
     differing = changed_keys(saved, to_plain(config))
@@ -271,6 +306,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mesh = parallel.make_mesh()
     validate_config(config, num_devices=mesh.size)
     _prepare_workdir(workdir, is_writer)
+    with _exclusive_workdir(workdir, is_writer):
+        return _train_in(workdir, config, mesh, is_writer)
+
+
+def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+              mesh: jax.sharding.Mesh, is_writer: bool) -> dict[str, Any]:
+    """train_and_evaluate's body, run while this process holds DIR's lock."""
     _check_resume_config(workdir, config)
     _check_num_steps(workdir, config.num_steps)
     model = build_model(config, bn_axis_name=AXIS)
@@ -283,6 +325,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
     evaluate.generated_pairs(config, splits["test"])  # a too-small test split fails now
+    validation = splits["validation"]
+    validation_pairs = (evaluate.generated_pairs(config, validation)
+                        if validation.num_identities >= 2 else None)
     sampler = data.PKSampler(
         splits["train"], identities=config.batch.identities,
         images_per_identity=config.batch.images_per_identity, seed=config.seed,
@@ -304,13 +349,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                               mining=config.parallel.mining)
     embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
                           batch_size=config.eval.batch_size, flip=config.eval.flip)
-    pairs_cfg = config.data.pairs
-    validation = splits["validation"]
-    validation_pairs = (data.generate_pairs(validation, num_folds=pairs_cfg.num_folds,
-                                            pairs_per_fold=pairs_cfg.pairs_per_fold,
-                                            seed=config.seed)
-                        if validation.num_identities >= 2 else None)
-    writer = MetricsWriter(workdir, enabled=is_writer)
+    # TensorBoard drops the events a killed earlier attempt logged past the restored step.
+    writer = MetricsWriter(workdir, enabled=is_writer,
+                           purge_step=start_step + 1 if restored is not None else None)
     progress = _Progress(start_step, config.num_steps, enabled=is_writer)
     batch_size = config.batch.identities * config.batch.images_per_identity
     last_checkpoint = start_step if restored is not None else None
@@ -323,13 +364,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             return
         rows = parallel.to_host(pending)
         for offset, row in enumerate(rows):
-            if not math.isfinite(float(row["loss"])):
+            # A finite loss with a non-finite gradient would make the next checkpoint NaN.
+            bad_values = {k: float(row[k]) for k in ("loss", "grad_norm")
+                          if not math.isfinite(float(row[k]))}
+            if bad_values:
                 bad = step - len(rows) + offset + 1
                 raise NonFiniteLossError(
-                    f"non-finite loss ({float(row['loss'])}) at step {bad}; last good "
+                    f"non-finite loss or gradient ({bad_values}) at step {bad}; last good "
                     f"checkpoint: {last_checkpoint if last_checkpoint is not None else 'none'} "
-                    f"in {checkpoints.checkpoint_dir(workdir)}. Lower the learning rate or check "
-                    "the data, then re-run the same command to resume from it.")
+                    f"in {checkpoints.checkpoint_dir(workdir)}. Re-running the same command "
+                    "repeats the same batches from there; to change the learning rate, "
+                    "optimizer.grad_clip_norm or the data, start a new --workdir (or, with no "
+                    "checkpoint yet, re-run in this one).")
         elapsed = time.perf_counter() - window_start
         row = {k: v for k, v in _mean_rows(rows).items() if k in LOGGED_STATS}
         row["images_per_second"] = batch_size * len(rows) / max(elapsed, 1e-9)
@@ -358,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             should_save = done % config.checkpoint_every == 0 or done == config.num_steps
             if should_save or preemption.requested:
                 flush_logs(done)
+                writer.flush()  # TensorBoard up to date with the checkpoint, as metrics.jsonl is
                 checkpoints.save(manager, done, state)
                 last_checkpoint = done
             if done == kill_after_step:

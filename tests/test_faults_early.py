@@ -8,6 +8,7 @@ covers what reaches the trainer end to end, the workdir faults and very large im
 """
 
 import collections
+import fcntl
 import os
 
 import jax
@@ -76,6 +77,14 @@ def _state_shapes(config):
     ({"model.name": "resnet19"}, "resnet18"),
     ({"batch.identities": 12}, r"not divisible by the 8 devices.*P = 8 or 16"),
     ({"batch.images_per_identity": 1}, r"K\) = 1.*images_per_identity >= 2"),
+    # Zeros that used to fail only deep inside the run (the prefetch thread, the final
+    # evaluation's batching, the initialiser) or left 0 pairs.
+    ({"data.prefetch": 0}, r"data\.prefetch must be a positive integer, got 0; pass "
+                           r"--config\.data\.prefetch=N"),
+    ({"eval.batch_size": 0}, r"eval\.batch_size must be a positive integer"),
+    ({"model.embedding_dim": 0}, r"model\.embedding_dim must be a positive integer"),
+    ({"data.pairs.num_folds": 0}, r"data\.pairs\.num_folds must be a positive integer"),
+    ({"data.pairs.pairs_per_fold": -3}, r"pairs_per_fold must be a positive integer, got -3"),
 ])
 def test_bad_config_stops_before_the_workdir_or_compiling(tmp_path, monkeypatch, compiles,
                                                           override, match):
@@ -94,11 +103,49 @@ def test_disk_without_room_for_one_checkpoint_is_clear_before_data(tmp_path, mon
     with pytest.raises(OSError, match=r"MiB free but one checkpoint needs about .*--workdir"):
         train.train_and_evaluate(_config(), tmp_path / "run")
     assert compiles == []
-    assert os.listdir(tmp_path / "run") == []  # the probe file is gone, nothing else written
+    # The probe file is gone; only the (empty) lock file of the workdir lock remains.
+    assert os.listdir(tmp_path / "run") == [train.LOCK_FILE]
+    assert (tmp_path / "run" / train.LOCK_FILE).read_text() == ""
     # One byte more and the same check passes (it is not always failing).
     monkeypatch.setattr(checkpoints.shutil, "disk_usage",
                         lambda path: DiskUsage(10 * needed, 0, needed))
     checkpoints.check_free_space(tmp_path, _state_shapes(_config()))
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused_and_touches_nothing(tmp_path, monkeypatch,
+                                                                       compiles):
+    """A requeued job whose old copy still runs: the newcomer stops before reading or writing
+    anything in DIR (it would otherwise delete the running save as a torn one)."""
+    _no_data_loading(monkeypatch)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "7.orbax-checkpoint-tmp").mkdir(parents=True)  # a save in flight
+    (run / "metrics.jsonl").write_text('{"step": 7}\n')
+    with open(run / train.LOCK_FILE, "a+") as running:
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running.write("4242\n")
+        running.flush()
+        with pytest.raises(RuntimeError, match=r"another process \(pid 4242\) is training in "
+                                               r".*run; wait .*another --workdir"):
+            train.train_and_evaluate(_config(), run)
+    assert compiles == []
+    assert (run / "checkpoints" / "7.orbax-checkpoint-tmp").is_dir()
+    assert (run / "metrics.jsonl").read_text() == '{"step": 7}\n'
+    # Released (the holder ended or was killed), the lock is taken and cleared again.
+    with train._exclusive_workdir(run, is_writer=True):
+        assert (run / train.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert (run / train.LOCK_FILE).read_text() == ""
+
+
+def test_config_may_change_until_the_first_checkpoint(tmp_path):
+    """A run that failed before its first save binds nothing; after one, the change is named."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # what a run failing before its first save leaves
+    train._write_config(run, _config(**{"optimizer.learning_rate": 1e30}))
+    train._check_resume_config(run, _config())  # no error: nothing to resume
+    manager = checkpoints.make_manager(run, max_to_keep=1)
+    checkpoints.save(manager, 2, {"w": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"optimizer\.learning_rate: 1e\+30 -> 0\.003"):
+        train._check_resume_config(run, _config())
 
 
 def test_workdir_below_a_file_is_a_clear_error(tmp_path, monkeypatch, compiles):
@@ -142,7 +189,9 @@ def _truncated_jpeg(root):
     (_truncated_jpeg, {}, data.BadImageError, r"person_03/bad.jpg.*skip_bad_files"),
     (lambda root: _face_folder(root, 1, images=6), {}, ValueError,
      r"holds 1 usable identities \(\['person_00'\];.*add identities"),
-    (lambda root: _face_folder(root, 24), {"batch.identities": 24}, ValueError,
+    # 2 folds: the 2-identity test split gives pairs, so the P check is what fails.
+    (lambda root: _face_folder(root, 24), {"batch.identities": 24, "data.pairs.num_folds": 2},
+     ValueError,
      r"batch.identities \(P\) = 24 exceeds the 20 trainable"),
 ], ids=["truncated_jpeg", "one_identity", "more_identities_than_exist"])
 def test_bad_folder_fails_before_compiling(tmp_path, compiles, make_folder, overrides, error,

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -156,6 +157,35 @@ def test_resume_after_kill_gives_identical_parameters(straight_run, tmp_path):
     assert step_a == step_b == 8
     for a, b in zip(params_a, params_b):
         np.testing.assert_array_equal(a, b)
+    # TensorBoard: the resumed run marks step 5 as purged, so the killed attempt's step 6 is
+    # hidden; applying TensorBoard's rule leaves each step once.
+    events = _tensorboard_events(tmp_path / "tensorboard")
+    starts = [(i, e.step) for i, (_, e) in enumerate(events) if e.HasField("session_log")]
+    assert [step for _, step in starts] == [5]
+    visible = [e.step for i, (_, e) in enumerate(events) if _is_loss(e)
+               and not (i < starts[0][0] and e.step >= 5)]
+    assert visible == [2, 4, 6, 8]
+
+
+def _tensorboard_events(folder: pathlib.Path) -> list:
+    """(file, Event) in writing order, read from the TFRecord files (8-byte length, 4-byte CRC,
+    the Event proto, 4-byte CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):  # names start with the time
+        raw, offset = path.read_bytes(), 0
+        while offset < len(raw):
+            (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+            event = Event()
+            event.ParseFromString(raw[offset + 12:offset + 12 + length])
+            events.append((path.name, event))
+            offset += 12 + length + 4
+    return events
+
+
+def _is_loss(event) -> bool:
+    return any(value.tag == "loss" for value in event.summary.value)
 
 
 def test_changed_config_on_resume_names_the_keys(straight_run):
