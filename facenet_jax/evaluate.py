@@ -122,22 +122,53 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     """Loads DIR's latest checkpoint; evaluates its test split or a folder + pairs file."""
     from facenet_jax.embed import load_encoder
 
+    _check_output_holds_the_same_evaluation(output, data_root, pairs_file)
     encoder = load_encoder(workdir)
     config = encoder.config
+    extra = evaluation_target(data_root, pairs_file)
     if data_root is None:
         test, pairs = test_split_and_pairs(config)
-        extra = {"split": "test"}
     else:
         test = data.load_image_folder(
             data_root, image_size=config.data.image_size, center_crop=config.data.center_crop,
             min_images_per_identity=1)
         pairs = (data.read_pairs(pairs_file, test) if pairs_file is not None
                  else generated_pairs(config, test))
-        extra = {"data_root": str(data_root), "pairs": pairs_file}
     embeddings = encoder.embed(np.asarray(test.images))
     result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
                    extra={**extra, "step": encoder.step, "model": config.model.name})
+
+
+def evaluation_target(data_root: str | None, pairs_file: str | None) -> dict[str, Any]:
+    """What an evaluation JSON was computed on: the run's test split, or a folder (+ pairs)."""
+    if data_root is None:
+        return {"split": "test"}
+    return {"data_root": str(pathlib.Path(data_root).resolve()),
+            "pairs": str(pathlib.Path(pairs_file).resolve()) if pairs_file else None}
+
+
+def _check_output_holds_the_same_evaluation(output: pathlib.Path, data_root: str | None,
+                                            pairs_file: str | None) -> None:
+    """Refuses to replace an evaluation of something else (e.g. the run's test-split eval.json,
+    which sweeps read, by an LFW evaluation), before loading anything."""
+    if not output.exists():
+        return
+    wanted = evaluation_target(data_root, pairs_file)
+    saved = json.loads(output.read_text())
+    held = {key: saved.get(key) for key in ("split", "data_root", "pairs") if saved.get(key)}
+    if held != {key: value for key, value in wanted.items() if value}:
+        suggestion = output.with_name(f"eval_{pathlib.Path(data_root or 'test').name}.json")
+        raise FileExistsError(
+            f"{output} holds the evaluation of {_describe(held)}; evaluating "
+            f"{_describe(wanted)} would replace it. Pass --output FILE (e.g. {suggestion})")
+
+
+def _describe(target: dict[str, Any]) -> str:
+    if target.get("split"):
+        return f"the run's {target['split']} split"
+    pairs = target.get("pairs")
+    return f"{target.get('data_root')} ({f'pairs {pairs}' if pairs else 'generated pairs'})"
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -226,3 +226,26 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     assert result.returncode != 0
     assert "non-finite loss" in result.stderr and "last good checkpoint" in result.stderr
     assert not (tmp_path / "checkpoints" / "8").exists()
+
+
+def test_evaluating_a_folder_never_replaces_another_evaluation(straight_run, tmp_path):
+    """eval.json is the run's test-split result (sweeps read it): evaluating a folder into it
+    is refused before anything loads; into its own file it works and may be repeated."""
+    from facenet_jax import evaluate
+
+    workdir, _ = straight_run
+    before = (workdir / "eval.json").read_text()
+    folder = _faces_folder(tmp_path / "faces", identities=4, per_identity=3)
+    with pytest.raises(FileExistsError, match=r"eval\.json holds the evaluation of the run's "
+                       r"test split; evaluating .*faces \(generated pairs\) would replace it\. "
+                       r"Pass --output FILE \(e\.g\. .*eval_faces\.json\)"):
+        evaluate.evaluate_workdir(workdir, data_root=str(folder), pairs_file=None,
+                                  output=workdir / "eval.json")
+    assert (workdir / "eval.json").read_text() == before
+    own = tmp_path / "eval_faces.json"
+    for _ in range(2):  # the same evaluation again may overwrite its own file
+        result = evaluate.evaluate_workdir(workdir, data_root=str(folder), pairs_file=None,
+                                           output=own)
+        assert result["data_root"] == str(folder.resolve()) and result["num_pairs"] == 20
+    with pytest.raises(FileExistsError, match=r"holds the evaluation of .*faces"):
+        evaluate.evaluate_workdir(workdir, data_root=None, pairs_file=None, output=own)
