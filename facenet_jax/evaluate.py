@@ -24,6 +24,7 @@ from facenet_jax.config import json_safe, provenance, to_plain
 from facenet_jax.logs import cli_logging
 
 EVAL_FILE = "eval.json"
+SPLIT_FILE = "split.json"  # written by the train CLI: each split's identity names
 BASELINES = ("pixels",)
 
 
@@ -48,10 +49,16 @@ def pixel_embeddings(images: np.ndarray) -> np.ndarray:
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
 
-def test_split_and_pairs(config: ml_collections.ConfigDict
+def test_split_and_pairs(config: ml_collections.ConfigDict,
+                         split_record: pathlib.Path | None = None
                          ) -> tuple[data.Dataset, data.Pairs]:
-    """The test split of a config's data and its generated pairs (deterministic from seeds)."""
+    """The test split of a config's data and its generated pairs (deterministic from seeds).
+
+    `split_record`: a run's split.json; the split recomputed from the data must match it.
+    """
     splits = data.split_dataset(data.load_dataset(config.data), config.data)
+    if split_record is not None:
+        data.check_split_record(split_record, splits)
     test = splits["test"]
     return test, generated_pairs(config, test)
 
@@ -127,7 +134,7 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     config = encoder.config
     extra = evaluation_target(data_root, pairs_file)
     if data_root is None:
-        test, pairs = test_split_and_pairs(config)
+        test, pairs = test_split_and_pairs(config, workdir / SPLIT_FILE)
     else:
         test = data.load_image_folder(
             data_root, image_size=config.data.image_size, center_crop=config.data.center_crop,

@@ -324,6 +324,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     dataset = data.load_dataset(config.data)
     _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
+    if checkpoints.latest_step(workdir) is not None:  # resuming: the same people, or stop
+        data.check_split_record(workdir / evaluate.SPLIT_FILE, splits)
     evaluate.generated_pairs(config, splits["test"])  # a too-small test split fails now
     validation = splits["validation"]
     validation_pairs = (evaluate.generated_pairs(config, validation)
@@ -343,6 +345,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     if is_writer:
         truncate_metrics(workdir, start_step)
         _write_config(workdir, config)
+        data.write_split_record(workdir / evaluate.SPLIT_FILE, splits)
 
     loss_spec = LossSpec.from_config(config.loss, config.batch.images_per_identity)
     step_fn = make_train_step(mesh, model=model, tx=tx, schedule=schedule, loss=loss_spec,

@@ -1,5 +1,7 @@
 """Identity-disjoint splits and LFW-format pairs: reading, writing, generating."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,30 @@ def test_fraction_split_is_identity_disjoint_complete_and_deterministic():
     for split in splits.values():
         assert split.labels.max() == split.num_identities - 1
         assert np.all(split.counts() == 3)
+
+
+def test_split_record_accepts_the_same_split_and_names_a_leak(tmp_path):
+    """One more identity in the folder reshuffles a fraction split: the record catches the
+    trained identities that the recomputed split would now hold out."""
+    record = tmp_path / "split.json"
+    splits = data.split_identities(_toy([3] * 100), fractions=(0.8, 0.1, 0.1), seed=0)
+    data.check_split_record(record, splits)  # no record yet (older runs): nothing to check
+    data.write_split_record(record, splits)
+    assert sorted(json.loads(record.read_text())) == ["test", "train", "validation"]
+    data.check_split_record(record, data.split_identities(_toy([3] * 100),
+                                                          fractions=(0.8, 0.1, 0.1), seed=0))
+    grown = data.split_identities(_toy([3] * 101), fractions=(0.8, 0.1, 0.1), seed=0)
+    trained = set(splits["train"].identity_names)
+    leaked = trained & set(grown["test"].identity_names + grown["validation"].identity_names)
+    assert leaked  # the hazard is real for this data
+    with pytest.raises(ValueError, match=rf"differs from the one recorded in .*split\.json "
+                       rf"\(train: .*; {len(leaked)} trained identities now held out, e\.g\. "
+                       rf".*new --workdir"):
+        data.check_split_record(record, grown)
+    # Another seed with the same people is a different split too.
+    with pytest.raises(ValueError, match="differs from the one recorded"):
+        data.check_split_record(record, data.split_identities(
+            _toy([3] * 100), fractions=(0.8, 0.1, 0.1), seed=1))
 
 
 def test_identity_files_and_exclusion_by_pairs_file(tmp_path):

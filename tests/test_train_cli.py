@@ -84,6 +84,8 @@ def test_outputs_and_their_keys(straight_run):
     assert evaluation["step"] == 8 and evaluation["num_folds"] == 10
     assert 0.0 <= evaluation["accuracy"] <= 1.0
     assert (workdir / "eval_roc.png").stat().st_size > 0
+    split = json.loads((workdir / "split.json").read_text())
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [32, 4, 4]
     assert any((workdir / "tensorboard").iterdir())
 
 
@@ -249,3 +251,22 @@ def test_evaluating_a_folder_never_replaces_another_evaluation(straight_run, tmp
         assert result["data_root"] == str(folder.resolve()) and result["num_pairs"] == 20
     with pytest.raises(FileExistsError, match=r"holds the evaluation of .*faces"):
         evaluate.evaluate_workdir(workdir, data_root=None, pairs_file=None, output=own)
+
+
+def test_evaluating_a_run_on_a_changed_split_is_refused(straight_run, tmp_path):
+    """The data changed after training (one more identity reshuffles the split): evaluating
+    the run's "test split" would include trained identities, so it stops and says why."""
+    import shutil
+
+    from facenet_jax import evaluate
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(straight_run[0], workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["config"]["data"]["synthetic"]["num_identities"] = 41
+    (workdir / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"identity split differs from the one recorded in "
+                                         r".*split\.json .*new --workdir"):
+        evaluate.evaluate_workdir(workdir, data_root=None, pairs_file=None,
+                                  output=tmp_path / "eval.json")
+    assert not (tmp_path / "eval.json").exists()

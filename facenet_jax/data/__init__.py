@@ -13,7 +13,8 @@ from facenet_jax.data.folder import (IMAGE_EXTENSIONS, BadImageError, decode_ima
 from facenet_jax.data.pairs import Pairs, generate_pairs, read_pairs, write_pairs
 from facenet_jax.data.prefetch import prefetch
 from facenet_jax.data.sampler import PKSampler
-from facenet_jax.data.splits import split_dataset, split_identities
+from facenet_jax.data.splits import (check_split_record, split_dataset, split_identities,
+                                     write_split_record)
 from facenet_jax.data.synthetic import load_synthetic
 from facenet_jax.data.tfds_source import load_tfds
 
@@ -22,7 +23,8 @@ SOURCES = ("synthetic", "folder", "tfds")
 __all__ = ["Augment", "BadImageError", "Dataset", "IMAGE_EXTENSIONS", "PKSampler", "Pairs",
            "RowSubset", "SOURCES", "decode_image", "generate_pairs", "load_dataset",
            "load_image_folder", "load_images", "load_synthetic", "load_tfds", "prefetch",
-           "read_pairs", "split_dataset", "split_identities", "write_pairs"]
+           "check_split_record", "read_pairs", "split_dataset", "split_identities",
+           "write_pairs", "write_split_record"]
 
 
 def load_dataset(data_config: Any) -> Dataset:

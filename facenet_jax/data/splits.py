@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +49,45 @@ def split_dataset(dataset: Dataset, data_config: Any) -> dict[str, Dataset]:
     return split_identities(
         dataset, fractions=(split.train, split.validation, split.test), seed=split.seed,
         identity_files=split.identity_files, exclude_pairs_file=split.exclude_pairs_file)
+
+
+def split_names(splits: dict[str, Dataset]) -> dict[str, list[str]]:
+    """{"train": [identity names], "validation": [...], "test": [...]}, each sorted."""
+    return {name: sorted(splits[name].identity_names) for name in SPLITS}
+
+
+def write_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> None:
+    """Writes the split's identity names (atomically) so later runs can prove it unchanged."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(split_names(splits), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def check_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> None:
+    """ValueError when the identities of `splits` differ from those recorded at `path`.
+
+    The split is recomputed from the data on disk; an identity added to or removed from the
+    folder reshuffles it, and a test split holding identities the model trained on would
+    inflate every metric. A missing record (runs older than it) is not checked.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    current = split_names(splits)
+    if recorded == current:
+        return
+    trained = set(recorded["train"])
+    leaked = sorted(trained & (set(current["test"]) | set(current["validation"])))
+    changes = [f"{name}: {len(set(current[name]) - set(recorded[name]))} identities added, "
+               f"{len(set(recorded[name]) - set(current[name]))} removed" for name in SPLITS]
+    if leaked:
+        changes.append(f"{len(leaked)} trained identities now held out, e.g. {leaked[:3]}")
+    raise ValueError(
+        f"the identity split differs from the one recorded in {path} ({'; '.join(changes)}). "
+        "The data folder or data.split changed since this run trained: restore them, or train "
+        "a new run (a new --workdir) on the current data")
 
 
 def pair_file_identities(path: str | pathlib.Path) -> set[str]:
