@@ -151,9 +151,8 @@ def main(argv: list[str]) -> None:
     cli_logging()
     flags_ = flags.FLAGS
     encoder = load_encoder(flags_.workdir, flip=flags_.flip)
-    folder = data.load_image_folder(
-        flags_.data_root, image_size=encoder.config.data.image_size,
-        center_crop=encoder.config.data.center_crop, min_images_per_identity=1)
+    folder = data.load_folder_as_configured(flags_.data_root, encoder.config.data,
+                                            min_images_per_identity=1)
     embeddings = encoder.embed(folder.images)
     output = pathlib.Path(flags_.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -136,9 +136,7 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     if data_root is None:
         test, pairs = test_split_and_pairs(config, workdir / SPLIT_FILE)
     else:
-        test = data.load_image_folder(
-            data_root, image_size=config.data.image_size, center_crop=config.data.center_crop,
-            min_images_per_identity=1)
+        test = data.load_folder_as_configured(data_root, config.data, min_images_per_identity=1)
         pairs = (data.read_pairs(pairs_file, test) if pairs_file is not None
                  else generated_pairs(config, test))
     embeddings = encoder.embed(np.asarray(test.images))

@@ -270,3 +270,19 @@ def test_evaluating_a_run_on_a_changed_split_is_refused(straight_run, tmp_path):
         evaluate.evaluate_workdir(workdir, data_root=None, pairs_file=None,
                                   output=tmp_path / "eval.json")
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_evaluating_a_folder_caches_it_where_the_run_config_says(straight_run, tmp_path):
+    import shutil
+
+    from facenet_jax import evaluate
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(straight_run[0], workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["config"]["data"]["cache_dir"] = str(tmp_path / "run_cache")
+    (workdir / "config.json").write_text(json.dumps(saved))
+    folder = _faces_folder(tmp_path / "faces", identities=4, per_identity=3)
+    evaluate.evaluate_workdir(workdir, data_root=str(folder), pairs_file=None,
+                              output=tmp_path / "eval_faces.json")
+    assert any((tmp_path / "run_cache").iterdir())  # not ~/.cache, which may be read-only

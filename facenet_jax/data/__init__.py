@@ -21,10 +21,20 @@ from facenet_jax.data.tfds_source import load_tfds
 SOURCES = ("synthetic", "folder", "tfds")
 
 __all__ = ["Augment", "BadImageError", "Dataset", "IMAGE_EXTENSIONS", "PKSampler", "Pairs",
-           "RowSubset", "SOURCES", "decode_image", "generate_pairs", "load_dataset",
-           "load_image_folder", "load_images", "load_synthetic", "load_tfds", "prefetch",
-           "check_split_record", "read_pairs", "split_dataset", "split_identities",
-           "write_pairs", "write_split_record"]
+           "RowSubset", "SOURCES", "check_split_record", "decode_image", "generate_pairs",
+           "load_dataset", "load_folder_as_configured", "load_image_folder", "load_images",
+           "load_synthetic", "load_tfds", "prefetch", "read_pairs", "split_dataset",
+           "split_identities", "write_pairs", "write_split_record"]
+
+
+def load_folder_as_configured(root: str | pathlib.Path, data_config: Any, *,
+                              min_images_per_identity: int) -> Dataset:
+    """An image folder preprocessed as `config.data` says (size, crop, cache folder, bad
+    files): a run's training folder, or a folder its trained encoder evaluates or embeds."""
+    return load_image_folder(
+        pathlib.Path(root), data_config.image_size, center_crop=data_config.center_crop,
+        cache_dir=data_config.cache_dir, skip_bad_files=data_config.skip_bad_files,
+        min_images_per_identity=min_images_per_identity)
 
 
 def load_dataset(data_config: Any) -> Dataset:
@@ -40,10 +50,8 @@ def load_dataset(data_config: Any) -> Dataset:
         if not data_config.root:
             raise ValueError("data.source='folder' needs data.root: a folder laid out as "
                              "root/<identity>/<image>; pass --config.data.root=PATH")
-        return load_image_folder(
-            pathlib.Path(data_config.root), data_config.image_size,
-            center_crop=data_config.center_crop, cache_dir=data_config.cache_dir,
-            skip_bad_files=data_config.skip_bad_files, min_images_per_identity=min_images)
+        return load_folder_as_configured(data_config.root, data_config,
+                                         min_images_per_identity=min_images)
     if source == "tfds":
         if not data_config.name:
             raise ValueError("data.source='tfds' needs data.name (a registered tfds dataset, "
