@@ -4,11 +4,11 @@ Runs the train CLI on a tiny config for thousands of steps (checkpoints, metrics
 TensorBoard logs as usual) and, from outside, samples the process's resident memory
 (/proc/PID/status: RssAnon, the heap and other anonymous pages where a leak shows, and VmRSS)
 and the step it has logged. Step time comes from metrics.jsonl: each row's images/s over its
-log window (windows that hold a checkpoint save include it). Reports memory after the first
-logged steps (compiled), after warm-up (first checkpoints done), at the end of training (before
-the final evaluation), the growth between the last two, the growth per 1000 steps fitted over
-the whole post-warm-up run, the median per 1000 steps, and the median and fastest step time of
-the first and the last 1000 steps.
+log window (checkpoint saves and evaluations excluded, as in every run's metrics). Reports
+memory after the first logged steps (compiled), after warm-up (first checkpoints done), at the
+end of training (before the final evaluation), the growth between the last two, the growth per
+1000 steps fitted over the whole post-warm-up run, the median per 1000 steps, and the median and
+fastest step time of the first and the last 1000 steps.
 
     python benchmarks/long_run.py                     # 20000 steps, ~4 min on 2 CPU cores
     python benchmarks/long_run.py --num-steps 50000 --output /tmp/long_run.json

@@ -404,11 +404,13 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                                                    distance=config.eval.distance)
                 writer.write(done, {f"eval/{k}": v for k, v in result.items()
                                     if isinstance(v, (int, float))})
+                window_start = time.perf_counter()  # images/s measures training alone
             should_save = done % config.checkpoint_every == 0 or done == config.num_steps
             if should_save or preemption.requested:
                 flush_logs(done)
                 writer.flush()  # TensorBoard up to date with the checkpoint, as metrics.jsonl is
                 checkpoints.save(manager, done, state)
+                window_start = time.perf_counter()
                 last_checkpoint = done
             if done == kill_after_step:
                 os.kill(os.getpid(), signal.SIGKILL)
