@@ -63,8 +63,10 @@ import pathlib
 import re
 import runpy
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
@@ -645,11 +647,46 @@ def plan(sweep: Mapping[str, Any], workdir: pathlib.Path
     return planned
 
 
-def run_cell(command: Sequence[str], cell_dir: pathlib.Path, env: Mapping[str, str] | None
-             ) -> dict[str, Any]:
+class CellRunner:
+    """Runs cell processes; inside `with`, SIGTERM to the sweep is passed on to the running
+    cell, whose train CLI saves a checkpoint and exits (recorded as preempted), and
+    `stop_requested` tells the sweep not to start another cell. Without this the cell would
+    run on as an orphan of a preempted sweep. The handler is installed from the main thread
+    only (where Python delivers signals)."""
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        self._child: subprocess.Popen | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> "CellRunner":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._forward)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(signal.SIGTERM)
+
+    def run(self, argv: Sequence[str], **popen_kwargs: Any) -> int:
+        """Runs argv to completion; its return code."""
+        self._child = subprocess.Popen(argv, **popen_kwargs)
+        try:
+            return self._child.wait()
+        finally:
+            self._child = None
+
+
+def run_cell(command: Sequence[str], cell_dir: pathlib.Path, env: Mapping[str, str] | None,
+             runner: CellRunner | None = None) -> dict[str, Any]:
     """Runs one train command, its stdout and stderr appended to DIR/CELL/train.log while it
     runs (after an attempt_header); returns and writes its status record: {"status", "error",
-    "wall_s", "returncode"}."""
+    "wall_s", "returncode"}. `runner` passes a sweep's SIGTERM on to the cell."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     log_path = cell_dir / LOG_FILE
     earlier = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -662,13 +699,13 @@ def run_cell(command: Sequence[str], cell_dir: pathlib.Path, env: Mapping[str, s
                                  time.strftime("%Y-%m-%d %H:%M:%S %z"), command).encode())
         log.flush()
         output_start = log.tell()
-        process = subprocess.run(argv, cwd=REPO_ROOT, env=dict(env or os.environ),
-                                 stdout=log, stderr=subprocess.STDOUT)
+        returncode = (runner or CellRunner()).run(
+            argv, cwd=REPO_ROOT, env=dict(env or os.environ), stdout=log,
+            stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
-    status, error = cell_outcome(process.returncode, (cell_dir / EVAL_FILE).exists(),
+    status, error = cell_outcome(returncode, (cell_dir / EVAL_FILE).exists(),
                                  _read_output(log_path, output_start))
-    record = {"status": status, "error": error, "wall_s": wall,
-              "returncode": process.returncode}
+    record = {"status": status, "error": error, "wall_s": wall, "returncode": returncode}
     _write_json(cell_dir / STATUS_FILE, record)
     return record
 
@@ -727,18 +764,25 @@ def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: 
     print(f"sweep {sweep['name']}: {len(planned)} cells, {len(planned) - len(todo)} already "
           f"finished or failed (skipped), {len(todo)} to run", file=out, flush=True)
     start, durations = time.perf_counter(), []
-    for i, (name, cell, command) in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {name} ...", file=out, flush=True)
-        (workdir / name).mkdir(parents=True, exist_ok=True)
-        _write_json(workdir / name / CELL_FILE, cell_record(sweep["base"], sweep["common"], cell))
-        record = run_cell(command, workdir / name, env)
-        durations.append(record["wall_s"])
-        elapsed = time.perf_counter() - start
-        eta = _mean(durations) * (len(todo) - i)
-        detail = f": {record['error']}" if record["error"] else ""
-        print(f"[{i}/{len(todo)}] {name}: {record['status']} in {record['wall_s']:.0f}s"
-              f"{detail}  (elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
-              file=out, flush=True)
+    with CellRunner() as runner:
+        for i, (name, cell, command) in enumerate(todo, 1):
+            if runner.stop_requested:
+                break
+            print(f"[{i}/{len(todo)}] {name} ...", file=out, flush=True)
+            (workdir / name).mkdir(parents=True, exist_ok=True)
+            _write_json(workdir / name / CELL_FILE,
+                        cell_record(sweep["base"], sweep["common"], cell))
+            record = run_cell(command, workdir / name, env, runner)
+            durations.append(record["wall_s"])
+            elapsed = time.perf_counter() - start
+            eta = _mean(durations) * (len(todo) - i)
+            detail = f": {record['error']}" if record["error"] else ""
+            print(f"[{i}/{len(todo)}] {name}: {record['status']} in {record['wall_s']:.0f}s"
+                  f"{detail}  (elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+                  file=out, flush=True)
+    if runner.stop_requested:
+        print(f"SIGTERM: stopped after {len(durations)} of {len(todo)} cells (the running one "
+              "saved a checkpoint); re-run the same command to continue", file=out, flush=True)
 
 
 def baseline_key(config: ml_collections.ConfigDict) -> str:

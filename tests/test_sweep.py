@@ -10,9 +10,11 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -249,6 +251,16 @@ if action == "preempt":
           file=sys.stderr)
 elif action == "fail":
     sys.exit("ValueError: fake failure")
+elif action == "await_sigterm":  # like the train CLI: SIGTERM saves, then exits 0
+    import os, signal, time
+    def saved(*_):
+        print("W train.py] SIGTERM: saved step 2; re-run the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, saved)
+    (cell / "child.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    sys.exit("ValueError: no SIGTERM reached the cell")
 else:
     (cell / "eval.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_std": 0.01,
                                                 "val@far=1e-3": 0.5, "auc": 0.95}))
@@ -393,6 +405,49 @@ def test_a_preempted_cell_is_recorded_so_and_resumed_by_the_next_plain_run(tmp_p
     assert "0 already finished or failed (skipped), 1 to run" in out.getvalue()
     assert runs() == {name: 2}
     assert sweep.aggregate(spec, workdir)[0]["status"] == "ok"
+
+
+# Runs a sweep with the fake train in its own process (SIGTERM must not reach pytest).
+SWEEP_DRIVER = """
+import pathlib, sys
+from facenet_jax import sweep
+script, sweep_file, workdir = sys.argv[1:]
+sweep.train_command = lambda base, cell_dir, overrides, python="python": [
+    python, script, str(cell_dir)]
+sweep.run_sweep(sweep.load_sweep(sweep_file), pathlib.Path(workdir))
+print("run_sweep returned", flush=True)
+"""
+
+
+def test_sigterm_to_the_sweep_preempts_the_running_cell_and_starts_no_other(tmp_path,
+                                                                            fake_train):
+    """A preempted sweep: the running cell gets the SIGTERM (saves, recorded as preempted, no
+    orphan left running), the next cell is not started, and the sweep exits cleanly."""
+    sweep_file = _tiny_sweep_file(tmp_path, [{"loss.margin": 0.1}, {"loss.margin": 0.3}])
+    spec = sweep.load_sweep(sweep_file)
+    first, second = sweep.cell_names(spec["cells"])
+    workdir = tmp_path / "runs"
+    fake_train(workdir, {first: ["await_sigterm"], second: ["ok"]})
+    driver = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_DRIVER, str(tmp_path / "fake_train.py"), str(sweep_file),
+         str(workdir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid_file = workdir / first / "child.pid"
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        driver.send_signal(signal.SIGTERM)
+        output, _ = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output
+    assert "SIGTERM: stopped after 1 of 2 cells" in output and "run_sweep returned" in output
+    record = json.loads((workdir / first / sweep.STATUS_FILE).read_text())
+    assert record["status"] == "preempted" and "SIGTERM: saved step 2" in record["error"]
+    assert not (workdir / second).exists()  # never started
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the cell ended with the sweep: no orphan
 
 
 # Prints a line, then looks for it in its own cell's train.log: there only if streamed.
