@@ -204,7 +204,7 @@ def test_run_sweep_skips_finished_and_failed_cells(tmp_path, monkeypatch):
     (workdir / names[2]).mkdir()  # started, never finished (e.g. the sweep was killed)
     ran = []
 
-    def fake_run_cell(command, cell_dir, env):
+    def fake_run_cell(command, cell_dir, env, runner=None):
         ran.append(cell_dir.name)
         return {"status": "ok", "error": None, "wall_s": 1.0, "returncode": 0}
 
