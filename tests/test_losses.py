@@ -327,6 +327,22 @@ def test_only_chosen_distances_carry_gradient(strategy):
 
 # --- additive sums over a partition of the anchors ---------------------------------------------
 
+@pytest.mark.parametrize("start, count, message", [
+    (B - 3, 4, rf"anchors \[{B - 3}, {B + 1}\) overhang the batch of {B}.*<= {B - 4}"),
+    (-1, 2, r"overhang"),
+    (0, 0, rf"num_anchors=0 must lie in \[1, {B}\]"),
+    (0, B + 1, r"must lie in"),
+])
+def test_anchor_rows_outside_the_batch_are_an_error(start, count, message):
+    """dynamic_slice would shift an overhanging slice inside and mine other anchors."""
+    emb, labels = random_batch(0)
+    with pytest.raises(ValueError, match=message):
+        losses.triplet_loss_sums(emb, labels, anchor_start=start, num_anchors=count,
+                                 margin=0.2, strategy="hardest")
+    losses.triplet_loss_sums(emb, labels, anchor_start=B - 4, num_anchors=4, margin=0.2,
+                             strategy="hardest")  # the last rows exactly: fine
+
+
 @pytest.mark.parametrize("strategy", losses.STRATEGIES)
 def test_sums_over_anchor_slices_equal_the_whole_batch(strategy):
     emb, labels = random_batch(0)

@@ -193,6 +193,20 @@ def _batch_all_soft_sums(d: jax.Array, positive: jax.Array, negative: jax.Array,
     return jax.tree.map(jnp.sum, per_anchor)
 
 
+def _check_anchor_rows(anchor_start: jax.Array | int, num_anchors: int,
+                       num_candidates: int) -> None:
+    """The anchor rows must lie inside the batch: lax.dynamic_slice would silently shift an
+    overhanging slice back inside, mining other anchors than asked. A traced anchor_start
+    (inside shard_map) cannot be checked here; equal slices of the batch always fit."""
+    if not 1 <= num_anchors <= num_candidates:
+        raise ValueError(f"num_anchors={num_anchors} must lie in [1, {num_candidates}] (the "
+                         "batch size)")
+    if isinstance(anchor_start, int) and not 0 <= anchor_start <= num_candidates - num_anchors:
+        raise ValueError(f"anchors [{anchor_start}, {anchor_start + num_anchors}) overhang the "
+                         f"batch of {num_candidates}; use 0 <= anchor_start <= "
+                         f"{num_candidates - num_anchors}")
+
+
 def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start: jax.Array | int,
                       num_anchors: int, margin: Any, strategy: str, distance: str = "squared",
                       soft: bool = False, key: jax.Array | None = None,
@@ -212,6 +226,7 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
     if strategy in RANDOM_STRATEGIES and key is None:
         raise ValueError(f"strategy {strategy!r} samples negatives: pass key=jax.random.key(...)")
     num_candidates = embeddings.shape[0]
+    _check_anchor_rows(anchor_start, num_anchors, num_candidates)
     d = anchor_distance_rows(embeddings, anchor_start, num_anchors, distance)
     d_fixed = lax.stop_gradient(d)
     positive, negative = mining.label_masks(labels, anchor_start, num_anchors)
