@@ -193,14 +193,16 @@ def _exclusive_workdir(workdir: pathlib.Path, is_writer: bool) -> Iterator[None]
             handle.truncate(0)  # no stale pid once this run is over
 
 
-def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                         reached: int | None) -> None:
     """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys.
 
-    Only a checkpoint binds the config: a run that stopped before its first save (bad data,
-    a NaN at step 3) may be started again with a corrected config in the same DIR.
+    Only a checkpoint binds the config (`reached`: DIR's newest checkpoint step, None without
+    one): a run that stopped before its first save (bad data, a NaN at step 3) may be started
+    again with a corrected config in the same DIR.
     """
     saved_path = workdir / "config.json"
-    if not saved_path.exists() or checkpoints.latest_step(workdir) is None:
+    if not saved_path.exists() or reached is None:
         return
     saved = json.loads(saved_path.read_text())["config"]
     differing = changed_keys(saved, to_plain(config))
@@ -212,9 +214,9 @@ def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
             f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
 
 
-def _check_num_steps(workdir: pathlib.Path, num_steps: int) -> None:
-    """A resumed run may not ask for fewer steps than its newest checkpoint already holds."""
-    reached = checkpoints.latest_step(workdir)
+def _check_num_steps(reached: int | None, num_steps: int) -> None:
+    """A resumed run may not ask for fewer steps than its newest checkpoint (step `reached`)
+    already holds."""
     if reached is not None and reached > num_steps:
         raise ValueError(
             f"config.num_steps={num_steps} is below the step {reached} this workdir already "
@@ -313,8 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
               mesh: jax.sharding.Mesh, is_writer: bool) -> dict[str, Any]:
     """train_and_evaluate's body, run while this process holds DIR's lock."""
-    _check_resume_config(workdir, config)
-    _check_num_steps(workdir, config.num_steps)
+    reached = checkpoints.latest_step(workdir)  # read once: the checks below all need it
+    _check_resume_config(workdir, config, reached)
+    _check_num_steps(reached, config.num_steps)
     model = build_model(config, bn_axis_name=AXIS)
     tx, schedule = build_optimizer(config)
     if is_writer:  # from the state's shapes alone: before loading data or compiling
@@ -324,7 +327,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     dataset = data.load_dataset(config.data)
     _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
-    if checkpoints.latest_step(workdir) is not None:  # resuming: the same people, or stop
+    if reached is not None:  # resuming: the same people, or stop
         data.check_split_record(workdir / evaluate.SPLIT_FILE, splits)
     evaluate.generated_pairs(config, splits["test"])  # a too-small test split fails now
     validation = splits["validation"]

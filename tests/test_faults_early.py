@@ -141,11 +141,11 @@ def test_config_may_change_until_the_first_checkpoint(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)  # what a run failing before its first save leaves
     train._write_config(run, _config(**{"optimizer.learning_rate": 1e30}))
-    train._check_resume_config(run, _config())  # no error: nothing to resume
+    train._check_resume_config(run, _config(), checkpoints.latest_step(run))  # nothing to resume
     manager = checkpoints.make_manager(run, max_to_keep=1)
     checkpoints.save(manager, 2, {"w": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match=r"optimizer\.learning_rate: 1e\+30 -> 0\.003"):
-        train._check_resume_config(run, _config())
+        train._check_resume_config(run, _config(), checkpoints.latest_step(run))
 
 
 def test_workdir_below_a_file_is_a_clear_error(tmp_path, monkeypatch, compiles):
