@@ -2,7 +2,6 @@
 against explicit loops (template features, scores) and enumerated thresholds / sklearn's ROC
 (TAR@FAR, as insightface reads it)."""
 
-import itertools
 import json
 
 import numpy as np
@@ -10,59 +9,18 @@ import pytest
 from PIL import Image
 
 from facenet_jax import ijb
-from facenet_jax.data import load_synthetic
-from facenet_jax.data.alignment import align_by_landmarks, reference_landmarks, warp_affine
+from facenet_jax.data.alignment import align_by_landmarks
 from facenet_jax.data.folder import resize_array
 from facenet_jax.evaluate import pixel_embeddings
 
-FACE, LOOSE, MODEL = 32, 64, 16
-MEDIA_SIZES = (3, 2, 1, 2)  # images per media within each template of 8 images
+from benchmark_fixtures import FACE, write_ijb_layout
 
-
-def _placement(rng):
-    """A random similarity [2,3] putting a FACE-px face inside a LOOSE-px loose crop."""
-    angle, scale = rng.uniform(-0.35, 0.35), rng.uniform(1.1, 1.5)
-    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)],
-                                 [np.sin(angle), np.cos(angle)]])
-    centre = LOOSE / 2 + rng.uniform(-4, 4, 2)
-    return np.concatenate([rotation, (centre - rotation @ [FACE / 2, FACE / 2])[:, None]], 1)
+MODEL = 16
 
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
-    """12 identities × 16 images (192) → 24 templates of 4 media each; every template pair."""
-    root = tmp_path_factory.mktemp("IJB")
-    (root / "meta").mkdir()
-    (root / "loose_crop").mkdir()
-    faces = load_synthetic(12, 16, FACE, 1.0, seed=3)
-    rng = np.random.default_rng(0)
-    names, landmarks, media_rows = [], [], []
-    media = 0
-    for i, (face, label) in enumerate(zip(faces.images, faces.labels)):
-        placement = _placement(rng)
-        name = f"{i + 1}.png"
-        Image.fromarray(warp_affine(face, placement, LOOSE)).save(root / "loose_crop" / name)
-        points = reference_landmarks(FACE) @ placement[:, :2].T + placement[:, 2]
-        names.append(name)
-        landmarks.append(points)
-        position = i % 16
-        template = 2 * int(label) + 1 + position // 8
-        within = position % 8
-        media_of = np.repeat(np.arange(len(MEDIA_SIZES)), MEDIA_SIZES)[within]
-        media_rows.append((name, template, 100 * template + int(media_of)))
-    scores = rng.uniform(0.5, 1.0, len(names))
-    (root / "meta" / "ijbc_face_tid_mid.txt").write_text(
-        "".join(f"{n} {t} {m}\n" for n, t, m in media_rows))
-    order = rng.permutation(len(names))  # the landmark file in another order: matched by name
-    (root / "meta" / "ijbc_name_5pts_score.txt").write_text("".join(
-        f"{names[i]} {' '.join(f'{v:.4f}' for v in landmarks[i].ravel())} {scores[i]:.4f}\n"
-        for i in order))
-    templates = sorted({t for _, t, _ in media_rows})
-    pairs = [(a, b, int((a - 1) // 2 == (b - 1) // 2))
-             for a, b in itertools.combinations(templates, 2)]
-    (root / "meta" / "ijbc_template_pair_label.txt").write_text(
-        "".join(f"{a} {b} {label}\n" for a, b, label in pairs))
-    return root, faces, media_rows, np.round(np.array(landmarks), 4), np.round(scores, 4), pairs
+    return write_ijb_layout(tmp_path_factory.mktemp("IJB"))
 
 
 def test_alignment_by_the_given_landmarks_recovers_the_face(layout):

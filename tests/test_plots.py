@@ -63,6 +63,28 @@ def test_roc_figure_draws_the_curve_and_the_eer_point():
         plots.roc_figure(far, tar[:-1])
 
 
+def test_roc_figure_marks_operating_points_on_a_log_far_axis():
+    far, tar = np.array([0.0, 1e-5, 1e-3, 1.0]), np.array([0.0, 0.5, 0.9, 1.0])
+    ax = plots.roc_figure(far, tar, log_far=True, far_min=1e-6,
+                          points={"VAL@FAR=1e-3": (1e-3, 0.9)}).axes[0]
+    assert ax.get_xlim()[0] == pytest.approx(1e-6)
+    marker = ax.lines[1]
+    assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (1e-3, 0.9)
+    assert marker.get_label() == "VAL@FAR=1e-3: TAR 0.9000"
+
+
+def test_run_roc_is_log_far_with_the_val_points(tmp_path):
+    from facenet_jax import evaluate
+
+    result = {"auc": 0.9, "eer": 0.1, "threshold": 0.5, "far@far=1e-3": 0.0,
+              "val@far=1e-3": 0.4, "far@far=1e-2": 0.01, "val@far=1e-2": 0.8}
+    assert evaluate.val_operating_points(result) == {"VAL@FAR=1e-2": (0.01, 0.8)}
+    d = np.linspace(0, 1, 200)
+    written = evaluate.write_evaluation(result, tmp_path / "eval.json", distances=d,
+                                        is_same=np.arange(200) < 100)
+    assert pathlib.Path(written["figures"]["roc"]).stat().st_size > 0
+
+
 def test_distance_histogram_figure():
     rng = np.random.default_rng(0)
     d = np.concatenate([rng.normal(0.6, 0.2, 70), rng.normal(1.6, 0.3, 130)])

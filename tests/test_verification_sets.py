@@ -1,62 +1,24 @@
 """insightface `.bin` verification sets: the restricted unpickler, reading, and the evaluation
 checked against a brute-force computation of the protocol."""
 
-import io
 import logging
 import pickle
 import pickletools
-import struct
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from facenet_jax import safe_pickle, verification_sets
-from facenet_jax.data import load_synthetic
 from facenet_jax.evaluate import pixel_embeddings
 
-
-def _png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
-
-
-def python2_pickle(images: list[bytes], flags: list[bool]) -> bytes:
-    """The stream Python 2's cPickle.dump((images, flags), f, protocol=2) writes: str as
-    SHORT_BINSTRING (< 256 bytes) or BINSTRING, lists as EMPTY_LIST + MARK ... APPENDS, the
-    tuple as TUPLE2 (assembled opcode by opcode; Python 3 cannot write these string opcodes)."""
-    out = [b"\x80\x02", b"]q\x00("]  # PROTO 2; EMPTY_LIST, BINPUT 0, MARK
-    for memo, image in enumerate(images, start=1):
-        out.append(b"U" + bytes([len(image)]) if len(image) < 256
-                   else b"T" + struct.pack("<i", len(image)))
-        out.append(image + b"r" + struct.pack("<I", memo))  # LONG_BINPUT, as cPickle memoises
-    out.append(b"e]q\x00(")  # APPENDS; EMPTY_LIST, BINPUT, MARK
-    out.extend(b"\x88" if flag else b"\x89" for flag in flags)  # NEWTRUE / NEWFALSE
-    out.append(b"e\x86q\x01.")  # APPENDS, TUPLE2, BINPUT, STOP
-    return b"".join(out)
-
-
-def _synthetic_set(num_pairs=40, size=32, seed=0):
-    """Pairs of synthetic faces: pair i is same when i is even; folds mix both kinds."""
-    faces = load_synthetic(12, 8, size, 1.0, seed=seed)
-    rng = np.random.default_rng(seed)
-    rows, flags = [], []
-    for i in range(num_pairs):
-        a = int(rng.integers(len(faces.labels)))
-        same = i % 2 == 0
-        candidates = np.flatnonzero((faces.labels == faces.labels[a]) == same)
-        candidates = candidates[candidates != a]
-        rows += [a, int(rng.choice(candidates))]
-        flags.append(same)
-    return faces.images[rows], flags
+from benchmark_fixtures import png, python2_pickle, synthetic_pairs
 
 
 @pytest.fixture(scope="module")
 def py2_bin(tmp_path_factory):
-    images, flags = _synthetic_set()
+    images, flags = synthetic_pairs()
     images[5] = 128  # a flat image encodes to < 256 bytes: a SHORT_BINSTRING
-    encoded = [_png(image) for image in images]
+    encoded = [png(image) for image in images]
     path = tmp_path_factory.mktemp("sets") / "lfw.bin"
     path.write_bytes(python2_pickle(encoded, flags))
     return path, images, np.array(flags)
@@ -75,9 +37,9 @@ def test_python2_stream_uses_string_opcodes_and_reads_back(py2_bin):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_python3_streams_with_numpy_bool_flags_read_the_same(tmp_path, protocol):
-    images, flags = _synthetic_set(num_pairs=10)
+    images, flags = synthetic_pairs(num_pairs=10)
     path = tmp_path / "agedb_30.bin"
-    path.write_bytes(pickle.dumps(([_png(i) for i in images], np.array(flags)),
+    path.write_bytes(pickle.dumps(([png(i) for i in images], np.array(flags)),
                                   protocol=protocol))
     vset = verification_sets.read_bin(path, 32)
     np.testing.assert_array_equal(vset.images, images)
@@ -119,8 +81,8 @@ def test_other_foreign_streams_are_refused_with_a_reason(payload, problem):
 
 
 def test_structure_size_and_corrupt_image_errors(tmp_path, caplog):
-    images, flags = _synthetic_set(num_pairs=4, size=40)
-    encoded = [_png(i) for i in images]
+    images, flags = synthetic_pairs(num_pairs=4, size=40)
+    encoded = [png(i) for i in images]
     path = tmp_path / "calfw.bin"
     path.write_bytes(pickle.dumps((encoded, flags[:3])))
     with pytest.raises(ValueError, match="8 images for 3 pairs"):
