@@ -3,6 +3,7 @@ against explicit loops (template features, scores) and enumerated thresholds / s
 (TAR@FAR, as insightface reads it)."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -148,3 +149,15 @@ def test_missing_or_misnamed_meta_files_are_named(layout, tmp_path):
         ijb.read_meta(tmp_path, "IJBC")
     with pytest.raises(ValueError, match="unknown IJB set 'IJBA'"):
         ijb.meta_files(tmp_path, "IJBA")
+
+
+def test_scoring_benchmark_runs_at_a_tiny_size(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import ijb_scoring
+
+    result = ijb_scoring.main(["--images", "300", "--templates", "20", "--pairs", "500",
+                               "--dim", "8", "--output", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text())["pairs"] == 500
+    assert result["pair_scores_s"] >= 0
