@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import data, metrics, plots
+from facenet_jax import data, ijb, metrics, plots, verification_sets
 from facenet_jax.config import json_safe, provenance, to_plain
 from facenet_jax.logs import cli_logging
 
@@ -237,10 +237,14 @@ def main(argv: list[str]) -> None:
 def _run_benchmarks(flags_: Any) -> None:
     """--verification_sets FOLDER and/or --ijb ROOT on DIR's latest checkpoint, flip on unless
     --noflip (as the field evaluates them)."""
-    from facenet_jax import ijb, verification_sets
-
     if flags_.workdir is None:
         raise ValueError("--verification_sets / --ijb need --workdir DIR (a trained run)")
+    unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline")
+              if getattr(flags_, name) is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used with --verification_sets / --ijb "
+                         "(they write DIR/eval_verification_sets.json, DIR/eval_<ijb>.json): "
+                         "run them as a separate command")
     flip = True if flags_.flip is None else flags_.flip
     if flags_.verification_sets:
         results = verification_sets.evaluate_workdir_sets(
@@ -251,7 +255,7 @@ def _run_benchmarks(flags_: Any) -> None:
         result = ijb.evaluate_workdir_ijb(flags_.workdir, flags_.ijb, flags_.ijb_name,
                                           flip=flip, use_detector_score=flags_.ijb_detector_score)
         print(ijb.format_ijb_summary(result))
-        print(f"wrote {result['figures']['roc'].replace('_roc.png', '.json')}")
+        print(f"wrote {ijb.output_path(flags_.workdir, flags_.ijb_name)}")
 
 
 if __name__ == "__main__":
@@ -273,7 +277,7 @@ if __name__ == "__main__":
     flags.DEFINE_bool("flip", None, "with --verification_sets / --ijb: add the mirror image's "
                       "embedding (default on, as the field evaluates them)")
     flags.DEFINE_string("ijb", None, "IJB root (meta/, loose_crop/) → DIR/eval_<ijb_name>.json")
-    flags.DEFINE_enum("ijb_name", "IJBC", ["IJBB", "IJBC"], "which IJB protocol --ijb holds")
+    flags.DEFINE_enum("ijb_name", "IJBC", list(ijb.IJB_NAMES), "which IJB protocol --ijb holds")
     flags.DEFINE_bool("ijb_detector_score", True, "weight IJB images by their detector score "
                       "(insightface's default)")
     app.run(main)

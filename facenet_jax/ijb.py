@@ -269,10 +269,11 @@ def _thin_roc(far: np.ndarray, tar: np.ndarray, points: int = 4000
 
 
 def evaluate_ijb(embed_images: ImageEmbedder, root: str | pathlib.Path, name: str, *,
-                 image_size: int, use_detector_score: bool = True) -> dict[str, Any]:
+                 image_size: int, use_detector_score: bool = True,
+                 meta: IJBMeta | None = None) -> dict[str, Any]:
     """The whole protocol on ROOT (see the module docstring) → result dict (ROC arrays
-    included under "far"/"tar")."""
-    meta = read_meta(root, name)
+    included under "far"/"tar"). meta: ROOT's `read_meta`, when already read."""
+    meta = meta or read_meta(root, name)
     logging.info("%s: %d images, %d templates, %d template pairs", name, len(meta.image_names),
                  len(np.unique(meta.templates)), len(meta.pair_templates))
     features = image_features(embed_images, root, meta, image_size=image_size)
@@ -326,12 +327,17 @@ def evaluate_workdir_ijb(workdir: str | pathlib.Path, root: str | pathlib.Path, 
     """The CLI's work: DIR's latest checkpoint on ROOT → DIR/eval_<name>.json + _roc.png."""
     from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
 
-    meta_files(root, name)  # a bad layout fails before the model loads
+    meta = read_meta(root, name)  # a bad layout or meta file fails before the model loads
     encoder = load_encoder(workdir, flip=flip)
     config = encoder.config
     result = evaluate_ijb(encoder.embed, root, name, image_size=config.data.image_size,
-                          use_detector_score=use_detector_score)
+                          use_detector_score=use_detector_score, meta=meta)
     result["features"].update({"flip": flip, "flip_mode": "sum"})
     result.update({"step": encoder.step, "model": config.model.name,
                    "image_size": config.data.image_size, "provenance": provenance()})
-    return write_ijb(result, output or pathlib.Path(workdir) / f"eval_{name.lower()}.json")
+    return write_ijb(result, output or output_path(workdir, name))
+
+
+def output_path(workdir: str | pathlib.Path, name: str) -> pathlib.Path:
+    """DIR/eval_ijbc.json (or eval_ijbb.json)."""
+    return pathlib.Path(workdir) / f"eval_{name.lower()}.json"
