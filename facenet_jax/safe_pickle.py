@@ -8,8 +8,8 @@ files from the internet are untrusted input, so `load_data_pickle` runs two inde
    (Python 2's STRING opcodes included), ints, bools, None, lists and tuples, the memo, and
    GLOBAL/REDUCE/BUILD only for the few globals below. Anything else (INST, OBJ, NEWOBJ, EXT*,
    PERSID, dicts, out-of-band buffers...) is refused, naming the opcode and its byte offset.
-2. While loading, `find_class` resolves only these globals, and to our own narrow stand-ins,
-   never to the real objects:
+2. While loading, `find_class` resolves only these globals, and to our own narrow stand-ins
+   (which also refuse attribute writes from BUILD), never to the real objects:
    - `_codecs.encode(text, "latin1")` (how Python 3 writes bytes at protocol 2): latin-1 only;
    - numpy's array reconstruction (`_reconstruct`, `ndarray`, `dtype`, `_frombuffer`) for
      arrays of dtype bool only (is-same flags saved as a numpy array).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,26 @@ _ALLOWED_OPCODES = frozenset({
 })
 
 
-class _NdarrayClass:
-    """Stands for `numpy.ndarray` in a stream: a token `_reconstruct` checks, not callable."""
+class _StandIn:
+    """What `find_class` hands the stream for an allowed global: calls `function` (None: not
+    callable, a token), and refuses attribute writes, so BUILD cannot modify it."""
+
+    __slots__ = ("_function", "_name")
+
+    def __init__(self, name: str, function: Callable[..., Any] | None = None):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_function", function)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"refused: the stream modifies {self._name}")
+
+    def __call__(self, *args: Any) -> Any:
+        if self._function is None:
+            raise pickle.UnpicklingError(f"refused call of {self._name}")
+        return self._function(*args)
+
+
+_NDARRAY = _StandIn("numpy.ndarray")  # only ever an argument of _reconstruct
 
 
 def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
@@ -59,13 +78,13 @@ def _bool_dtype(code: Any, align: bool = False, copy: bool = True) -> np.dtype:
     if code not in ("b1", b"b1", "?", b"?"):
         raise pickle.UnpicklingError(f"refused numpy dtype {code!r}: only bool arrays (b1) are "
                                      "allowed in these files")
-    return np.dtype(bool)
+    return np.dtype("b1", copy=True)  # a copy: BUILD's __setstate__ must not touch numpy's own
 
 
 def _reconstruct(cls: Any, shape: Any, dtype_code: Any) -> np.ndarray:
     """numpy's `_reconstruct(ndarray, (0,), b'b')`: an empty array BUILD then fills; BUILD's
     state names the real dtype, which can only come from `_bool_dtype`."""
-    if cls is not _NdarrayClass:
+    if cls is not _NDARRAY:
         raise pickle.UnpicklingError(f"refused array reconstruction of {cls!r}")
     return np.ndarray((0,), dtype=np.uint8)
 
@@ -78,14 +97,14 @@ def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
     return array.reshape(shape, order="F" if order == "F" else "C").copy()
 
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("_codecs", "encode"): _latin1_encode,
-    **{(module, "_reconstruct"): _reconstruct
+_ALLOWED_GLOBALS: dict[tuple[str, str], _StandIn] = {
+    ("_codecs", "encode"): _StandIn("_codecs.encode", _latin1_encode),
+    **{(module, "_reconstruct"): _StandIn(f"{module}._reconstruct", _reconstruct)
        for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    **{(module, "_frombuffer"): _frombuffer
+    **{(module, "_frombuffer"): _StandIn(f"{module}._frombuffer", _frombuffer)
        for module in ("numpy.core.numeric", "numpy._core.numeric")},
-    ("numpy", "ndarray"): _NdarrayClass,
-    ("numpy", "dtype"): _bool_dtype,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _StandIn("numpy.dtype", _bool_dtype),
 }
 
 

@@ -1,6 +1,7 @@
 """insightface `.bin` verification sets: the restricted unpickler, reading, and the evaluation
 checked against a brute-force computation of the protocol."""
 
+import io
 import logging
 import pickle
 import pickletools
@@ -74,10 +75,22 @@ def test_malicious_pickle_is_refused_without_running_anything(tmp_path, protocol
     (pickle.dumps(np.arange(3), protocol=2), "refused numpy dtype"),
     (pickle.dumps(([b"x"], [True]), protocol=2)[:-5], "not a readable pickle"),
     (b"\x80\x02cbuiltins\neval\nq\x00.", r"refused global builtins\.eval"),
+    (b"\x80\x02cnumpy\nndarray\n)R.", r"refused call of numpy\.ndarray"),
 ])
 def test_other_foreign_streams_are_refused_with_a_reason(payload, problem):
     with pytest.raises(pickle.UnpicklingError, match=problem):
         safe_pickle.load_data_pickle(payload)
+
+
+def test_second_guard_alone_refuses_build_on_an_allowed_global():
+    # BUILD with slot state would setattr on the stand-in; the opcode scan already refuses the
+    # dict it needs (EMPTY_DICT), so the unpickler is driven directly here.
+    payload = b"\x80\x02cnumpy\ndtype\nN}X\x01\x00\x00\x00aK\x01s\x86b."
+    with pytest.raises(pickle.UnpicklingError, match="refused opcode EMPTY_DICT"):
+        safe_pickle.check_opcodes(payload)
+    with pytest.raises(pickle.UnpicklingError, match=r"the stream modifies numpy\.dtype"):
+        safe_pickle._RestrictedUnpickler(io.BytesIO(payload)).load()
+    assert np.dtype(bool).byteorder == "|"  # numpy's own bool dtype untouched
 
 
 def test_structure_size_and_corrupt_image_errors(tmp_path, caplog):
