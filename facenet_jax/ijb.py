@@ -30,7 +30,7 @@ import logging
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -136,11 +136,17 @@ def aligned_face(path: pathlib.Path, landmarks: np.ndarray, image_size: int) -> 
     return face if image_size == ALIGNED_SIZE else resize_array(face, image_size)
 
 
-def _progress(iterable: Iterable, total: int, desc: str) -> Iterable:
+def _progress(iterable: Iterable, total: int, desc: str) -> Iterator:
+    """A tqdm bar on a terminal; elsewhere (batch jobs) a log line every tenth of the work."""
     if total > 1 and sys.stderr.isatty():
         from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc)
-    return iterable
+        yield from tqdm(iterable, total=total, desc=desc)
+        return
+    every = max(1, total // 10)
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        if total > 1 and (done % every == 0 or done == total):
+            logging.info("%s: %d/%d", desc, done, total)
 
 
 def image_features(embed_images: ImageEmbedder, root: str | pathlib.Path, meta: IJBMeta, *,

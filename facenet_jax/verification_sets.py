@@ -166,6 +166,10 @@ def configured_sets(eval_config: Any, image_size: int) -> list[VerificationSet]:
     start of training so a bad folder or file fails before anything compiles."""
     folder = eval_config.get("verification_sets")
     if not folder:
+        if eval_config.get("verification_set_names"):
+            raise ValueError("config.eval.verification_set_names is set but "
+                             "eval.verification_sets (the folder of .bin files) is not; pass "
+                             "--config.eval.verification_sets=FOLDER")
         return []
     try:
         return load_sets(folder, eval_config.get("verification_set_names"), image_size)

@@ -3,6 +3,7 @@ against explicit loops (template features, scores) and enumerated thresholds / s
 (TAR@FAR, as insightface reads it)."""
 
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -56,7 +57,8 @@ def _brute_force(layout, use_detector_score):
 
 
 @pytest.mark.parametrize("use_detector_score", [True, False])
-def test_template_features_and_scores_match_explicit_loops(layout, use_detector_score):
+def test_template_features_and_scores_match_explicit_loops(layout, use_detector_score, caplog):
+    caplog.set_level(logging.INFO)
     root = layout[0]
     meta = ijb.read_meta(root, "IJBC")
     features = ijb.image_features(pixel_embeddings, root, meta, image_size=MODEL, chunk_size=50)
@@ -68,6 +70,7 @@ def test_template_features_and_scores_match_explicit_loops(layout, use_detector_
         np.testing.assert_allclose(feature, expected[template], atol=1e-5)
     scores = ijb.pair_scores(ids, feats, meta.pair_templates, chunk_size=37)
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    assert "template pairs (chunks): 8/8" in caplog.text  # progress outside a terminal
 
 
 def _brute_force_tar(scores, same, target):

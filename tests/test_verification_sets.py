@@ -183,3 +183,17 @@ def test_training_metrics_keys_and_table(py2_bin, tmp_path):
                                             tmp_path / "eval_verification_sets.json")
     text = table.read_text()
     assert text.startswith("| lfw |") and f"{100 * result['accuracy']:.2f}" in text
+
+
+def test_configured_sets_off_by_default_and_names_need_a_folder(py2_bin):
+    import ml_collections
+
+    path, _, _ = py2_bin
+    config = ml_collections.ConfigDict({"verification_sets": None,
+                                        "verification_set_names": None})
+    assert verification_sets.configured_sets(config, 32) == []
+    config.verification_set_names = "lfw"
+    with pytest.raises(ValueError, match="verification_sets .* is not"):
+        verification_sets.configured_sets(config, 32)
+    config.verification_sets = str(path.parent)
+    assert [s.name for s in verification_sets.configured_sets(config, 32)] == ["lfw"]
