@@ -84,6 +84,7 @@ def write_evaluation(result: dict[str, Any], output: pathlib.Path, *,
     result["figures"] = {
         "roc": str(plots.plot_roc(far, tar, f"{stem}_roc.png", auc=result["auc"],
                                   eer=result["eer"], log_far=True,
+                                  far_min=min(1e-4, far[far > 0].min()),
                                   points=val_operating_points(result))),
         "histogram": str(plots.plot_distance_histogram(
             distances, is_same, result["threshold"], f"{stem}_distances.png")),
