@@ -98,9 +98,11 @@ def plot_roc(far: Any, tar: Any, path: str | pathlib.Path, *, label: str | None 
 def distance_histogram_figure(distances: Any, is_same: Any, threshold: float, *,
                               title: str | None = None, bins: int = 50) -> Figure:
     """Densities of same- and different-identity pair distances ([M] each, shared bins) with the
-    threshold (pairs at or below it are accepted) as a vertical line."""
+    threshold (pairs at or below it are accepted) as a vertical line; a threshold of -inf (the
+    10-fold search's "accept nothing", e.g. for collapsed embeddings) is named in the legend."""
     d, same = _pairs_arrays(distances, is_same)
-    edges = np.histogram_bin_edges(np.append(d, threshold), bins=bins)
+    finite = bool(np.isfinite(threshold))
+    edges = np.histogram_bin_edges(np.append(d, threshold) if finite else d, bins=bins)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for mask, name, color in ((same, "same identity", "C2"), (~same, "different identity",
@@ -108,7 +110,9 @@ def distance_histogram_figure(distances: Any, is_same: Any, threshold: float, *,
         if mask.any():
             ax.hist(d[mask], bins=edges, density=True, alpha=0.55, color=color,
                     label=f"{name} ({int(mask.sum())} pairs)")
-    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.4g}")
+    ax.axvline(threshold if finite else edges[0], color="k", ls="--" if finite else ":",
+               lw=1.2, label=f"threshold {threshold:.4g}" if finite
+               else "threshold -inf (accepts nothing)")
     ax.set_xlabel("pair distance")
     ax.set_ylabel("density")
     ax.set_title(title or "Pair distances")

@@ -1,5 +1,6 @@
 """Tests for facenet_jax.plots: figure contents against their inputs, PCA against sklearn, files."""
 
+import json
 import math
 import pathlib
 
@@ -157,3 +158,21 @@ def test_plot_functions_write_pngs(tmp_path):
             assert image.format == "PNG"
             assert image.size == tuple(round(110 * side) for side in inches)
             assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 10  # not blank
+
+
+def test_collapsed_embeddings_accept_nothing_and_still_write_their_figures(tmp_path):
+    # Identical embeddings: every distance 0, accepting nothing ties accepting all and is the
+    # smallest maximiser: threshold -inf (the 10-fold search's "accept nothing").
+    from facenet_jax import evaluate
+
+    same = np.arange(40) % 2 == 0
+    result = metrics.evaluate_embeddings(np.ones((80, 4)), np.arange(80), np.arange(40) * 2,
+                                         np.arange(40) * 2 + 1, same, np.arange(40) // 4,
+                                         include_identification=False)
+    assert result["threshold"] == -np.inf and result["accuracy"] == 0.5
+    ax = plots.distance_histogram_figure(np.zeros(40), same, result["threshold"]).axes[0]
+    assert ax.lines[0].get_label() == "threshold -inf (accepts nothing)"
+    written = evaluate.write_evaluation(result, tmp_path / "eval.json", distances=np.zeros(40),
+                                        is_same=same)
+    assert pathlib.Path(written["figures"]["histogram"]).stat().st_size > 0
+    assert json.loads((tmp_path / "eval.json").read_text())["threshold"] is None
