@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from facenet_jax import data, ijb, metrics, plots, verification_sets
-from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
 from facenet_jax.logs import cli_logging
 
 EVAL_FILE = "eval.json"
@@ -72,7 +72,7 @@ def generated_pairs(config: ml_collections.ConfigDict, dataset: data.Dataset) ->
             "least 2: raise data.split.test (or validation)")
     return data.generate_pairs(dataset, num_folds=config.data.pairs.num_folds,
                                pairs_per_fold=config.data.pairs.pairs_per_fold,
-                               seed=config.seed)
+                               seed=pairs_seed(config))
 
 
 def write_evaluation(result: dict[str, Any], output: pathlib.Path, *,
