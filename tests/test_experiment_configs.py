@@ -120,6 +120,7 @@ def test_sweep_cells_all_load_validate_and_cover_their_grid(path, tmp_path):
     assert set(axes["STRATEGIES"]) == set(losses.STRATEGIES)
     assert grid == {(m, s, d) for m in axes["MARGINS"] for s in axes["STRATEGIES"]
                     for d in axes["DISTANCES"]}
-    assert len(grid) == len(spec["cells"])
+    seeds = {cell.get("seed") for cell in spec["cells"]}  # a sweep's seeds repeat each cell
+    assert len(grid) * len(seeds) == len(spec["cells"])
     doc = _docstring(path)
     assert f"python -m facenet_jax.sweep --sweep experiments/sweeps/{path.name}" in doc
