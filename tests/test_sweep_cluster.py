@@ -373,3 +373,55 @@ def test_baseline_key_is_unchanged_for_configs_without_a_pairs_seed():
     assert sweep.baseline_key(load_config(DEFAULT)) == old_key
     assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4, "data.pairs.seed": 0})) == old_key
     assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4})) != old_key
+
+
+# ----------------------------------------------------------------------------------------------
+# The Slurm array script (run by bash as Slurm would run one array task).
+
+SBATCH = REPO / "experiments" / "slurm" / "sweep_array.sbatch"
+TINY = {"log_every": 1, "eval_every": 100_000, "checkpoint_every": 100_000,
+        "num_steps": 100_000, "data.image_size": 16, "data.synthetic.num_identities": 40,
+        "data.synthetic.images_per_identity": 6, "batch.identities": 8,
+        "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 20, "eval.batch_size": 64,
+        "model.embedding_dim": 16, "optimizer.warmup_steps": 2}
+
+
+def _array_task(path, workdir, task):
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_SUBMIT_DIR": str(REPO),
+           "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return subprocess.Popen(["bash", str(SBATCH), str(path), str(workdir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sbatch_script_passes_the_array_index_as_the_run(tmp_path):
+    path = _sweep_file(tmp_path, [{"loss.margin": 0.1}, {"loss.margin": 0.2}])
+    task = _array_task(path, tmp_path / "runs", 5)
+    output, _ = task.communicate(timeout=60)
+    assert task.returncode == 2 and "--cell 5: the sweep has 2 runs, 0 to 1" in output
+
+
+def test_sbatch_script_sigterm_reaches_the_train_process_which_saves(tmp_path):
+    """What Slurm's --signal=B:TERM does: SIGTERM to the task's batch process. It is the sweep
+    (exec), which passes it to the real train process: a checkpoint, a preempted record."""
+    path = _sweep_file(tmp_path, [{"loss.margin": 0.1}], common=TINY)
+    workdir = tmp_path / "runs"
+    name = sweep.cell_names(sweep.load_sweep(path)["cells"])[0]
+    task = _array_task(path, workdir, 0)
+    try:
+        metrics = workdir / name / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert time.monotonic() < deadline and task.poll() is None, task.stdout.read()
+            time.sleep(0.2)
+        cmdline = pathlib.Path(f"/proc/{task.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"facenet_jax.sweep" in cmdline  # the script exec'd the sweep
+        task.send_signal(signal.SIGTERM)
+        output, _ = task.communicate(timeout=120)
+    finally:
+        task.kill()
+    assert task.returncode == 0, output
+    record = json.loads((workdir / name / sweep.STATUS_FILE).read_text())
+    assert record["status"] == "preempted", record
+    assert any(p.name.isdigit() for p in (workdir / name / "checkpoints").iterdir())
+    assert not (workdir / sweep.RESULTS_MD).exists()
