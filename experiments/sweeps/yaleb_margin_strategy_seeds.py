@@ -13,20 +13,16 @@ host with `--parallel 2`); see docs/experiments.md for the plan.
 `base` is relative to this file.
 """
 
-from facenet_jax.sweep import grid
+import pathlib
+import runpy
 
-MARGINS = (0.05, 0.2, 1.0)
-STRATEGIES = ("random", "semihard", "semihard_facenet", "hardest", "all", "distance_weighted")
-DISTANCES = ("squared",)
-SEEDS = (0, 1, 2)
+# The same cells and seeds as the synthetic re-run, on another base config.
+_SYNTHETIC = runpy.run_path(str(pathlib.Path(__file__).with_name(
+    "default_margin_strategy_seeds.py")))
+MARGINS, STRATEGIES, DISTANCES, SEEDS = (_SYNTHETIC[k] for k in ("MARGINS", "STRATEGIES",
+                                                                 "DISTANCES", "SEEDS"))
 
 
 def get_sweep() -> dict:
-    return {
-        "name": "yaleb_margin_strategy_seeds",
-        "base": "../yaleb.py",
-        "common": {"data.pairs.seed": 0},
-        "cells": grid({"loss.distance": DISTANCES, "loss.strategy": STRATEGIES,
-                       "loss.margin": MARGINS}),
-        "seeds": list(SEEDS),
-    }
+    return {**_SYNTHETIC["get_sweep"](), "name": "yaleb_margin_strategy_seeds",
+            "base": "../yaleb.py"}
