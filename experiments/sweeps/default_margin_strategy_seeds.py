@@ -5,9 +5,9 @@
 ends and FaceNet's 0.2) × seeds 0, 1, 2 = 54 runs, each the default's full 1,200 steps (no
 `common` shortening). `data.pairs.seed` is pinned to 0 so the seeds vary training only and every
 seed is scored on the same test pairs (those of the 200-step tables, whose seed was 0). Measured
-here: one run 77 s wall (55 s CPU) on the shared 2-core CPU, so about 70 min for the sweep, or
-half that with `--parallel 2` on an otherwise idle 2-core host; see docs/experiments.md for the
-plan.
+here: one run 77 s wall (55 s CPU) on the shared 2-core CPU, so about 70 min for the sweep one
+run at a time (about 25 min of CPU per core with `--parallel 2` on an idle 2-core host); see
+docs/sweeps.md for the plan.
 
         python -m facenet_jax.sweep --sweep experiments/sweeps/default_margin_strategy_seeds.py \
             --workdir runs/sweeps/default_margin_strategy_seeds [--parallel N]
