@@ -146,8 +146,8 @@ def test_cell_runs_exactly_that_run_checks_only_its_record_and_writes_no_tables(
 @pytest.mark.parametrize("args, message", [
     (["--cell", "3"], "--cell 3: the sweep has 3 runs, 0 to 2"),
     (["--cell", "-1"], "--cell -1: the sweep has 3 runs"),
-    (["--cell", "0", "--parallel", "2"], "runs one run with --cell"),
-    (["--parallel", "0"], "needs N >= 1"),
+    (["--cell", "0", "--parallel", "2"], "--cell runs one run: drop --parallel"),
+    (["--parallel", "0"], "--parallel 0: N must be at least 1"),
     (["--cell", "0", "--list"], "not allowed with argument"),
 ])
 def test_bad_cell_and_parallel_arguments_fail_before_anything_runs(tmp_path, capsys, args,
@@ -266,9 +266,11 @@ def test_over_seeds_mean_sample_std_n_and_collapsed_count():
     assert (second["runs"], second["n"], second["collapsed"]) == (2, 1, 0)
     assert second["accuracy"] == 0.7 and second["accuracy_std"] is None  # one seed: no std
     assert second["status"] == "1 ok, 1 crashed"
-    assert report.markdown_table([first, second], ["loss.margin", "n", "accuracy",
-                                                   "accuracy_std", "collapsed"]).splitlines()[2:] \
-        == ["| 0.1 | 3 | 0.8500 ± 0.0500 | **1/3** |", "| 0.5 | 1 | 0.7000 | 0/1 |"]
+    table = report.markdown_table([first, second], ["loss.margin", "n", "accuracy",
+                                                    "accuracy_std", "val@far=1e-3",
+                                                    "val@far=1e-3_std", "collapsed"])
+    assert table.splitlines()[2:] == ["| 0.1 | 3 | 0.8500 ± 0.0500 | 0.6000 ± 0.1414 | **1/3** |",
+                                      "| 0.5 | 1 | 0.7000 | — | 0/1 |"]
 
 
 def test_aggregate_with_seeds_keeps_per_seed_rows_and_tabulates_cells(tmp_path):

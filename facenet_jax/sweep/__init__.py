@@ -207,8 +207,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cell is not None and not 0 <= args.cell < runs:
         parser.error(f"--cell {args.cell}: the sweep has {runs} runs, 0 to {runs - 1} "
                      "(--list numbers them)")
-    if args.parallel < 1 or (args.cell is not None and args.parallel > 1):
-        parser.error("--parallel N needs N >= 1, and runs one run with --cell")
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: N must be at least 1")
+    if args.cell is not None and args.parallel > 1:
+        parser.error("--cell runs one run: drop --parallel (an array task is one run)")
     if args.list:
         print("\n".join(list_lines(sweep)))
         return

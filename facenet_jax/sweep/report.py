@@ -157,8 +157,8 @@ def _in_order(values: Any) -> list[Any]:
 
 def _format_cell(column: str, row: Mapping[str, Any]) -> str:
     value = row.get(column)
-    if column == "accuracy" and value is not None and row.get("accuracy_std") is not None:
-        return f"{value:.4f} ± {row['accuracy_std']:.4f}"
+    if value is not None and row.get(f"{column}_std") is not None:  # over folds or seeds
+        return f"{value:.4f} ± {row[f'{column}_std']:.4f}"
     if value is None:
         return "—" if column != "error" else ""
     if column == "wall_s":
