@@ -13,7 +13,6 @@ curve, same/different distance histograms with the chosen threshold).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import data, ijb, metrics, plots, verification_sets
+from facenet_jax import data, ijb, metrics, plots, runfiles, verification_sets
 from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
 from facenet_jax.logs import cli_logging
 
@@ -89,9 +88,8 @@ def write_evaluation(result: dict[str, Any], output: pathlib.Path, *,
         "histogram": str(plots.plot_distance_histogram(
             distances, is_same, result["threshold"], f"{stem}_distances.png")),
     }
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(json_safe(result), indent=2))
-    os.replace(tmp, output)
+    # Per-writer temporary file: two sweep aggregations may compute one pixel baseline at once.
+    runfiles.atomic_write_json(output, json_safe(result))
     return result
 
 
