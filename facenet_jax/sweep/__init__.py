@@ -182,7 +182,8 @@ class _Progress:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m facenet_jax.sweep",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", required=True, help="sweep file with get_sweep()")
     parser.add_argument("--workdir", required=True, help="folder of the cells and results")
