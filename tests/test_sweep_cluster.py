@@ -238,6 +238,23 @@ def test_sigterm_reaches_every_running_cell_and_starts_no_other(tmp_path, fake):
     assert not (workdir / names[2]).exists()
 
 
+def test_a_run_another_process_is_training_is_busy_not_failed(tmp_path):
+    """Two tasks on one run (a requeued task whose old copy still saves): the newcomer's train
+    finds the folder locked. Its sweep leaves the status to the other process and does not
+    record a failure that would make later runs skip the cell."""
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / sweep.STATUS_FILE).write_text(json.dumps({"status": "preempted"}))
+    refused = ("import sys; sys.exit('RuntimeError: another process (pid 7 on host n1, since t) "
+               f"is training in {cell}: the filesystem refused flock; wait')")
+    record = sweep.run_cell(["python", "-c", refused], cell, None)
+    assert record["status"] == "busy" and "pid 7 on host n1" in record["error"]
+    assert json.loads((cell / sweep.STATUS_FILE).read_text()) == {"status": "preempted"}
+    assert sweep.needs_run(cell, rerun_failed=False)
+    crash = "import sys; sys.exit('ValueError: another process went wrong')"
+    assert sweep.run_cell(["python", "-c", crash], cell, None)["status"] == "crashed"
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeds: aggregation, tables, plots.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -35,6 +36,8 @@ from facenet_jax.sweep.records import EVAL_FILE, LOG_FILE, STATUS_FILE, write_js
 from facenet_jax.sweep.spec import REPO_ROOT
 
 ATTEMPT_MARK = "===== sweep attempt"  # opens each attempt's output in train.log
+# The train CLI's refusal when another process holds the run folder's lock (train.py).
+BUSY = re.compile(r"another process \(.*\) is training in ")
 _OUTPUT_TAIL = 64 * 1024  # bytes of an attempt's output read back to diagnose it
 
 
@@ -226,12 +229,14 @@ def start_cell(command: Sequence[str], cell_dir: pathlib.Path, env: Mapping[str,
 
 def finish_cell(started: StartedCell, returncode: int) -> dict[str, Any]:
     """Diagnoses an ended attempt; returns and writes its status record: {"status", "error",
-    "wall_s", "returncode"}."""
+    "wall_s", "returncode"}. A "busy" attempt (another process is training this run) writes
+    nothing: the status is that other process's to write when it ends."""
     wall = time.perf_counter() - started.start
     status, error = cell_outcome(returncode, (started.cell_dir / EVAL_FILE).exists(),
                                  _read_output(started.cell_dir / LOG_FILE, started.output_start))
     record = {"status": status, "error": error, "wall_s": wall, "returncode": returncode}
-    write_json(started.cell_dir / STATUS_FILE, record)
+    if status != "busy":
+        write_json(started.cell_dir / STATUS_FILE, record)
     return record
 
 
@@ -269,9 +274,14 @@ def diagnose_failure(returncode: int, stderr: str) -> tuple[str, str]:
 def cell_outcome(returncode: int, finished: bool, output: str) -> tuple[str, str | None]:
     """(status, error) of one attempt at a cell from its exit status, whether eval.json
     exists, and its output: "ok"; "preempted" for exit 0 without eval.json (the train CLI's
-    exit after saving a checkpoint on SIGTERM: a re-run resumes it); else diagnose_failure."""
+    exit after saving a checkpoint on SIGTERM: a re-run resumes it); "busy" when the train CLI
+    found another process training in the run's folder (e.g. the old copy of a requeued array
+    task; not a failure, so a later sweep run tries again); else diagnose_failure."""
     if returncode == 0 and finished:
         return "ok", None
+    busy = BUSY.search(output)
+    if returncode != 0 and busy:
+        return "busy", _last_line(output)
     if returncode == 0:
         last = _last_line(output)
         return "preempted", ("exited 0 without writing eval.json; the next sweep run resumes it"
