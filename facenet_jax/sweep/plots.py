@@ -70,7 +70,9 @@ def accuracy_figure(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[st
         ax.set_xlabel(f"margin α ({distance} distance)")
         ax.set_title(f"distance = {distance}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("10-fold verification accuracy")
+    seeded = max(r["runs"] for r in cells) > 1
+    axes[0].set_ylabel("10-fold verification accuracy" + (
+        "\n(mean ± std over seeds)" if seeded else ""))
     handles, names = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
         for h, n in zip(*ax.get_legend_handles_labels()):
@@ -78,7 +80,7 @@ def accuracy_figure(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[st
                 handles.append(h)
                 names.append(n)
     handles.append(Line2D([], [], color="k", marker="x", ls="", ms=8, mew=2))
-    names.append("collapsed" if max(r["runs"] for r in cells) == 1 else "a seed collapsed")
+    names.append("a seed collapsed" if seeded else "collapsed")
     fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - _LEGEND_WIDTH / width, 1))
     return fig
