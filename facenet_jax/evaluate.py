@@ -130,6 +130,11 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     from facenet_jax.embed import load_encoder
 
     _check_output_holds_the_same_evaluation(output, data_root, pairs_file)
+    if data_root is None and not (workdir / SPLIT_FILE).exists() and (
+            workdir / "config.json").exists() and _is_imported(workdir):
+        raise ValueError(
+            f"{workdir} holds imported weights and no {SPLIT_FILE}: it has no test split of "
+            "its own. Pass --data_root FOLDER (and --pairs FILE) to evaluate it on your data")
     encoder = load_encoder(workdir)
     config = encoder.config
     extra = evaluation_target(data_root, pairs_file)
@@ -143,6 +148,12 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
                    extra={**extra, "step": encoder.step, "model": config.model.name})
+
+
+def _is_imported(workdir: pathlib.Path) -> bool:
+    """Whether DIR was written by `python -m facenet_jax.pretrained` (not by training)."""
+    record = json.loads((workdir / "config.json").read_text())
+    return "imported" in record.get("provenance", {})
 
 
 def evaluation_target(data_root: str | None, pairs_file: str | None) -> dict[str, Any]:

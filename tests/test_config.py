@@ -41,6 +41,10 @@ def test_unknown_key_and_wrong_type_are_errors():
     ({"batch.identities": 1}, "identities"),
     ({"batch.identities": 12}, "divisible"),
     ({"num_steps": 0}, "num_steps"),
+    ({"model.input_norm": "imagenet"}, "model.input_norm must be one of"),
+    ({"model.bn_scale": True}, "inception_resnet_v1 only"),
+    ({"optimizer.backbone_lr_multiplier": -0.5}, "backbone_lr_multiplier must be >= 0"),
+    ({"model.init_from": "/nonexistent/run"}, "model.init_from"),
 ])
 def test_validate_config_names_the_problem(override, message):
     config = cfg.load_config(DEFAULT, override)
@@ -126,3 +130,18 @@ def test_metrics_log_nulls_and_truncation(tmp_path):
     truncate_metrics(tmp_path, 2)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_a_run_folder_recorded_before_added_keys_loads_with_their_old_values(tmp_path):
+    from facenet_jax.embed import load_run_config
+
+    recorded = cfg.to_plain(cfg.load_config(DEFAULT))
+    for key in cfg.ADDED_KEY_DEFAULTS:
+        section, leaf = key.rsplit(".", 1)
+        del recorded[section][leaf]  # every added key is section.leaf
+    (tmp_path / "config.json").write_text(json.dumps({"config": recorded}))
+    loaded = load_run_config(tmp_path)
+    for key, value in cfg.ADDED_KEY_DEFAULTS.items():
+        section, leaf = key.rsplit(".", 1)
+        assert loaded[section][leaf] == value, key
+    assert cfg.changed_keys(recorded, cfg.to_plain(cfg.load_config(DEFAULT))) == []
