@@ -11,8 +11,10 @@ curve, same/different distance histograms with the chosen threshold).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from facenet_jax import data, metrics, plots
 from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax.data.alignment import alignment_mismatch
 from facenet_jax.logs import cli_logging
 
 EVAL_FILE = "eval.json"
@@ -141,6 +144,10 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     if data_root is None:
         test, pairs = test_split_and_pairs(config, workdir / SPLIT_FILE)
     else:
+        mismatch = alignment_mismatch(config.data.alignment, data_root)
+        if mismatch:
+            warnings.warn(mismatch, UserWarning, stacklevel=2)
+            logging.warning(mismatch)
         test = data.load_folder_as_configured(data_root, config.data, min_images_per_identity=1)
         pairs = (data.read_pairs(pairs_file, test) if pairs_file is not None
                  else generated_pairs(config, test))
