@@ -147,9 +147,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.model.bn_scale and config.model.name != "inception_resnet_v1":
         raise ValueError(f"model.bn_scale=True is an option of inception_resnet_v1 only "
                          f"(model.name is {config.model.name!r}); leave it False")
-    if config.model.init_from is not None:
-        from facenet_jax import finetune  # local: reads a run folder's files
-        finetune.check_init_dir(config.model.init_from)
     optim.validate_optimizer_config(config.optimizer, config.num_steps)
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "

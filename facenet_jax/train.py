@@ -322,6 +322,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     reached = checkpoints.latest_step(workdir)  # read once: the checks below all need it
     _check_resume_config(workdir, config, reached)
     _check_num_steps(reached, config.num_steps)
+    if reached is None and config.model.init_from is not None:  # a resume never reads it
+        finetune.check_init_dir(config.model.init_from)
     model = build_model(config, bn_axis_name=AXIS)
     tx, schedule = build_optimizer(config)
     if is_writer:  # from the state's shapes alone: before loading data or compiling

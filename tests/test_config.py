@@ -44,7 +44,6 @@ def test_unknown_key_and_wrong_type_are_errors():
     ({"model.input_norm": "imagenet"}, "model.input_norm must be one of"),
     ({"model.bn_scale": True}, "inception_resnet_v1 only"),
     ({"optimizer.backbone_lr_multiplier": -0.5}, "backbone_lr_multiplier must be >= 0"),
-    ({"model.init_from": "/nonexistent/run"}, "model.init_from"),
 ])
 def test_validate_config_names_the_problem(override, message):
     config = cfg.load_config(DEFAULT, override)
@@ -145,3 +144,13 @@ def test_a_run_folder_recorded_before_added_keys_loads_with_their_old_values(tmp
         section, leaf = key.rsplit(".", 1)
         assert loaded[section][leaf] == value, key
     assert cfg.changed_keys(recorded, cfg.to_plain(cfg.load_config(DEFAULT))) == []
+
+
+def test_init_from_must_be_a_run_folder_with_a_checkpoint(tmp_path):
+    from facenet_jax import finetune
+
+    with pytest.raises(ValueError, match="model.init_from=.*no config.json"):
+        finetune.check_init_dir(tmp_path / "nothing")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        finetune.check_init_dir(tmp_path)

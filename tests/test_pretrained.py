@@ -137,14 +137,22 @@ def test_conversion_names_every_bad_key(reference):
         pretrained.convert_facenet_pytorch(wrong)
 
 
-def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, tmp_path):
+@pytest.fixture(scope="module")
+def imported(reference, tmp_path_factory):
+    """A run folder imported from the random-init reference's .pt file (with its logits)."""
+    folder = tmp_path_factory.mktemp("imported")
+    weights = folder / "random-vggface2.pt"
+    torch.save(reference[0].state_dict(), weights)
+    info = pretrained.import_weights(weights, folder / "run")
+    return folder / "run", weights, info
+
+
+def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, imported,
+                                                                  tmp_path):
     from facenet_jax import embed, evaluate
 
-    net, images, expected = reference
-    weights = tmp_path / "random-vggface2.pt"
-    torch.save(net.state_dict(), weights)
-    workdir = tmp_path / "imported"
-    info = pretrained.import_weights(weights, workdir)
+    _, images, expected = reference
+    workdir, weights, info = imported
     assert info["logits_classes"] == 8631
     record = json.loads((workdir / "config.json").read_text())
     assert record["provenance"]["imported"]["sha256"] == pretrained.sha256(weights)
@@ -160,6 +168,77 @@ def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, tmp
                                   output=tmp_path / "eval.json")
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         pretrained.import_weights(weights, workdir)
+
+
+def _file_digests(folder: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): pretrained.sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_imported_model_on_orl(imported, shared_data, tmp_path):
+    """A few steps on ORL from the imported model with a frozen backbone: step-0 validation is
+    the imported model's, the backbone (parameters and BN statistics) stays exactly the
+    imported one, the head moves, and DIR is only read."""
+    from facenet_jax import checkpoints, data, embed, evaluate, finetune, optim, train
+    from facenet_jax.config import load_config
+    from facenet_jax.logs import read_metrics
+
+    workdir_in = imported[0]
+    before = _file_digests(workdir_in)
+    config = load_config(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "orl.py", {
+        "data.root": str(shared_data / "orl_faces"), "data.image_size": 80,
+        "model.name": "inception_resnet_v1", "model.embedding_dim": 512,
+        "model.bn_scale": True, "model.input_norm": "fixed_standardization",
+        "model.init_from": str(workdir_in), "optimizer.backbone_lr_multiplier": 0.0,
+        "optimizer.warmup_steps": 0, "num_steps": 2, "log_every": 1, "eval_every": 1000,
+        "checkpoint_every": 2, "batch.identities": 8, "batch.images_per_identity": 2,
+        "eval.batch_size": 64})
+    train.train_and_evaluate(config, tmp_path / "run")
+    assert _file_digests(workdir_in) == before
+
+    # Step 0's validation row is the imported encoder evaluated on the same images.
+    encoder = embed.load_encoder(workdir_in, flip=False)
+    validation = data.split_dataset(data.load_dataset(config.data), config.data)["validation"]
+    expected = evaluate.evaluate_dataset(
+        lambda variables, images: encoder.embedder(variables, images), encoder.variables,
+        validation, evaluate.generated_pairs(config, validation),
+        distance=config.eval.distance)
+    step0 = next(row for row in read_metrics(tmp_path / "run") if row["step"] == 0)
+    assert step0["eval/accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert step0["eval/auc"] == pytest.approx(expected["auc"], abs=1e-6)
+
+    tuned = checkpoints.read_arrays(tmp_path / "run", 2)
+    start, _ = finetune.read_variables(workdir_in)
+    moved = []
+    for collection in ("params", "batch_stats"):
+        for scope, subtree in start[collection].items():
+            for key, value in jax.tree_util.tree_leaves_with_path(subtree):
+                path = f"{collection}/{scope}/" + jax.tree_util.keystr(
+                    key, simple=True, separator="/")
+                if scope == optim.HEAD_SCOPE:
+                    moved.append(not np.array_equal(tuned[path], value))
+                else:
+                    np.testing.assert_array_equal(tuned[path], value, err_msg=path)
+    assert any(moved)
+
+
+def test_init_from_a_differently_shaped_encoder_names_the_parameters(imported):
+    from facenet_jax import finetune
+    from facenet_jax.config import load_config
+    from facenet_jax.state import build_model, build_optimizer
+
+    config = load_config(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py",
+                         {"model.name": "inception_resnet_v1", "model.embedding_dim": 128,
+                          "model.bn_scale": True, "model.input_norm": "fixed_standardization",
+                          "data.image_size": 80, "model.init_from": str(imported[0])})
+    model, (tx, _) = build_model(config, bn_axis_name=None), build_optimizer(config)
+    with pytest.raises(ValueError, match=r"EmbeddingHead_0/embedding/kernel: shape \(1792, 512\)"):
+        finetune.initial_state(config, model, tx, resuming=False)
+    config.model.embedding_dim = 512
+    config.model.input_norm = "symmetric"
+    with pytest.raises(ValueError, match="trained with 'fixed_standardization'"):
+        finetune.initial_state(config, model, tx, resuming=False)
 
 
 def test_missing_weight_file_is_named(tmp_path):
