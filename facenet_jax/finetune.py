@@ -96,6 +96,7 @@ def initial_state(config: ml_collections.ConfigDict, model: Any,
     source = config.model.init_from
     if source is None or resuming:
         return create_train_state(config, model, tx)
+    check_init_dir(source)
     _check_same_meaning(config, source)
     expected = jax.eval_shape(lambda: create_train_state(config, model, tx))
     variables, _ = read_variables(source)
