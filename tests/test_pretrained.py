@@ -170,6 +170,27 @@ def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, imp
         pretrained.import_weights(weights, workdir)
 
 
+def test_imported_run_evaluates_a_folder_and_warns_on_another_alignment(imported, tmp_path):
+    from PIL import Image
+
+    from facenet_jax import evaluate
+
+    rng = np.random.default_rng(3)
+    for name in ("Ann_A", "Bob_B"):
+        (tmp_path / "faces" / name).mkdir(parents=True)
+        for number in (1, 2):
+            Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(
+                tmp_path / "faces" / name / f"{name}_{number:04d}.png")
+    (tmp_path / "faces" / "alignment.json").write_text(json.dumps({"mode": "landmarks"}))
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\n"
+                     "Bob_B\t1\t2\nAnn_A\t2\tBob_B\t2\n")
+    with pytest.warns(UserWarning, match="'landmarks'-aligned crops but the model expects 'box'"):
+        result = evaluate.evaluate_workdir(imported[0], data_root=str(tmp_path / "faces"),
+                                           pairs_file=str(pairs), output=tmp_path / "e.json")
+    assert result["num_pairs"] == 4 and result["step"] == 0
+
+
 def _file_digests(folder: pathlib.Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): pretrained.sha256(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
