@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
                                                 seed=placeholder(int)))
     data.augment = ml_collections.ConfigDict(dict(crop_padding=2, flip=True))
     data.prefetch = 4
+    # The crops a model expects ("box": FaceNet-style margin crop, "landmarks": ArcFace-style
+    # 5-point alignment; see `python -m facenet_jax.align`); None: not recorded.
+    data.alignment = placeholder(str)
 
     config.batch = ml_collections.ConfigDict(dict(identities=32, images_per_identity=4))
 
@@ -58,6 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", embedding_dim=128, dtype="float32"))
+    # Pixel mapping before the first layer: "symmetric" (2x - 1) or "fixed_standardization"
+    # ((255x - 127.5) / 128, what imported FaceNet weights expect); see models.INPUT_NORMS.
+    config.model.input_norm = "symmetric"
+    config.model.bn_scale = False  # inception_resnet_v1 only: affine BNs (facenet-pytorch's)
+    # A run folder (trained, or written by `python -m facenet_jax.pretrained`) whose newest
+    # checkpoint's encoder starts this run (fine-tuning); read, never written.
+    config.model.init_from = placeholder(str)
 
     config.optimizer = opt = ml_collections.ConfigDict()
     opt.name = "adam"  # adagrad | adam | adamw | sgd
@@ -69,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
     opt.weight_decay = 0.0
     opt.grad_clip_norm = 10.0
     opt.momentum = 0.9
+    # Learning-rate factor of the backbone (everything but the embedding head) relative to the
+    # head: 1.0 trains all alike, 0 freezes the backbone's parameters and BN statistics.
+    opt.backbone_lr_multiplier = 1.0
 
     config.parallel = ml_collections.ConfigDict(
         dict(mining="global", distributed=False))

@@ -33,6 +33,11 @@ PAIRS_SEED_KEY = "data.pairs.seed"
 # reads as this value, so adding a key never makes an old run "changed" or an old cell "stale".
 ADDED_KEY_DEFAULTS: dict[str, Any] = {
     PAIRS_SEED_KEY: None,  # unset: the pairs follow `seed`, as before the key
+    "model.input_norm": "symmetric",
+    "model.bn_scale": False,
+    "model.init_from": None,
+    "optimizer.backbone_lr_multiplier": 1.0,
+    "data.alignment": None,
 }
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
@@ -92,6 +97,19 @@ def with_added_defaults(saved_flat: Mapping[str, Any]) -> dict[str, Any]:
     return {**ADDED_KEY_DEFAULTS, **saved_flat}
 
 
+def with_added_keys(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested plain config recorded before some keys existed, with each missing key of
+    ADDED_KEY_DEFAULTS filled in (what a run folder's config.json is read as)."""
+    filled = json.loads(json.dumps(saved))  # a deep copy
+    for key, value in ADDED_KEY_DEFAULTS.items():
+        *parents, leaf = key.split(".")
+        node = filled
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, value)
+    return filled
+
+
 def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
                  allowed: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ between a recorded plain config and the current one,
@@ -142,6 +160,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
                          f"{', '.join(models.MODEL_NAMES)}")
     if config.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
+    if config.model.input_norm not in models.INPUT_NORMS:
+        raise ValueError(f"model.input_norm must be one of {models.INPUT_NORMS}, got "
+                         f"{config.model.input_norm!r}")
+    if config.model.bn_scale and config.model.name != "inception_resnet_v1":
+        raise ValueError(f"model.bn_scale=True is an option of inception_resnet_v1 only "
+                         f"(model.name is {config.model.name!r}); leave it False")
     optim.validate_optimizer_config(config.optimizer, config.num_steps)
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "

@@ -13,7 +13,9 @@ curve, same/different distance histograms with the chosen threshold).
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from facenet_jax import data, ijb, metrics, plots, runfiles, verification_sets
 from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
+from facenet_jax.data.alignment import alignment_mismatch
 from facenet_jax.logs import cli_logging
 
 EVAL_FILE = "eval.json"
@@ -139,12 +142,21 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     from facenet_jax.embed import load_encoder
 
     _check_output_holds_the_same_evaluation(output, data_root, pairs_file)
+    if data_root is None and not (workdir / SPLIT_FILE).exists() and (
+            workdir / "config.json").exists() and _is_imported(workdir):
+        raise ValueError(
+            f"{workdir} holds imported weights and no {SPLIT_FILE}: it has no test split of "
+            "its own. Pass --data_root FOLDER (and --pairs FILE) to evaluate it on your data")
     encoder = load_encoder(workdir)
     config = encoder.config
     extra = evaluation_target(data_root, pairs_file)
     if data_root is None:
         test, pairs = test_split_and_pairs(config, workdir / SPLIT_FILE)
     else:
+        mismatch = alignment_mismatch(config.data.alignment, data_root)
+        if mismatch:
+            warnings.warn(mismatch, UserWarning, stacklevel=2)
+            logging.warning(mismatch)
         test = data.load_folder_as_configured(data_root, config.data, min_images_per_identity=1)
         pairs = (data.read_pairs(pairs_file, test) if pairs_file is not None
                  else generated_pairs(config, test))
@@ -152,6 +164,12 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
                    extra={**extra, "step": encoder.step, "model": config.model.name})
+
+
+def _is_imported(workdir: pathlib.Path) -> bool:
+    """Whether DIR was written by `python -m facenet_jax.pretrained` (not by training)."""
+    record = json.loads((workdir / "config.json").read_text())
+    return "imported" in record.get("provenance", {})
 
 
 def evaluation_target(data_root: str | None, pairs_file: str | None) -> dict[str, Any]:

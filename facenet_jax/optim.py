@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 OPTIMIZER_NAMES = ("adagrad", "adam", "adamw", "sgd")
 SCHEDULE_NAMES = ("cosine", "piecewise", "constant")
+# The embedding head's scope in every encoder (models.layers.EmbeddingHead); everything else is
+# the backbone that `backbone_lr_multiplier` scales.
+HEAD_SCOPE = "EmbeddingHead_0"
 
 
 def validate_optimizer_config(opt: Any, num_steps: int) -> None:
@@ -26,6 +30,9 @@ def validate_optimizer_config(opt: Any, num_steps: int) -> None:
         raise ValueError(
             "optimizer.decay_boundaries are fractions of num_steps in (0, 1), got "
             f"{tuple(opt.decay_boundaries)}")
+    if opt.backbone_lr_multiplier < 0:
+        raise ValueError("optimizer.backbone_lr_multiplier must be >= 0 (0 freezes the "
+                         f"backbone), got {opt.backbone_lr_multiplier}")
     if opt.weight_decay < 0 or (opt.grad_clip_norm is not None and opt.grad_clip_norm < 0):
         raise ValueError("optimizer.weight_decay and optimizer.grad_clip_norm must be >= 0")
 
@@ -73,4 +80,22 @@ def make_optimizer(opt: Any, num_steps: int) -> optax.GradientTransformation:
             chain.append(optax.adam(schedule))
         else:
             chain.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=True))
+    if opt.backbone_lr_multiplier != 1.0:
+        # Scaling the final updates scales the learning rate (and AdamW's decoupled decay)
+        # exactly; 0 leaves the backbone's parameters untouched.
+        chain.append(optax.multi_transform(
+            {"head": optax.identity(), "backbone": optax.scale(opt.backbone_lr_multiplier)},
+            head_or_backbone))
     return optax.chain(*chain)
+
+
+def head_or_backbone(tree: dict[str, Any]) -> dict[str, Any]:
+    """The same tree with each leaf labelled "head" (under HEAD_SCOPE) or "backbone"."""
+    return {scope: jax.tree.map(lambda _, s=scope: "head" if s == HEAD_SCOPE else "backbone",
+                                subtree) for scope, subtree in tree.items()}
+
+
+def keep_backbone_stats(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Batch statistics with the head's updated and the backbone's kept (a frozen backbone:
+    backbone_lr_multiplier = 0)."""
+    return {scope: new[scope] if scope == HEAD_SCOPE else old[scope] for scope in old}

@@ -34,9 +34,12 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
     """The encoder named by `config.model`, with global-batch BN over `bn_axis_name`."""
+    # bn_scale is an option of inception_resnet_v1 alone (validate_config says so).
+    options = {"bn_scale": True} if config.model.bn_scale else {}
     return models.create_model(
         config.model.name, embedding_dim=config.model.embedding_dim,
-        dtype=jnp.dtype(config.model.dtype), bn_axis_name=bn_axis_name)
+        dtype=jnp.dtype(config.model.dtype), bn_axis_name=bn_axis_name,
+        input_norm=config.model.input_norm, **options)
 
 
 def build_optimizer(config: ml_collections.ConfigDict
@@ -49,7 +52,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
                        tx: optax.GradientTransformation) -> TrainState:
     """Initialises parameters from `config.seed` (identical on every process), on the host."""
     size = config.data.image_size
-    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_key, run_key = _keys(config)
 
     @jax.jit
     def init() -> TrainState:
@@ -62,3 +65,20 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
 
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         return init()
+
+
+def _keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """(parameter initialisation key, the run's base key), both from `config.seed`."""
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    return init_key, run_key
+
+
+def state_from_variables(config: ml_collections.ConfigDict, variables: Any,
+                         tx: optax.GradientTransformation) -> TrainState:
+    """A step-0 train state holding given encoder variables ({"params", "batch_stats"}) and a
+    fresh optimizer: what `create_train_state` builds, without initialising (and compiling the
+    initialisation of) parameters that are replaced anyway (imported or fine-tuned weights)."""
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=_keys(config)[1])

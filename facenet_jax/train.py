@@ -29,8 +29,8 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from facenet_jax import (checkpoints, data, evaluate, losses, parallel, runfiles,
-                         verification_sets)
+from facenet_jax import (checkpoints, data, evaluate, finetune, losses, optim, parallel,
+                         runfiles, verification_sets)
 from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
                                 validate_config)
 from facenet_jax.embed import make_embedder
@@ -76,7 +76,8 @@ class NonFiniteLossError(RuntimeError):
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
                tx: optax.GradientTransformation, schedule: optax.Schedule, loss: LossSpec,
-               mining: str) -> tuple[TrainState, dict[str, jax.Array]]:
+               mining: str, freeze_backbone_stats: bool = False
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update, per device, with pmap semantics over the axis `AXIS`.
 
     images: this device's shard, uint8 [b, H, W, 3] holding whole identities; labels: int [b].
@@ -86,6 +87,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
     sum divided by the global count; gradients of the replicated parameters are the psum of the
     per-device gradients (the all_gather's transpose routes each anchor's gradient back to the
     device that embedded the candidate). With mining="local" each device mines in its shard.
+    freeze_backbone_stats (backbone_lr_multiplier = 0): only the head's BN statistics update.
     """
     b = images.shape[0]
     device = lax.axis_index(AXIS)
@@ -111,6 +113,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
         return sums["loss_sum"] / jnp.maximum(global_count, 1.0), (sums, updates["batch_stats"])
 
     grads, (sums, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    if freeze_backbone_stats:
+        batch_stats = optim.keep_backbone_stats(state.batch_stats, batch_stats)
     grads = lax.psum(grads, AXIS)
     loss_value, stats = losses.reduce_triplet_sums(lax.psum(sums, AXIS))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -313,6 +317,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     reached = checkpoints.latest_step(workdir)  # read once: the checks below all need it
     _check_resume_config(workdir, config, reached)
     _check_num_steps(reached, config.num_steps)
+    if reached is None and config.model.init_from is not None:  # a resume never reads it
+        finetune.check_init_dir(config.model.init_from)
     model = build_model(config, bn_axis_name=AXIS)
     tx, schedule = build_optimizer(config)
     if is_writer:  # from the state's shapes alone: before loading data or compiling
@@ -334,7 +340,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         images_per_identity=config.batch.images_per_identity, seed=config.seed,
         num_shards=mesh.size, augment=config.data.augment)
 
-    state = parallel.put_replicated(create_train_state(config, model, tx), mesh)
+    state = parallel.put_replicated(
+        finetune.initial_state(config, model, tx, resuming=reached is not None), mesh)
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
     restored = checkpoints.restore_latest(manager, state)
     start_step = 0
@@ -348,7 +355,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
     loss_spec = LossSpec.from_config(config.loss, config.batch.images_per_identity)
     step_fn = make_train_step(mesh, model=model, tx=tx, schedule=schedule, loss=loss_spec,
-                              mining=config.parallel.mining)
+                              mining=config.parallel.mining,
+                              freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0)
     embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
                           batch_size=config.eval.batch_size, flip=config.eval.flip)
     # TensorBoard drops the events a killed earlier attempt logged past the restored step.
@@ -358,6 +366,11 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     batch_size = config.batch.identities * config.batch.images_per_identity
     last_checkpoint = start_step if restored is not None else None
     pending: list[dict[str, jax.Array]] = []
+    if config.model.init_from is not None and restored is None and validation_pairs is not None:
+        # The fine-tune's baseline: the imported encoder on the validation split, at step 0.
+        start = evaluate.evaluate_dataset(embed, state.variables, validation, validation_pairs,
+                                          distance=config.eval.distance)
+        writer.write(0, {f"eval/{k}": v for k, v in start.items() if isinstance(v, (int, float))})
     window_start = time.perf_counter()
 
     def flush_logs(step: int) -> None:

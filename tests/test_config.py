@@ -41,6 +41,9 @@ def test_unknown_key_and_wrong_type_are_errors():
     ({"batch.identities": 1}, "identities"),
     ({"batch.identities": 12}, "divisible"),
     ({"num_steps": 0}, "num_steps"),
+    ({"model.input_norm": "imagenet"}, "model.input_norm must be one of"),
+    ({"model.bn_scale": True}, "inception_resnet_v1 only"),
+    ({"optimizer.backbone_lr_multiplier": -0.5}, "backbone_lr_multiplier must be >= 0"),
 ])
 def test_validate_config_names_the_problem(override, message):
     config = cfg.load_config(DEFAULT, override)
@@ -126,3 +129,57 @@ def test_metrics_log_nulls_and_truncation(tmp_path):
     truncate_metrics(tmp_path, 2)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_a_run_folder_recorded_before_added_keys_loads_with_their_old_values(tmp_path):
+    from facenet_jax.embed import load_run_config
+
+    recorded = cfg.to_plain(cfg.load_config(DEFAULT))
+    for key in cfg.ADDED_KEY_DEFAULTS:
+        section, leaf = key.rsplit(".", 1)
+        del recorded[section][leaf]  # every added key is section.leaf
+    (tmp_path / "config.json").write_text(json.dumps({"config": recorded}))
+    loaded = load_run_config(tmp_path)
+    for key, value in cfg.ADDED_KEY_DEFAULTS.items():
+        section, leaf = key.rsplit(".", 1)
+        assert loaded[section][leaf] == value, key
+    assert cfg.changed_keys(recorded, cfg.to_plain(cfg.load_config(DEFAULT))) == []
+
+
+def test_init_from_must_be_a_run_folder_with_a_checkpoint(tmp_path):
+    from facenet_jax import finetune
+
+    with pytest.raises(ValueError, match="model.init_from=.*no config.json"):
+        finetune.check_init_dir(tmp_path / "nothing")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        finetune.check_init_dir(tmp_path)
+
+
+def test_backbone_lr_multiplier_scales_the_backbone_updates_only():
+    import jax.numpy as jnp
+
+    params = {"ConvBN_0": {"kernel": jnp.ones(3)}, optim.HEAD_SCOPE: {"kernel": jnp.ones(2)}}
+    grads = {"ConvBN_0": {"kernel": jnp.full(3, 2.0)},
+             optim.HEAD_SCOPE: {"kernel": jnp.full(2, 2.0)}}
+    updates = {}
+    for multiplier in (1.0, 0.25, 0.0):
+        tx = optim.make_optimizer(_opt(name="sgd", momentum=0.0, schedule="constant",
+                                       warmup_steps=0, learning_rate=0.1, grad_clip_norm=None,
+                                       backbone_lr_multiplier=multiplier), 10)
+        updates[multiplier], _ = tx.update(grads, tx.init(params), params)
+    for multiplier in (1.0, 0.25, 0.0):  # plain SGD: update = -lr * multiplier * grad
+        np.testing.assert_allclose(updates[multiplier]["ConvBN_0"]["kernel"], -0.2 * multiplier)
+        np.testing.assert_allclose(updates[multiplier][optim.HEAD_SCOPE]["kernel"], -0.2)
+
+
+def test_a_resumed_fine_tune_never_reads_init_from(tmp_path):
+    from facenet_jax import finetune
+    from facenet_jax.state import build_model, build_optimizer
+
+    config = cfg.load_config(DEFAULT, {"model.init_from": str(tmp_path / "gone")})
+    model, (tx, _) = build_model(config, bn_axis_name=None), build_optimizer(config)
+    state = finetune.initial_state(config, model, tx, resuming=True)  # the restore target
+    assert int(state.step) == 0
+    with pytest.raises(ValueError, match="no config.json"):
+        finetune.initial_state(config, model, tx, resuming=False)

@@ -264,3 +264,31 @@ def test_eval_mode_embeds_each_image_independently_of_its_batch():
     trained_together, _ = train(variables, images)
     trained_half, _ = train(variables, images[:3])
     assert float(jnp.max(jnp.abs(trained_together[:3] - trained_half))) > 1e-3
+
+
+def test_input_norm_maps_pixels_as_named():
+    from facenet_jax.models.layers import to_model_input
+
+    pixels = jnp.array([0, 127.5, 255.0]).reshape(1, 1, 3, 1) / 255.0
+    np.testing.assert_allclose(to_model_input(pixels, jnp.float32).ravel(), [-1, 0, 1],
+                               atol=1e-6)
+    np.testing.assert_allclose(
+        to_model_input(pixels, jnp.float32, "fixed_standardization").ravel(),
+        [-127.5 / 128, 0, 127.5 / 128], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown input_norm 'imagenet'"):
+        to_model_input(pixels, jnp.float32, "imagenet")
+
+
+def test_inception_bn_scale_option_adds_a_scale_to_every_batchnorm():
+    shapes = {}
+    for bn_scale in (False, True):
+        model = models.create_model("inception_resnet_v1", bn_scale=bn_scale,
+                                    block35_repeats=1, block17_repeats=1, block8_repeats=1)
+        params = jax.eval_shape(lambda m=model: m.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 80, 80, 3)), train=False))["params"]
+        shapes[bn_scale] = {jax.tree_util.keystr(k) for k, _ in
+                            jax.tree.leaves_with_path(params)}
+    added = shapes[True] - shapes[False]
+    batchnorms = {k for k in shapes[True] if "BatchNorm" in k or "embedding_bn" in k}
+    assert added and all(k.endswith("['scale']") for k in added)
+    assert len(added) == len({k for k in batchnorms if k.endswith("['bias']")})

@@ -9,6 +9,9 @@ pixel (x, y) is the centre of column x, row y.
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import numpy as np
 
 # ArcFace's reference landmarks in a 112×112 crop: left eye, right eye, nose tip, left and right
@@ -98,3 +101,58 @@ def align_by_landmarks(image: np.ndarray, landmarks: np.ndarray, image_size: int
         raise ValueError(f"need 5 (x, y) landmarks, got {landmarks.shape[0]}")
     matrix = estimate_similarity(landmarks, reference_landmarks(image_size))
     return warp_affine(image, matrix, image_size)
+
+
+# What `python -m facenet_jax.align` records in DST/alignment.json, and what
+# `config.data.alignment` names: the kind of crop a model was trained on and expects.
+ALIGNMENT_MODES = ("box", "landmarks")
+ALIGNMENT_RECORD = "alignment.json"
+
+
+def margin_box(box: np.ndarray, margin: float, height: int, width: int) -> np.ndarray:
+    """davidsandberg/facenet's crop rule (align_dataset_mtcnn): the detected box (x1, y1, x2,
+    y2) grown by `margin` source pixels in all, split equally around it, clipped to the image
+    and truncated to whole pixels → int64 [4] (x1, y1, x2, y2), x2/y2 exclusive.
+
+    (facenet-pytorch's `margin` is in pixels of the *resized* crop: another rule.)
+    """
+    box = np.asarray(box, dtype=np.float64)
+    grown = np.array([max(box[0] - margin / 2, 0), max(box[1] - margin / 2, 0),
+                      min(box[2] + margin / 2, width), min(box[3] + margin / 2, height)])
+    return grown.astype(np.int64)  # truncation, as np.int32 there
+
+
+def align_by_box(image: np.ndarray, box: np.ndarray, image_size: int = 160,
+                 margin: float = 32) -> np.ndarray:
+    """FaceNet-style crop: `margin_box` of the detected box, resized bilinearly to S×S.
+
+    image: uint8 [H, W, C]; box: (x1, y1, x2, y2) in source pixels → uint8 [S, S, C].
+    Raises ValueError when the box lies outside the image (nothing to crop).
+    """
+    from PIL import Image  # local: the geometry above stays numpy-only
+
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = margin_box(box, margin, height, width)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"the box {np.round(box, 1).tolist()} leaves nothing of the "
+                         f"{width}x{height} image to crop")
+    crop = Image.fromarray(image[y1:y2, x1:x2])
+    return np.asarray(crop.resize((image_size, image_size), Image.BILINEAR))
+
+
+def read_alignment_record(folder: str | pathlib.Path) -> dict | None:
+    """DST/alignment.json written by the alignment tool, or None for a folder without one."""
+    path = pathlib.Path(folder) / ALIGNMENT_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def alignment_mismatch(expected: str | None, folder: str | pathlib.Path) -> str | None:
+    """A warning text when `folder`'s recorded alignment differs from the one a model expects
+    (`config.data.alignment`), else None (also when either side is not recorded)."""
+    record = read_alignment_record(folder)
+    if expected is None or record is None or record.get("mode") == expected:
+        return None
+    return (f"{folder} holds {record.get('mode')!r}-aligned crops but the model expects "
+            f"{expected!r} crops (config.data.alignment): embeddings of another alignment lose "
+            f"accuracy; re-align the raw photos with python -m facenet_jax.align --mode "
+            f"{expected}")

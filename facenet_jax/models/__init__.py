@@ -18,13 +18,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from facenet_jax.models.inception_resnet_v1 import InceptionResNetV1
-from facenet_jax.models.layers import l2_normalize
+from facenet_jax.models.layers import INPUT_NORMS, l2_normalize
 from facenet_jax.models.resnet import RESNET_STAGES, BasicBlock, BottleneckBlock, ResNet
 from facenet_jax.models.small_cnn import SmallCNN
 
 MODEL_NAMES = ("small_cnn", "resnet18", "resnet34", "resnet50", "inception_resnet_v1")
 
-__all__ = ["MODEL_NAMES", "create_model", "SmallCNN", "ResNet", "BasicBlock",
+__all__ = ["MODEL_NAMES", "INPUT_NORMS", "create_model", "SmallCNN", "ResNet", "BasicBlock",
            "BottleneckBlock", "InceptionResNetV1", "l2_normalize"]
 
 

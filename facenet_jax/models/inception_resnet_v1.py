@@ -7,6 +7,9 @@ k, l, m, n = 192, 192, 256, 384). As there, every conv is followed by a BatchNor
 offset and no scale (TF-slim's default; momentum 0.995, epsilon 1e-3) and ReLU, except the
 1×1 up-projection of each residual branch, which has a bias and no BN. At 160 px the maps are
 17 px (block35), 8 px (block17) and 3 px (block8); the smallest input it accepts is 75 px.
+`bn_scale=True` gives every BatchNorm a learned scale too, as in facenet-pytorch's
+`InceptionResnetV1` (affine BNs), so its converted weights (`facenet_jax.pretrained`) compute
+exactly what they compute there.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 
 class ConvBN(nn.Module):
-    """Conv (no bias) -> BN (offset only) -> ReLU: TF-slim's conv2d with batch_norm."""
+    """Conv (no bias) -> BN -> ReLU: TF-slim's conv2d with batch_norm."""
 
     features: int
     kernel: tuple[int, int]
@@ -95,18 +98,20 @@ class InceptionResNetV1(nn.Module):
     block35_repeats: int = 5
     block17_repeats: int = 10
     block8_repeats: int = 5
+    bn_scale: bool = False  # True: affine BNs (facenet-pytorch's layout)
+    input_norm: str = "symmetric"  # layers.INPUT_NORMS
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
         check_images(images, min_size=MIN_IMAGE_SIZE, model_name="inception_resnet_v1")
         norm = batch_norm(train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
-                          momentum=self.bn_momentum, epsilon=1e-3, use_scale=False)
+                          momentum=self.bn_momentum, epsilon=1e-3, use_scale=self.bn_scale)
 
         def conv(features: int, kernel: tuple[int, int], stride: int = 1,
                  padding: str = "SAME") -> ConvBN:
             return ConvBN(features, kernel, norm, self.dtype, stride, padding)
 
-        x = to_model_input(images, self.dtype)
+        x = to_model_input(images, self.dtype, self.input_norm)
         # Stem: 160 -> 79 -> 77 -> 77 -> 38 -> 38 -> 36 -> 17 px.
         x = conv(32, (3, 3), 2, "VALID")(x)
         x = conv(32, (3, 3), 1, "VALID")(x)
@@ -143,4 +148,4 @@ class InceptionResNetV1(nn.Module):
         return EmbeddingHead(self.embedding_dim, self.dtype, self.bn_axis_name,
                              dropout_rate=self.dropout_rate, use_bn=True,
                              bn_momentum=self.bn_momentum, bn_epsilon=1e-3,
-                             bn_use_scale=False)(features, train)
+                             bn_use_scale=self.bn_scale)(features, train)

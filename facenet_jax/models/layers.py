@@ -37,9 +37,23 @@ def check_images(images: jax.Array, *, min_size: int, model_name: str) -> None:
             f"model with fewer downsampling steps")
 
 
-def to_model_input(images: jax.Array, dtype: Dtype) -> jax.Array:
-    """[N, H, W, 3] in [0, 1] -> the same in [-1, 1] and the compute dtype."""
-    return (images.astype(jnp.float32) * 2.0 - 1.0).astype(dtype)
+# How an encoder maps its [0, 1] input pixels before the first layer (`config.model.input_norm`):
+# "symmetric": 2x - 1, in [-1, 1] (what the project's own models train with);
+# "fixed_standardization": (255x - 127.5) / 128, what davidsandberg's FaceNet weights (and
+# facenet-pytorch's copies of them) expect.
+INPUT_NORMS = ("symmetric", "fixed_standardization")
+
+
+def to_model_input(images: jax.Array, dtype: Dtype, input_norm: str = "symmetric") -> jax.Array:
+    """[N, H, W, 3] in [0, 1] -> the same mapped by `input_norm` (INPUT_NORMS), compute dtype."""
+    x = images.astype(jnp.float32)
+    if input_norm == "symmetric":
+        x = x * 2.0 - 1.0
+    elif input_norm == "fixed_standardization":
+        x = (x * 255.0 - 127.5) / 128.0
+    else:
+        raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
+    return x.astype(dtype)
 
 
 def batch_norm(*, train: bool, dtype: Dtype, axis_name: str | None, momentum: float,

@@ -73,6 +73,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     head_bn: bool = True
     dropout_rate: float = 0.0
+    input_norm: str = "symmetric"  # layers.INPUT_NORMS
     model_name: str = "resnet"
 
     @nn.compact
@@ -87,7 +88,7 @@ class ResNet(nn.Module):
                            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
                                                                         "normal"))
 
-        x = to_model_input(images, self.dtype)
+        x = to_model_input(images, self.dtype, self.input_norm)
         x = nn.relu(norm()(conv(STAGE_WIDTHS[0], (3, 3), 1)(x)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):

@@ -29,6 +29,7 @@ class SmallCNN(nn.Module):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     dropout_rate: float = 0.0
+    input_norm: str = "symmetric"  # layers.INPUT_NORMS
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -36,7 +37,7 @@ class SmallCNN(nn.Module):
                      model_name="small_cnn")
         norm = batch_norm(train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
                           momentum=self.bn_momentum, epsilon=1e-5)
-        x = to_model_input(images, self.dtype)
+        x = to_model_input(images, self.dtype, self.input_norm)
         for stage, width in enumerate(self.widths):
             for layer in range(self.convs_per_stage):
                 stride = 1 if layer else (self.first_stride if stage == 0 else 2)

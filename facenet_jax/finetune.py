@@ -1,0 +1,107 @@
+"""Fine-tuning: a run that starts from another run's encoder (`config.model.init_from=DIR`).
+
+DIR is a trained run folder or one written by `python -m facenet_jax.pretrained`. Its newest
+checkpoint's parameters and BatchNorm statistics replace the freshly initialised ones; the
+optimizer starts afresh at step 0. DIR is only read. A fine-tune that was interrupted resumes
+from its own checkpoints (the train loop restores those over this state), not from DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from facenet_jax import checkpoints
+from facenet_jax.state import TrainState, create_train_state, state_from_variables
+
+# Model keys that change what the loaded weights compute without changing their shapes: the
+# fine-tuning config must agree with DIR's on them.
+_SAME_MEANING_KEYS = ("input_norm",)
+
+
+def check_init_dir(path: str | pathlib.Path) -> None:
+    """ValueError unless `path` is a run folder with a config.json and a checkpoint (cheap: no
+    arrays read), so a wrong model.init_from fails before data loading or compiling."""
+    directory = pathlib.Path(path)
+    if not (directory / "config.json").is_file():
+        raise ValueError(
+            f"model.init_from={path}: no config.json there; give a run folder (a trained run, "
+            "or one written by python -m facenet_jax.pretrained)")
+    if checkpoints.latest_step(directory) is None:
+        raise ValueError(f"model.init_from={path} holds no complete checkpoint under "
+                         f"{checkpoints.checkpoint_dir(directory)}")
+
+
+def read_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], int]:
+    """({"params", "batch_stats"} of DIR's newest checkpoint as host numpy, its step)."""
+    check_init_dir(path)
+    step = checkpoints.latest_step(path)
+    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    for key, value in checkpoints.read_arrays(path, step).items():
+        collection, *rest = key.split("/")
+        if collection not in variables or not rest:
+            continue
+        node = variables[collection]
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        node[rest[-1]] = np.asarray(value)
+    return variables, step
+
+
+def _paths(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    return {jax.tree_util.keystr(k, simple=True, separator="/"): (tuple(v.shape), v.dtype)
+            for k, v in jax.tree.leaves_with_path(tree)}
+
+
+def check_structure(expected: Any, loaded: Any, *, source: str) -> None:
+    """ValueError naming every parameter path that is missing, extra or of another shape in
+    `loaded` (from `source`) compared with `expected` (arrays or shape structs)."""
+    want, have = _paths(expected), _paths(loaded)
+    problems = [f"{p}: missing in {source}" for p in sorted(want.keys() - have.keys())]
+    problems += [f"{p}: in {source} but not in this config's encoder"
+                 for p in sorted(have.keys() - want.keys())]
+    problems += [f"{p}: shape {have[p][0]} in {source}, {want[p][0]} here"
+                 for p in sorted(want.keys() & have.keys()) if want[p][0] != have[p][0]]
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more"
+                                            if len(problems) > 12 else "")
+        raise ValueError(
+            f"the encoder in {source} does not fit the one this config builds ({shown}). Set "
+            "model.name, model.embedding_dim and model.bn_scale as in its config.json")
+
+
+def _check_same_meaning(config: ml_collections.ConfigDict, path: str | pathlib.Path) -> None:
+    from facenet_jax.config import with_added_keys
+
+    saved = with_added_keys(json.loads((pathlib.Path(path) / "config.json").read_text())
+                            ["config"])["model"]
+    for key in _SAME_MEANING_KEYS:
+        if saved[key] != config.model[key]:
+            raise ValueError(
+                f"model.{key}={config.model[key]!r} but the encoder in model.init_from={path} "
+                f"was trained with {saved[key]!r}; pass --config.model.{key}={saved[key]}")
+
+
+def initial_state(config: ml_collections.ConfigDict, model: Any,
+                  tx: optax.GradientTransformation, *, resuming: bool) -> TrainState:
+    """The train state a run starts from (on the host): `create_train_state`, or, with
+    `config.model.init_from` on a fresh start, a step-0 state holding DIR's encoder and a
+    fresh optimizer. When `resuming`, DIR is not read: the run's own checkpoint wins."""
+    source = config.model.init_from
+    if source is None or resuming:
+        return create_train_state(config, model, tx)
+    check_init_dir(source)
+    _check_same_meaning(config, source)
+    expected = jax.eval_shape(lambda: create_train_state(config, model, tx))
+    variables, _ = read_variables(source)
+    check_structure(expected.variables, variables, source=f"model.init_from={source}")
+    variables = jax.tree.map(lambda v, e: np.asarray(v, dtype=e.dtype), variables,
+                             expected.variables)
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return state_from_variables(config, variables, tx)
