@@ -27,6 +27,9 @@ RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "k
 POSITIVE_INT_KEYS = RESUMABLE_KEYS + ("data.prefetch", "data.pairs.num_folds",
                                       "data.pairs.pairs_per_fold", "eval.batch_size",
                                       "model.embedding_dim")
+# Keys added after runs were recorded without them, with the default that reproduces those
+# runs: a saved config lacking one compares as if it held this value (resume, sweep records).
+ADDED_KEY_DEFAULTS = {"loss.warmup_strategy": None, "loss.warmup_steps": 0}
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
@@ -82,7 +85,7 @@ def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
                  allowed: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ between two plain configs, except the allowed ones."""
-    a, b = flatten(saved), flatten(current)
+    a, b = ({**ADDED_KEY_DEFAULTS, **flatten(saved)}, {**ADDED_KEY_DEFAULTS, **flatten(current)})
     allowed = set(allowed)
     return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k))
 
@@ -104,6 +107,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         margin=config.loss.margin, strategy=config.loss.strategy,
         distance=config.loss.distance, soft=config.loss.soft,
         strategy_options=dict(config.loss.options))
+    validate_warmup(config.loss, config.num_steps)
     if config.model.name not in models.MODEL_NAMES:
         raise ValueError(f"unknown model.name {config.model.name!r}; valid names: "
                          f"{', '.join(models.MODEL_NAMES)}")
@@ -121,6 +125,23 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                          f"{num_devices} devices; use a multiple of {num_devices}")
+
+
+def validate_warmup(loss_config: ml_collections.ConfigDict, num_steps: int) -> None:
+    """loss.warmup_steps: an int in [0, num_steps]; > 0 needs a known loss.warmup_strategy."""
+    from facenet_jax import losses
+
+    steps = loss_config.get("warmup_steps", 0)
+    strategy = loss_config.get("warmup_strategy")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_steps:
+        raise ValueError(f"loss.warmup_steps must be an integer in [0, num_steps={num_steps}], "
+                         f"got {steps!r}")
+    if steps and strategy not in losses.STRATEGIES:
+        raise ValueError(f"loss.warmup_steps={steps} needs loss.warmup_strategy, one of "
+                         f"{', '.join(losses.STRATEGIES)}; got {strategy!r}")
+    if strategy is not None and not steps:
+        raise ValueError(f"loss.warmup_strategy={strategy!r} has no effect with "
+                         "loss.warmup_steps=0; set --config.loss.warmup_steps=N")
 
 
 def validate_batch_layout(identities: int, images_per_identity: int, num_devices: int) -> None:

@@ -42,7 +42,8 @@ def _pairs_arrays(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray]
 
 
 def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | None = None,
-               eer: float | None = None, log_far: bool = False) -> Figure:
+               eer: float | None = None, log_far: bool = False,
+               title: str | None = None) -> Figure:
     """TAR against FAR (both [T], from metrics.roc_curve); the EER point where TAR = 1 − FAR.
 
     log_far: FAR on a log axis (points with FAR = 0 cannot be drawn there and are left out),
@@ -69,7 +70,7 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false accept rate (FAR)" + (", log scale" if log_far else ""))
     ax.set_ylabel("true accept rate (TAR)")
-    ax.set_title("Verification ROC")
+    ax.set_title(title or "Verification ROC", fontsize=9 if title else None)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -78,9 +79,10 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
 
 def plot_roc(far: Any, tar: Any, path: str | pathlib.Path, *, label: str | None = None,
              auc: float | None = None, eer: float | None = None,
-             log_far: bool = False) -> pathlib.Path:
+             log_far: bool = False, title: str | None = None) -> pathlib.Path:
     """Writes `roc_figure(...)` to path (PNG); returns the path."""
-    return _save(roc_figure(far, tar, label=label, auc=auc, eer=eer, log_far=log_far), path)
+    return _save(roc_figure(far, tar, label=label, auc=auc, eer=eer, log_far=log_far,
+                            title=title), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def distance_histogram_figure(distances: Any, is_same: Any, threshold: float, *,
     ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.4g}")
     ax.set_xlabel("pair distance")
     ax.set_ylabel("density")
-    ax.set_title(title or "Pair distances")
+    ax.set_title(title or "Pair distances", fontsize=9 if title else None)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -57,7 +57,6 @@ import csv
 import hashlib
 import itertools
 import json
-import math
 import os
 import pathlib
 import re
@@ -73,6 +72,8 @@ from typing import Any, TextIO
 
 import ml_collections
 
+from facenet_jax.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS, COLLAPSE_SPREAD_OF_MARGIN,
+                                  COLLAPSE_WINDOW, is_collapsed)
 from facenet_jax.config import changed_keys, flatten, json_safe, load_config, to_plain
 from facenet_jax.logs import read_metrics
 
@@ -92,10 +93,6 @@ ALWAYS_COLUMNS = ("loss.margin", "loss.distance", "loss.strategy")
 METRIC_COLUMNS = ("accuracy", "accuracy_std", "val@far=1e-3", "auc", "final_loss",
                   "final_active_fraction", "final_embedding_spread", "collapsed", "wall_s",
                   "status", "error", "pixel_accuracy")
-COLLAPSE_WINDOW = 3
-COLLAPSE_RADIUS = 0.1
-COLLAPSE_SPREAD_OF_MARGIN = 0.1
-COLLAPSE_LOSS_RTOL = 1e-2
 _MAX_NAME = 120
 _OUTPUT_TAIL = 64 * 1024  # bytes of an attempt's output read back to diagnose it
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -281,32 +278,6 @@ def _duplicates(items: Iterable[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Collapse and result rows (pure).
-
-
-def is_collapsed(train_rows: Sequence[Mapping[str, Any]], *, margin: float, distance: str,
-                 soft: bool) -> bool | None:
-    """The collapse rule of the module docstring over the last training log rows; None when
-    there are no rows to judge."""
-    window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
-    if not window:
-        return None
-    pinned = math.log(2.0) if soft else float(margin)
-    spread_floor = collapse_spread(margin=margin, distance=distance, soft=soft)
-    spread_gone = all(row.get("embedding_spread") is not None
-                      and row["embedding_spread"] < spread_floor for row in window)
-    loss_pinned = pinned > 0 and all(
-        abs(row["loss"] - pinned) <= COLLAPSE_LOSS_RTOL * pinned for row in window)
-    return spread_gone or loss_pinned
-
-
-def collapse_spread(*, margin: float, distance: str, soft: bool) -> float:
-    """The embedding spread below which the collapse rule calls a log row collapsed: unit
-    vectors `COLLAPSE_RADIUS` apart in `distance`, or α/10 with the hinge if larger."""
-    radius = {"squared": COLLAPSE_RADIUS ** 2, "euclidean": COLLAPSE_RADIUS,
-              "cosine": COLLAPSE_RADIUS ** 2 / 2}  # cosine distance 1 - cos = ||u - v||² / 2
-    if distance not in radius:
-        raise ValueError(f"unknown loss.distance {distance!r}; expected one of {sorted(radius)}")
-    return radius[distance] if soft else max(radius[distance], COLLAPSE_SPREAD_OF_MARGIN * margin)
 
 
 def result_row(keys: Sequence[str], config: Mapping[str, Any],
