@@ -64,8 +64,10 @@ def collapse_spread(*, margin: float, distance: str, soft: bool) -> float:
 def collapse_warning(train_rows: Sequence[Mapping[str, Any]], *, step: int, margin: float,
                      distance: str, soft: bool) -> str | None:
     """The train loop's one-time warning text when the rule fires on `train_rows` (the log rows
-    so far, newest last), else None."""
-    if not is_collapsed(train_rows, margin=margin, distance=distance, soft=soft):
+    so far, newest last), else None. Unlike a finished sweep cell, judged on whatever rows it
+    has, a run in progress is judged only once it has a full window of rows."""
+    if (len(train_rows) < COLLAPSE_WINDOW
+            or not is_collapsed(train_rows, margin=margin, distance=distance, soft=soft)):
         return None
     last = train_rows[-1]
     floor = collapse_spread(margin=margin, distance=distance, soft=soft)

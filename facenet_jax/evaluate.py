@@ -324,8 +324,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
     def resolved(name: str) -> str:
         return ("" if result.get(f"val@far={name}_resolved", True) else
-                f" (FAR {name} unresolved: the training folds hold fewer than 1/{name} "
-                "different pairs)")
+                f" [unresolved: under 1/{name} different pairs in the training folds]")
 
     if "threshold_source" in result:
         lines = [

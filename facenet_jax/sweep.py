@@ -33,22 +33,9 @@ resumes it. Each attempt's stdout and stderr stream into DIR/CELL/train.log as i
 line naming the attempt and its start time (earlier attempts' output is kept). Results go to
 DIR/results.csv, DIR/results.md and the PNG plots.
 
-Collapse rule (`is_collapsed`): over the last `COLLAPSE_WINDOW` training log rows (each the mean
-of `log_every` steps), either
-- every row has embedding_spread (mean pairwise distance of the batch, in the loss's distance)
-  below the larger of
-  * the spread of points `COLLAPSE_RADIUS` = 0.1 apart on the unit sphere (about 6°): 0.01
-    squared, 0.1 euclidean, 0.005 cosine, the same geometry in each distance; trained or not,
-    unit-norm embeddings of different faces sit O(1) apart (0.3–2 squared here), and
-  * α/10 (hinge only): with the batch's distances around α/10 or less, a typical triplet costs
-    about α whatever its faces, so the loss only sees α;
-  a 200-step batch-hard run of experiments/default.py measured here ended at spread 0.0055
-  squared (radius ≈ 0.07), identical for α = 0.05, 0.2 and 1.0; or
-- every row has its loss within `COLLAPSE_LOSS_RTOL` × pinned of the pinned value, where
-  pinned = α for the hinge (all distances 0 ⇒ every triplet costs exactly α) and ln 2 with the
-  soft margin (softplus(0)).
-A collapsed embedding can still order some pairs correctly (verification picks its threshold at
-any scale), so a collapsed cell may score well above chance: the flag says how it got there.
+Collapse rule (`is_collapsed`): `facenet_jax.collapse`, the one implementation the train loop's
+warning uses too. A collapsed embedding can still order some pairs correctly, so a collapsed cell
+may score well above chance: the flag says how it got there.
 """
 
 from __future__ import annotations

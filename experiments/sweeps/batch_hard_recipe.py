@@ -16,12 +16,16 @@ WARMUP_STEPS = 300  # a quarter of the 1,200 steps
 SEEDS = (0, 1, 2)
 
 
-def get_sweep() -> dict:
-    variants = [{"loss.strategy": "semihard"}, {"loss.strategy": "hardest"},
+def recipe_cells(warmup_steps: int, seeds: tuple[int, ...] = SEEDS) -> list[dict]:
+    """semihard, hardest after `warmup_steps` of semihard, hardest alone; each once per seed
+    (yaleb_batch_hard_recipe.py uses it too)."""
+    variants = [{"loss.strategy": "semihard"},
                 {"loss.strategy": "hardest", "loss.warmup_strategy": "semihard",
-                 "loss.warmup_steps": WARMUP_STEPS}]
-    return {
-        "name": "batch_hard_recipe",
-        "base": "../default.py",
-        "cells": [{**variant, "seed": seed} for variant in variants for seed in SEEDS],
-    }
+                 "loss.warmup_steps": warmup_steps},
+                {"loss.strategy": "hardest"}]
+    return [{**variant, "seed": seed} for variant in variants for seed in seeds]
+
+
+def get_sweep() -> dict:
+    return {"name": "batch_hard_recipe", "base": "../default.py",
+            "cells": recipe_cells(WARMUP_STEPS)}

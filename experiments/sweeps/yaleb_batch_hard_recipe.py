@@ -12,16 +12,13 @@ docs/outputs_and_verification.md.
 `base` is relative to this file.
 """
 
+import pathlib
+import runpy
+
 WARMUP_STEPS = 200  # a quarter of the 800 steps
-SEEDS = (0, 1, 2)
+_RECIPE = runpy.run_path(str(pathlib.Path(__file__).with_name("batch_hard_recipe.py")))
 
 
 def get_sweep() -> dict:
-    variants = [{"loss.strategy": "semihard"}, {"loss.strategy": "hardest"},
-                {"loss.strategy": "hardest", "loss.warmup_strategy": "semihard",
-                 "loss.warmup_steps": WARMUP_STEPS}]
-    return {
-        "name": "yaleb_batch_hard_recipe",
-        "base": "../yaleb.py",
-        "cells": [{**variant, "seed": seed} for variant in variants for seed in SEEDS],
-    }
+    return {"name": "yaleb_batch_hard_recipe", "base": "../yaleb.py",
+            "cells": _RECIPE["recipe_cells"](WARMUP_STEPS)}
