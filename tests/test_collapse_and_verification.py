@@ -183,3 +183,8 @@ def test_pairs_file_people_leave_validation_as_well_as_training(tmp_path):
     assert splits["train"].identity_names == ["Person_0"]
     assert splits["validation"].identity_names == ["Person_2"]
     assert sorted(splits["test"].identity_names) == ["Person_1", "Person_3", "Person_4"]
+
+
+def test_lfw_config_finds_the_shared_lfw_half_folder(shared_data):
+    config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py", "experiments/lfw.py"))
+    assert config.data.root == str(shared_data / "lfw_half")

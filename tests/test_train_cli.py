@@ -137,6 +137,9 @@ def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path)
     assert "wrote 6 embeddings of 3 identities (step 8)" in result.stdout
     saved = np.load(output)
     assert saved["embeddings"].shape == (6, 16) and int(saved["step"]) == 8
+    validation = json.loads((workdir / "eval_validation.json").read_text())
+    assert (str(saved["distance"]), str(saved["threshold_split"])) == ("squared", "validation")
+    assert float(saved["threshold"]) == validation["threshold"]
     np.testing.assert_allclose(np.linalg.norm(saved["embeddings"], axis=1), 1.0, atol=1e-5)
     assert list(saved["identity_names"]) == ["person_0", "person_1", "person_2"]
     encoder = load_encoder(workdir, mesh=parallel.make_mesh(1))

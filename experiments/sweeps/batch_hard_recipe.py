@@ -14,6 +14,7 @@ and the measured times are in docs/outputs_and_verification.md.
 
 WARMUP_STEPS = 300  # a quarter of the 1,200 steps
 SEEDS = (0, 1, 2)
+COMMON = {"loss.margin": 0.2, "loss.distance": "squared"}  # the base's: α set with its distance
 
 
 def recipe_cells(warmup_steps: int, seeds: tuple[int, ...] = SEEDS) -> list[dict]:
@@ -27,5 +28,5 @@ def recipe_cells(warmup_steps: int, seeds: tuple[int, ...] = SEEDS) -> list[dict
 
 
 def get_sweep() -> dict:
-    return {"name": "batch_hard_recipe", "base": "../default.py",
+    return {"name": "batch_hard_recipe", "base": "../default.py", "common": COMMON,
             "cells": recipe_cells(WARMUP_STEPS)}

@@ -21,4 +21,4 @@ _RECIPE = runpy.run_path(str(pathlib.Path(__file__).with_name("batch_hard_recipe
 
 def get_sweep() -> dict:
     return {"name": "yaleb_batch_hard_recipe", "base": "../yaleb.py",
-            "cells": _RECIPE["recipe_cells"](WARMUP_STEPS)}
+            "common": _RECIPE["COMMON"], "cells": _RECIPE["recipe_cells"](WARMUP_STEPS)}
