@@ -52,6 +52,13 @@ def test_warmup_keys_default_off_and_old_runs_compare_unchanged():
     assert cfg.changed_keys(saved, cfg.to_plain(config)) == ["loss.warmup_steps",
                                                             "loss.warmup_strategy"]
     cfg.validate_config(config, num_devices=1)
+    # A sweep cell recorded before the keys existed is not stale; one that used them differs.
+    current = {"config": cfg.to_plain(config)}
+    assert sweep.record_changes({"config": saved}, current) == [
+        "loss.warmup_steps was (absent), now 100", "loss.warmup_strategy was (absent), now "
+        "'semihard'"]
+    config.loss.warmup_strategy, config.loss.warmup_steps = None, 0
+    assert sweep.record_changes({"config": saved}, {"config": cfg.to_plain(config)}) == []
 
 
 @pytest.mark.parametrize("strategy, steps, match", [
