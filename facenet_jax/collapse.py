@@ -30,9 +30,10 @@ COLLAPSE_SPREAD_OF_MARGIN = 0.1
 COLLAPSE_LOSS_RTOL = 1e-2
 # What to try, printed with the train loop's warning (docs/outputs_and_verification.md has the
 # measurements behind it).
-COLLAPSE_ADVICE = ("try loss.strategy=semihard, or keep hardest and warm up with "
-                   "loss.warmup_strategy=semihard loss.warmup_steps=N, a lower "
-                   "optimizer.learning_rate, or loss.soft=True with loss.distance=euclidean")
+COLLAPSE_ADVICE = ("try loss.strategy=semihard, or keep hardest but start it after a semi-hard "
+                   "warm-up (loss.warmup_strategy=semihard loss.warmup_steps=N; N = half of "
+                   "num_steps trained on Yale B), or loss.soft=True with "
+                   "loss.distance=euclidean")
 
 
 def is_collapsed(train_rows: Sequence[Mapping[str, Any]], *, margin: float, distance: str,
