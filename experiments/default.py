@@ -75,4 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
         dict(mining="global", distributed=False))
 
     config.eval = ml_collections.ConfigDict(dict(batch_size=256, flip=False, distance="squared"))
+    # A folder of insightface .bin sets (lfw.bin, cfp_fp.bin, ...) evaluated every eval_every
+    # steps, logged as eval/<set>/accuracy; None: off. Names: comma-separated, None: every set.
+    config.eval.verification_sets = placeholder(str)
+    config.eval.verification_set_names = placeholder(str)
     return config

@@ -27,9 +27,10 @@ RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "k
 POSITIVE_INT_KEYS = RESUMABLE_KEYS + ("data.prefetch", "data.pairs.num_folds",
                                       "data.pairs.pairs_per_fold", "eval.batch_size",
                                       "model.embedding_dim")
-# Keys added after runs were recorded without them, with the default that reproduces those
-# runs: a saved config lacking one compares as if it held this value (resume, sweep records).
-ADDED_KEY_DEFAULTS = {"loss.warmup_strategy": None, "loss.warmup_steps": 0}
+# Keys added after runs were first recorded, each with the value that reproduces the behaviour
+# before it existed (also its default in experiments/default.py). A record without such a key
+# reads as this value, so adding a key never makes an old run "changed" or an old cell "stale".
+ADDED_KEY_DEFAULTS: dict[str, Any] = {"loss.warmup_strategy": None, "loss.warmup_steps": 0}
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
@@ -82,12 +83,21 @@ def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
+def with_added_defaults(saved_flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flattened config recorded before some keys existed, with each missing key of
+    ADDED_KEY_DEFAULTS read as the value that reproduces the behaviour it was recorded with."""
+    return {**ADDED_KEY_DEFAULTS, **saved_flat}
+
+
 def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
                  allowed: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two plain configs, except the allowed ones."""
-    a, b = ({**ADDED_KEY_DEFAULTS, **flatten(saved)}, {**ADDED_KEY_DEFAULTS, **flatten(current)})
+    """Dotted keys whose values differ between a recorded plain config and the current one,
+    except the allowed ones; keys added to the project since the record read as their
+    ADDED_KEY_DEFAULTS (so old runs resume and old sweep cells are not stale)."""
+    a, b = with_added_defaults(flatten(saved)), flatten(current)
     allowed = set(allowed)
-    return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k))
+    return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k)
+                  and (k in b or k not in ADDED_KEY_DEFAULTS))
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:

@@ -3,6 +3,8 @@
     python -m facenet_jax.evaluate --workdir DIR [--data_root FOLDER --pairs PAIRS] [--output F]
         [--fold K] [--threshold T|run]
     python -m facenet_jax.evaluate --baseline pixels --config CONFIG [--config.KEY=VALUE ...]
+    python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names lfw,...]
+    python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC
 
 Verification on LFW-style 10-fold pairs (accuracy ± std, VAL@FAR, ROC AUC, EER), retrieval
 (Recall@K, R-precision, MAP@R) and one-shot identification, written as JSON plus figures (ROC
@@ -28,7 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import data, metrics, plots
+from facenet_jax import data, ijb, metrics, plots, verification_sets
 from facenet_jax.config import json_safe, provenance, to_plain
 from facenet_jax.logs import cli_logging, one_line_user_errors
 
@@ -162,7 +164,9 @@ def write_evaluation(result: dict[str, Any], output: pathlib.Path, *,
     title = figure_title(result, output)
     result["figures"] = {
         "roc": str(plots.plot_roc(far, tar, f"{stem}_roc.png", auc=result["auc"],
-                                  eer=result["eer"], title=f"ROC: {title}")),
+                                  eer=result["eer"], log_far=True,
+                                  far_min=min(1e-4, far[far > 0].min()),
+                                  points=val_operating_points(result), title=f"ROC: {title}")),
         "histogram": str(plots.plot_distance_histogram(
             distances, is_same, result["threshold"], f"{stem}_distances.png",
             title=f"Pair distances: {title}")),
@@ -191,6 +195,13 @@ def figure_title(result: dict[str, Any], output: pathlib.Path) -> str:
     return (f"{output.parent.name} · {what} · "
             f"{'step ' + str(step) if step is not None else result.get('baseline', '')} · "
             f"{result.get('distance')}")
+
+
+def val_operating_points(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """{"VAL@FAR=1e-3": (held-out FAR, VAL), ...} for the ROC figure (FAR > 0 only: a log
+    axis cannot show 0)."""
+    return {f"VAL@FAR={name}": (result[f"far@far={name}"], result[f"val@far={name}"])
+            for name in metrics.VAL_FAR_TARGETS if (result.get(f"far@far={name}") or 0) > 0}
 
 
 def _finish(result: dict[str, Any], embeddings: np.ndarray, pairs: data.Pairs,
@@ -372,6 +383,9 @@ def main(argv: list[str]) -> None:
     del argv
     cli_logging()
     flags_ = flags.FLAGS
+    if flags_.verification_sets or flags_.ijb:  # the benchmark evaluators (issue 15)
+        _run_benchmarks(flags_)
+        return
     if flags_.baseline is not None:
         if flags_.config is None:
             raise ValueError("--baseline pixels needs --config CONFIG (the run it floors)")
@@ -391,6 +405,30 @@ def main(argv: list[str]) -> None:
     print(f"wrote {output}")
 
 
+def _run_benchmarks(flags_: Any) -> None:
+    """--verification_sets FOLDER and/or --ijb ROOT on DIR's latest checkpoint, flip on unless
+    --noflip (as the field evaluates them)."""
+    if flags_.workdir is None:
+        raise ValueError("--verification_sets / --ijb need --workdir DIR (a trained run)")
+    unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline")
+              if getattr(flags_, name) is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used with --verification_sets / --ijb "
+                         "(they write DIR/eval_verification_sets.json, DIR/eval_<ijb>.json): "
+                         "run them as a separate command")
+    flip = True if flags_.flip is None else flags_.flip
+    if flags_.verification_sets:
+        results = verification_sets.evaluate_workdir_sets(
+            flags_.workdir, flags_.verification_sets, names=flags_.names, flip=flip)
+        print(verification_sets.markdown_table(results))
+        print(f"wrote {pathlib.Path(flags_.workdir) / verification_sets.OUTPUT_FILE}")
+    if flags_.ijb:
+        result = ijb.evaluate_workdir_ijb(flags_.workdir, flags_.ijb, flags_.ijb_name,
+                                          flip=flip, use_detector_score=flags_.ijb_detector_score)
+        print(ijb.format_ijb_summary(result))
+        print(f"wrote {ijb.output_path(flags_.workdir, flags_.ijb_name)}")
+
+
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
@@ -408,4 +446,14 @@ if __name__ == "__main__":
                         "run's eval.distance, or 'run': the run's validation threshold) instead "
                         "of choosing one per fold on the other folds")
     flags.DEFINE_enum("baseline", None, list(BASELINES), "evaluate a baseline instead of a run")
+    flags.DEFINE_string("verification_sets", None, "folder of insightface .bin sets (lfw.bin, "
+                        "cfp_fp.bin, ...) → DIR/eval_verification_sets.json")
+    flags.DEFINE_string("names", None, "with --verification_sets: comma-separated set names "
+                        "(default: every .bin in the folder)")
+    flags.DEFINE_bool("flip", None, "with --verification_sets / --ijb: add the mirror image's "
+                      "embedding (default on, as the field evaluates them)")
+    flags.DEFINE_string("ijb", None, "IJB root (meta/, loose_crop/) → DIR/eval_<ijb_name>.json")
+    flags.DEFINE_enum("ijb_name", "IJBC", list(ijb.IJB_NAMES), "which IJB protocol --ijb holds")
+    flags.DEFINE_bool("ijb_detector_score", True, "weight IJB images by their detector score "
+                      "(insightface's default)")
     app.run(one_line_user_errors(main))

@@ -8,7 +8,8 @@ threshold. Every threshold search is exact: the candidates are one value below e
 sort and cumulative counts, O(M log M) per fold.
 
 - `verification_kfold`: per held fold, the threshold maximising accuracy on the other folds; among
-  equally accurate thresholds the *smallest* (a distance that occurs, so an achievable boundary);
+  equally accurate thresholds the *smallest* (a distance that occurs, so an achievable boundary;
+  when accepting nothing is best, -inf, which also rejects every held-out pair);
   accuracy on the held fold. Mean and population std (ddof=0, as np.std in the facenet/insightface
   LFW scripts; not the standard error) over folds, all folds weighted equally. Taking a distance
   that occurs keeps the result identical under any increasing map of the distances (squared vs
@@ -201,8 +202,12 @@ def _threshold_sweep(distances: np.ndarray, is_same: np.ndarray
 
 
 def _best_accuracy_threshold(distances: np.ndarray, is_same: np.ndarray) -> float:
-    """The smallest threshold maximising accuracy on these pairs (exact search)."""
+    """The smallest threshold maximising accuracy on these pairs (exact search); -inf when
+    accepting nothing is best."""
     thresholds, accepted_same, accepted_different = _threshold_sweep(distances, is_same)
+    # "Accept nothing" must reject held-out pairs too, even one closer than every training pair
+    # (just below the smallest training distance would still accept it).
+    thresholds[0] = -np.inf
     correct = accepted_same + (accepted_different[-1] - accepted_different)
     return float(thresholds[np.argmax(correct)])  # argmax: the first (smallest) maximiser
 
@@ -237,7 +242,7 @@ def verification_kfold(distances: Any, is_same: Any, folds: Any) -> dict[str, An
     accuracy is measured on the held fold.
 
     Returns accuracy (mean of fold accuracies), accuracy_std (population std, ddof=0), threshold
-    (mean of the chosen thresholds), fold_accuracies and fold_thresholds (lists, sorted fold id
+    (mean of the chosen thresholds; -inf if a fold's best is to accept nothing), fold_accuracies and fold_thresholds (lists, sorted fold id
     order), num_folds.
     """
     d, same = _check_pairs(distances, is_same)

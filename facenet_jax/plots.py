@@ -42,12 +42,15 @@ def _pairs_arrays(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray]
 
 
 def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | None = None,
-               eer: float | None = None, log_far: bool = False,
+               eer: float | None = None, log_far: bool = False, far_min: float | None = None,
+               points: Mapping[str, tuple[float, float]] | None = None,
                title: str | None = None) -> Figure:
     """TAR against FAR (both [T], from metrics.roc_curve); the EER point where TAR = 1 − FAR.
 
     log_far: FAR on a log axis (points with FAR = 0 cannot be drawn there and are left out),
-    the view that shows VAL at FAR = 1e-3 / 1e-2.
+    the view that shows VAL at FAR = 1e-3 / 1e-2; far_min: its left end (default: the smallest
+    FAR > 0 on the curve). points: operating points {label: (far, tar)} marked on the curve
+    (e.g. VAL@FAR=1e-3, TAR@FAR=1e-4).
     """
     far, tar = np.asarray(far, dtype=np.float64), np.asarray(tar, dtype=np.float64)
     if far.ndim != 1 or far.shape != tar.shape:
@@ -60,10 +63,13 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
     ax.plot(far[shown], tar[shown], lw=1.8, label=", ".join(details) or "ROC")
     if eer is not None:
         ax.plot([eer], [1 - eer], "o", color="C3", ms=6, label="equal error rate")
+    for i, (name, (point_far, point_tar)) in enumerate((points or {}).items()):
+        ax.plot([point_far], [point_tar], "sD^v<>"[i % 6], color=f"C{(i + 4) % 10}", ms=6,
+                label=f"{name}: TAR {point_tar:.4f}")
     if log_far:
         ax.set_xscale("log")
         positive = far[far > 0]
-        ax.set_xlim(positive.min() if positive.size else 1e-4, 1)
+        ax.set_xlim(far_min or (positive.min() if positive.size else 1e-4), 1)
     else:
         ax.plot([0, 1], [1, 0], ls=":", color="gray", lw=1, label="FAR = 1 − TAR")
         ax.set_xlim(0, 1)
@@ -79,10 +85,12 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
 
 def plot_roc(far: Any, tar: Any, path: str | pathlib.Path, *, label: str | None = None,
              auc: float | None = None, eer: float | None = None,
-             log_far: bool = False, title: str | None = None) -> pathlib.Path:
+             log_far: bool = False, far_min: float | None = None,
+             points: Mapping[str, tuple[float, float]] | None = None,
+             title: str | None = None) -> pathlib.Path:
     """Writes `roc_figure(...)` to path (PNG); returns the path."""
     return _save(roc_figure(far, tar, label=label, auc=auc, eer=eer, log_far=log_far,
-                            title=title), path)
+                            far_min=far_min, points=points, title=title), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,9 +100,11 @@ def plot_roc(far: Any, tar: Any, path: str | pathlib.Path, *, label: str | None 
 def distance_histogram_figure(distances: Any, is_same: Any, threshold: float, *,
                               title: str | None = None, bins: int = 50) -> Figure:
     """Densities of same- and different-identity pair distances ([M] each, shared bins) with the
-    threshold (pairs at or below it are accepted) as a vertical line."""
+    threshold (pairs at or below it are accepted) as a vertical line; a threshold of -inf (the
+    10-fold search's "accept nothing", e.g. for collapsed embeddings) is named in the legend."""
     d, same = _pairs_arrays(distances, is_same)
-    edges = np.histogram_bin_edges(np.append(d, threshold), bins=bins)
+    finite = bool(np.isfinite(threshold))
+    edges = np.histogram_bin_edges(np.append(d, threshold) if finite else d, bins=bins)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for mask, name, color in ((same, "same identity", "C2"), (~same, "different identity",
@@ -102,7 +112,9 @@ def distance_histogram_figure(distances: Any, is_same: Any, threshold: float, *,
         if mask.any():
             ax.hist(d[mask], bins=edges, density=True, alpha=0.55, color=color,
                     label=f"{name} ({int(mask.sum())} pairs)")
-    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.4g}")
+    ax.axvline(threshold if finite else edges[0], color="k", ls="--" if finite else ":",
+               lw=1.2, label=f"threshold {threshold:.4g}" if finite
+               else "threshold -inf (accepts nothing)")
     ax.set_xlabel("pair distance")
     ax.set_ylabel("density")
     ax.set_title(title or "Pair distances", fontsize=9 if title else None)

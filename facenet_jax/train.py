@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from facenet_jax import checkpoints, collapse, data, evaluate, losses, parallel, plots
+from facenet_jax import (checkpoints, collapse, data, evaluate, losses, parallel, plots,
+                         verification_sets)
 from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
                                 validate_config)
 from facenet_jax.embed import make_embedder
@@ -336,6 +338,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     if reached is not None:  # resuming: the same people, or stop
         data.check_split_record(workdir / evaluate.SPLIT_FILE, splits)
     evaluate.generated_pairs(config, splits["test"], "test")  # a too-small test split fails now
+    benchmark_sets = verification_sets.configured_sets(config.eval, config.data.image_size)
     validation = splits["validation"]
     validation_pairs = (evaluate.generated_pairs(config, validation, "validation")
                         if validation.num_identities >= 2 else None)
@@ -433,6 +436,12 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                              "(%d pairs)", done, result["accuracy"], result["accuracy_std"],
                              result["auc"], result["num_pairs"])
                 window_start = time.perf_counter()  # images/s measures training alone
+            if benchmark_sets and done % config.eval_every == 0:
+                flush_logs(done)
+                writer.write(done, verification_sets.training_metrics(
+                    functools.partial(embed, state.variables), benchmark_sets,
+                    distance=config.eval.distance))
+                window_start = time.perf_counter()
             should_save = done % config.checkpoint_every == 0 or done == config.num_steps
             if should_save or preemption.requested:
                 flush_logs(done)

@@ -60,6 +60,25 @@ def test_changed_keys_ignores_resumable_ones():
     assert cfg.changed_keys(a, b) == ["model.embedding_dim"]
 
 
+def test_a_record_without_an_added_key_reads_as_its_old_behaviour(monkeypatch):
+    recorded = cfg.to_plain(cfg.load_config(DEFAULT))
+    del recorded["loss"]["soft"]  # as if loss.soft had been added after this record
+    monkeypatch.setitem(cfg.ADDED_KEY_DEFAULTS, "loss.soft", False)
+    current = cfg.to_plain(cfg.load_config(DEFAULT))
+    assert cfg.changed_keys(recorded, current) == []
+    soft = cfg.to_plain(cfg.load_config(DEFAULT, {"loss.soft": True}))
+    assert cfg.changed_keys(recorded, soft) == ["loss.soft"]
+    monkeypatch.delitem(cfg.ADDED_KEY_DEFAULTS, "loss.soft")  # an unregistered key still counts
+    assert cfg.changed_keys(recorded, current) == ["loss.soft"]
+
+
+def test_added_keys_default_to_the_behaviour_before_them():
+    flat = cfg.flatten(cfg.to_plain(cfg.load_config(DEFAULT)))
+    for key, old_value in cfg.ADDED_KEY_DEFAULTS.items():
+        assert key in flat, f"{key} is registered as added but is not in experiments/default.py"
+        assert flat[key] == old_value, key
+
+
 def test_json_safe_maps_non_finite_to_null():
     value = cfg.json_safe({"a": float("nan"), "b": np.float32(np.inf), "c": [1.5, np.int64(2)]})
     assert json.loads(json.dumps(value)) == {"a": None, "b": None, "c": [1.5, 2]}

@@ -277,3 +277,40 @@ def test_generate_pairs_rejects_unusable_datasets():
         data.generate_pairs(_toy([1, 1, 1]), seed=0)
     with pytest.raises(ValueError, match="0 different"):  # an identity without images
         data.generate_pairs(_toy([3, 0]), num_folds=1, seed=0)
+
+
+# ---------------------------------------------------------------- audit fixes (issue 15)
+
+def test_write_pairs_refuses_identity_names_with_whitespace(tmp_path):
+    ds = _toy([2] * 4)
+    ds.identity_names[1] = "Jean Paul"  # would be written as 4 fields: a "different" pair
+    pairs = data.Pairs(np.array([2, 0]), np.array([3, 4]), np.array([True, False]),
+                       np.array([0, 0]))
+    with pytest.raises(ValueError, match=r"\['Jean Paul'\] contain whitespace.*rename"):
+        data.write_pairs(tmp_path / "p.txt", pairs, ds)
+    assert not (tmp_path / "p.txt").exists()
+    ds.identity_names[1] = "Jean_Paul"  # the fix the message proposes round-trips
+    data.write_pairs(tmp_path / "p.txt", pairs, ds)
+    back = data.read_pairs(tmp_path / "p.txt", ds)
+    np.testing.assert_array_equal(back.first, pairs.first)
+    np.testing.assert_array_equal(back.is_same, pairs.is_same)
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ("Jean Paul\t1\t2", r":3: image number 'Paul'"),  # a spaced name: 4 fields, misparsed
+    ("Person_1\t1", r":3: expected 3 fields .* got 2"),
+    ("Person_1\t1\t2\tPerson_2\t3", r":3: expected 3 fields .* got 5"),
+])
+def test_exclude_pairs_file_parses_as_read_pairs_does_and_names_the_bad_line(
+        tmp_path, bad_line, problem):
+    pairs_file = tmp_path / "pairs.txt"
+    pairs_file.write_text(f"1\t2\nPerson_1\t1\t2\n{bad_line}\nPerson_2\t1\tPerson_4\t2\n"
+                          "Person_3\t1\tPerson_5\t1\n")
+    with pytest.raises(ValueError, match=problem):
+        data.split_identities(_toy([2] * 6), exclude_pairs_file=pairs_file)
+    with pytest.raises(ValueError, match=problem):  # the same parser, the same message
+        data.read_pairs(pairs_file, _toy([2] * 6))
+    # Before: the bad line was skipped (or split wrongly) and its identities stayed in train.
+    pairs_file.write_text("1\t2\nPerson_1\t1\t2\nPerson_0\t1\t2\n\n"
+                          "Person_2\t1\tPerson_4\t2\nPerson_3\t1\tPerson_5\t1\n")
+    assert data.splits.pair_file_identities(pairs_file) == {f"Person_{i}" for i in range(6)}

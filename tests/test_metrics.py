@@ -19,7 +19,7 @@ BELOW = -np.inf  # np.nextafter(x, BELOW): the largest float below x
 def brute_best_threshold(d, same):
     """Smallest threshold maximising accuracy, trying every distinct value and one below all,
     each by direct counting (O(M²))."""
-    candidates = [np.nextafter(d.min(), BELOW)] + sorted(set(d.tolist()))
+    candidates = [-np.inf] + sorted(set(d.tolist()))  # -inf: accept nothing
     accuracies = [np.mean((d <= t) == same) for t in candidates]
     return candidates[int(np.argmax(accuracies))], max(accuracies)
 
@@ -150,15 +150,19 @@ def test_verification_tie_rule_smallest_threshold_and_inclusive_boundary():
     assert result["fold_accuracies"][0] == pytest.approx(2 / 3)
 
 
-def test_verification_threshold_below_all_when_rejecting_everything_is_best():
-    # Training fold 1 has only different pairs: the best threshold accepts nothing, i.e. the
-    # largest float below its smallest distance (0.2), not 0 and not a distance itself.
+def test_verification_accept_nothing_rejects_held_pairs_closer_than_every_training_pair():
+    # Training fold 1 has only different pairs: the best is to accept nothing. The held same
+    # pair at 0.1 is closer than every training pair (0.2, 0.3); a threshold just below 0.2
+    # would still accept it, "accept nothing" (-inf) rejects it: held accuracy 1/2, not 1.
     d = np.array([0.1, 0.5, 0.2, 0.3])
     same = np.array([1, 0, 0, 0], bool)
     folds = np.array([0, 0, 1, 1])
     result = metrics.verification_kfold(d, same, folds)
-    assert result["fold_thresholds"][0] == np.nextafter(0.2, BELOW)
-    assert result["fold_accuracies"][0] == 1.0  # 0.1S accepted (below 0.2), 0.5D rejected
+    assert result["fold_thresholds"][0] == -np.inf
+    assert result["fold_accuracies"][0] == 0.5
+    # The ROC sweep keeps its finite first point (FAR = TAR = 0 just below every distance).
+    _, _, thresholds = metrics.roc_curve(d, same)
+    assert thresholds[0] == np.nextafter(0.1, BELOW)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -1,5 +1,6 @@
 """Tests for facenet_jax.plots: figure contents against their inputs, PCA against sklearn, files."""
 
+import json
 import math
 import pathlib
 
@@ -61,6 +62,28 @@ def test_roc_figure_draws_the_curve_and_the_eer_point():
     np.testing.assert_array_equal(log_ax.lines[0].get_xdata(), far[far > 0])
     with pytest.raises(ValueError, match="one length"):
         plots.roc_figure(far, tar[:-1])
+
+
+def test_roc_figure_marks_operating_points_on_a_log_far_axis():
+    far, tar = np.array([0.0, 1e-5, 1e-3, 1.0]), np.array([0.0, 0.5, 0.9, 1.0])
+    ax = plots.roc_figure(far, tar, log_far=True, far_min=1e-6,
+                          points={"VAL@FAR=1e-3": (1e-3, 0.9)}).axes[0]
+    assert ax.get_xlim()[0] == pytest.approx(1e-6)
+    marker = ax.lines[1]
+    assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (1e-3, 0.9)
+    assert marker.get_label() == "VAL@FAR=1e-3: TAR 0.9000"
+
+
+def test_run_roc_is_log_far_with_the_val_points(tmp_path):
+    from facenet_jax import evaluate
+
+    result = {"auc": 0.9, "eer": 0.1, "threshold": 0.5, "far@far=1e-3": 0.0,
+              "val@far=1e-3": 0.4, "far@far=1e-2": 0.01, "val@far=1e-2": 0.8}
+    assert evaluate.val_operating_points(result) == {"VAL@FAR=1e-2": (0.01, 0.8)}
+    d = np.linspace(0, 1, 200)
+    written = evaluate.write_evaluation(result, tmp_path / "eval.json", distances=d,
+                                        is_same=np.arange(200) < 100)
+    assert pathlib.Path(written["figures"]["roc"]).stat().st_size > 0
 
 
 def test_distance_histogram_figure():
@@ -135,3 +158,21 @@ def test_plot_functions_write_pngs(tmp_path):
             assert image.format == "PNG"
             assert image.size == tuple(round(110 * side) for side in inches)
             assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 10  # not blank
+
+
+def test_collapsed_embeddings_accept_nothing_and_still_write_their_figures(tmp_path):
+    # Identical embeddings: every distance 0, accepting nothing ties accepting all and is the
+    # smallest maximiser: threshold -inf (the 10-fold search's "accept nothing").
+    from facenet_jax import evaluate
+
+    same = np.arange(40) % 2 == 0
+    result = metrics.evaluate_embeddings(np.ones((80, 4)), np.arange(80), np.arange(40) * 2,
+                                         np.arange(40) * 2 + 1, same, np.arange(40) // 4,
+                                         include_identification=False)
+    assert result["threshold"] == -np.inf and result["accuracy"] == 0.5
+    ax = plots.distance_histogram_figure(np.zeros(40), same, result["threshold"]).axes[0]
+    assert ax.lines[0].get_label() == "threshold -inf (accepts nothing)"
+    written = evaluate.write_evaluation(result, tmp_path / "eval.json", distances=np.zeros(40),
+                                        is_same=same)
+    assert pathlib.Path(written["figures"]["histogram"]).stat().st_size > 0
+    assert json.loads((tmp_path / "eval.json").read_text())["threshold"] is None

@@ -75,11 +75,15 @@ def _file_numbers(name: str, files: Sequence[str]) -> list[int]:
     return numbers
 
 
-def read_pairs(path: str | pathlib.Path, dataset: Dataset) -> Pairs:
-    """Reads a pairs.txt against `dataset`; fold of each pair by position (file order).
+ParsedPair = tuple[int, tuple[tuple[str, int], tuple[str, int]], bool]
 
-    Malformed lines raise ValueError with their line number; pairs whose images are not in the
-    dataset raise one FileNotFoundError listing every missing image.
+
+def parse_pairs_file(path: str | pathlib.Path) -> tuple[int, list[ParsedPair]]:
+    """The one parser of the pairs format (read_pairs and the split's exclude_pairs_file use it).
+
+    Returns (pairs per fold × 2, [(line number, ((name, n), (name, n)), is_same)] in file
+    order). A bad header, a wrong line count, a line without 3 or 4 fields or a non-integer
+    image number is a ValueError naming the line.
     """
     lines = pathlib.Path(path).read_text().splitlines()
     if not lines or not lines[0].split():
@@ -95,23 +99,33 @@ def read_pairs(path: str | pathlib.Path, dataset: Dataset) -> Pairs:
     if len(body) != 2 * num_folds * per_fold:
         raise ValueError(f"{path}: the header promises {num_folds} folds × {2 * per_fold} "
                          f"pairs = {2 * num_folds * per_fold} lines, found {len(body)}")
-    parsed = [(line_no, _pair_fields(fields, f"{path}:{line_no}")) for line_no, fields in body]
+    return 2 * per_fold, [(line_no, _pair_fields(fields, f"{path}:{line_no}"), len(fields) == 3)
+                          for line_no, fields in body]
+
+
+def read_pairs(path: str | pathlib.Path, dataset: Dataset) -> Pairs:
+    """Reads a pairs.txt against `dataset`; fold of each pair by position (file order).
+
+    Malformed lines raise ValueError with their line number; pairs whose images are not in the
+    dataset raise one FileNotFoundError listing every missing image.
+    """
+    pairs_per_fold, parsed = parse_pairs_file(path)
     identity_of = {name: i for i, name in enumerate(dataset.identity_names)}
-    named = sorted({identity_of[name] for _, pair in parsed for name, _ in pair
+    named = sorted({identity_of[name] for _, pair, _ in parsed for name, _ in pair
                     if name in identity_of})
     numbers = image_numbers(dataset, named)  # only the named identities must be well numbered
     lookup = {(dataset.identity_names[dataset.labels[i]], int(numbers[i])): int(i)
               for i in np.flatnonzero(np.isin(dataset.labels, named))}
-    missing = [f"{name}/{name}_{number:04d}.* (line {line_no})" for line_no, pair in parsed
+    missing = [f"{name}/{name}_{number:04d}.* (line {line_no})" for line_no, pair, _ in parsed
                for name, number in pair if (name, number) not in lookup]
     if missing:
         shown = "\n  ".join(missing[:50])
         more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
         raise FileNotFoundError(f"{path}: {len(missing)} paired images are not in the dataset "
                                 f"(is the pairs file for this folder?):\n  {shown}{more}")
-    first, second = (np.array([lookup[pair[k]] for _, pair in parsed]) for k in (0, 1))
-    is_same = np.array([len(fields) == 3 for _, fields in body])
-    fold = np.arange(len(body)) // (2 * per_fold)
+    first, second = (np.array([lookup[pair[k]] for _, pair, _ in parsed]) for k in (0, 1))
+    is_same = np.array([same for _, _, same in parsed])
+    fold = np.arange(len(parsed)) // pairs_per_fold
     return Pairs(first, second, is_same, fold)
 
 
@@ -130,7 +144,8 @@ def _pair_fields(fields: list[str], where: str) -> tuple[tuple[str, int], tuple[
 
 def write_pairs(path: str | pathlib.Path, pairs: Pairs, dataset: Dataset) -> None:
     """Writes pairs in LFW format. Folds must come in order, each with the same number of
-    same and different pairs, same pairs first (as `generate_pairs` makes them)."""
+    same and different pairs, same pairs first (as `generate_pairs` makes them). Identity names
+    with whitespace (or empty) are a ValueError: the format could not be read back."""
     folds = np.unique(pairs.fold)
     per_fold = int(np.sum(pairs.is_same & (pairs.fold == folds[0]))) if len(folds) else 0
     expected_fold = np.repeat(np.arange(len(folds)), 2 * per_fold)
@@ -139,6 +154,13 @@ def write_pairs(path: str | pathlib.Path, pairs: Pairs, dataset: Dataset) -> Non
             or not np.array_equal(pairs.is_same, expected_same)):
         raise ValueError("write_pairs needs folds 0..F-1 in order, each with N same pairs then "
                          "N different pairs (the LFW layout)")
+    used = np.unique(dataset.labels[np.r_[pairs.first, pairs.second]])
+    spaced = [dataset.identity_names[i] for i in used
+              if dataset.identity_names[i].split() != [dataset.identity_names[i]]]
+    if spaced:
+        raise ValueError(f"write_pairs: identity names {spaced[:5]} contain whitespace, but the "
+                         "pairs format separates fields by whitespace, so the file could not be "
+                         "read back; rename these identities (e.g. spaces to underscores)")
     names = [dataset.identity_names[l] for l in dataset.labels]
     numbers = image_numbers(dataset, np.unique(dataset.labels[np.r_[pairs.first, pairs.second]]))
     out = [f"{len(folds)}\t{per_fold}"]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from facenet_jax.data.dataset import Dataset
+from facenet_jax.data.pairs import parse_pairs_file
 
 SPLITS = ("train", "validation", "test")
 
@@ -93,13 +94,9 @@ def check_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> 
 
 
 def pair_file_identities(path: str | pathlib.Path) -> set[str]:
-    """Every identity name in an LFW-format pairs file (images are not resolved)."""
-    names = set()
-    for line in pathlib.Path(path).read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) in (3, 4):
-            names.update(fields[::2] if len(fields) == 4 else fields[:1])
-    return names
+    """Every identity name in an LFW-format pairs file (images are not resolved), parsed as
+    `read_pairs` parses it: a malformed line is a ValueError naming it, never skipped."""
+    return {name for _, pair, _ in parse_pairs_file(path)[1] for name, _ in pair}
 
 
 def _assignment_from_fractions(num_identities: int, fractions: Sequence[float],

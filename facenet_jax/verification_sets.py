@@ -1,0 +1,232 @@
+"""The verification sets papers report (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW) in insightface's
+`.bin` format, evaluated with this project's protocol.
+
+    python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER
+        [--names lfw,cfp_fp,agedb_30,calfw,cplfw] [--flip|--noflip]
+
+A `.bin` file is a pickle written by Python 2: a tuple (list of encoded images, list of
+is-same flags), images 2i and 2i + 1 forming pair i, 112×112 aligned crops. It is read with the
+restricted unpickler of `safe_pickle` (a crafted file cannot run code). Pairs fall into 10
+folds of contiguous pairs (as sklearn's KFold(10, shuffle=False) in insightface's
+`verification.py`); each set is scored with `metrics.evaluate_embeddings` (10-fold accuracy ±
+std, VAL@FAR, AUC, EER). The field embeds each image and its mirror image and adds the two
+(`embed.make_embedder(flip=True)`, the default here; recorded as "flip").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from facenet_jax import metrics
+from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax.data.folder import resize_array
+from facenet_jax.data.pairs import Pairs
+from facenet_jax.safe_pickle import load_data_pickle
+
+SET_NAMES = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")  # the column order papers use
+NUM_FOLDS = 10
+OUTPUT_FILE = "eval_verification_sets.json"
+TABLE_FILE = "eval_verification_sets.md"
+ImageEmbedder = Callable[[np.ndarray], np.ndarray]  # uint8 [N,S,S,3] -> float [N,D]
+
+
+@dataclasses.dataclass
+class VerificationSet:
+    """One `.bin` set: images uint8 [2M, S, S, 3] (pair i = rows 2i, 2i + 1), is_same bool [M],
+    source_size: the side of the images as stored (before any resize)."""
+
+    name: str
+    images: np.ndarray
+    is_same: np.ndarray
+    source_size: int
+
+    def pairs(self, num_folds: int = NUM_FOLDS) -> Pairs:
+        """Pairs (2i, 2i + 1) in NUM_FOLDS folds of contiguous pairs, the first M mod k folds
+        one pair longer (np.array_split, as KFold)."""
+        m = len(self.is_same)
+        sizes = [len(part) for part in np.array_split(np.arange(m), num_folds)]
+        return Pairs(first=2 * np.arange(m), second=2 * np.arange(m) + 1,
+                     is_same=self.is_same.copy(), fold=np.repeat(np.arange(num_folds), sizes))
+
+
+def _decode(encoded: bytes, index: int, source: str) -> np.ndarray:
+    """One encoded image → uint8 [H, W, 3]; ValueError naming its index when corrupt."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+            ValueError) as error:
+        raise ValueError(f"{source}: image {index} (pair {index // 2}) cannot be decoded "
+                         f"({error}); the file is corrupt: download it again") from None
+
+
+def read_bin(path: str | pathlib.Path, image_size: int) -> VerificationSet:
+    """Reads an insightface `.bin` file into a VerificationSet at image_size × image_size.
+
+    Images of another size are resized (bilinear, as the folder loader does) with one log line.
+    Errors name the problem: not a data pickle (refused, nothing run), wrong structure, a flag
+    count that is not half the image count, a corrupt image (its index).
+    """
+    path = pathlib.Path(path)
+    content = load_data_pickle(path.read_bytes(), str(path), encoding="bytes")
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise ValueError(f"{path}: expected a pickled pair (images, is_same flags), got "
+                         f"{type(content).__name__}")
+    encoded, flags = content
+    if not isinstance(encoded, list) or not all(isinstance(b, bytes) for b in encoded):
+        raise ValueError(f"{path}: the first element must be a list of encoded images (bytes)")
+    is_same = np.asarray(flags)
+    if is_same.ndim != 1 or not all(isinstance(f, (bool, np.bool_)) for f in is_same.tolist()):
+        raise ValueError(f"{path}: the second element must be a flat list of is-same flags")
+    if len(encoded) != 2 * len(is_same) or not len(is_same):
+        raise ValueError(f"{path}: {len(encoded)} images for {len(is_same)} pairs; a set holds "
+                         "2 images per pair and at least one pair")
+    decoded = [_decode(b, i, str(path)) for i, b in enumerate(encoded)]
+    shapes = {image.shape[:2] for image in decoded}
+    if shapes != {(image_size, image_size)}:
+        logging.info("%s: images of %s px resized to %d px (the model's data.image_size)",
+                     path.name, sorted(shapes), image_size)
+        decoded = [resize_array(image, image_size) if image.shape[:2] != (image_size,) * 2
+                   else image for image in decoded]
+    source_size = max(max(shape) for shape in shapes)
+    return VerificationSet(path.stem, np.stack(decoded), is_same.astype(bool), source_size)
+
+
+def find_sets(folder: str | pathlib.Path, names: Sequence[str] | None = None
+              ) -> dict[str, pathlib.Path]:
+    """{name: FOLDER/name.bin} for the requested names (default: every .bin there, the known
+    sets first in SET_NAMES order). FileNotFoundError names what is missing and what exists."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"verification set folder {folder} does not exist; it should "
+                                f"hold insightface's .bin files ({', '.join(SET_NAMES)})")
+    present = {p.stem: p for p in sorted(folder.glob("*.bin"))}
+    if names is None:
+        if not present:
+            raise FileNotFoundError(f"{folder} holds no .bin file; expected e.g. "
+                                    f"{', '.join(n + '.bin' for n in SET_NAMES)}")
+        order = [n for n in SET_NAMES if n in present] + [n for n in present
+                                                          if n not in SET_NAMES]
+        return {name: present[name] for name in order}
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: no {', '.join(n + '.bin' for n in missing)}; present: "
+            f"{', '.join(sorted(present)) or 'no .bin file'}. Fix --names (or "
+            "eval.verification_set_names) or add the files")
+    return {name: present[name] for name in names}
+
+
+def parse_names(names: str | Sequence[str] | None) -> list[str] | None:
+    """"lfw,cfp_fp" or a list → ["lfw", "cfp_fp"]; None or "" → None (every set found)."""
+    if names is None or isinstance(names, str) and not names.strip():
+        return None
+    parts = names.split(",") if isinstance(names, str) else list(names)
+    return [part.strip() for part in parts if part.strip()]
+
+
+def load_sets(folder: str | pathlib.Path, names: str | Sequence[str] | None, image_size: int
+              ) -> list[VerificationSet]:
+    """Every requested set of `folder`, decoded at image_size (see `read_bin`)."""
+    return [read_bin(path, image_size) for path in find_sets(folder, parse_names(names)).values()]
+
+
+def evaluate_set(embed_images: ImageEmbedder, vset: VerificationSet, *, distance: str
+                 ) -> dict[str, Any]:
+    """The eval.json verification keys of one set (no identities: no retrieval metrics)."""
+    embeddings = embed_images(vset.images)
+    pairs = vset.pairs()
+    result = metrics.evaluate_embeddings(
+        embeddings, np.arange(len(embeddings)), pairs.first, pairs.second, pairs.is_same,
+        pairs.fold, distance=distance, include_identification=False)
+    return {**result, "num_images": int(len(vset.images)), "source_image_size": vset.source_size}
+
+
+def training_metrics(embed_images: ImageEmbedder, sets: Sequence[VerificationSet], *,
+                     distance: str) -> dict[str, float]:
+    """{"eval/<set>/accuracy": ...} for the training log (every eval_every steps)."""
+    return {f"eval/{vset.name}/accuracy": evaluate_set(embed_images, vset,
+                                                       distance=distance)["accuracy"]
+            for vset in sets}
+
+
+def configured_sets(eval_config: Any, image_size: int) -> list[VerificationSet]:
+    """The sets `config.eval.verification_sets` (a folder; None: none) names, loaded once at the
+    start of training so a bad folder or file fails before anything compiles."""
+    folder = eval_config.get("verification_sets")
+    if not folder:
+        if eval_config.get("verification_set_names"):
+            raise ValueError("config.eval.verification_set_names is set but "
+                             "eval.verification_sets (the folder of .bin files) is not; pass "
+                             "--config.eval.verification_sets=FOLDER")
+        return []
+    try:
+        return load_sets(folder, eval_config.get("verification_set_names"), image_size)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"config.eval.verification_sets: {error}") from None
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The papers' row (accuracy % per set) and one row per set with the other numbers."""
+    names = list(results)
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}"
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+             "| " + " | ".join(pct(results[n]["accuracy"]) for n in names) + " |", "",
+             "| set | pairs | accuracy % | ± std | VAL@FAR=1e-3 % | VAL@FAR=1e-2 % | AUC | EER % "
+             "| flip |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        r = results[name]
+        lines.append(f"| {name} | {r['num_pairs']} | {pct(r['accuracy'])} | "
+                     f"{pct(r['accuracy_std'])} | {pct(r['val@far=1e-3'])} | "
+                     f"{pct(r['val@far=1e-2'])} | {r['auc']:.4f} | {pct(r['eer'])} | "
+                     f"{r.get('flip')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: Mapping[str, Mapping[str, Any]], output: pathlib.Path) -> pathlib.Path:
+    """Writes the JSON (atomically) and the markdown table beside it (same stem, .md)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(json_safe(results), indent=2))
+    os.replace(tmp, output)
+    table = output.with_suffix(".md")
+    table.write_text(markdown_table(results))
+    return table
+
+
+def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Path, *,
+                          names: str | Sequence[str] | None = None, flip: bool = True,
+                          output: pathlib.Path | None = None) -> dict[str, dict[str, Any]]:
+    """The CLI's work: DIR's latest checkpoint on every requested set →
+    DIR/eval_verification_sets.json ({set name: eval.json keys + flip, path, step, ...}) and
+    the markdown table beside it."""
+    from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
+
+    paths = find_sets(folder, parse_names(names))  # before loading the model: fail fast
+    encoder = load_encoder(workdir, flip=flip)
+    config = encoder.config
+    run_facts = {"flip": flip, "flip_mode": "sum", "distance": config.eval.distance,
+                 "step": encoder.step, "model": config.model.name,
+                 "image_size": config.data.image_size, "config": to_plain(config),
+                 "provenance": provenance()}
+    results = {}
+    for name, path in paths.items():
+        vset = read_bin(path, config.data.image_size)
+        result = evaluate_set(encoder.embed, vset, distance=config.eval.distance)
+        results[name] = {**result, "path": str(path.resolve()), **run_facts}
+        logging.info("%s: accuracy %.4f ± %.4f (%d pairs)", name, result["accuracy"],
+                     result["accuracy_std"], result["num_pairs"])
+    write_results(results, output or pathlib.Path(workdir) / OUTPUT_FILE)
+    return results

@@ -1,0 +1,199 @@
+"""insightface `.bin` verification sets: the restricted unpickler, reading, and the evaluation
+checked against a brute-force computation of the protocol."""
+
+import io
+import logging
+import pickle
+import pickletools
+
+import numpy as np
+import pytest
+
+from facenet_jax import safe_pickle, verification_sets
+from facenet_jax.evaluate import pixel_embeddings
+
+from benchmark_fixtures import png, python2_pickle, synthetic_pairs
+
+
+@pytest.fixture(scope="module")
+def py2_bin(tmp_path_factory):
+    images, flags = synthetic_pairs()
+    images[5] = 128  # a flat image encodes to < 256 bytes: a SHORT_BINSTRING
+    encoded = [png(image) for image in images]
+    path = tmp_path_factory.mktemp("sets") / "lfw.bin"
+    path.write_bytes(python2_pickle(encoded, flags))
+    return path, images, np.array(flags)
+
+
+def test_python2_stream_uses_string_opcodes_and_reads_back(py2_bin):
+    path, images, flags = py2_bin
+    names = {op.name for op, _, _ in pickletools.genops(path.read_bytes())}
+    assert {"SHORT_BINSTRING", "BINSTRING"} <= names
+    assert not names & {"BINBYTES", "SHORT_BINBYTES", "GLOBAL", "REDUCE"}
+    vset = verification_sets.read_bin(path, 32)
+    assert vset.name == "lfw" and vset.source_size == 32
+    np.testing.assert_array_equal(vset.images, images)  # PNG is lossless
+    np.testing.assert_array_equal(vset.is_same, flags)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_python3_streams_with_numpy_bool_flags_read_the_same(tmp_path, protocol):
+    images, flags = synthetic_pairs(num_pairs=10)
+    path = tmp_path / "agedb_30.bin"
+    path.write_bytes(pickle.dumps(([png(i) for i in images], np.array(flags)),
+                                  protocol=protocol))
+    vset = verification_sets.read_bin(path, 32)
+    np.testing.assert_array_equal(vset.images, images)
+    np.testing.assert_array_equal(vset.is_same, flags)
+
+
+class _RunsCode:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_malicious_pickle_is_refused_without_running_anything(tmp_path, protocol):
+    target = tmp_path / "pwned"
+    payload = pickle.dumps(([b"x", b"y"], [_RunsCode(target)]), protocol=protocol)
+    # The payload is real: unrestricted pickle would create the file.
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(payload)
+    with pytest.raises(pickle.UnpicklingError, match=r"lfw.bin: refused global posix\.system"):
+        verification_sets.read_bin(path, 32)
+    assert not target.exists()
+    pickle.loads(payload)
+    assert target.exists()
+
+
+@pytest.mark.parametrize("payload, problem", [
+    (pickle.dumps({"images": [b"x"]}, protocol=2), "refused opcode EMPTY_DICT"),
+    (pickle.dumps(np.arange(3), protocol=2), "refused numpy dtype"),
+    (pickle.dumps(([b"x"], [True]), protocol=2)[:-5], "not a readable pickle"),
+    (b"\x80\x02cbuiltins\neval\nq\x00.", r"refused global builtins\.eval"),
+    (b"\x80\x02cnumpy\nndarray\n)R.", r"refused call of numpy\.ndarray"),
+])
+def test_other_foreign_streams_are_refused_with_a_reason(payload, problem):
+    with pytest.raises(pickle.UnpicklingError, match=problem):
+        safe_pickle.load_data_pickle(payload)
+
+
+def test_second_guard_alone_refuses_build_on_an_allowed_global():
+    # BUILD with slot state would setattr on the stand-in; the opcode scan already refuses the
+    # dict it needs (EMPTY_DICT), so the unpickler is driven directly here.
+    payload = b"\x80\x02cnumpy\ndtype\nN}X\x01\x00\x00\x00aK\x01s\x86b."
+    with pytest.raises(pickle.UnpicklingError, match="refused opcode EMPTY_DICT"):
+        safe_pickle.check_opcodes(payload)
+    with pytest.raises(pickle.UnpicklingError, match=r"the stream modifies numpy\.dtype"):
+        safe_pickle._RestrictedUnpickler(io.BytesIO(payload)).load()
+    assert np.dtype(bool).byteorder == "|"  # numpy's own bool dtype untouched
+
+
+def test_structure_size_and_corrupt_image_errors(tmp_path, caplog):
+    images, flags = synthetic_pairs(num_pairs=4, size=40)
+    encoded = [png(i) for i in images]
+    path = tmp_path / "calfw.bin"
+    path.write_bytes(pickle.dumps((encoded, flags[:3])))
+    with pytest.raises(ValueError, match="8 images for 3 pairs"):
+        verification_sets.read_bin(path, 32)
+    path.write_bytes(pickle.dumps((encoded[:5] + [b"not an image"] + encoded[6:], flags)))
+    with pytest.raises(ValueError, match=r"image 5 \(pair 2\) cannot be decoded"):
+        verification_sets.read_bin(path, 32)
+    path.write_bytes(pickle.dumps((encoded, flags)))
+    with caplog.at_level(logging.INFO):
+        vset = verification_sets.read_bin(path, 32)  # 40 px stored, 32 px model
+    assert vset.images.shape == (8, 32, 32, 3) and vset.source_size == 40
+    assert "resized to 32 px" in caplog.text
+
+
+def test_find_sets_names_missing_files(tmp_path):
+    for name in ("cplfw", "lfw", "extra"):
+        (tmp_path / f"{name}.bin").write_bytes(b"")
+    assert list(verification_sets.find_sets(tmp_path)) == ["lfw", "cplfw", "extra"]
+    assert list(verification_sets.find_sets(tmp_path, ["cplfw"])) == ["cplfw"]
+    with pytest.raises(FileNotFoundError, match=r"no cfp_fp\.bin, agedb_30\.bin; present: "
+                                                r"cplfw, extra, lfw"):
+        verification_sets.find_sets(tmp_path, verification_sets.parse_names(
+            "lfw, cfp_fp,agedb_30"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        verification_sets.find_sets(tmp_path / "nowhere")
+
+
+def _brute_force_accuracy(d, same, num_folds=10):
+    """The LFW protocol by hand: contiguous folds, every candidate threshold tried."""
+    folds = np.array_split(np.arange(len(d)), num_folds)
+    accuracies = []
+    for held in folds:
+        train = np.setdiff1d(np.arange(len(d)), held)
+        candidates = [-np.inf] + sorted(set(d[train].tolist()))
+        scores = [np.mean((d[train] <= t) == same[train]) for t in candidates]
+        best = candidates[int(np.argmax(scores))]
+        accuracies.append(np.mean((d[held] <= best) == same[held]))
+    return np.mean(accuracies), np.std(accuracies)
+
+
+def _brute_force_val(d, same, far_target, num_folds=10):
+    vals = []
+    for held in np.array_split(np.arange(len(d)), num_folds):
+        train = np.setdiff1d(np.arange(len(d)), held)
+        values = sorted(set(d[train].tolist()))
+        candidates = values + [np.nextafter(v, -np.inf) for v in values]
+        feasible = [t for t in candidates if np.mean(d[train][~same[train]] <= t) <= far_target]
+        threshold = max(feasible)
+        vals.append(np.mean(d[held][same[held]] <= threshold))
+    return np.mean(vals)
+
+
+def test_evaluation_matches_brute_force_protocol(py2_bin):
+    path, images, flags = py2_bin
+    vset = verification_sets.read_bin(path, 32)
+    pairs = vset.pairs()
+    assert np.bincount(pairs.fold).tolist() == [4] * 10  # 40 pairs, contiguous
+    np.testing.assert_array_equal(pairs.fold, np.repeat(np.arange(10), 4))
+    result = verification_sets.evaluate_set(pixel_embeddings, vset, distance="squared")
+    emb = pixel_embeddings(images)
+    d = np.sum((emb[0::2] - emb[1::2]) ** 2, axis=1)
+    accuracy, std = _brute_force_accuracy(d, flags)
+    assert result["accuracy"] == pytest.approx(accuracy)
+    assert result["accuracy_std"] == pytest.approx(std)
+    assert result["val@far=1e-2"] == pytest.approx(_brute_force_val(d, flags, 1e-2))
+    assert result["num_pairs"] == 40 and result["num_images"] == 80
+    ranks = np.array([np.mean(d[~flags] > x) + 0.5 * np.mean(d[~flags] == x) for x in d[flags]])
+    assert result["auc"] == pytest.approx(ranks.mean())  # Mann-Whitney form of the AUC
+
+
+def test_uneven_pair_count_folds_like_kfold():
+    vset = verification_sets.VerificationSet("x", np.zeros((46, 2, 2, 3), np.uint8),
+                                             np.arange(23) % 2 == 0, 2)
+    assert np.bincount(vset.pairs().fold).tolist() == [3, 3, 3] + [2] * 7  # KFold's sizes
+
+
+def test_training_metrics_keys_and_table(py2_bin, tmp_path):
+    path, _, _ = py2_bin
+    vset = verification_sets.read_bin(path, 32)
+    row = verification_sets.training_metrics(pixel_embeddings, [vset], distance="euclidean")
+    assert list(row) == ["eval/lfw/accuracy"]
+    result = verification_sets.evaluate_set(pixel_embeddings, vset, distance="euclidean")
+    assert row["eval/lfw/accuracy"] == result["accuracy"]
+    table = verification_sets.write_results({"lfw": {**result, "flip": True}},
+                                            tmp_path / "eval_verification_sets.json")
+    text = table.read_text()
+    assert text.startswith("| lfw |") and f"{100 * result['accuracy']:.2f}" in text
+
+
+def test_configured_sets_off_by_default_and_names_need_a_folder(py2_bin):
+    import ml_collections
+
+    path, _, _ = py2_bin
+    config = ml_collections.ConfigDict({"verification_sets": None,
+                                        "verification_set_names": None})
+    assert verification_sets.configured_sets(config, 32) == []
+    config.verification_set_names = "lfw"
+    with pytest.raises(ValueError, match="verification_sets .* is not"):
+        verification_sets.configured_sets(config, 32)
+    config.verification_sets = str(path.parent)
+    assert [s.name for s in verification_sets.configured_sets(config, 32)] == ["lfw"]
