@@ -410,7 +410,8 @@ def _run_benchmarks(flags_: Any) -> None:
     --noflip (as the field evaluates them)."""
     if flags_.workdir is None:
         raise ValueError("--verification_sets / --ijb need --workdir DIR (a trained run)")
-    unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline")
+    unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline", "fold",
+                                       "threshold")
               if getattr(flags_, name) is not None]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used with --verification_sets / --ijb "
