@@ -39,7 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.split = ml_collections.ConfigDict(dict(
         train=0.8, validation=0.1, test=0.1, seed=0,
         identity_files=placeholder(str), exclude_pairs_file=placeholder(str)))
-    data.pairs = ml_collections.ConfigDict(dict(num_folds=10, pairs_per_fold=300))
+    # pairs.seed: the evaluation pairs' seed; unset, it follows `seed` (as before the key
+    # existed). Pin it to vary `seed` (training) while scoring every seed on the same pairs.
+    data.pairs = ml_collections.ConfigDict(dict(num_folds=10, pairs_per_fold=300,
+                                                seed=placeholder(int)))
     data.augment = ml_collections.ConfigDict(dict(crop_padding=2, flip=True))
     data.prefetch = 4
 

@@ -6,7 +6,7 @@ so the 10-fold test pairs come from 12 people). Images are 92×112 grayscale: th
 square (center_crop=1.0) resized to 48 px. P×K = 8×5 (ORL has 10 images per person; P = 8
 keeps whole identities per device on 1, 2, 4 or 8 devices). `semihard` mining, α = 0.2 on
 squared distance (FaceNet's pairing).
-Hardware: a 2-core CPU. Time: see the README's measured figure (a few minutes, compile
+Hardware: a 2-core CPU. Time: see docs/experiments.md's measured figure (a few minutes, compile
 included).
 
         python -m facenet_jax.train --config experiments/orl.py --workdir runs/orl

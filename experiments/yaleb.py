@@ -7,7 +7,7 @@ split 23 train / 4 validation / 11 test (fractions 0.6/0.1/0.3). Images are 84×
 the central 84×84 square (center_crop=1.0) resized to 48 px. P×K = 16×8 (128 images; P = 16
 keeps whole identities per device on 1, 2, 4, 8 or 16 devices). `semihard` mining, α = 0.2 on
 squared distance.
-Hardware: a 2-core CPU. Time: see the README's measured figure.
+Hardware: a 2-core CPU. Time: see docs/experiments.md's measured figure.
 
         python -m facenet_jax.train --config experiments/yaleb.py --workdir runs/yaleb
         python -m facenet_jax.evaluate --baseline pixels --config experiments/yaleb.py \

@@ -27,10 +27,14 @@ RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "k
 POSITIVE_INT_KEYS = RESUMABLE_KEYS + ("data.prefetch", "data.pairs.num_folds",
                                       "data.pairs.pairs_per_fold", "eval.batch_size",
                                       "model.embedding_dim")
+PAIRS_SEED_KEY = "data.pairs.seed"
 # Keys added after runs were first recorded, each with the value that reproduces the behaviour
 # before it existed (also its default in experiments/default.py). A record without such a key
 # reads as this value, so adding a key never makes an old run "changed" or an old cell "stale".
-ADDED_KEY_DEFAULTS: dict[str, Any] = {"loss.warmup_strategy": None, "loss.warmup_steps": 0}
+ADDED_KEY_DEFAULTS: dict[str, Any] = {
+    PAIRS_SEED_KEY: None,  # unset: the pairs follow `seed`, as before the key
+    "loss.warmup_strategy": None, "loss.warmup_steps": 0,  # no warm-up: one strategy throughout
+}
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
@@ -93,11 +97,28 @@ def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
                  allowed: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ between a recorded plain config and the current one,
     except the allowed ones; keys added to the project since the record read as their
-    ADDED_KEY_DEFAULTS (so old runs resume and old sweep cells are not stale)."""
-    a, b = with_added_defaults(flatten(saved)), flatten(current)
+    ADDED_KEY_DEFAULTS (so old runs resume and old sweep cells are not stale).
+    data.pairs.seed is compared by its effective value (`pairs_seed`): unset, or recorded
+    before it existed, it equals a config that sets it to its `seed`."""
+    a = _effective_pairs_seed(with_added_defaults(flatten(saved)))
+    b = _effective_pairs_seed(flatten(current))
     allowed = set(allowed)
     return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k)
                   and (k in b or k not in ADDED_KEY_DEFAULTS))
+
+
+def pairs_seed(config: Mapping[str, Any]) -> int:
+    """The seed of a config's generated evaluation pairs: data.pairs.seed, or `seed` when it
+    is unset (so runs from before the key existed draw the same pairs)."""
+    seed = config["data"]["pairs"].get("seed")
+    return config["seed"] if seed is None else seed
+
+
+def _effective_pairs_seed(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config with an unset data.pairs.seed read as its `seed` (see pairs_seed)."""
+    if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
+        flat[PAIRS_SEED_KEY] = flat["seed"]
+    return flat
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:

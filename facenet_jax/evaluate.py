@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +29,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import data, ijb, metrics, plots, verification_sets
-from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax import data, ijb, metrics, plots, runfiles, verification_sets
+from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
 from facenet_jax.logs import cli_logging, one_line_user_errors
 
 EVAL_FILE = "eval.json"
@@ -145,7 +144,7 @@ def generated_pairs(config: ml_collections.ConfigDict, dataset: data.Dataset,
             "least 2: raise data.split.test (or validation)")
     pairs = data.generate_pairs(dataset, num_folds=config.data.pairs.num_folds,
                                 pairs_per_fold=config.data.pairs.pairs_per_fold,
-                                seed=config.seed)
+                                seed=pairs_seed(config))
     per_fold = int(np.sum(pairs.is_same & (pairs.fold == 0)))
     logging.info("%s split: %d pairs, %d folds of %d same + %d different (asked for %d), from "
                  "%d identities, %d images", split, len(pairs), config.data.pairs.num_folds,
@@ -171,9 +170,8 @@ def write_evaluation(result: dict[str, Any], output: pathlib.Path, *,
             distances, is_same, result["threshold"], f"{stem}_distances.png",
             title=f"Pair distances: {title}")),
     }
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(json_safe(result), indent=2))
-    os.replace(tmp, output)
+    # Per-writer temporary file: two sweep aggregations may compute one pixel baseline at once.
+    runfiles.atomic_write_json(output, json_safe(result))
     return result
 
 

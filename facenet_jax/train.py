@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
@@ -31,7 +30,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import (checkpoints, collapse, data, evaluate, losses, parallel, plots,
-                         verification_sets)
+                         runfiles, verification_sets)
 from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
                                 validate_config)
 from facenet_jax.embed import make_embedder
@@ -176,29 +175,23 @@ def _prepare_workdir(workdir: pathlib.Path, is_writer: bool) -> None:
 
 @contextlib.contextmanager
 def _exclusive_workdir(workdir: pathlib.Path, is_writer: bool) -> Iterator[None]:
-    """Holds an exclusive lock on DIR/.lock while training (process 0; the kernel drops it if
-    the process dies). Two runs in one DIR, e.g. a requeued job whose old copy still runs,
-    would each delete the other's in-progress checkpoint as a torn save."""
+    """Holds an exclusive lock on DIR/.lock while training (process 0; flock, dropped by the
+    kernel if the process dies; a DIR/.lock.excl file where the filesystem refuses flock, see
+    runfiles.exclusive_lock). Two runs in one DIR, e.g. a requeued job whose old copy still
+    runs, would each delete the other's in-progress checkpoint as a torn save."""
     if not is_writer:
         yield
         return
-    with open(workdir / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RuntimeError(
-                f"another process (pid {holder}) is training in {workdir}; wait for it to end "
-                "or stop it, or use another --workdir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
+    try:
+        with runfiles.exclusive_lock(workdir / LOCK_FILE, what=f"training in {workdir}") as kind:
+            if kind == "flock":
+                logging.info("workdir lock: flock on %s", workdir / LOCK_FILE)
+            else:  # say so: the lock then depends on the fallback's stale-file rule
+                logging.warning("workdir lock: the filesystem refused flock; took the lock file "
+                                "%s%s instead", workdir / LOCK_FILE, runfiles.FALLBACK_SUFFIX)
             yield
-        finally:
-            handle.truncate(0)  # no stale pid once this run is over
+    except runfiles.LockHeldError as error:
+        raise RuntimeError(f"{error}, or use another --workdir") from None
 
 
 def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,

@@ -13,7 +13,7 @@ from facenet_jax.config import flatten, load_config, to_plain, validate_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "experiments").glob("*.py"))
-SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*_margin_strategy.py"))
+SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*_margin_strategy*.py"))
 RECIPE_SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*batch_hard_recipe.py"))
 FOLDER_DATA = {"orl.py": "orl_faces", "yaleb.py": "extended_yaleb"}
 ACCELERATOR_CONFIGS = ("casia_webface.py", "vggface2.py")
@@ -121,7 +121,8 @@ def test_sweep_cells_all_load_validate_and_cover_their_grid(path, tmp_path):
     assert set(axes["STRATEGIES"]) == set(losses.STRATEGIES)
     assert grid == {(m, s, d) for m in axes["MARGINS"] for s in axes["STRATEGIES"]
                     for d in axes["DISTANCES"]}
-    assert len(grid) == len(spec["cells"])
+    seeds = {cell.get("seed") for cell in spec["cells"]}  # a sweep's seeds repeat each cell
+    assert len(grid) * len(seeds) == len(spec["cells"])
     doc = _docstring(path)
     assert f"python -m facenet_jax.sweep --sweep experiments/sweeps/{path.name}" in doc
 

@@ -1,0 +1,161 @@
+"""The sweep's figures (matplotlib Figures as in facenet_jax.plots, no pyplot state).
+
+Both take the result rows of facenet_jax.sweep.report: `accuracy_figure` one row per cell
+(over seeds: mean, and std as error bars), `active_fraction_figure` one row per run.
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from facenet_jax.plots import _DPI
+from facenet_jax.runfiles import atomic_write_bytes
+
+_LEGEND_WIDTH = 2.0  # inches right of the panels for the figure legend
+NOT_SERIES = ("loss.margin", "loss.distance", "seed")  # axes and panels, not lines
+
+
+def series_keys(config_keys: Sequence[str]) -> list[str]:
+    """Overridden keys other than margin, distance and seed: what tells the lines apart."""
+    keys = [c for c in config_keys if c not in NOT_SERIES]
+    return [k for k in keys if k != "loss.strategy"] + ["loss.strategy"]
+
+
+def series_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" if k != "loss.strategy" else
+                     str(row[k]) for k in keys) or "all"
+
+
+def accuracy_figure(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str]) -> Figure:
+    """Accuracy against α (log x), one line per strategy, one panel per distance; each point a
+    cell's mean over its finished seeds with ± std over seeds as an error bar (n ≥ 2); cells
+    where a seed collapsed marked ×; the pixel baseline dashed."""
+    done = [r for r in cells if r["n"] and r["accuracy"] is not None]
+    distances = _in_order(r["loss.distance"] for r in cells)
+    keys = series_keys(config_keys)
+    labels = _in_order(series_label(r, keys) for r in cells)
+    colors, styles = _line_styles(labels)
+    width = 5.5 * len(distances) + _LEGEND_WIDTH
+    fig = Figure(figsize=(width, 4.2))
+    axes = fig.subplots(1, len(distances), sharey=True, squeeze=False)[0]
+    for ax, distance in zip(axes, distances):
+        for label in labels:
+            points = sorted((r for r in done if r["loss.distance"] == distance
+                             and series_label(r, keys) == label), key=lambda r: r["loss.margin"])
+            if not points:
+                continue
+            margins = [r["loss.margin"] for r in points]
+            errors = [r["accuracy_std"] or 0.0 for r in points]
+            ax.errorbar(margins, [r["accuracy"] for r in points],
+                        yerr=errors if any(errors) else None, marker="o", ls=styles[label],
+                        color=colors[label], label=label, lw=1.5, ms=4, capsize=3)
+            collapsed = [(r["loss.margin"], r["accuracy"]) for r in points if r["collapsed"]]
+            if collapsed:
+                ax.plot(*zip(*collapsed), "x", color=colors[label], ms=10, mew=2)
+        baselines = {r["pixel_accuracy"] for r in cells
+                     if r["loss.distance"] == distance and r["pixel_accuracy"] is not None}
+        for baseline in baselines:
+            ax.axhline(baseline, color="gray", ls="--", lw=1)
+        if baselines:
+            ax.text(0.01, min(baselines), " pixels", color="gray", va="bottom",
+                    transform=ax.get_yaxis_transform())
+        ax.set_xscale("log")
+        ax.set_xlabel(f"margin α ({distance} distance)")
+        ax.set_title(f"distance = {distance}")
+        ax.grid(alpha=0.3)
+    seeded = max(r["runs"] for r in cells) > 1
+    axes[0].set_ylabel("10-fold verification accuracy" + (
+        "\n(mean ± std over seeds)" if seeded else ""))
+    handles, names = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    handles.append(Line2D([], [], color="k", marker="x", ls="", ms=8, mew=2))
+    names.append("a seed collapsed" if seeded else "collapsed")
+    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - _LEGEND_WIDTH / width, 1))
+    return fig
+
+
+def active_fraction_figure(runs: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+                           histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
+    """Active-triplet fraction over training: a panel per (distance, α), a line per strategy
+    (first seed only)."""
+    keys = series_keys(config_keys)
+    labels = _in_order(series_label(r, keys) for r in runs)
+    colors, styles = _line_styles(labels)
+    distances = _in_order(r["loss.distance"] for r in runs)
+    margins = sorted({r["loss.margin"] for r in runs})
+    width = 2.9 * len(margins) + _LEGEND_WIDTH
+    fig = Figure(figsize=(width, 2.5 * len(distances) + 0.4))
+    axes = fig.subplots(len(distances), len(margins), sharex=True, sharey=True, squeeze=False)
+    for i, distance in enumerate(distances):
+        for j, margin in enumerate(margins):
+            ax = axes[i][j]
+            drawn = set()
+            for row in runs:
+                label = series_label(row, keys)
+                if (row["loss.distance"], row["loss.margin"]) != (distance, margin) or (
+                        label in drawn):
+                    continue
+                history = [h for h in histories.get(row["name"], ())
+                           if h.get("active_fraction") is not None]
+                if history:
+                    drawn.add(label)
+                    ax.plot([h["step"] for h in history],
+                            [h["active_fraction"] for h in history],
+                            color=colors[label], ls=styles[label], lw=1.6, label=label)
+            ax.set_title(f"{distance}, α={margin:g}", fontsize=9)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if i == len(distances) - 1:
+                ax.set_xlabel("step")
+            if j == 0:
+                ax.set_ylabel("active fraction")
+    handles = [Line2D([], [], color=colors[label], ls=styles[label], lw=2) for label in labels]
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - _LEGEND_WIDTH / width, 1))
+    return fig
+
+
+def plot_accuracy(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+                  path: pathlib.Path) -> pathlib.Path:
+    """Writes accuracy_figure(...) to path (PNG); returns the path."""
+    return _save_atomically(accuracy_figure(cells, config_keys), path)
+
+
+def plot_active_fraction(runs: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+                         histories: Mapping[str, Sequence[Mapping[str, Any]]],
+                         path: pathlib.Path) -> pathlib.Path:
+    """Writes active_fraction_figure(...) to path (PNG); returns the path."""
+    return _save_atomically(active_fraction_figure(runs, config_keys, histories), path)
+
+
+def _save_atomically(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+    """PNG bytes renamed into place (two aggregations at once leave no torn figure)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _line_styles(labels: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A colour and a dash pattern per series: series that coincide (e.g. several strategies
+    with every triplet active) stay visible as dashes over one another."""
+    colors = matplotlib.colormaps["tab10"].colors
+    dashes = ("-", "--", "-.", ":")
+    return ({label: colors[i % len(colors)] for i, label in enumerate(labels)},
+            {label: dashes[i % len(dashes)] for i, label in enumerate(labels)})
+
+
+def _in_order(values: Iterable[Any]) -> list[Any]:
+    """Distinct values in first-seen order (the sweep's own order for legends and panels)."""
+    return list(dict.fromkeys(values))
