@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
     loss.soft = False
     # Strategy-specific settings, e.g. distance_weighted's cutoff / nonzero_loss_cutoff.
     loss.options = ml_collections.ConfigDict()
+    # Mine with warmup_strategy (e.g. "semihard") for the first warmup_steps steps, then with
+    # strategy: a batch-hard run that starts from semi-hard (docs/outputs_and_verification.md).
+    loss.warmup_strategy = placeholder(str)
+    loss.warmup_steps = 0
 
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", embedding_dim=128, dtype="float32"))

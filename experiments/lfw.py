@@ -20,7 +20,8 @@ decodes the 13,233 JPEGs into the cache once), compile and evaluation.
 
 The second command scores the trained encoder on the official 10-fold view-2 pairs.txt (6,000
 pairs; every image of the folder is loaded, single-image identities included). data.root
-defaults to ../shared/data/lfw (beside the repository) when that folder exists.
+defaults to ../shared/data/lfw_half (beside the repository: LFW less the people of View 2's
+folds 6-10, see that folder's README) when that folder exists.
 """
 
 import pathlib
@@ -29,7 +30,7 @@ import runpy
 import ml_collections
 
 _HERE = pathlib.Path(__file__).resolve().parent
-_SHARED_ROOT = _HERE.parent.parent / "shared" / "data" / "lfw"
+_SHARED_ROOT = _HERE.parent.parent / "shared" / "data" / "lfw_half"
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -38,6 +38,7 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "model.init_from": None,
     "optimizer.backbone_lr_multiplier": 1.0,
     "data.alignment": None,
+    "loss.warmup_strategy": None, "loss.warmup_steps": 0,  # no warm-up: one strategy throughout
 }
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
@@ -155,6 +156,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         margin=config.loss.margin, strategy=config.loss.strategy,
         distance=config.loss.distance, soft=config.loss.soft,
         strategy_options=dict(config.loss.options))
+    validate_warmup(config.loss, config.num_steps)
     if config.model.name not in models.MODEL_NAMES:
         raise ValueError(f"unknown model.name {config.model.name!r}; valid names: "
                          f"{', '.join(models.MODEL_NAMES)}")
@@ -178,6 +180,23 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                          f"{num_devices} devices; use a multiple of {num_devices}")
+
+
+def validate_warmup(loss_config: ml_collections.ConfigDict, num_steps: int) -> None:
+    """loss.warmup_steps: an int in [0, num_steps]; > 0 needs a known loss.warmup_strategy."""
+    from facenet_jax import losses
+
+    steps = loss_config.get("warmup_steps", 0)
+    strategy = loss_config.get("warmup_strategy")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_steps:
+        raise ValueError(f"loss.warmup_steps must be an integer in [0, num_steps={num_steps}], "
+                         f"got {steps!r}")
+    if steps and strategy not in losses.STRATEGIES:
+        raise ValueError(f"loss.warmup_steps={steps} needs loss.warmup_strategy, one of "
+                         f"{', '.join(losses.STRATEGIES)}; got {strategy!r}")
+    if strategy is not None and not steps:
+        raise ValueError(f"loss.warmup_strategy={strategy!r} has no effect with "
+                         "loss.warmup_steps=0; set --config.loss.warmup_steps=N")
 
 
 def validate_batch_layout(identities: int, images_per_identity: int, num_devices: int) -> None:

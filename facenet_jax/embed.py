@@ -3,8 +3,15 @@
     python -m facenet_jax.embed --workdir DIR --data_root FOLDER --output FILE.npz
 
 Public API: `make_embedder` (jitted, sharded over the devices, fixed batch shape so the last
-partial batch never recompiles), `load_encoder(workdir)` → `Encoder` with `.embed(images)` and
-`.embed_files(paths)`. The notebooks, the evaluation and training all use it.
+partial batch never recompiles), `load_encoder(workdir)` → `Encoder` with `.embed(images)`,
+`.embed_files(paths)`, `.distance(a, b)` and `.verify(a, b)` (the run's eval.distance and its
+chosen threshold, `.threshold_info` says where it was chosen). The notebooks, the evaluation
+and training all use it.
+
+The CLI's .npz holds: embeddings float32 [N,D], labels int [N] (index into identity_names),
+identity_names str [C], paths str [N], step (the checkpoint's), distance (the run's
+eval.distance), threshold (the run's verification threshold in that distance; NaN when the run
+has none) and threshold_split (the split it was chosen on: "validation", "test" or "none").
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
 from facenet_jax.config import with_added_keys
-from facenet_jax.logs import cli_logging
+from facenet_jax.logs import cli_logging, one_line_user_errors
 from facenet_jax.state import build_model, build_optimizer, create_train_state
 
 FLIP_MODES = ("sum", "concat")
@@ -94,6 +101,7 @@ class Encoder:
     variables: Any
     step: int
     embedder: Embedder
+    workdir: pathlib.Path | None = None  # where .threshold_info is read from
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """images: uint8 [N,H,W,3] at the run's image size → unit embeddings [N,D]."""
@@ -110,6 +118,44 @@ class Encoder:
         images = data.load_images(paths, image_size=self.config.data.image_size,
                                   center_crop=self.config.data.center_crop)
         return self.embed(images)
+
+    @property
+    def threshold_info(self) -> dict[str, Any]:
+        """The run's verification threshold: {"threshold", "distance", "split" (where it was
+        chosen: "validation", or "test" for runs without a validation evaluation), "step",
+        "source" (the file)}; see evaluate.run_threshold."""
+        from facenet_jax import evaluate
+
+        if self.workdir is None:
+            raise ValueError("this Encoder was not loaded from a run folder; pass threshold=")
+        return evaluate.run_threshold(self.workdir)
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Distances [N] between images a[i] and b[i] (uint8 [N,H,W,3] each, or one image
+        [H,W,3] each) in the run's eval.distance, the distance its threshold is in."""
+        a, b = _image_batch(a), _image_batch(b)
+        if len(a) != len(b):
+            raise ValueError(f"a and b must hold as many images, got {len(a)} and {len(b)}")
+        from facenet_jax import metrics
+
+        embeddings = self.embed(np.concatenate([a, b]))
+        index = np.arange(len(a))
+        return metrics.pair_distances(embeddings, index, index + len(a),
+                                      self.config.eval.distance)
+
+    def verify(self, a: np.ndarray, b: np.ndarray, threshold: float | None = None
+               ) -> np.ndarray:
+        """bool [N]: is a[i] the same person as b[i]? True iff distance(a, b) ≤ threshold,
+        by default the run's (`threshold_info`: chosen on its validation split)."""
+        if threshold is None:
+            threshold = self.threshold_info["threshold"]
+        return self.distance(a, b) <= threshold
+
+
+def _image_batch(images: np.ndarray) -> np.ndarray:
+    """One image [H,W,3] → [1,H,W,3]; a batch unchanged."""
+    images = np.asarray(images)
+    return images[None] if images.ndim == 3 else images
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -142,7 +188,8 @@ def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
     batch_size = _round_up(config.eval.batch_size, mesh.size)
     embedder = make_embedder(model, mesh, batch_size=batch_size,
                              flip=config.eval.flip if flip is None else flip)
-    return Encoder(config=config, variables=state.variables, step=step, embedder=embedder)
+    return Encoder(config=config, variables=state.variables, step=step, embedder=embedder,
+                   workdir=pathlib.Path(workdir))
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -163,10 +210,15 @@ def main(argv: list[str]) -> None:
     embeddings = encoder.embed(folder.images)
     output = pathlib.Path(flags_.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        chosen = encoder.threshold_info
+    except FileNotFoundError:  # an unfinished run: embeddings without a threshold
+        chosen = {"threshold": float("nan"), "split": "none"}
     np.savez(output, embeddings=embeddings,
              labels=folder.labels, identity_names=np.asarray(folder.identity_names),
              paths=np.asarray(folder.paths if folder.paths is not None else []),
-             step=encoder.step)
+             step=encoder.step, distance=encoder.config.eval.distance,
+             threshold=chosen["threshold"], threshold_split=chosen["split"])
     print(f"wrote {len(embeddings)} embeddings of {folder.num_identities} identities "
           f"(step {encoder.step}) to {output}")
 
@@ -179,4 +231,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("output", None, "output .npz")
     flags.DEFINE_bool("flip", None, "also embed mirrored images (default: the run's eval.flip)")
     flags.mark_flags_as_required(["workdir", "data_root", "output"])
-    app.run(main)
+    app.run(one_line_user_errors(main))

@@ -1,6 +1,7 @@
 """Evaluation of a trained run (or the raw-pixel baseline) the way the field reports it.
 
     python -m facenet_jax.evaluate --workdir DIR [--data_root FOLDER --pairs PAIRS] [--output F]
+        [--fold K] [--threshold T|run]
     python -m facenet_jax.evaluate --baseline pixels --config CONFIG [--config.KEY=VALUE ...]
     python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names lfw,...]
     python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC
@@ -8,6 +9,13 @@
 Verification on LFW-style 10-fold pairs (accuracy ± std, VAL@FAR, ROC AUC, EER), retrieval
 (Recall@K, R-precision, MAP@R) and one-shot identification, written as JSON plus figures (ROC
 curve, same/different distance histograms with the chosen threshold).
+
+A single-fold pairs file, or one fold of a multi-fold file (`--fold K`, 1-based as LFW numbers
+its folds), has no other folds to choose a threshold on: it is scored at a threshold chosen
+elsewhere, `--threshold T` or `--threshold run` (the run's own, chosen on its validation split;
+the default when only one fold is scored). With `--pairs`, retrieval and one-shot metrics are
+computed on the images of the identities the pairs use (all their images in the folder), not on
+the whole folder.
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ import numpy as np
 from facenet_jax import data, ijb, metrics, plots, runfiles, verification_sets
 from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
 from facenet_jax.data.alignment import alignment_mismatch
-from facenet_jax.logs import cli_logging
+from facenet_jax.logs import cli_logging, one_line_user_errors
 
 EVAL_FILE = "eval.json"
+VALIDATION_EVAL_FILE = "eval_validation.json"  # the train CLI's final validation evaluation
 SPLIT_FILE = "split.json"  # written by the train CLI: each split's identity names
 BASELINES = ("pixels",)
 
@@ -41,10 +50,71 @@ def evaluate_dataset(embed: Callable[[Any, np.ndarray], np.ndarray], variables: 
 
 
 def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pairs, *,
-                      distance: str) -> dict[str, Any]:
-    """All metrics from embeddings [N,D] and integer labels [N] (pairs index into them)."""
-    return metrics.evaluate_embeddings(embeddings, labels, pairs.first, pairs.second,
-                                       pairs.is_same, pairs.fold, distance=distance)
+                      distance: str, threshold: float | None = None,
+                      identification: str = "all") -> dict[str, Any]:
+    """All metrics from embeddings [N,D] and integer labels [N] (pairs index into them).
+
+    threshold None: the k-fold protocol (metrics.evaluate_embeddings) plus, per VAL@FAR target,
+    `val@far=T_resolved` (False when the training folds hold fewer than 1/T different pairs,
+    see metrics.far_resolution). A threshold: verification at it (accuracy, tar, far), AUC, EER.
+    identification: "all" images, only the identities the "pairs" use, or "none".
+    """
+    if identification not in ("all", "pairs", "none"):
+        raise ValueError(f"identification must be 'all', 'pairs' or 'none', got "
+                         f"{identification!r}")
+    if threshold is None:
+        result = metrics.evaluate_embeddings(embeddings, labels, pairs.first, pairs.second,
+                                             pairs.is_same, pairs.fold, distance=distance,
+                                             include_identification=identification == "all")
+        resolution = metrics.far_resolution(pairs.is_same, pairs.fold)
+        result.update({f"val@far={name}_resolved": resolution * target >= 1
+                       for name, target in metrics.VAL_FAR_TARGETS.items()})
+    else:
+        d = metrics.pair_distances(embeddings, pairs.first, pairs.second, distance)
+        result = metrics.verification_at_threshold(d, pairs.is_same, threshold)
+        result.update({"auc": metrics.roc_auc(d, pairs.is_same),
+                       "eer": metrics.equal_error_rate(d, pairs.is_same)[0],
+                       "num_folds": len(np.unique(pairs.fold))})
+        if identification == "all":
+            result.update(metrics.identification_metrics(embeddings, labels, distance=distance))
+    if identification == "pairs":
+        used = np.isin(labels, labels[np.concatenate([pairs.first, pairs.second])])
+        result.update(metrics.identification_metrics(embeddings[used], labels[used],
+                                                     distance=distance))
+        result["identification_on"] = (f"the {int(used.sum())} images of the "
+                                       f"{len(np.unique(labels[used]))} identities in the pairs")
+    return result
+
+
+def select_fold(pairs: data.Pairs, fold: int) -> data.Pairs:
+    """The pairs of fold `fold` (1-based, file order, as LFW numbers its folds)."""
+    count = len(np.unique(pairs.fold))
+    if not 1 <= fold <= count:
+        raise ValueError(f"--fold {fold}: the pairs file has folds 1..{count}")
+    keep = pairs.fold == np.unique(pairs.fold)[fold - 1]
+    return data.Pairs(pairs.first[keep], pairs.second[keep], pairs.is_same[keep],
+                      pairs.fold[keep])
+
+
+def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
+    """The verification threshold a run chose, with what it was chosen on.
+
+    From DIR/eval_validation.json (the k-fold threshold on the run's validation pairs at the
+    last step), else DIR/eval.json (runs without a validation split, or older than that file:
+    chosen on the test split, said so). Returns {"threshold", "distance", "split", "step",
+    "source"}; FileNotFoundError when the run has neither (it never finished).
+    """
+    workdir = pathlib.Path(workdir)
+    for name in (VALIDATION_EVAL_FILE, EVAL_FILE):
+        path = workdir / name
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("threshold") is not None and "split" in saved:
+                return {"threshold": float(saved["threshold"]), "distance": saved["distance"],
+                        "split": saved["split"], "step": saved.get("step"), "source": str(path)}
+    raise FileNotFoundError(
+        f"{workdir} holds no {VALIDATION_EVAL_FILE} or {EVAL_FILE} with a threshold (the run "
+        "has not finished); pass a threshold explicitly (--threshold T)")
 
 
 def pixel_embeddings(images: np.ndarray) -> np.ndarray:
@@ -64,36 +134,67 @@ def test_split_and_pairs(config: ml_collections.ConfigDict,
     if split_record is not None:
         data.check_split_record(split_record, splits)
     test = splits["test"]
-    return test, generated_pairs(config, test)
+    return test, generated_pairs(config, test, "test")
 
 
-def generated_pairs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> data.Pairs:
+def generated_pairs(config: ml_collections.ConfigDict, dataset: data.Dataset,
+                    split: str = "evaluation") -> data.Pairs:
+    """The config's LFW-style pairs on `dataset` (the `split` named in the log line)."""
     if dataset.num_identities < 2:
         raise ValueError(
-            f"the evaluation split has {dataset.num_identities} identities; pairs need at "
+            f"the {split} split has {dataset.num_identities} identities; pairs need at "
             "least 2: raise data.split.test (or validation)")
-    return data.generate_pairs(dataset, num_folds=config.data.pairs.num_folds,
-                               pairs_per_fold=config.data.pairs.pairs_per_fold,
-                               seed=pairs_seed(config))
+    pairs = data.generate_pairs(dataset, num_folds=config.data.pairs.num_folds,
+                                pairs_per_fold=config.data.pairs.pairs_per_fold,
+                                seed=pairs_seed(config))
+    per_fold = int(np.sum(pairs.is_same & (pairs.fold == 0)))
+    logging.info("%s split: %d pairs, %d folds of %d same + %d different (asked for %d), from "
+                 "%d identities, %d images", split, len(pairs), config.data.pairs.num_folds,
+                 per_fold, per_fold, config.data.pairs.pairs_per_fold, dataset.num_identities,
+                 len(dataset.labels))
+    return pairs
 
 
 def write_evaluation(result: dict[str, Any], output: pathlib.Path, *,
                      distances: np.ndarray, is_same: np.ndarray) -> dict[str, Any]:
-    """Writes the JSON (atomically) and the ROC and histogram figures beside it."""
+    """Writes the JSON (atomically) and the ROC and histogram figures beside it: for
+    DIR/NAME.json, DIR/NAME_roc.png and DIR/NAME_distances.png, titled by figure_title."""
     output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.with_suffix("")
     far, tar, _ = metrics.roc_curve(distances, is_same)
+    title = figure_title(result, output)
     result["figures"] = {
         "roc": str(plots.plot_roc(far, tar, f"{stem}_roc.png", auc=result["auc"],
                                   eer=result["eer"], log_far=True,
                                   far_min=min(1e-4, far[far > 0].min()),
-                                  points=val_operating_points(result))),
+                                  points=val_operating_points(result), title=f"ROC: {title}")),
         "histogram": str(plots.plot_distance_histogram(
-            distances, is_same, result["threshold"], f"{stem}_distances.png")),
+            distances, is_same, result["threshold"], f"{stem}_distances.png",
+            title=f"Pair distances: {title}")),
     }
     # Per-writer temporary file: two sweep aggregations may compute one pixel baseline at once.
     runfiles.atomic_write_json(output, json_safe(result))
     return result
+
+
+def figure_title(result: dict[str, Any], output: pathlib.Path) -> str:
+    """"run · data · split · step · distance" for an evaluation's figures (the run is the
+    output's folder)."""
+    config = result.get("config") or {}
+    source = (config.get("data") or {}).get("source")
+    root = (config.get("data") or {}).get("root")
+    if result.get("data_root"):
+        pairs = result.get("pairs")
+        what = (f"{pathlib.Path(result['data_root']).name}, "
+                f"{pathlib.Path(pairs).name if pairs else 'generated pairs'}"
+                f"{', fold ' + str(result['fold']) if result.get('fold') else ''}")
+    else:
+        data_name = pathlib.Path(root).name if root else source
+        what = f"{data_name}, {result.get('split') or result.get('baseline')} split"
+    step = result.get("step")
+    return (f"{output.parent.name} · {what} · "
+            f"{'step ' + str(step) if step is not None else result.get('baseline', '')} · "
+            f"{result.get('distance')}")
 
 
 def val_operating_points(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -116,14 +217,16 @@ def _finish(result: dict[str, Any], embeddings: np.ndarray, pairs: data.Pairs,
 
 def evaluate_run_test_split(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                             embed: Callable, variables: Any, test: data.Dataset, *, step: int,
-                            write: bool = True) -> dict[str, Any]:
-    """End-of-training evaluation on the run's test split → DIR/eval.json (+ figures)."""
-    pairs = generated_pairs(config, test)
+                            write: bool = True, split: str = "test") -> dict[str, Any]:
+    """End-of-training evaluation on the run's test split → DIR/eval.json (+ figures); with
+    split="validation", on the validation split → DIR/eval_validation.json."""
+    pairs = generated_pairs(config, test, split)
     embeddings = embed(variables, test.images)
     result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
-    return _finish(result, embeddings, pairs, config, workdir / EVAL_FILE if write else None,
+    output = workdir / (EVAL_FILE if split == "test" else VALIDATION_EVAL_FILE)
+    return _finish(result, embeddings, pairs, config, output if write else None,
                    distance=config.eval.distance,
-                   extra={"step": step, "split": "test", "model": config.model.name})
+                   extra={"step": step, "split": split, "model": config.model.name})
 
 
 def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | None
@@ -137,11 +240,21 @@ def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | No
 
 
 def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file: str | None,
-                     output: pathlib.Path) -> dict[str, Any]:
-    """Loads DIR's latest checkpoint; evaluates its test split or a folder + pairs file."""
+                     output: pathlib.Path, threshold: float | str | None = None,
+                     fold: int | None = None) -> dict[str, Any]:
+    """Loads DIR's latest checkpoint; evaluates its test split or a folder + pairs file.
+
+    fold: score only that fold (1-based) of the pairs. threshold: a number, "run" (the run's
+    own, `run_threshold`) or None: k-fold thresholds, or "run" when only one fold is scored.
+    The threshold is resolved before anything is embedded.
+    """
     from facenet_jax.embed import load_encoder
 
-    _check_output_holds_the_same_evaluation(output, data_root, pairs_file)
+    if fold is not None and pairs_file is None:
+        raise ValueError("--fold needs --pairs (and --data_root): it selects a fold of a pairs "
+                         "file")
+    _check_output_holds_the_same_evaluation(output, data_root, pairs_file, fold)
+    workdir = pathlib.Path(workdir)
     if data_root is None and not (workdir / SPLIT_FILE).exists() and (
             workdir / "config.json").exists() and _is_imported(workdir):
         raise ValueError(
@@ -149,7 +262,7 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
             "its own. Pass --data_root FOLDER (and --pairs FILE) to evaluate it on your data")
     encoder = load_encoder(workdir)
     config = encoder.config
-    extra = evaluation_target(data_root, pairs_file)
+    extra = evaluation_target(data_root, pairs_file, fold)
     if data_root is None:
         test, pairs = test_split_and_pairs(config, workdir / SPLIT_FILE)
     else:
@@ -159,9 +272,28 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
             logging.warning(mismatch)
         test = data.load_folder_as_configured(data_root, config.data, min_images_per_identity=1)
         pairs = (data.read_pairs(pairs_file, test) if pairs_file is not None
-                 else generated_pairs(config, test))
+                 else generated_pairs(config, test, "folder"))
+    if fold is not None:
+        pairs = select_fold(pairs, fold)
+    if threshold is None and len(np.unique(pairs.fold)) < 2:
+        threshold = "run"
+        logging.info("one fold of pairs: scored at the run's own threshold (--threshold T to "
+                     "give one)")
+    if threshold == "run":
+        chosen = run_threshold(workdir)
+        if chosen["distance"] != config.eval.distance:
+            raise ValueError(f"the run's threshold is in {chosen['distance']} distance, its "
+                             f"eval.distance is {config.eval.distance}; pass --threshold T")
+        threshold = chosen["threshold"]
+        extra["threshold_source"] = (f"the run's {chosen['split']} split at step "
+                                     f"{chosen['step']} ({chosen['source']})")
+    elif threshold is not None:
+        threshold = float(threshold)
+        extra["threshold_source"] = "given (--threshold)"
     embeddings = encoder.embed(np.asarray(test.images))
-    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
+    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance,
+                               threshold=threshold,
+                               identification="pairs" if pairs_file else "all")
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
                    extra={**extra, "step": encoder.step, "model": config.model.name})
 
@@ -172,23 +304,30 @@ def _is_imported(workdir: pathlib.Path) -> bool:
     return "imported" in record.get("provenance", {})
 
 
-def evaluation_target(data_root: str | None, pairs_file: str | None) -> dict[str, Any]:
-    """What an evaluation JSON was computed on: the run's test split, or a folder (+ pairs)."""
+def evaluation_target(data_root: str | None, pairs_file: str | None,
+                      fold: int | None = None) -> dict[str, Any]:
+    """What an evaluation JSON was computed on: the run's test split, or a folder (+ pairs,
+    + the fold scored)."""
     if data_root is None:
         return {"split": "test"}
-    return {"data_root": str(pathlib.Path(data_root).resolve()),
-            "pairs": str(pathlib.Path(pairs_file).resolve()) if pairs_file else None}
+    target = {"data_root": str(pathlib.Path(data_root).resolve()),
+              "pairs": str(pathlib.Path(pairs_file).resolve()) if pairs_file else None}
+    if fold is not None:
+        target["fold"] = fold
+    return target
 
 
 def _check_output_holds_the_same_evaluation(output: pathlib.Path, data_root: str | None,
-                                            pairs_file: str | None) -> None:
+                                            pairs_file: str | None,
+                                            fold: int | None = None) -> None:
     """Refuses to replace an evaluation of something else (e.g. the run's test-split eval.json,
     which sweeps read, by an LFW evaluation), before loading anything."""
     if not output.exists():
         return
-    wanted = evaluation_target(data_root, pairs_file)
+    wanted = evaluation_target(data_root, pairs_file, fold)
     saved = json.loads(output.read_text())
-    held = {key: saved.get(key) for key in ("split", "data_root", "pairs") if saved.get(key)}
+    held = {key: saved.get(key) for key in ("split", "data_root", "pairs", "fold")
+            if saved.get(key)}
     if held != {key: value for key, value in wanted.items() if value}:
         suggestion = output.with_name(f"eval_{pathlib.Path(data_root or 'test').name}.json")
         raise FileExistsError(
@@ -209,19 +348,48 @@ def format_summary(result: dict[str, Any]) -> str:
         value = result.get(key)
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
-    lines = [
-        f"verification ({result['num_folds']}-fold, {result['num_pairs']} pairs, "
-        f"{result.get('distance')} distance): accuracy {pct('accuracy')} ± "
-        f"{pct('accuracy_std')}  threshold {result['threshold']:.4f}",
-        f"VAL@FAR=1e-3 {pct('val@far=1e-3')} ± {pct('val@far=1e-3_std')} (actual FAR "
-        f"{pct('far@far=1e-3')})  VAL@FAR=1e-2 {pct('val@far=1e-2')}  AUC "
-        f"{result['auc']:.4f}  EER {pct('eer')}",
-    ]
+    def resolved(name: str) -> str:
+        return ("" if result.get(f"val@far={name}_resolved", True) else
+                f" [unresolved: under 1/{name} different pairs in the training folds]")
+
+    if "threshold_source" in result:
+        lines = [
+            f"verification at a fixed threshold {result['threshold']:.4f} "
+            f"({result['threshold_source']}; {result['num_pairs']} pairs, "
+            f"{result.get('distance')} distance): accuracy {pct('accuracy')}  TAR "
+            f"{pct('tar')}  FAR {pct('far')}",
+            f"AUC {result['auc']:.4f}  EER {pct('eer')}",
+        ]
+    else:
+        lines = [
+            f"verification ({result['num_folds']}-fold, {result['num_pairs']} pairs, "
+            f"{result.get('distance')} distance): accuracy {pct('accuracy')} ± "
+            f"{pct('accuracy_std')}  threshold {result['threshold']:.4f}",
+            f"VAL@FAR=1e-3 {pct('val@far=1e-3')} ± {pct('val@far=1e-3_std')} (actual FAR "
+            f"{pct('far@far=1e-3')}){resolved('1e-3')}  VAL@FAR=1e-2 {pct('val@far=1e-2')}"
+            f"{resolved('1e-2')}  AUC {result['auc']:.4f}  EER {pct('eer')}",
+        ]
     if "recall@1" in result:
         lines.append(f"retrieval: Recall@1 {pct('recall@1')}  Recall@5 {pct('recall@5')}  "
                      f"R-precision {pct('r_precision')}  MAP@R {pct('map@r')}  one-shot top-1 "
-                     f"{pct('oneshot_top1')}")
+                     f"{pct('oneshot_top1')}"
+                     + (f" (on {result['identification_on']})"
+                        if "identification_on" in result else ""))
     return "\n".join(lines)
+
+
+def _threshold_flag(value: str | None) -> float | str | None:
+    """--threshold: None, "run", or a finite number (ValueError naming the flag otherwise)."""
+    if value is None or value == "run":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number):
+        raise ValueError(f"--threshold {value!r}: give a number (in the run's eval.distance) "
+                         "or 'run'")
+    return number
 
 
 def main(argv: list[str]) -> None:
@@ -246,7 +414,8 @@ def main(argv: list[str]) -> None:
         workdir = pathlib.Path(flags_.workdir)
         output = pathlib.Path(flags_.output) if flags_.output else workdir / EVAL_FILE
         result = evaluate_workdir(workdir, data_root=flags_.data_root, pairs_file=flags_.pairs,
-                                  output=output)
+                                  output=output, threshold=_threshold_flag(flags_.threshold),
+                                  fold=flags_.fold)
     print(format_summary(result))
     print(f"wrote {output}")
 
@@ -256,7 +425,8 @@ def _run_benchmarks(flags_: Any) -> None:
     --noflip (as the field evaluates them)."""
     if flags_.workdir is None:
         raise ValueError("--verification_sets / --ijb need --workdir DIR (a trained run)")
-    unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline")
+    unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline", "fold",
+                                       "threshold")
               if getattr(flags_, name) is not None]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used with --verification_sets / --ijb "
@@ -286,6 +456,11 @@ if __name__ == "__main__":
     flags.DEFINE_string("pairs", None, "LFW-format pairs file for --data_root")
     flags.DEFINE_string("output", None, "output JSON (default DIR/eval.json or "
                         "./eval_pixels.json)")
+    flags.DEFINE_integer("fold", None, "score only this fold (1-based) of --pairs, at a "
+                         "threshold chosen elsewhere (--threshold)")
+    flags.DEFINE_string("threshold", None, "score pairs at this threshold (a number in the "
+                        "run's eval.distance, or 'run': the run's validation threshold) instead "
+                        "of choosing one per fold on the other folds")
     flags.DEFINE_enum("baseline", None, list(BASELINES), "evaluate a baseline instead of a run")
     flags.DEFINE_string("verification_sets", None, "folder of insightface .bin sets (lfw.bin, "
                         "cfp_fp.bin, ...) → DIR/eval_verification_sets.json")
@@ -297,4 +472,4 @@ if __name__ == "__main__":
     flags.DEFINE_enum("ijb_name", "IJBC", list(ijb.IJB_NAMES), "which IJB protocol --ijb holds")
     flags.DEFINE_bool("ijb_detector_score", True, "weight IJB images by their detector score "
                       "(insightface's default)")
-    app.run(main)
+    app.run(one_line_user_errors(main))

@@ -6,17 +6,23 @@ step are dropped first (atomically: write aside, rename), so each step appears o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from facenet_jax.config import json_safe
 
 METRICS_FILE = "metrics.jsonl"
+# Errors the command lines report as one line (bad flags, config values, missing files, an
+# output that would be overwritten); anything else keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, OSError)
+TRACEBACK_ENV = "FACENET_JAX_TRACEBACK"  # set to 1: user errors show their traceback too
 
 
 def cli_logging() -> None:
@@ -27,6 +33,23 @@ def cli_logging() -> None:
     """
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def one_line_user_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+    """Wraps a CLI's main: a USER_ERRORS exception prints `error (Type): message` on stderr and
+    exits with status 2, without a traceback (unless FACENET_JAX_TRACEBACK=1)."""
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except USER_ERRORS as error:
+            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                raise
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            print(f"error ({type(error).__name__}): {message} [{TRACEBACK_ENV}=1 shows the "
+                  "traceback]", file=sys.stderr, flush=True)
+            sys.exit(2)
+    return wrapped
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -79,6 +102,18 @@ class MetricsWriter:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(tensorboard_tag(key), value, step)
+
+    def write_images(self, step: int, images: Mapping[str, str | pathlib.Path]) -> None:
+        """Adds PNG files (e.g. an evaluation's figures) to TensorBoard's Images tab, one tag
+        each; metrics.jsonl is for numbers and gets nothing."""
+        if not self._enabled:
+            return
+        import matplotlib.image
+
+        for tag, path in images.items():
+            pixels = matplotlib.image.imread(str(path))  # float [H, W, 3 or 4] in [0, 1]
+            self._tensorboard.add_image(tensorboard_tag(tag), pixels[..., :3], step,
+                                        dataformats="HWC")
 
     def flush(self) -> None:
         """Puts TensorBoard's buffered events on disk (it buffers up to two minutes)."""

@@ -296,6 +296,33 @@ def val_at_far(distances: Any, is_same: Any, folds: Any, far_target: float) -> d
             "fold_thresholds": thresholds}
 
 
+def verification_at_threshold(distances: Any, is_same: Any, threshold: float) -> dict[str, Any]:
+    """Verification at a threshold chosen elsewhere (a validation split, a given number): no
+    folds needed, so it scores a single-fold pairs file or one fold of a multi-fold file.
+
+    distances [M], is_same [M] bool (both kinds present). A pair is accepted iff distance ≤
+    threshold. Returns accuracy, tar (accepted same / same pairs), far (accepted different /
+    different pairs), threshold, num_pairs.
+    """
+    d, same = _check_pairs(distances, is_same)
+    threshold = float(threshold)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    accepted = d <= threshold
+    return {"accuracy": _rate(accepted == same), "tar": _rate(accepted[same]),
+            "far": _rate(accepted[~same]), "threshold": threshold, "num_pairs": int(len(d))}
+
+
+def far_resolution(is_same: Any, folds: Any) -> int:
+    """The fewest different-identity pairs that the training folds of any held fold hold
+    (is_same [M] bool, folds [M] int): a FAR target below 1 / this is not resolved by the
+    threshold search (one accepted different pair already exceeds it), so VAL there says only
+    that no training different pair was accepted."""
+    same = _bool_vector(is_same, "is_same")
+    folds = _check_folds(folds, len(same))
+    return min(int(np.sum(~same[folds != fold])) for fold in np.unique(folds))
+
+
 def roc_curve(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC over all pairs at every achievable threshold.
 
@@ -490,10 +517,22 @@ def evaluate_embeddings(embeddings: Any, labels: Any, pair_first: Any, pair_seco
     result["eer"] = equal_error_rate(d, is_same)[0]
     result["num_pairs"] = int(len(d))
     result["num_folds"] = verification["num_folds"]
-    if include_identification and has_retrieval_queries(labels):
-        retrieval = retrieval_metrics(emb, labels, distance=distance, ks=RETRIEVAL_KS)
-        oneshot = oneshot_identification(emb, labels, distance=distance, ks=ONESHOT_KS)
-        result.update({key: retrieval[key] for key in
-                       (*(f"recall@{k}" for k in RETRIEVAL_KS), "r_precision", "map@r")})
-        result.update({f"oneshot_top{k}": oneshot[f"oneshot_top{k}"] for k in ONESHOT_KS})
+    if include_identification:
+        result.update(identification_metrics(emb, labels, distance=distance))
+    return result
+
+
+def identification_metrics(embeddings: Any, labels: Any, *, distance: str = "squared"
+                           ) -> dict[str, float]:
+    """The eval.json retrieval and one-shot keys (recall@1/5/10, r_precision, map@r,
+    oneshot_top1/5, seed 0) of embeddings [N,D] with labels [N]; {} when no identity has 2
+    images (no query has a match)."""
+    emb, labels = _check_embeddings(embeddings, labels)
+    if not has_retrieval_queries(labels):
+        return {}
+    retrieval = retrieval_metrics(emb, labels, distance=distance, ks=RETRIEVAL_KS)
+    oneshot = oneshot_identification(emb, labels, distance=distance, ks=ONESHOT_KS)
+    result = {key: retrieval[key] for key in
+              (*(f"recall@{k}" for k in RETRIEVAL_KS), "r_precision", "map@r")}
+    result.update({f"oneshot_top{k}": oneshot[f"oneshot_top{k}"] for k in ONESHOT_KS})
     return result

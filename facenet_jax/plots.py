@@ -43,7 +43,8 @@ def _pairs_arrays(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray]
 
 def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | None = None,
                eer: float | None = None, log_far: bool = False, far_min: float | None = None,
-               points: Mapping[str, tuple[float, float]] | None = None) -> Figure:
+               points: Mapping[str, tuple[float, float]] | None = None,
+               title: str | None = None) -> Figure:
     """TAR against FAR (both [T], from metrics.roc_curve); the EER point where TAR = 1 − FAR.
 
     log_far: FAR on a log axis (points with FAR = 0 cannot be drawn there and are left out),
@@ -75,7 +76,7 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false accept rate (FAR)" + (", log scale" if log_far else ""))
     ax.set_ylabel("true accept rate (TAR)")
-    ax.set_title("Verification ROC")
+    ax.set_title(title or "Verification ROC", fontsize=9 if title else None)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -85,10 +86,11 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
 def plot_roc(far: Any, tar: Any, path: str | pathlib.Path, *, label: str | None = None,
              auc: float | None = None, eer: float | None = None,
              log_far: bool = False, far_min: float | None = None,
-             points: Mapping[str, tuple[float, float]] | None = None) -> pathlib.Path:
+             points: Mapping[str, tuple[float, float]] | None = None,
+             title: str | None = None) -> pathlib.Path:
     """Writes `roc_figure(...)` to path (PNG); returns the path."""
     return _save(roc_figure(far, tar, label=label, auc=auc, eer=eer, log_far=log_far,
-                            far_min=far_min, points=points), path)
+                            far_min=far_min, points=points, title=title), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def distance_histogram_figure(distances: Any, is_same: Any, threshold: float, *,
                else "threshold -inf (accepts nothing)")
     ax.set_xlabel("pair distance")
     ax.set_ylabel("density")
-    ax.set_title(title or "Pair distances")
+    ax.set_title(title or "Pair distances", fontsize=9 if title else None)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -29,16 +29,18 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from facenet_jax import (checkpoints, data, evaluate, finetune, losses, optim, parallel,
-                         runfiles, verification_sets)
+from facenet_jax import (checkpoints, collapse, data, evaluate, finetune, losses, optim,
+                         parallel, plots, runfiles, verification_sets)
 from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
                                 validate_config)
 from facenet_jax.embed import make_embedder
-from facenet_jax.logs import MetricsWriter, cli_logging, truncate_metrics
+from facenet_jax.logs import (MetricsWriter, cli_logging, one_line_user_errors, read_metrics,
+                              truncate_metrics)
 from facenet_jax.state import TrainState, build_model, build_optimizer, create_train_state
 
 AXIS = parallel.AXIS
 LOCK_FILE = ".lock"  # held by the training process; see _exclusive_workdir
+TRAINING_CURVES_FILE = "training_curves.png"  # written after the last step
 # Training-line keys averaged over the steps since the previous log line.
 LOGGED_STATS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_triplets",
                 "num_active", "semihard_found_fraction", "embedding_spread", "learning_rate",
@@ -57,14 +59,18 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, loss_config: ml_collections.ConfigDict,
-                    images_per_identity: int | None = None) -> "LossSpec":
+                    images_per_identity: int | None = None, *,
+                    warmup: bool = False) -> "LossSpec":
         """With `images_per_identity` (K of a P×K batch), semi-hard mining gets
         max_positives = K - 1 unless the config sets it: the same triplets, without the
-        [B, B] sort that dominates the step at large B (see mining.mine_semihard)."""
-        options = dict(loss_config.options)
-        if loss_config.strategy == "semihard" and images_per_identity is not None:
+        [B, B] sort that dominates the step at large B (see mining.mine_semihard).
+        warmup=True: the loss of the first loss.warmup_steps steps, loss.warmup_strategy with
+        its default options (loss.options belong to loss.strategy)."""
+        strategy = loss_config.warmup_strategy if warmup else loss_config.strategy
+        options = {} if warmup else dict(loss_config.options)
+        if strategy == "semihard" and images_per_identity is not None:
             options.setdefault("max_positives", max(1, images_per_identity - 1))
-        return cls(strategy=loss_config.strategy, margin=float(loss_config.margin),
+        return cls(strategy=strategy, margin=float(loss_config.margin),
                    distance=loss_config.distance, soft=bool(loss_config.soft),
                    options=tuple(sorted(options.items())))
 
@@ -281,7 +287,7 @@ class _Progress:
     def update(self, step: int, row: Mapping[str, Any], steps_done: int, total: int,
                seconds_per_step: float) -> None:
         summary = (f"loss {row['loss']:.4f}  active {row['active_fraction']:.3f}  "
-                   f"{row['images_per_second']:.0f} img/s")
+                   f"spread {row['embedding_spread']:.4f}  {row['images_per_second']:.0f} img/s")
         if self._bar is not None:
             self._bar.update(steps_done)
             self._bar.set_postfix_str(summary)
@@ -330,10 +336,10 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     splits = data.split_dataset(dataset, config.data)
     if reached is not None:  # resuming: the same people, or stop
         data.check_split_record(workdir / evaluate.SPLIT_FILE, splits)
-    evaluate.generated_pairs(config, splits["test"])  # a too-small test split fails now
+    evaluate.generated_pairs(config, splits["test"], "test")  # a too-small test split fails now
     benchmark_sets = verification_sets.configured_sets(config.eval, config.data.image_size)
     validation = splits["validation"]
-    validation_pairs = (evaluate.generated_pairs(config, validation)
+    validation_pairs = (evaluate.generated_pairs(config, validation, "validation")
                         if validation.num_identities >= 2 else None)
     sampler = data.PKSampler(
         splits["train"], identities=config.batch.identities,
@@ -353,10 +359,16 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         _write_config(workdir, config)
         data.write_split_record(workdir / evaluate.SPLIT_FILE, splits)
 
-    loss_spec = LossSpec.from_config(config.loss, config.batch.images_per_identity)
-    step_fn = make_train_step(mesh, model=model, tx=tx, schedule=schedule, loss=loss_spec,
-                              mining=config.parallel.mining,
-                              freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0)
+    def compiled_step(warmup: bool):
+        return make_train_step(
+            mesh, model=model, tx=tx, schedule=schedule, mining=config.parallel.mining,
+            loss=LossSpec.from_config(config.loss, config.batch.images_per_identity,
+                                      warmup=warmup),
+            freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0)
+
+    step_fn = compiled_step(warmup=False)
+    warmup_steps = config.loss.warmup_steps
+    warmup_fn = compiled_step(warmup=True) if warmup_steps else None
     embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
                           batch_size=config.eval.batch_size, flip=config.eval.flip)
     # TensorBoard drops the events a killed earlier attempt logged past the restored step.
@@ -371,10 +383,12 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         start = evaluate.evaluate_dataset(embed, state.variables, validation, validation_pairs,
                                           distance=config.eval.distance)
         writer.write(0, {f"eval/{k}": v for k, v in start.items() if isinstance(v, (int, float))})
+    logged: list[dict[str, float]] = []  # this process's training log rows, for the collapse rule
+    collapse_warned = False
     window_start = time.perf_counter()
 
     def flush_logs(step: int) -> None:
-        nonlocal window_start
+        nonlocal window_start, collapse_warned
         if not pending:
             return
         rows = parallel.to_host(pending)
@@ -397,6 +411,14 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         writer.write(step, row)
         progress.update(step, row, len(rows), config.num_steps, elapsed / len(rows))
         pending.clear()
+        logged.append(row)
+        warning = None if collapse_warned else collapse.collapse_warning(
+            logged, step=step, margin=config.loss.margin, distance=config.loss.distance,
+            soft=config.loss.soft)
+        if warning is not None:
+            collapse_warned = True
+            if is_writer:
+                logging.warning("%s", warning)
         window_start = time.perf_counter()
 
     steps = range(start_step, config.num_steps)
@@ -404,7 +426,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     with _Preemption() as preemption:
         for step, (images, labels) in zip(steps, _device_batches(sampler, mesh, steps,
                                                                  config.data.prefetch)):
-            state, metrics = step_fn(state, images, labels)
+            state, metrics = (warmup_fn if step < warmup_steps else step_fn)(state, images,
+                                                                             labels)
             pending.append(metrics)
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:
@@ -416,6 +439,9 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                                                    distance=config.eval.distance)
                 writer.write(done, {f"eval/{k}": v for k, v in result.items()
                                     if isinstance(v, (int, float))})
+                logging.info("validation split at step %d: accuracy %.4f ± %.4f, AUC %.4f "
+                             "(%d pairs)", done, result["accuracy"], result["accuracy_std"],
+                             result["auc"], result["num_pairs"])
                 window_start = time.perf_counter()  # images/s measures training alone
             if benchmark_sets and done % config.eval_every == 0:
                 flush_logs(done)
@@ -440,10 +466,34 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                 return {"preempted": True, "step": done}
     flush_logs(config.num_steps)
     progress.close()
-    writer.close()
-    return evaluate.evaluate_run_test_split(
-        config, workdir, embed, state.variables, splits["test"], step=config.num_steps,
-        write=is_writer)
+    try:
+        return _final_evaluations(config, workdir, embed, state.variables, splits, writer,
+                                  is_writer)
+    finally:
+        writer.close()
+
+
+def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path, embed: Any,
+                       variables: Any, splits: Mapping[str, data.Dataset],
+                       writer: MetricsWriter, is_writer: bool) -> dict[str, Any]:
+    """After the last step: the validation split (when it has 2 identities) →
+    eval_validation.json, whose threshold is the run's (evaluate.run_threshold); the test split
+    → eval.json; both with figures. The test metrics and figures also go to TensorBoard
+    (test/...), and the training curves to DIR/training_curves.png. Returns the test result."""
+    step = config.num_steps
+    if splits["validation"].num_identities >= 2:
+        evaluate.evaluate_run_test_split(config, workdir, embed, variables,
+                                         splits["validation"], step=step, write=is_writer,
+                                         split="validation")
+    result = evaluate.evaluate_run_test_split(config, workdir, embed, variables, splits["test"],
+                                              step=step, write=is_writer)
+    if is_writer:
+        writer.write(step, {f"test/{k}": v for k, v in result.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        writer.write_images(step, {f"test/{name}": path
+                                   for name, path in result["figures"].items()})
+        plots.plot_training_curves(read_metrics(workdir), workdir / TRAINING_CURVES_FILE)
+    return result
 
 
 def main(argv: list[str]) -> None:
@@ -455,7 +505,12 @@ def main(argv: list[str]) -> None:
     result = train_and_evaluate(flags_.config, flags_.workdir)
     if result.get("preempted"):
         return
-    print(evaluate.format_summary(result), flush=True)
+    validation = pathlib.Path(flags_.workdir) / evaluate.VALIDATION_EVAL_FILE
+    if validation.exists():
+        print(f"validation split ({validation}):\n"
+              f"{evaluate.format_summary(json.loads(validation.read_text()))}", flush=True)
+    print(f"test split ({pathlib.Path(flags_.workdir) / evaluate.EVAL_FILE}):\n"
+          f"{evaluate.format_summary(result)}", flush=True)
 
 
 if __name__ == "__main__":
@@ -465,4 +520,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     flags.DEFINE_string("workdir", None, "run folder (created; re-use to resume)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(one_line_user_errors(main))

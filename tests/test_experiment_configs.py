@@ -13,7 +13,8 @@ from facenet_jax.config import flatten, load_config, to_plain, validate_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "experiments").glob("*.py"))
-SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.py"))
+SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*_margin_strategy*.py"))
+RECIPE_SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*batch_hard_recipe.py"))
 FOLDER_DATA = {"orl.py": "orl_faces", "yaleb.py": "extended_yaleb"}
 ACCELERATOR_CONFIGS = ("casia_webface.py", "vggface2.py")
 
@@ -124,3 +125,22 @@ def test_sweep_cells_all_load_validate_and_cover_their_grid(path, tmp_path):
     assert len(grid) * len(seeds) == len(spec["cells"])
     doc = _docstring(path)
     assert f"python -m facenet_jax.sweep --sweep experiments/sweeps/{path.name}" in doc
+
+
+@pytest.mark.parametrize("path", RECIPE_SWEEPS, ids=lambda p: p.name)
+def test_batch_hard_recipe_sweeps_are_three_seeds_of_three_valid_variants(path, tmp_path):
+    spec = sweep.load_sweep(path)
+    assert len(sweep.plan(spec, tmp_path)) == 9
+    assert {"loss.margin", "loss.distance"} <= set(spec["common"])
+    variants = {}
+    for cell in spec["cells"]:
+        config = sweep.cell_config(spec["base"], spec["common"], cell)
+        validate_config(config, num_devices=1)
+        variant = (config.loss.strategy, config.loss.warmup_strategy, config.loss.warmup_steps)
+        variants.setdefault(variant, []).append(config.seed)
+    warmup = config.num_steps // 4
+    assert variants == {("semihard", None, 0): [0, 1, 2],
+                        ("hardest", "semihard", warmup): [0, 1, 2],
+                        ("hardest", None, 0): [0, 1, 2]}
+    assert f"python -m facenet_jax.sweep --sweep experiments/sweeps/{path.name}" in _docstring(
+        path)

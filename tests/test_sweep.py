@@ -680,7 +680,8 @@ def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
     assert all(float(r["wall_s"]) > 0 and r["loss.margin"] == "0.2"
                and r["loss.distance"] == "squared" for r in (ok, crashed))
     log = (workdir / "source-folder" / sweep.LOG_FILE).read_text()
-    assert log.startswith(f"{sweep.ATTEMPT_MARK} 1, started ") and "Traceback" in log
+    # A user error is one line, no traceback (train CLI); it names the problem.
+    assert log.startswith(f"{sweep.ATTEMPT_MARK} 1, started ") and "error (" in log
     assert len(list((workdir / sweep.BASELINE_DIR).glob("*.json"))) == 1
     assert (workdir / sweep.ACCURACY_PLOT).exists() and (workdir / sweep.ACTIVE_PLOT).exists()
     sweep.main(["--sweep", str(path), "--workdir", str(workdir)])

@@ -137,6 +137,9 @@ def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path)
     assert "wrote 6 embeddings of 3 identities (step 8)" in result.stdout
     saved = np.load(output)
     assert saved["embeddings"].shape == (6, 16) and int(saved["step"]) == 8
+    validation = json.loads((workdir / "eval_validation.json").read_text())
+    assert (str(saved["distance"]), str(saved["threshold_split"])) == ("squared", "validation")
+    assert float(saved["threshold"]) == validation["threshold"]
     np.testing.assert_allclose(np.linalg.norm(saved["embeddings"], axis=1), 1.0, atol=1e-5)
     assert list(saved["identity_names"]) == ["person_0", "person_1", "person_2"]
     encoder = load_encoder(workdir, mesh=parallel.make_mesh(1))
@@ -286,3 +289,94 @@ def test_evaluating_a_folder_caches_it_where_the_run_config_says(straight_run, t
     evaluate.evaluate_workdir(workdir, data_root=str(folder), pairs_file=None,
                               output=tmp_path / "eval_faces.json")
     assert any((tmp_path / "run_cache").iterdir())  # not ~/.cache, which may be read-only
+
+
+def test_run_outputs_validation_threshold_curves_and_test_results_in_tensorboard(straight_run):
+    workdir, result = straight_run
+    validation = json.loads((workdir / "eval_validation.json").read_text())
+    assert validation["split"] == "validation" and validation["step"] == 8
+    assert "validation split" in result.stdout and "test split" in result.stdout
+    assert "validation split: " in result.stderr  # the pairs log line names its split
+    assert (workdir / "training_curves.png").stat().st_size > 0
+    assert (workdir / "eval_validation_roc.png").exists()
+    assert "spread" in result.stderr and "collapsed" not in result.stderr
+    tags = {value.tag for _, event in _tensorboard_events(workdir / "tensorboard")
+            for value in event.summary.value if event.step == 8}
+    assert {"test/accuracy", "test/auc", "test/roc", "test/histogram"} <= tags
+
+
+def test_encoder_distance_and_verify_use_the_runs_distance_and_threshold(straight_run):
+    from facenet_jax import data, parallel
+    from facenet_jax.embed import load_encoder
+
+    workdir, _ = straight_run
+    encoder = load_encoder(workdir, mesh=parallel.make_mesh(1))
+    chosen = encoder.threshold_info
+    saved = json.loads((workdir / "eval_validation.json").read_text())
+    assert (chosen["threshold"], chosen["split"]) == (saved["threshold"], "validation")
+    faces = data.load_synthetic(num_identities=3, images_per_identity=2, image_size=16, seed=3)
+    a, b = faces.images[[0, 2, 4]], faces.images[[1, 3, 0]]
+    e_a, e_b = encoder.embed(a), encoder.embed(b)
+    expected = np.sum((e_a - e_b) ** 2, axis=1)  # the run's eval.distance is squared
+    np.testing.assert_allclose(encoder.distance(a, b), expected, atol=1e-5)
+    np.testing.assert_allclose(encoder.distance(a[0], b[0]), expected[:1], atol=1e-5)
+    np.testing.assert_array_equal(encoder.verify(a, b), expected <= chosen["threshold"])
+    np.testing.assert_array_equal(encoder.verify(a, b, threshold=1e9), [True] * 3)
+    with pytest.raises(ValueError, match="as many images"):
+        encoder.distance(a, b[:2])
+
+
+def test_single_fold_pairs_and_one_fold_are_scored_at_a_threshold_from_elsewhere(
+        straight_run, tmp_path):
+    from facenet_jax import data, evaluate, metrics, parallel
+    from facenet_jax.embed import load_encoder
+
+    workdir, _ = straight_run
+    folder = _faces_folder(tmp_path / "faces", identities=6, per_identity=3)
+    faces = data.load_image_folder(folder, image_size=16, min_images_per_identity=1)
+    pairs_file = tmp_path / "pairs.txt"
+    data.write_pairs(pairs_file, data.generate_pairs(faces, num_folds=2, pairs_per_fold=3,
+                                                     seed=0), faces)
+    encoder = load_encoder(workdir, mesh=parallel.make_mesh(1))
+    pairs = evaluate.select_fold(data.read_pairs(pairs_file, faces), 2)
+    d = metrics.pair_distances(encoder.embed(faces.images), pairs.first, pairs.second,
+                               "squared")
+    run = encoder.threshold_info["threshold"]
+    result = evaluate.evaluate_workdir(workdir, data_root=str(folder), pairs_file=str(pairs_file),
+                                       output=tmp_path / "fold2.json", fold=2)
+    assert result["num_pairs"] == 6 and result["fold"] == 2 and result["threshold"] == run
+    assert result["accuracy"] == pytest.approx(np.mean((d <= run) == pairs.is_same))
+    assert "the run's validation split at step 8" in result["threshold_source"]
+    assert "identities in the pairs" in result["identification_on"]
+    given = evaluate.evaluate_workdir(workdir, data_root=str(folder),
+                                      pairs_file=str(pairs_file), output=tmp_path / "t.json",
+                                      fold=2, threshold=0.5)
+    assert given["accuracy"] == pytest.approx(np.mean((d <= 0.5) == pairs.is_same))
+    assert "fixed threshold 0.5000 (given" in evaluate.format_summary(given)
+    with pytest.raises(FileExistsError):  # fold 2's file is not fold 1's
+        evaluate.evaluate_workdir(workdir, data_root=str(folder), pairs_file=str(pairs_file),
+                                  output=tmp_path / "fold2.json", fold=1)
+
+
+def test_hardest_with_a_warmup_and_a_collapse_warning(tmp_path):
+    """loss.warmup_strategy=all for 4 steps, then hardest: the mined triplet count says which
+    strategy ran (all valid triplets B(K-1)(B-K) = 224 vs one per anchor = 16). α = 30 puts the
+    hinge collapse floor (α/10 = 3) above any spread of unit vectors, so the warning fires on the
+    third log row, once."""
+    result = _train(tmp_path, "--config.loss.strategy=hardest", "--config.loss.margin=30",
+                    "--config.loss.warmup_strategy=all", "--config.loss.warmup_steps=4")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num_triplets"] for r in rows if "loss" in r] == [224, 224, 16, 16]
+    assert result.stderr.count("the embedding has collapsed by step 6") == 1
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "facenet_jax.evaluate", "--workdir", str(tmp_path / "none")]
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error (FileNotFoundError): ") and "config.json not found" in result.stderr
+    shown = subprocess.run(cmd, cwd=REPO, env=_env(FACENET_JAX_TRACEBACK="1"),
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode != 0 and "Traceback" in shown.stderr

@@ -205,7 +205,8 @@ def generate_pairs(dataset: Dataset, *, num_folds: int = 10, pairs_per_fold: int
         diff_folds = [_sample_different(rows_of, g, pairs_per_fold, rng) for g in groups]
         n = min(min(map(len, same_folds)), min(map(len, diff_folds)))
     if n < pairs_per_fold:
-        logging.info("generate_pairs: %d same + %d different pairs per fold (asked for %d)",
+        # evaluate.generated_pairs logs the count with the split's name
+        logging.debug("generate_pairs: %d same + %d different pairs per fold (asked for %d)",
                      n, n, pairs_per_fold)
     chosen = [np.concatenate([s[:n], d[:n]]) for s, d in zip(same_folds, diff_folds)]
     both = np.concatenate(chosen).reshape(-1, 2)

@@ -26,8 +26,9 @@ def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1
     By `fractions` of the identities (shuffled by `seed`; test and validation sizes rounded,
     train takes the rest) or, with `identity_files`, by a folder holding train.txt,
     validation.txt and test.txt (one identity name per line; identities in none are left out,
-    logged). `exclude_pairs_file`: every identity named in that pairs file moves from train to
-    test, so a model evaluated on those pairs never trained on those people.
+    logged). `exclude_pairs_file`: every identity named in that pairs file moves from train and
+    validation to test, so a model evaluated on those pairs never trained on those people and
+    no choice (threshold, step, hyper-parameter) was made on them.
     """
     if identity_files is not None:
         assignment = _assignment_from_files(dataset, pathlib.Path(identity_files))
@@ -36,9 +37,10 @@ def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1
     if exclude_pairs_file is not None:
         named = pair_file_identities(exclude_pairs_file)
         moved = [i for i, name in enumerate(dataset.identity_names)
-                 if name in named and assignment[i] == 0]
+                 if name in named and assignment[i] in (0, 1)]
         assignment[moved] = 2
-        logging.info("excluded %d identities named in %s from training (moved to test)",
+        logging.info("excluded %d identities named in %s from training and validation (moved "
+                     "to test)",
                      len(moved), exclude_pairs_file)
     return {name: dataset.subset(np.flatnonzero(assignment == side))
             for side, name in enumerate(SPLITS)}

@@ -1,0 +1,197 @@
+"""Issue 20's pure pieces: the shared collapse rule, the batch-hard warm-up keys, fixed-threshold
+verification, the FAR resolution note, retrieval on the pairs' identities, the run's threshold,
+figure titles and the exclusion of pairs-file people from validation."""
+
+import json
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+
+from facenet_jax import collapse, config as cfg, data, evaluate, metrics, sweep
+from facenet_jax.train import LossSpec
+
+
+def _rows(spreads, losses):
+    return [{"step": 10 * (i + 1), "loss": loss, "embedding_spread": spread}
+            for i, (spread, loss) in enumerate(zip(spreads, losses))]
+
+
+def test_sweep_and_train_loop_share_one_collapse_rule():
+    assert sweep.is_collapsed is collapse.is_collapsed
+
+
+def test_collapse_warning_fires_only_when_the_rule_does_and_says_what_to_try():
+    healthy = _rows([1.9, 1.8, 1.7], [0.10, 0.09, 0.08])
+    assert collapse.collapse_warning(healthy, step=30, margin=0.2, distance="squared",
+                                     soft=False) is None
+    # Two collapsed rows are not yet the window of 3 (a sweep's is_collapsed judges them).
+    assert collapse.collapse_warning(_rows([1.0, 0.005, 0.004], [0.1, 0.2, 0.2]), step=30,
+                                     margin=0.2, distance="squared", soft=False) is None
+    assert collapse.collapse_warning(_rows([0.005, 0.004], [0.2, 0.2]), step=20,
+                                     margin=0.2, distance="squared", soft=False) is None
+    text = collapse.collapse_warning(_rows([0.006, 0.005, 0.004], [0.19, 0.2, 0.2]), step=30,
+                                     margin=0.2, distance="squared", soft=False)
+    assert "collapsed by step 30" in text and "0.0040" in text and "below 0.02" in text
+    assert "loss.warmup_strategy=semihard" in text
+    # Soft margin: the loss pinned at ln 2 alone is enough.
+    text = collapse.collapse_warning(_rows([0.5] * 3, [math.log(2)] * 3), step=9,
+                                     margin=0.2, distance="euclidean", soft=True)
+    assert text is not None and "ln 2" in text
+
+
+def test_warmup_keys_default_off_and_old_runs_compare_unchanged():
+    config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py",
+                                                  "experiments/default.py"))
+    assert config.loss.warmup_steps == 0 and config.loss.warmup_strategy is None
+    saved = cfg.to_plain(config)
+    del saved["loss"]["warmup_steps"], saved["loss"]["warmup_strategy"]  # a run from before
+    assert cfg.changed_keys(saved, cfg.to_plain(config)) == []
+    config.loss.warmup_strategy, config.loss.warmup_steps = "semihard", 100
+    assert cfg.changed_keys(saved, cfg.to_plain(config)) == ["loss.warmup_steps",
+                                                            "loss.warmup_strategy"]
+    cfg.validate_config(config, num_devices=1)
+    # A sweep cell recorded before the keys existed is not stale; one that used them differs.
+    current = {"config": cfg.to_plain(config)}
+    assert sweep.record_changes({"config": saved}, current) == [
+        "loss.warmup_steps was (absent), now 100", "loss.warmup_strategy was (absent), now "
+        "'semihard'"]
+    config.loss.warmup_strategy, config.loss.warmup_steps = None, 0
+    assert sweep.record_changes({"config": saved}, {"config": cfg.to_plain(config)}) == []
+
+
+@pytest.mark.parametrize("strategy, steps, match", [
+    (None, 10, "needs loss.warmup_strategy"), ("nope", 10, "needs loss.warmup_strategy"),
+    ("semihard", 0, "no effect"), ("semihard", -1, r"\[0, num_steps"),
+    ("semihard", 5000, r"\[0, num_steps=1200\]")])
+def test_bad_warmup_keys_are_clear_errors(strategy, steps, match):
+    loss = ml_collections.ConfigDict({"warmup_strategy": strategy, "warmup_steps": steps})
+    with pytest.raises(ValueError, match=match):
+        cfg.validate_warmup(loss, 1200)
+
+
+def test_warmup_loss_spec_uses_the_warmup_strategy_with_its_own_options():
+    loss = ml_collections.ConfigDict({
+        "strategy": "distance_weighted", "margin": 0.2, "distance": "squared", "soft": False,
+        "options": {"cutoff": 0.6}, "warmup_strategy": "semihard", "warmup_steps": 5})
+    main = LossSpec.from_config(loss, images_per_identity=4)
+    warm = LossSpec.from_config(loss, images_per_identity=4, warmup=True)
+    assert (main.strategy, main.options) == ("distance_weighted", (("cutoff", 0.6),))
+    assert (warm.strategy, warm.options) == ("semihard", (("max_positives", 3),))
+
+
+def test_verification_at_threshold_by_hand():
+    d = np.array([0.1, 0.4, 0.5, 0.9, 0.3])
+    same = np.array([True, True, False, False, False])
+    got = metrics.verification_at_threshold(d, same, 0.45)
+    # accepted: 0.1 (same), 0.4 (same), 0.3 (different) → 4 of 5 right; TAR 2/2, FAR 1/3.
+    assert got == {"accuracy": 0.8, "tar": 1.0, "far": pytest.approx(1 / 3), "threshold": 0.45,
+                   "num_pairs": 5}
+    with pytest.raises(ValueError, match="finite"):
+        metrics.verification_at_threshold(d, same, float("nan"))
+
+
+def test_far_resolution_counts_the_fewest_training_different_pairs():
+    same = np.array([True, False, False, True, False, True, False, False])
+    folds = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    # different pairs per fold: 2, 1, 2 → training folds hold 3, 4, 3.
+    assert metrics.far_resolution(same, folds) == 3
+    pairs = data.Pairs(np.zeros(8, int), np.ones(8, int), same, folds)
+    emb = np.eye(2)
+    result = evaluate.evaluate_embedded(emb, np.array([0, 1]), pairs, distance="squared",
+                                        identification="none")
+    assert result["val@far=1e-2_resolved"] is False and result["val@far=1e-3_resolved"] is False
+
+
+def _clustered(seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(6), 3)
+    centres = rng.normal(size=(6, 8))
+    emb = centres[labels] + 0.6 * rng.normal(size=(18, 8))
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
+
+
+def test_identification_on_the_pairs_identities_is_the_subset_computation():
+    emb, labels = _clustered()
+    # Pairs over identities 0, 1 and 2 only (rows 0-8), 2 folds.
+    first, second = np.array([0, 3, 0, 6, 1, 4, 2, 7]), np.array([1, 4, 3, 7, 2, 5, 8, 5])
+    pairs = data.Pairs(first, second, labels[first] == labels[second],
+                       np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    result = evaluate.evaluate_embedded(emb, labels, pairs, distance="squared",
+                                        identification="pairs")
+    assert result["identification_on"] == "the 9 images of the 3 identities in the pairs"
+    subset = metrics.identification_metrics(emb[:9], labels[:9], distance="squared")
+    whole = metrics.identification_metrics(emb, labels, distance="squared")
+    assert {k: result[k] for k in subset} == subset and subset != whole
+    everything = evaluate.evaluate_embedded(emb, labels, pairs, distance="squared")
+    assert {k: everything[k] for k in whole} == whole
+
+
+def test_fixed_threshold_evaluation_and_fold_selection():
+    emb, labels = _clustered(1)
+    first, second = np.array([0, 3, 0, 6, 1, 4, 2, 7]), np.array([1, 4, 3, 7, 2, 5, 8, 5])
+    same = labels[first] == labels[second]
+    pairs = data.Pairs(first, second, same, np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    second_fold = evaluate.select_fold(pairs, 2)
+    np.testing.assert_array_equal(second_fold.first, [1, 4, 2, 7])
+    with pytest.raises(ValueError, match=r"--fold 3: the pairs file has folds 1\.\.2"):
+        evaluate.select_fold(pairs, 3)
+    result = evaluate.evaluate_embedded(emb, labels, second_fold, distance="squared",
+                                        threshold=0.7, identification="none")
+    d = ((emb[second_fold.first] - emb[second_fold.second]) ** 2).sum(1)
+    assert result["accuracy"] == pytest.approx(np.mean((d <= 0.7) == second_fold.is_same))
+    assert result["num_folds"] == 1 and result["threshold"] == 0.7
+    assert "val@far=1e-3" not in result
+
+
+def test_run_threshold_prefers_validation_and_says_where_it_came_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--threshold T"):
+        evaluate.run_threshold(tmp_path)
+    (tmp_path / "eval.json").write_text(json.dumps(
+        {"threshold": 0.9, "distance": "squared", "split": "test", "step": 8}))
+    assert evaluate.run_threshold(tmp_path)["split"] == "test"
+    (tmp_path / "eval_validation.json").write_text(json.dumps(
+        {"threshold": 0.7, "distance": "squared", "split": "validation", "step": 8}))
+    chosen = evaluate.run_threshold(tmp_path)
+    assert (chosen["threshold"], chosen["split"], chosen["step"]) == (0.7, "validation", 8)
+
+
+def test_figure_title_names_run_data_split_step_and_distance(tmp_path):
+    result = {"config": {"data": {"source": "folder", "root": "/d/extended_yaleb"}},
+              "split": "test", "step": 800, "distance": "squared"}
+    assert (evaluate.figure_title(result, tmp_path / "run7" / "eval.json")
+            == "run7 · extended_yaleb, test split · step 800 · squared")
+    result = {"config": {"data": {"source": "folder"}}, "data_root": "/d/lfw_half",
+              "pairs": "/d/lfw_half_pairs.txt", "fold": 2, "step": 5, "distance": "euclidean"}
+    assert (evaluate.figure_title(result, tmp_path / "run7" / "eval_lfw.json")
+            == "run7 · lfw_half, lfw_half_pairs.txt, fold 2 · step 5 · euclidean")
+
+
+def test_threshold_flag_accepts_numbers_and_run_only():
+    assert evaluate._threshold_flag("0.5") == 0.5 and evaluate._threshold_flag("run") == "run"
+    assert evaluate._threshold_flag(None) is None
+    for bad in ("abc", "nan", "inf"):
+        with pytest.raises(ValueError, match="--threshold"):
+            evaluate._threshold_flag(bad)
+
+
+def test_pairs_file_people_leave_validation_as_well_as_training(tmp_path):
+    names = [f"Person_{i}" for i in range(6)]
+    ds = data.Dataset(images=np.zeros((12, 4, 4, 3), np.uint8),
+                      labels=np.repeat(np.arange(6), 2).astype(np.int32), identity_names=names)
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.txt").write_text(
+            {"train": "Person_0\nPerson_1\n", "validation": "Person_2\nPerson_3\n",
+             "test": "Person_4\n"}[split])
+    pairs_file = tmp_path / "pairs.txt"
+    pairs_file.write_text("1\t1\nPerson_1\t1\t2\nPerson_3\t1\tPerson_4\t2\n")
+    splits = data.split_identities(ds, identity_files=tmp_path, exclude_pairs_file=pairs_file)
+    assert splits["train"].identity_names == ["Person_0"]
+    assert splits["validation"].identity_names == ["Person_2"]
+    assert sorted(splits["test"].identity_names) == ["Person_1", "Person_3", "Person_4"]
+
+
+def test_lfw_config_finds_the_shared_lfw_half_folder(shared_data):
+    config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py", "experiments/lfw.py"))
+    assert config.data.root == str(shared_data / "lfw_half")
