@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     loss.soft = False
     # Strategy-specific settings, e.g. distance_weighted's cutoff / nonzero_loss_cutoff.
     loss.options = ml_collections.ConfigDict()
+    # Cross-batch memory (Wang et al. 2020; facenet_jax/losses/memory.py): size 0 = off.
+    loss.memory = ml_collections.ConfigDict(dict(size=0, start_step=0, weight=1.0))
 
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", embedding_dim=128, dtype="float32"))

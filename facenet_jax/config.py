@@ -33,6 +33,7 @@ PAIRS_SEED_KEY = "data.pairs.seed"
 # reads as this value, so adding a key never makes an old run "changed" or an old cell "stale".
 ADDED_KEY_DEFAULTS: dict[str, Any] = {
     PAIRS_SEED_KEY: None,  # unset: the pairs follow `seed`, as before the key
+    "loss.memory.size": 0, "loss.memory.start_step": 0, "loss.memory.weight": 1.0,  # no memory
 }
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
@@ -127,6 +128,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     number of trainable identities) happen when the data is loaded, still before compiling.
     """
     from facenet_jax import losses, models, optim  # local: keep `config` import-light
+    from facenet_jax.losses import memory
 
     for key in POSITIVE_INT_KEYS:
         value = functools.reduce(lambda node, part: node[part], key.split("."), config)
@@ -151,6 +153,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
                          f"got {config.eval.distance!r}")
     validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
                           num_devices)
+    memory.validate_memory_config(config.loss.get("memory", None),
+                                  config.batch.identities * config.batch.images_per_identity)
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                          f"{num_devices} devices; use a multiple of {num_devices}")

@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from facenet_jax import models, optim
+from facenet_jax.losses import memory as xbm
 
 
 @flax.struct.dataclass
@@ -32,6 +33,16 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+@flax.struct.dataclass
+class MemoryTrainState(TrainState):
+    """The train state of a run with a cross-batch memory (config.loss.memory.size > 0):
+    `memory` is a `losses.memory.CrossBatchMemory`, checkpointed with the rest. A separate
+    class, so a run without memory keeps exactly the old state tree (orbax restores only into
+    the tree a checkpoint was saved from)."""
+
+    memory: Any
+
+
 def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
     """The encoder named by `config.model`, with global-batch BN over `bn_axis_name`."""
     return models.create_model(
@@ -50,15 +61,20 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
     """Initialises parameters from `config.seed` (identical on every process), on the host."""
     size = config.data.image_size
     init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    memory_spec = xbm.MemorySpec.from_config(config.loss)
 
     @jax.jit
     def init() -> TrainState:
         variables = model.init(init_key, jnp.zeros((2, size, size, 3), jnp.float32),
                                train=False)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), rng=run_key)
+        fields = dict(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=run_key)
+        if memory_spec is None:
+            return TrainState(**fields)
+        return MemoryTrainState(**fields, memory=xbm.init_memory(
+            memory_spec.size, config.model.embedding_dim))
 
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         return init()
