@@ -212,9 +212,12 @@ def _in_fresh_process(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode < 0:  # SIGKILL here is the kernel's out-of-memory killer
+        return {**spec, "error": f"killed by signal {-done.returncode}"
+                + (" (out of memory)" if done.returncode == -9 else "")}
     if done.returncode != 0:
-        return {**spec, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr
-                else f"exit {done.returncode}"}
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        return {**spec, "error": (errors or [f"exit {done.returncode}"])[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -275,7 +278,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1024,1800,8192",
+    parser.add_argument("--sizes", default="512,1024,1800,8192",
                         help="comma-separated batch sizes (P×K, K=4; 1800 is 45×40)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--anchor-path", default=None,
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunked", default="1024x65536x64",
                         help="ANCHORSxCANDIDATESxCHUNK for the anchor_chunk rows, or 'none'")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tfa-max-batch", type=int, default=1024)
+    parser.add_argument("--tfa-max-batch", type=int, default=512,
+                        help="TF-Addons at 1024 was killed for memory on a 24 GB machine")
     parser.add_argument("--pml-all-max-batch", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mining.json"))

@@ -160,3 +160,39 @@ def test_anchor_chunk_memory_is_chunk_times_candidates(strategy):
     chunked, whole = temp_bytes(chunk), temp_bytes(None)
     assert chunked <= 24 * block + 4 * candidates * dim * 4, chunked / block
     assert whole >= 8 * chunked, (whole, chunked)
+
+
+# --- the benchmark script (no timings asserted) ---------------------------------------------
+
+def test_mining_benchmark_plans_rows_and_tabulates_them():
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import mining as bench
+
+    without = bench.plan([512], ["semihard"], None, 1, None, 512, 512)
+    assert [s["impl"] for s in without] == ["imports", "ours"]
+    specs = bench.plan([512, 1024], ["semihard", "all"], "/anchors", 2, (64, 256, 8), 512, 512)
+    impls = [(s["impl"], s.get("batch")) for s in specs]
+    assert impls[:3] == [("imports", None)] * 3
+    assert ("tfa_semihard", 512) in impls and ("tfa_semihard", 1024) not in impls
+    assert ("pml_all", 512) in impls and ("pml_all", 1024) not in impls
+    assert [s["chunk"] for s in specs if s["impl"] == "ours_chunked"] == [8, None]
+    assert all(s["repeats"] == 2 for s in specs)
+    with pytest.raises(ValueError, match="not a multiple of K=4"):
+        bench.layout(30)
+
+    row = bench.run_one({"impl": "ours", "strategy": "semihard", "batch": 8, "repeats": 1})
+    assert row["seconds"] > 0 and row["peak_rss_mb"] > 0
+    rows = [{"impl": "imports", "framework": "jax", "peak_rss_mb": 100.0},
+            {"impl": "imports", "framework": "torch", "peak_rss_mb": 300.0},
+            {**row, "seconds": 0.01, "peak_rss_mb": 150.0},
+            {"impl": "pml_semihard", "strategy": "semihard", "batch": 8, "seconds": 0.5,
+             "peak_rss_mb": 400.0},
+            {"impl": "tfa_semihard", "strategy": "semihard", "batch": 8,
+             "error": "killed by signal 9 (out of memory)"}]
+    table = bench.markdown(rows)
+    assert "| semihard | 8 (2×4) | ours | 10.0 |  | 150 | 50 |" in table
+    assert "| semihard | 8 (2×4) | pml_semihard | 500.0 | 50.0× | 400 | 100 |" in table
+    assert "failed: killed by signal 9 (out of memory)" in table
