@@ -131,6 +131,26 @@ def test_anchor_chunk_gives_the_same_triplets_values_and_gradients(strategy, sof
         assert float(sums["count"]) > 0
 
 
+def test_default_chunks_only_above_auto_chunk_elements(monkeypatch):
+    """anchor_chunk=None is one block up to AUTO_CHUNK_ELEMENTS distance entries (every test
+    batch here), and blocks of AUTO_CHUNK_ELEMENTS // B anchors above: with the threshold
+    lowered to 5·B the default call is the chunk-5 program, bit for bit."""
+    from facenet_jax.losses import triplet
+
+    assert triplet.AUTO_CHUNK_ELEMENTS >= 4096 * 4096
+    emb, labels = random_batch(0)
+    chunked = _sums_and_grad("semihard", False, 5, 5, 16)(emb, labels)
+    whole = _sums_and_grad("semihard", False, 16, 5, 16)(emb, labels)
+    monkeypatch.setattr(triplet, "AUTO_CHUNK_ELEMENTS", 5 * B)
+    automatic = jax.jit(jax.value_and_grad(lambda e, l: (lambda s: (s["loss_sum"], s))(
+        losses.triplet_loss_sums(e, l, anchor_start=5, num_anchors=16, margin=0.5,
+                                 strategy="semihard")), has_aux=True))(emb, labels)
+    for a, b in zip(jax.tree.leaves(automatic), jax.tree.leaves(chunked)):
+        np.testing.assert_array_equal(a, b)
+    (_, sums), _ = whole
+    assert float(automatic[0][1]["count"]) == float(sums["count"]) > 0
+
+
 def test_anchor_chunk_is_checked():
     emb, labels = jnp.zeros((4, 2)), jnp.zeros(4, jnp.int32)
     for bad in (0, -2, 1.5, True):
