@@ -24,8 +24,9 @@ tensorflow-addons typeguard`; torch and tensorflow come from the environment). T
 no longer imports under Keras 3 (TF >= 2.16): only its two loss files are loaded, see
 `_load_tfa_triplet`. Without --anchor-path the anchors are skipped.
 
---chunked A×C adds `triplet_loss_sums` of A anchors against C candidates with anchor_chunk
-(memory O(chunk·C)) and without it.
+--chunked A×C×c adds `triplet_loss_sums` of A anchors against C candidates with
+anchor_chunk=c (memory O(c·C)) and with anchor_chunk=A (one block). The default call
+(anchor_chunk=None) chunks by itself above `losses.triplet.AUTO_CHUNK_ELEMENTS`.
 
     python benchmarks/mining.py --anchor-path /work/bench_pkgs      # -> results/mining.json
 """
@@ -240,7 +241,7 @@ def plan(sizes: list[int], strategies: list[str], anchor_path: str | None, repea
                               "anchor_path": anchor_path})
     if chunked:
         anchors, candidates, chunk = chunked
-        for c in (chunk, None):
+        for c in (chunk, anchors):  # anchor_chunk = anchors: one block (no chunking)
             specs.append({"impl": "ours_chunked", "strategy": "semihard", "batch": candidates,
                           "anchors": anchors, "chunk": c})
     return [{**spec, "repeats": repeats} for spec in specs]

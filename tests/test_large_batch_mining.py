@@ -198,7 +198,7 @@ def test_mining_benchmark_plans_rows_and_tabulates_them():
     assert impls[:3] == [("imports", None)] * 3
     assert ("tfa_semihard", 512) in impls and ("tfa_semihard", 1024) not in impls
     assert ("pml_all", 512) in impls and ("pml_all", 1024) not in impls
-    assert [s["chunk"] for s in specs if s["impl"] == "ours_chunked"] == [8, None]
+    assert [s["chunk"] for s in specs if s["impl"] == "ours_chunked"] == [8, 64]
     assert all(s["repeats"] == 2 for s in specs)
     with pytest.raises(ValueError, match="not a multiple of K=4"):
         bench.layout(30)

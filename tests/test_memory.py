@@ -178,23 +178,27 @@ def _run(num_devices, strategy="semihard", steps=3, start_step=0):
     return history
 
 
-def test_train_step_memory_matches_a_one_device_reference_on_1_and_8_devices():
-    """With start_step = 1: step 0 neither mines the (empty) memory nor enqueues; step s mines
-    against the embeddings of steps 1..s-1 (FIFO, enqueued after each step), and its memory
-    loss equals the brute-force loss of the batch, embedded with the step's parameters,
-    against those rows; 1 and 8 devices give the same losses and states."""
-    one, eight = _run(1, start_step=1), _run(8, start_step=1)
+def test_train_step_memory_on_8_devices_matches_a_one_device_brute_force_reference():
+    """With start_step = 1, on 8 devices: step 0 neither mines the (empty) memory nor
+    enqueues; step s mines against the embeddings of steps 1..s-1 (FIFO, enqueued after each
+    step). Each step's batch loss and memory loss equal those computed on one device, without
+    collectives, from the batch embedded with the step's parameters (global-batch BN): the batch
+    loss by `triplet_loss`, the memory loss by brute force against the previous memory."""
     model = models.create_model("small_cnn", embedding_dim=DIM, bn_axis_name=None)
+    batch_loss = jax.jit(lambda e, l: losses.triplet_loss(e, l, margin=0.5,
+                                                          strategy="semihard")[0])
     previous = _memory_state(optax.sgd(0.5))
-    for s, ((state, metrics), (state8, metrics8)) in enumerate(zip(one, eight)):
+    for s, (state, metrics) in enumerate(_run(8, start_step=1)):
         images, labels = _images(s)
         embeddings, _ = model.apply(previous.variables, images.astype(np.float32) / 255.0,
                                     train=True, mutable=["batch_stats"])
+        np.testing.assert_allclose(metrics["loss"], batch_loss(embeddings, labels), rtol=2e-4,
+                                   atol=2e-6)
         memory = previous.memory
         ref, count = _brute_force_memory_loss(
             np.asarray(embeddings), labels, np.asarray(memory.embeddings),
             np.asarray(memory.labels), np.asarray(memory.valid), 0.5, "semihard")
-        np.testing.assert_allclose(metrics["memory_loss"], ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(metrics["memory_loss"], ref, rtol=2e-4, atol=2e-6)
         assert (count > 0) == (s > 1)
         if s == 0:
             assert not state.memory.valid.any()
@@ -204,13 +208,9 @@ def test_train_step_memory_matches_a_one_device_reference_on_1_and_8_devices():
             np.testing.assert_allclose(state.memory.embeddings[slots], embeddings, rtol=1e-4,
                                        atol=1e-5)
             assert int(state.memory.valid.sum()) == P_IDS * K * s
-        for name in ("loss", "memory_loss", "memory_fill", "grad_norm"):
-            np.testing.assert_allclose(metrics8[name], metrics[name], rtol=2e-4, atol=2e-6,
-                                       err_msg=name)
-        for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state)):
-            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(metrics["memory_fill"], memory.valid.mean())
         previous = state
-    assert float(one[-1][1]["memory_loss"]) > 0
+    assert ref > 0
 
 
 # --- config, size 0, resume ------------------------------------------------------------------
@@ -256,8 +256,8 @@ def test_resume_restores_the_memory_bit_exactly(tmp_path):
     parameters equal, bit for bit, those of four uninterrupted steps."""
     from facenet_jax import checkpoints
 
-    mesh, step, tx = _step(1, "semihard", 1)
-    straight = _run(1, steps=4, start_step=1)[-1][0]
+    mesh, step, tx = _step(8, "semihard", 1)
+    straight = _run(8, steps=4, start_step=1)[-1][0]
     state = parallel.put_replicated(_memory_state(tx), mesh)
     for s in range(2):
         state, _ = step(state, *_images(s))
