@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     # strategy: a batch-hard run that starts from semi-hard (docs/outputs_and_verification.md).
     loss.warmup_strategy = placeholder(str)
     loss.warmup_steps = 0
+    # Cross-batch memory (Wang et al. 2020; facenet_jax/losses/memory.py): size 0 = off.
+    loss.memory = ml_collections.ConfigDict(dict(size=0, start_step=0, weight=1.0))
 
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", embedding_dim=128, dtype="float32"))

@@ -39,6 +39,7 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "optimizer.backbone_lr_multiplier": 1.0,
     "data.alignment": None,
     "loss.warmup_strategy": None, "loss.warmup_steps": 0,  # no warm-up: one strategy throughout
+    "loss.memory.size": 0, "loss.memory.start_step": 0, "loss.memory.weight": 1.0,  # no memory
 }
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
@@ -92,12 +93,6 @@ def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def with_added_defaults(saved_flat: Mapping[str, Any]) -> dict[str, Any]:
-    """A flattened config recorded before some keys existed, with each missing key of
-    ADDED_KEY_DEFAULTS read as the value that reproduces the behaviour it was recorded with."""
-    return {**ADDED_KEY_DEFAULTS, **saved_flat}
-
-
 def with_added_keys(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A nested plain config recorded before some keys existed, with each missing key of
     ADDED_KEY_DEFAULTS filled in (what a run folder's config.json is read as)."""
@@ -118,7 +113,7 @@ def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
     ADDED_KEY_DEFAULTS (so old runs resume and old sweep cells are not stale).
     data.pairs.seed is compared by its effective value (`pairs_seed`): unset, or recorded
     before it existed, it equals a config that sets it to its `seed`."""
-    a = _effective_pairs_seed(with_added_defaults(flatten(saved)))
+    a = _effective_pairs_seed(flatten(with_added_keys(saved)))
     b = _effective_pairs_seed(flatten(current))
     allowed = set(allowed)
     return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k)
@@ -146,6 +141,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     number of trainable identities) happen when the data is loaded, still before compiling.
     """
     from facenet_jax import losses, models, optim  # local: keep `config` import-light
+    from facenet_jax.losses import memory
 
     for key in POSITIVE_INT_KEYS:
         value = functools.reduce(lambda node, part: node[part], key.split("."), config)
@@ -177,6 +173,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
                          f"got {config.eval.distance!r}")
     validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
                           num_devices)
+    memory.validate_memory_config(config.loss.get("memory", None),
+                                  config.batch.identities * config.batch.images_per_identity)
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                          f"{num_devices} devices; use a multiple of {num_devices}")

@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from facenet_jax import models, optim
+from facenet_jax.losses import memory as xbm
 
 
 @flax.struct.dataclass
@@ -30,6 +31,16 @@ class TrainState:
     @property
     def variables(self) -> dict[str, Any]:
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@flax.struct.dataclass
+class MemoryTrainState(TrainState):
+    """The train state of a run with a cross-batch memory (config.loss.memory.size > 0):
+    `memory` is a `losses.memory.CrossBatchMemory`, checkpointed with the rest. A separate
+    class, so a run without memory keeps exactly the old state tree (orbax restores only into
+    the tree a checkpoint was saved from)."""
+
+    memory: Any
 
 
 def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
@@ -52,16 +63,13 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
                        tx: optax.GradientTransformation) -> TrainState:
     """Initialises parameters from `config.seed` (identical on every process), on the host."""
     size = config.data.image_size
-    init_key, run_key = _keys(config)
+    init_key, _ = _keys(config)
 
     @jax.jit
     def init() -> TrainState:
         variables = model.init(init_key, jnp.zeros((2, size, size, 3), jnp.float32),
                                train=False)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), rng=run_key)
+        return state_from_variables(config, variables, tx)
 
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         return init()
@@ -75,10 +83,16 @@ def _keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
 
 def state_from_variables(config: ml_collections.ConfigDict, variables: Any,
                          tx: optax.GradientTransformation) -> TrainState:
-    """A step-0 train state holding given encoder variables ({"params", "batch_stats"}) and a
-    fresh optimizer: what `create_train_state` builds, without initialising (and compiling the
-    initialisation of) parameters that are replaced anyway (imported or fine-tuned weights)."""
+    """A step-0 train state holding given encoder variables ({"params", "batch_stats"}), a
+    fresh optimizer and, with `loss.memory.size` > 0, an empty cross-batch memory: what
+    `create_train_state` builds, and what a run starting from imported or fine-tuned weights
+    starts from without initialising (and compiling the initialisation of) parameters."""
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=_keys(config)[1])
+    fields = dict(step=jnp.zeros((), jnp.int32), params=params,
+                  batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                  rng=_keys(config)[1])
+    memory_spec = xbm.MemorySpec.from_config(config.loss)
+    if memory_spec is None:
+        return TrainState(**fields)
+    return MemoryTrainState(**fields, memory=xbm.init_memory(memory_spec.size,
+                                                             config.model.embedding_dim))

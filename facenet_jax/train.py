@@ -36,6 +36,7 @@ from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_pla
 from facenet_jax.embed import make_embedder
 from facenet_jax.logs import (MetricsWriter, cli_logging, one_line_user_errors, read_metrics,
                               truncate_metrics)
+from facenet_jax.losses import memory as xbm
 from facenet_jax.state import TrainState, build_model, build_optimizer, create_train_state
 
 AXIS = parallel.AXIS
@@ -44,7 +45,7 @@ TRAINING_CURVES_FILE = "training_curves.png"  # written after the last step
 # Training-line keys averaged over the steps since the previous log line.
 LOGGED_STATS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_triplets",
                 "num_active", "semihard_found_fraction", "embedding_spread", "learning_rate",
-                "grad_norm")
+                "grad_norm", "memory_loss", "memory_active_fraction", "memory_fill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class LossSpec:
     distance: str
     soft: bool
     options: tuple[tuple[str, Any], ...] = ()
+    memory: xbm.MemorySpec | None = None  # cross-batch memory; None: off
 
     @classmethod
     def from_config(cls, loss_config: ml_collections.ConfigDict,
@@ -72,7 +74,8 @@ class LossSpec:
             options.setdefault("max_positives", max(1, images_per_identity - 1))
         return cls(strategy=strategy, margin=float(loss_config.margin),
                    distance=loss_config.distance, soft=bool(loss_config.soft),
-                   options=tuple(sorted(options.items())))
+                   options=tuple(sorted(options.items())),
+                   memory=xbm.MemorySpec.from_config(loss_config))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,6 +97,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
     per-device gradients (the all_gather's transpose routes each anchor's gradient back to the
     device that embedded the candidate). With mining="local" each device mines in its shard.
     freeze_backbone_stats (backbone_lr_multiplier = 0): only the head's BN statistics update.
+
+    With `loss.memory`, the objective adds weight × the loss of the same anchors mined against
+    the cross-batch memory in `state.memory` (losses/memory.py); "loss" stays the batch's own
+    triplet loss and "memory_loss" is the other term. The global batch's embeddings are then
+    enqueued (from start_step on), the same on every device.
     """
     b = images.shape[0]
     device = lax.axis_index(AXIS)
@@ -111,14 +119,25 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
         else:
             candidates, candidate_labels = embeddings, labels
             anchor_start, mining_key = 0, jax.random.fold_in(key, device)
+        loss_kwargs = dict(margin=loss.margin, strategy=loss.strategy, distance=loss.distance,
+                           soft=loss.soft, **dict(loss.options))
         sums = losses.triplet_loss_sums(
             candidates, candidate_labels, anchor_start=anchor_start, num_anchors=b,
-            margin=loss.margin, strategy=loss.strategy, distance=loss.distance,
-            soft=loss.soft, key=mining_key, **dict(loss.options))
+            key=mining_key, **loss_kwargs)
         global_count = lax.psum(lax.stop_gradient(sums["count"]), AXIS)
-        return sums["loss_sum"] / jnp.maximum(global_count, 1.0), (sums, updates["batch_stats"])
+        value = sums["loss_sum"] / jnp.maximum(global_count, 1.0)
+        memory_sums = None
+        if loss.memory is not None:
+            memory_sums = xbm.memory_loss_sums(
+                candidates, candidate_labels, state.memory, anchor_start=anchor_start,
+                num_anchors=b, key=jax.random.fold_in(mining_key, 1), **loss_kwargs)
+            memory_count = lax.psum(lax.stop_gradient(memory_sums["count"]), AXIS)
+            value += loss.memory.weight * memory_sums["loss_sum"] / jnp.maximum(memory_count,
+                                                                                1.0)
+        return value, (sums, memory_sums, embeddings, updates["batch_stats"])
 
-    grads, (sums, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    grads, (sums, memory_sums, embeddings, batch_stats) = jax.grad(
+        objective, has_aux=True)(state.params)
     if freeze_backbone_stats:
         batch_stats = optim.keep_backbone_stats(state.batch_stats, batch_stats)
     grads = lax.psum(grads, AXIS)
@@ -129,6 +148,14 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
                               batch_stats=batch_stats, opt_state=opt_state)
     metrics = {"loss": loss_value, **stats, "grad_norm": optax.global_norm(grads),
                "learning_rate": schedule(state.step)}
+    if loss.memory is not None:
+        memory_loss, memory_stats = losses.reduce_triplet_sums(lax.psum(memory_sums, AXIS))
+        metrics.update(memory_loss=memory_loss,
+                       memory_active_fraction=memory_stats["active_fraction"],
+                       memory_fill=jnp.mean(state.memory.valid.astype(jnp.float32)))
+        new_state = new_state.replace(memory=xbm.enqueue_from(
+            state.memory, lax.all_gather(embeddings, AXIS, tiled=True),
+            lax.all_gather(labels, AXIS, tiled=True), state.step, loss.memory.start_step))
     return new_state, metrics
 
 

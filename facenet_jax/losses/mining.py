@@ -9,10 +9,12 @@ silent index 0: every choice comes with a mask saying whether it exists.
 Memory stays O(A·B) (O(B²)) for every rule: the rules that depend on each positive's distance
 (TF-Addons semi-hard, FaceNet's band) sort each anchor's negative distances once and
 binary-search every positive's distance in that row (`jnp.searchsorted`, method "scan":
-O(B log B) per anchor, never a B×B comparison per anchor). Semi-hard with `max_positives` = m
-(a P×K batch: K − 1) instead resolves each anchor's m positives by one masked min over its row
-each, O(m·B) per anchor with no sort (XLA's CPU sort dominates the step at B = 1,800); a batch
-with more positives per anchor falls back to the sort, so the result never depends on m.
+O(B log B) per anchor, never a B×B comparison per anchor). Semi-hard, by default, instead
+resolves each anchor's m positives by one masked min over its row each, O(m·B) per anchor with
+no sort (XLA's CPU sort dominates the step at B = 1,800), whenever no anchor has more than a
+static cap of positives (`SEMIHARD_POSITIVES_CAP`, or the `max_positives` hint); a batch with
+more falls back to the sort inside the same compiled program, so the result never depends on
+the cap.
 Random and distance-weighted sampling draw one uniform per (anchor, candidate) pair and look it
 up in the anchor's cumulative-weight row (inverse CDF), with no sort at all.
 """
@@ -107,6 +109,13 @@ def _column_at_rank(sorted_negatives: SortedNegatives, rank: jax.Array) -> jax.A
     return jnp.take_along_axis(sorted_negatives.columns, rank, axis=1)
 
 
+# Semi-hard mining resolves each anchor's positives by one masked pass over its row each while
+# no anchor of the batch has more than this many positives (every P×K batch with K ≤ 65);
+# beyond that, one row sort per anchor costs less. Measured on the 2-core CPU (B = 1024,
+# fwd+bwd): see docs/large_batch_mining.md.
+SEMIHARD_POSITIVES_CAP = 64
+
+
 def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
                   max_positives: int | None = None) -> PairNegatives:
     """TF-Addons `triplet_semihard_loss` rule, per ordered anchor-positive pair (a, p):
@@ -114,16 +123,26 @@ def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
     negative. Pairs whose anchor has no negative at all get no term.
 
     Ties go to the lowest column for the closest negative and to the highest for the farthest
-    (a stable sort's order). With `max_positives` = m (static), batches where no anchor has more
-    than m positives (a P×K batch: m = K − 1) skip the [A,B] sort: each anchor's m positives are
-    picked with `lax.top_k` and each is resolved by one masked min over the row, O(A·B·m) work
-    and O(A·B) memory; other batches take the sort path, so the result never depends on m.
+    (a stable sort's order). Two paths pick exactly these triplets, chosen inside the compiled
+    program by the batch's largest per-anchor positive count m (traced): while m ≤ the cap
+    (`max_positives`, default SEMIHARD_POSITIVES_CAP; static) the positives path runs m masked
+    passes over the [A,B] rows, O(A·B·m) work, O(A·B) memory, no sort; otherwise the sort
+    path. So the result never depends on the cap, only the speed does.
     """
-    if max_positives is None:
-        return _semihard_by_sort(d, positive, negative)
-    fits = jnp.max(jnp.sum(positive, axis=1)) <= max_positives
-    return lax.cond(fits, lambda: _semihard_by_positives(d, positive, negative, max_positives),
+    most = jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0)
+    return lax.cond(semihard_skips_sort(positive, max_positives),
+                    lambda: _semihard_by_positives(d, positive, negative, most),
                     lambda: _semihard_by_sort(d, positive, negative))
+
+
+def semihard_skips_sort(positive: jax.Array, max_positives: int | None = None) -> jax.Array:
+    """Whether `mine_semihard` takes its sort-free path on this batch: bool scalar (traced).
+
+    positive: [A,B] bool. True when no anchor has more positives than the cap (`max_positives`,
+    default SEMIHARD_POSITIVES_CAP).
+    """
+    cap = SEMIHARD_POSITIVES_CAP if max_positives is None else max_positives
+    return jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0) <= cap
 
 
 def _semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) -> PairNegatives:
@@ -138,34 +157,40 @@ def _semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) ->
 
 
 def _semihard_by_positives(d: jax.Array, positive: jax.Array, negative: jax.Array,
-                           max_positives: int) -> PairNegatives:
-    """The same rule for anchors with at most `max_positives` positives each (not checked)."""
+                           num_slots: jax.Array | int) -> PairNegatives:
+    """The same rule, one pass per positive slot: pass s resolves every anchor's (s+1)-th
+    positive (in column order). `num_slots` (may be traced: a while loop) must be at least the
+    largest positive count of any anchor; the caller guarantees it."""
     num_anchors, num_candidates = d.shape
-    slots = min(max_positives, num_candidates)
-    is_positive, positive_column = lax.top_k(positive.astype(jnp.float32), slots)  # [A,m]
-    slot_valid = is_positive > 0
-    d_ap = jnp.take_along_axis(d, positive_column, axis=1)
+    columns = jnp.arange(num_candidates, dtype=jnp.int32)
+    rows = jnp.arange(num_anchors)
+    # positive_rank[a, j] = number of a's positives in columns <= j; the (s+1)-th positive is
+    # the first column where it exceeds s, i.e. the count of columns where it is <= s.
+    positive_rank = jnp.cumsum(positive, axis=1, dtype=jnp.int32)
     negative_d = jnp.where(negative, d, jnp.inf)
     # The farthest negative, highest column among ties: argmax over the reversed row.
     farthest = num_candidates - 1 - jnp.argmax(
         jnp.where(negative, d, -jnp.inf)[:, ::-1], axis=1).astype(jnp.int32)
 
-    columns = jnp.arange(num_candidates, dtype=jnp.int32)
-
-    def resolve(slot: jax.Array) -> tuple[jax.Array, jax.Array]:
-        farther = jnp.where(d > d_ap[:, slot][:, None], negative_d, jnp.inf)  # [A,B]
+    def resolve(slot: jax.Array, chosen: tuple[jax.Array, jax.Array]
+                ) -> tuple[jax.Array, jax.Array]:
+        column_out, found_out = chosen
+        positive_column = jnp.sum(positive_rank <= slot, axis=1, dtype=jnp.int32)  # B: none
+        d_ap = jnp.take_along_axis(d, jnp.minimum(positive_column, num_candidates - 1)[:, None],
+                                   axis=1)
+        farther = jnp.where(d > d_ap, negative_d, jnp.inf)  # [A,B]
         closest_d = jnp.min(farther, axis=1, keepdims=True)
         found = closest_d[:, 0] < jnp.inf
         # Two plain min-reductions instead of argmin: XLA's CPU argmin is a slow variadic reduce.
         closest = jnp.min(jnp.where(farther == closest_d, columns, num_candidates), axis=1)
-        return jnp.where(found, closest, farthest), found
+        # Anchors without an (s+1)-th positive scatter out of bounds and are dropped.
+        column_out = column_out.at[rows, positive_column].set(
+            jnp.where(found, closest, farthest), mode="drop")
+        found_out = found_out.at[rows, positive_column].set(found, mode="drop")
+        return column_out, found_out
 
-    chosen, found = lax.map(resolve, jnp.arange(slots))  # [m,A] each: one [A,B] pass per slot
-    rows = jnp.broadcast_to(jnp.arange(num_anchors)[:, None], positive_column.shape)
-    # Unused slots scatter out of bounds and are dropped.
-    target = jnp.where(slot_valid, positive_column, num_candidates)
-    column = jnp.zeros(d.shape, jnp.int32).at[rows, target].set(chosen.T, mode="drop")
-    found_at = jnp.zeros(d.shape, bool).at[rows, target].set(found.T, mode="drop")
+    column, found_at = lax.fori_loop(0, num_slots, resolve,
+                                     (jnp.zeros(d.shape, jnp.int32), jnp.zeros(d.shape, bool)))
     has_term = positive & jnp.any(negative, axis=1, keepdims=True)
     return PairNegatives(column, has_term, has_term & found_at, has_term)
 

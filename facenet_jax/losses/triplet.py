@@ -9,8 +9,10 @@ Strategies (the exact rule and the reduction each one's loss is the mean over):
 
 - "semihard": TF-Addons `triplet_semihard_loss`. Per ordered anchor-positive pair, the closest
   negative strictly farther than the positive, else the farthest negative; mean over all
-  anchor-positive pairs whose anchor has a negative (zero-loss pairs included). Option
-  `max_positives` (None, or K − 1 for a P×K batch): same triplets, mined without a sort.
+  anchor-positive pairs whose anchor has a negative (zero-loss pairs included). Mined without
+  a sort while no anchor has more than `mining.SEMIHARD_POSITIVES_CAP` positives, with the
+  sort beyond (same triplets either way); option `max_positives` (None, or e.g. K − 1 for a
+  P×K batch) replaces that cap.
 - "semihard_facenet": per anchor-positive pair, a uniformly random negative with
   d(a,p) < d(a,n) < d(a,p) + margin (needs `key`); mean over the pairs that found one.
 - "hardest": batch-hard; per anchor, farthest positive and closest negative; mean over anchors
@@ -55,6 +57,11 @@ SUM_KEYS = ("loss_sum", "count", "num_triplets", "num_active", "d_ap_sum", "d_an
             "semihard_found", "semihard_pairs", "spread_sum", "spread_count")
 STATS_KEYS = ("num_triplets", "num_active", "active_fraction", "mean_d_ap", "mean_d_an",
               "semihard_found_fraction", "embedding_spread")
+
+# With anchor_chunk=None, anchors are mined in blocks once the [anchors, B] distance rows would
+# exceed this many elements (64 MB of float32): B = 8192 then takes 4 blocks of 2,048 anchors
+# and peaks at well under 1.5 GB, while every batch up to 4,096 runs in one block, unchanged.
+AUTO_CHUNK_ELEMENTS = 1 << 24
 
 # Soft batch-all has no closed form, so it loops over anchor chunks holding at most about this
 # many elements per [chunk, B, B] intermediate.
@@ -207,9 +214,17 @@ def _check_anchor_rows(anchor_start: jax.Array | int, num_anchors: int,
                          f"{num_candidates - num_anchors}")
 
 
+def _check_anchor_chunk(anchor_chunk: Any) -> None:
+    if anchor_chunk is not None and (isinstance(anchor_chunk, bool) or not isinstance(
+            anchor_chunk, numbers.Integral) or anchor_chunk < 1):
+        raise ValueError(f"anchor_chunk must be None (automatic) or an int >= 1, got "
+                         f"{anchor_chunk!r}")
+
+
 def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start: jax.Array | int,
                       num_anchors: int, margin: Any, strategy: str, distance: str = "squared",
                       soft: bool = False, key: jax.Array | None = None,
+                      anchor_chunk: int | None = None, candidate_mask: jax.Array | None = None,
                       **strategy_options: Any) -> TripletSums:
     """Additive loss sums for anchors [anchor_start, anchor_start + num_anchors) of the batch.
 
@@ -219,6 +234,16 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
     partition of the anchors (e.g. `lax.psum`) and applying `reduce_triplet_sums` gives
     `triplet_loss` on the whole batch. Only "loss_sum" carries a gradient. `key` is required by
     RANDOM_STRATEGIES and ignored by the others. See the module docstring for the rules.
+
+    anchor_chunk (static int): mine the anchors in blocks of this many rows, one after the
+    other (`lax.map`), each block under `jax.checkpoint` so its [chunk, B] distances are
+    recomputed in the backward pass instead of stored: memory O(chunk·B) forward and backward,
+    for B far above num_anchors (a memory bank, global mining over many devices). The same
+    triplets, counts and stats; values and gradients equal up to float summation order.
+    None (default): one block while num_anchors·B <= AUTO_CHUNK_ELEMENTS, else blocks of
+    AUTO_CHUNK_ELEMENTS // B anchors; pass num_anchors for one block always.
+    candidate_mask: optional bool [B]; columns where it is False are neither positives nor
+    negatives of any anchor (nor in the spread), e.g. the empty slots of a memory bank.
     """
     validate_loss_args(margin=margin, strategy=strategy, distance=distance, soft=soft,
                        strategy_options=strategy_options)
@@ -227,9 +252,45 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
         raise ValueError(f"strategy {strategy!r} samples negatives: pass key=jax.random.key(...)")
     num_candidates = embeddings.shape[0]
     _check_anchor_rows(anchor_start, num_anchors, num_candidates)
+    _check_anchor_chunk(anchor_chunk)
+    if candidate_mask is not None and candidate_mask.shape != (num_candidates,):
+        raise ValueError(f"candidate_mask has shape {candidate_mask.shape}; it must be "
+                         f"({num_candidates},), one flag per candidate row")
+
+    def block_sums(start: jax.Array | int, rows: int) -> TripletSums:
+        return _anchor_block_sums(embeddings, labels, start, rows, margin=margin,
+                                  strategy=strategy, distance=distance, soft=soft, key=key,
+                                  candidate_mask=candidate_mask, settings=settings)
+
+    if anchor_chunk is None:
+        anchor_chunk = max(1, AUTO_CHUNK_ELEMENTS // num_candidates)
+    if anchor_chunk >= num_anchors:
+        return block_sums(anchor_start, num_anchors)
+    num_blocks, rest = divmod(num_anchors, anchor_chunk)
+    starts = anchor_start + anchor_chunk * jnp.arange(num_blocks)
+    per_block = lax.map(jax.checkpoint(lambda start: block_sums(start, anchor_chunk)), starts)
+    sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_block)
+    if rest:  # the last, shorter block (its own static shape)
+        tail = block_sums(anchor_start + num_blocks * anchor_chunk, rest)
+        sums = jax.tree.map(jnp.add, sums, tail)
+    return sums
+
+
+def _anchor_block_sums(embeddings: jax.Array, labels: jax.Array, anchor_start: jax.Array | int,
+                       num_anchors: int, *, margin: Any, strategy: str, distance: str,
+                       soft: bool, key: jax.Array | None, candidate_mask: jax.Array | None,
+                       settings: dict[str, Any]) -> TripletSums:
+    """`triplet_loss_sums` of one block of anchor rows, arguments already checked."""
+    num_candidates = embeddings.shape[0]
     d = anchor_distance_rows(embeddings, anchor_start, num_anchors, distance)
     d_fixed = lax.stop_gradient(d)
     positive, negative = mining.label_masks(labels, anchor_start, num_anchors)
+    not_self = (anchor_start + jnp.arange(num_anchors))[:, None] != jnp.arange(num_candidates)
+    num_spread = num_anchors * (num_candidates - 1)
+    if candidate_mask is not None:
+        positive, negative = positive & candidate_mask, negative & candidate_mask
+        not_self = not_self & candidate_mask
+        num_spread = jnp.sum(not_self, dtype=jnp.float32)
 
     if strategy == "hardest":
         sums = _hardest_sums(d, positive, negative, margin, soft)
@@ -252,10 +313,9 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
         sums = _pair_sums(d, chosen, margin, soft)
 
     zero = jnp.zeros((), jnp.float32)
-    not_self = (anchor_start + jnp.arange(num_anchors))[:, None] != jnp.arange(num_candidates)
     return {"semihard_found": zero, "semihard_pairs": zero, **sums,
             "spread_sum": jnp.sum(jnp.where(not_self, d_fixed, 0.0)),
-            "spread_count": jnp.asarray(num_anchors * (num_candidates - 1), jnp.float32)}
+            "spread_count": jnp.asarray(num_spread, jnp.float32)}
 
 
 def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -276,12 +336,15 @@ def reduce_triplet_sums(sums: TripletSums) -> tuple[jax.Array, dict[str, jax.Arr
 
 def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: Any, strategy: str,
                  distance: str = "squared", soft: bool = False, key: jax.Array | None = None,
+                 anchor_chunk: int | None = None,
                  **strategy_options: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean triplet loss of the batch and its mining stats (STATS_KEYS).
 
     embeddings: [B,D]; labels: [B] int -> (loss scalar, dict of scalars). The rules are in the
-    module docstring; this is `triplet_loss_sums` over all B anchors, reduced.
+    module docstring; this is `triplet_loss_sums` over all B anchors (in blocks of
+    `anchor_chunk` rows if given), reduced.
     """
     return reduce_triplet_sums(triplet_loss_sums(
         embeddings, labels, anchor_start=0, num_anchors=embeddings.shape[0], margin=margin,
-        strategy=strategy, distance=distance, soft=soft, key=key, **strategy_options))
+        strategy=strategy, distance=distance, soft=soft, key=key, anchor_chunk=anchor_chunk,
+        **strategy_options))
