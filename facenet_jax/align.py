@@ -123,7 +123,11 @@ def align_one(source: pathlib.Path, output: pathlib.Path, detect: Detector, *, m
     face = choose_face(detect(image), *image.shape[:2], rule=face_rule)
     if face is None:
         return {**row, "status": "no face"}
-    aligned = crop(image, face, mode=mode, image_size=image_size, margin=margin)
+    try:
+        aligned = crop(image, face, mode=mode, image_size=image_size, margin=margin)
+    except ValueError as error:  # a box off the image or collapsed landmarks: no usable face
+        logging.warning("no usable face in %s: %s", source, error)
+        return {**row, "status": "no face"}
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp.png")
     Image.fromarray(aligned).save(tmp)

@@ -148,3 +148,24 @@ def test_align_cli_exits_non_zero_when_nothing_aligns(tmp_path):
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "aligned 0 of 1 images" in result.stdout
+
+
+def test_a_detection_that_gives_no_crop_is_no_face_not_a_crashed_run(tmp_path):
+    src = tmp_path / "raw" / "someone"
+    src.mkdir(parents=True)
+    Image.fromarray(np.full((60, 60, 3), 90, np.uint8)).save(src / "a.png")
+    Image.fromarray(np.full((60, 60, 3), 90, np.uint8)).save(src / "b.png")
+    landmarks = alignment.reference_landmarks(112) * 0.5
+
+    def detect(image):  # a.png: a box beyond the image; b.png: a usable face
+        off = float(image.shape[1]) + 50 if detect.calls == 0 else 5.0
+        detect.calls += 1
+        return [align.Face(box=np.array([off, 5.0, off + 40, 45.0]), score=0.99,
+                           landmarks=landmarks)]
+
+    detect.calls = 0
+    counts = align.align_folder(tmp_path / "raw", tmp_path / "out", mode="box", workers=1,
+                                detector=detect, progress=False)
+    assert counts == {"aligned": 1, "no face": 1, "unreadable": 0}
+    with (tmp_path / "out" / align.REPORT_FILE).open() as handle:
+        assert [r["status"] for r in csv.DictReader(handle)] == ["no face", "aligned"]
