@@ -81,12 +81,30 @@ def _bool_dtype(code: Any, align: bool = False, copy: bool = True) -> np.dtype:
     return np.dtype("b1", copy=True)  # a copy: BUILD's __setstate__ must not touch numpy's own
 
 
+class _BoolArray(np.ndarray):
+    """The only array a stream gets. BUILD's state names a dtype the stream built itself, and
+    a stream can BUILD that dtype too (`np.dtype.__setstate__` sets its flags unchecked: a
+    bool dtype flagged as holding objects, whose array's bytes numpy would then read as
+    pointers). So BUILD's dtype is checked to be bool and replaced by numpy's own."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("refused array state: not numpy's (version, shape, "
+                                         "dtype, fortran, data)")
+        version, shape, dtype, fortran, raw = state
+        if not (isinstance(dtype, np.dtype) and dtype.kind == "b" and dtype.itemsize == 1):
+            raise pickle.UnpicklingError(f"refused array of dtype {dtype!r}: bool only")
+        if not isinstance(raw, bytes):
+            raise pickle.UnpicklingError("refused array data: bool arrays hold raw bytes")
+        super().__setstate__((version, shape, np.dtype(bool), fortran, raw))
+
+
 def _reconstruct(cls: Any, shape: Any, dtype_code: Any) -> np.ndarray:
-    """numpy's `_reconstruct(ndarray, (0,), b'b')`: an empty array BUILD then fills; BUILD's
-    state names the real dtype, which can only come from `_bool_dtype`."""
+    """numpy's `_reconstruct(ndarray, (0,), b'b')`: an empty array BUILD then fills (with
+    numpy's own bool dtype, see `_BoolArray`)."""
     if cls is not _NDARRAY:
         raise pickle.UnpicklingError(f"refused array reconstruction of {cls!r}")
-    return np.ndarray((0,), dtype=np.uint8)
+    return np.ndarray((0,), dtype=bool).view(_BoolArray)
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
@@ -94,7 +112,7 @@ def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
     if not isinstance(dtype, np.dtype) or dtype != np.dtype(bool):
         raise pickle.UnpicklingError(f"refused numpy buffer of dtype {dtype!r}: bool only")
     array = np.frombuffer(bytes(buffer), dtype=bool)
-    return array.reshape(shape, order="F" if order == "F" else "C").copy()
+    return array.reshape(shape, order="F" if order == "F" else "C").copy().view(_BoolArray)
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], _StandIn] = {
@@ -144,7 +162,8 @@ def check_opcodes(data: bytes, source: str = "pickle") -> None:
 def load_data_pickle(data: bytes, source: str = "pickle", *, encoding: str = "bytes") -> Any:
     """Unpickles plain data (see the module docstring) from `data`; anything else is a
     `pickle.UnpicklingError` raised before it can run. `encoding="bytes"` reads Python 2 `str`
-    as bytes (how insightface's files must be read)."""
+    as bytes (how insightface's files must be read). Bool arrays come back as `_BoolArray`, an
+    ndarray subclass (np.asarray gives the plain array)."""
     check_opcodes(data, source)
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
@@ -152,3 +171,4 @@ def load_data_pickle(data: bytes, source: str = "pickle", *, encoding: str = "by
         raise pickle.UnpicklingError(f"{source}: {error}") from None
     except (EOFError, TypeError, ValueError, AttributeError) as error:
         raise pickle.UnpicklingError(f"{source}: not a readable data pickle ({error})") from None
+

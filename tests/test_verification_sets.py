@@ -93,6 +93,28 @@ def test_second_guard_alone_refuses_build_on_an_allowed_global():
     assert np.dtype(bool).byteorder == "|"  # numpy's own bool dtype untouched
 
 
+class _FlaggedBoolDtype:
+    """A bool dtype whose BUILD state flags it as holding objects (np.dtype.__setstate__ takes
+    the flags unchecked)."""
+
+    def __reduce__(self):
+        return (np.dtype, ("b1", False, True), (3, "|", None, None, None, -1, -1, 0x1 | 0x8 | 0x10))
+
+
+class _ArrayOfFlaggedDtype:
+    def __reduce__(self):
+        from numpy.core.multiarray import _reconstruct
+        return (_reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (16,), _FlaggedBoolDtype(), False, b"\x41" * 16))
+
+
+def test_an_array_never_takes_a_dtype_the_stream_rebuilt():
+    _, flags = safe_pickle.load_data_pickle(pickle.dumps(([], _ArrayOfFlaggedDtype()),
+                                                         protocol=2))
+    assert flags.dtype == np.dtype(bool) and not flags.dtype.hasobject
+    assert np.asarray(flags).tolist() == [True] * 16
+
+
 def test_structure_size_and_corrupt_image_errors(tmp_path, caplog):
     images, flags = synthetic_pairs(num_pairs=4, size=40)
     encoded = [png(i) for i in images]
