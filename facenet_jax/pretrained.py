@@ -18,8 +18,6 @@ extra: `pip install 'facenet_jax[pretrained]'`.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -250,7 +248,7 @@ def write_run(workdir: str | pathlib.Path, variables: dict[str, Any], *,
     import jax
     import jax.numpy as jnp
 
-    from facenet_jax import checkpoints, finetune, parallel
+    from facenet_jax import checkpoints, finetune, parallel, runfiles
     from facenet_jax.config import provenance, to_plain
     from facenet_jax.state import build_model as build_run_model
     from facenet_jax.state import build_optimizer, create_train_state, state_from_variables
@@ -269,11 +267,8 @@ def write_run(workdir: str | pathlib.Path, variables: dict[str, Any], *,
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
     checkpoints.save(manager, 0, parallel.put_replicated(state, mesh))
     manager.close()
-    payload = {"config": to_plain(config),
-               "provenance": {**provenance(), "imported": source_info}}
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, workdir / "config.json")
+    runfiles.atomic_write_json(workdir / "config.json", {
+        "config": to_plain(config), "provenance": {**provenance(), "imported": source_info}})
     return workdir
 
 
