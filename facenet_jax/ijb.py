@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facenet_jax import metrics, plots
+from facenet_jax import metrics, plots, runfiles
 from facenet_jax.config import json_safe, provenance
 from facenet_jax.data.alignment import align_by_landmarks
 from facenet_jax.data.folder import resize_array
@@ -310,9 +309,7 @@ def write_ijb(result: dict[str, Any], output: pathlib.Path) -> dict[str, Any]:
     result["figures"] = {"roc": str(plots.plot_roc(
         far, tar, output.with_name(f"{output.stem}_roc.png"), label=result["ijb_name"],
         auc=result["auc"], log_far=True, far_min=min(FAR_TARGETS), points=points))}
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(json_safe(result), indent=2))
-    os.replace(tmp, output)
+    runfiles.atomic_write_json(output, json_safe(result))
     return result
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from facenet_jax.config import json_safe
+from facenet_jax.runfiles import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 # Errors the command lines report as one line (bad flags, config values, missing files, an
@@ -72,9 +73,7 @@ def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [row for row in read_metrics(workdir) if row.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 class MetricsWriter:

@@ -281,10 +281,8 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
 
 
 def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    payload = {"config": to_plain(config), "provenance": provenance()}
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, workdir / "config.json")
+    runfiles.atomic_write_json(workdir / "config.json",
+                               {"config": to_plain(config), "provenance": provenance()})
 
 
 def _device_batches(sampler: data.PKSampler, mesh: jax.sharding.Mesh, steps: range,

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
-import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from facenet_jax import metrics
+from facenet_jax import metrics, runfiles
 from facenet_jax.config import json_safe, provenance, to_plain
 from facenet_jax.data.folder import resize_array
 from facenet_jax.data.pairs import Pairs
@@ -198,12 +196,8 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 def write_results(results: Mapping[str, Mapping[str, Any]], output: pathlib.Path) -> pathlib.Path:
     """Writes the JSON (atomically) and the markdown table beside it (same stem, .md)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(json_safe(results), indent=2))
-    os.replace(tmp, output)
-    table = output.with_suffix(".md")
-    table.write_text(markdown_table(results))
-    return table
+    runfiles.atomic_write_json(output, json_safe(results))
+    return runfiles.atomic_write_text(output.with_suffix(".md"), markdown_table(results))
 
 
 def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Path, *,

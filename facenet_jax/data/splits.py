@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 
 from facenet_jax.data.dataset import Dataset
 from facenet_jax.data.pairs import parse_pairs_file
+from facenet_jax.runfiles import atomic_write_text
 
 SPLITS = ("train", "validation", "test")
 
@@ -61,10 +61,7 @@ def split_names(splits: dict[str, Dataset]) -> dict[str, list[str]]:
 
 def write_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> None:
     """Writes the split's identity names (atomically) so later runs can prove it unchanged."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(split_names(splits), indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(split_names(splits), indent=1) + "\n")
 
 
 def check_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> None:
