@@ -348,6 +348,12 @@ def format_summary(result: dict[str, Any]) -> str:
         value = result.get(key)
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
+    def threshold() -> str:
+        # -inf (the k-fold "accept nothing", e.g. collapsed embeddings) is null in the JSON
+        value = result.get("threshold")
+        return ("-inf (accepts nothing)" if value is None or value == -np.inf
+                else f"{value:.4f}")
+
     def resolved(name: str) -> str:
         return ("" if result.get(f"val@far={name}_resolved", True) else
                 f" [unresolved: under 1/{name} different pairs in the training folds]")
@@ -364,7 +370,7 @@ def format_summary(result: dict[str, Any]) -> str:
         lines = [
             f"verification ({result['num_folds']}-fold, {result['num_pairs']} pairs, "
             f"{result.get('distance')} distance): accuracy {pct('accuracy')} ± "
-            f"{pct('accuracy_std')}  threshold {result['threshold']:.4f}",
+            f"{pct('accuracy_std')}  threshold {threshold()}",
             f"VAL@FAR=1e-3 {pct('val@far=1e-3')} ± {pct('val@far=1e-3_std')} (actual FAR "
             f"{pct('far@far=1e-3')}){resolved('1e-3')}  VAL@FAR=1e-2 {pct('val@far=1e-2')}"
             f"{resolved('1e-2')}  AUC {result['auc']:.4f}  EER {pct('eer')}",

@@ -168,6 +168,21 @@ def test_figure_title_names_run_data_split_step_and_distance(tmp_path):
             == "run7 · lfw_half, lfw_half_pairs.txt, fold 2 · step 5 · euclidean")
 
 
+def test_summary_of_an_accept_nothing_threshold_read_back_from_json():
+    # Collapsed embeddings: every distance 0, so accepting nothing ties the best accuracy and
+    # the k-fold threshold is -inf, which the JSON holds as null.
+    labels = np.repeat(np.arange(4), 2)
+    pairs = data.Pairs(np.array([0, 2, 4, 6, 0, 2, 4, 6]), np.array([1, 3, 5, 7, 2, 4, 6, 0]),
+                       np.array([True] * 4 + [False] * 4), np.array([0, 1] * 4))
+    result = {**evaluate.evaluate_embedded(np.tile([[1.0, 0.0, 0.0]], (8, 1)), labels, pairs,
+                                           distance="squared"), "distance": "squared"}
+    assert result["threshold"] == -np.inf
+    saved = json.loads(json.dumps(cfg.json_safe(result)))
+    assert saved["threshold"] is None
+    for summary in (evaluate.format_summary(result), evaluate.format_summary(saved)):
+        assert "threshold -inf (accepts nothing)" in summary
+
+
 def test_threshold_flag_accepts_numbers_and_run_only():
     assert evaluate._threshold_flag("0.5") == 0.5 and evaluate._threshold_flag("run") == "run"
     assert evaluate._threshold_flag(None) is None
