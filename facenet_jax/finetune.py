@@ -8,7 +8,6 @@ from its own checkpoints (the train loop restores those over this state), not fr
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import optax
 
 from facenet_jax import checkpoints
+from facenet_jax.embed import load_run_config
 from facenet_jax.state import TrainState, create_train_state, state_from_variables
 
 # Model keys that change what the loaded weights compute without changing their shapes: the
@@ -77,10 +77,7 @@ def check_structure(expected: Any, loaded: Any, *, source: str) -> None:
 
 
 def _check_same_meaning(config: ml_collections.ConfigDict, path: str | pathlib.Path) -> None:
-    from facenet_jax.config import with_added_keys
-
-    saved = with_added_keys(json.loads((pathlib.Path(path) / "config.json").read_text())
-                            ["config"])["model"]
+    saved = load_run_config(path).model
     for key in _SAME_MEANING_KEYS:
         if saved[key] != config.model[key]:
             raise ValueError(
