@@ -608,6 +608,18 @@ def test_aggregate_rows_columns_and_statuses(faked_sweep):
         assert (workdir / plot).stat().st_size > 10_000
 
 
+def test_aggregate_reads_a_run_recorded_before_a_key_existed_as_its_default(tmp_path):
+    cells = [{"loss.margin": 0.1, "loss.warmup_steps": 0}]
+    spec = sweep.load_sweep(_tiny_sweep_file(tmp_path, cells))
+    cell_dir = tmp_path / "runs" / sweep.cell_names(cells)[0]
+    _fake_cell(cell_dir, accuracy=0.9, losses=(0.3,), spreads=(1.5,), active=(0.8,))
+    recorded = to_plain(sweep.cell_config(spec["base"], {}, cells[0]))
+    del recorded["loss"]["warmup_steps"], recorded["loss"]["warmup_strategy"]
+    (cell_dir / "config.json").write_text(json.dumps({"config": recorded}))
+    [row] = sweep.aggregate(spec, tmp_path / "runs")
+    assert row["status"] == "ok" and row["loss.warmup_steps"] == 0
+
+
 def test_aggregate_only_cli_and_pending_cells(faked_sweep, tmp_path):
     spec, workdir, names = faked_sweep
     for name in names[1:]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from facenet_jax.config import flatten, pairs_seed, to_plain
+from facenet_jax.config import flatten, pairs_seed, to_plain, with_added_keys
 from facenet_jax.logs import read_metrics
 from facenet_jax.runfiles import atomic_write_text
 from facenet_jax.sweep import plots
@@ -301,7 +301,9 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
                                f"{'; '.join(stale[name])}"}
         else:
             saved = read_json(cell_dir / "config.json")
-            plain = saved["config"] if saved else to_plain(config)
+            # A run recorded before some keys existed reads them as their old behaviour (as
+            # the stale check does), so its row and its seed group match newer runs'.
+            plain = with_added_keys(saved["config"]) if saved else to_plain(config)
             evaluation, metrics = read_json(cell_dir / EVAL_FILE), read_metrics(cell_dir)
             status = read_json(cell_dir / STATUS_FILE)
         histories[name] = [row for row in metrics if "loss" in row]
