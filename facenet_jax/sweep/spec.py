@@ -191,11 +191,6 @@ def list_lines(sweep: Mapping[str, Any]) -> list[str]:
             for i, (name, cell) in enumerate(zip(cell_names(sweep["cells"]), sweep["cells"]))]
 
 
-def seed_group(cell: Mapping[str, Any]) -> str:
-    """The key that gathers a cell's runs over seeds: its overrides without `seed`."""
-    return _canonical({k: v for k, v in cell.items() if k != SEED_KEY})
-
-
 def _canonical(overrides: Mapping[str, Any]) -> str:
     return json.dumps(json_safe(dict(overrides)), sort_keys=True, default=repr)
 
