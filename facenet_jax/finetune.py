@@ -59,15 +59,21 @@ def _paths(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
             for k, v in jax.tree.leaves_with_path(tree)}
 
 
-def check_structure(expected: Any, loaded: Any, *, source: str) -> None:
-    """ValueError naming every parameter path that is missing, extra or of another shape in
-    `loaded` (from `source`) compared with `expected` (arrays or shape structs)."""
+def structure_problems(expected: Any, loaded: Any, *, source: str) -> list[str]:
+    """One line per parameter path that is missing, extra or of another shape in `loaded`
+    (from `source`) compared with `expected` (arrays or shape structs); [] when they fit."""
     want, have = _paths(expected), _paths(loaded)
     problems = [f"{p}: missing in {source}" for p in sorted(want.keys() - have.keys())]
     problems += [f"{p}: in {source} but not in this config's encoder"
                  for p in sorted(have.keys() - want.keys())]
     problems += [f"{p}: shape {have[p][0]} in {source}, {want[p][0]} here"
                  for p in sorted(want.keys() & have.keys()) if want[p][0] != have[p][0]]
+    return problems
+
+
+def check_structure(expected: Any, loaded: Any, *, source: str) -> None:
+    """ValueError naming every `structure_problems` of `loaded` (from `source`)."""
+    problems = structure_problems(expected, loaded, source=source)
     if problems:
         shown = "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more"
                                             if len(problems) > 12 else "")

@@ -180,19 +180,14 @@ def _shape_problems(variables: dict[str, Any], *repeats: int) -> list[str]:
     import jax
     import jax.numpy as jnp
 
+    from facenet_jax.finetune import structure_problems
+
     block35, block17, block8 = repeats
     model = build_model(block35_repeats=block35, block17_repeats=block17,
                         block8_repeats=block8)
     expected = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False))
-    want = {jax.tree_util.keystr(k, simple=True, separator="/"): v.shape
-            for k, v in jax.tree.leaves_with_path(dict(expected))}
-    got = {jax.tree_util.keystr(k, simple=True, separator="/"): v.shape
-           for k, v in jax.tree.leaves_with_path(variables)}
-    problems = [f"{path}: shape {got[path]}, expected {shape}"
-                for path, shape in want.items() if path in got and got[path] != shape]
-    problems += [f"nothing converts to {path}" for path in sorted(want.keys() - got.keys())]
-    return problems
+    return structure_problems(dict(expected), variables, source="the state_dict")
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
