@@ -407,7 +407,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         # The fine-tune's baseline: the imported encoder on the validation split, at step 0.
         start = evaluate.evaluate_dataset(embed, state.variables, validation, validation_pairs,
                                           distance=config.eval.distance)
-        writer.write(0, {f"eval/{k}": v for k, v in start.items() if isinstance(v, (int, float))})
+        writer.write(0, _logged_numbers("eval", start))
     logged: list[dict[str, float]] = []  # this process's training log rows, for the collapse rule
     collapse_warned = False
     window_start = time.perf_counter()
@@ -462,8 +462,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                 result = evaluate.evaluate_dataset(embed, state.variables, validation,
                                                    validation_pairs,
                                                    distance=config.eval.distance)
-                writer.write(done, {f"eval/{k}": v for k, v in result.items()
-                                    if isinstance(v, (int, float))})
+                writer.write(done, _logged_numbers("eval", result))
                 logging.info("validation split at step %d: accuracy %.4f ± %.4f, AUC %.4f "
                              "(%d pairs)", done, result["accuracy"], result["accuracy_std"],
                              result["auc"], result["num_pairs"])
@@ -498,6 +497,13 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         writer.close()
 
 
+def _logged_numbers(prefix: str, result: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation's numbers as training-log keys PREFIX/KEY (lists, strings and the
+    val@far=T_resolved flags left out): the step-0, periodic and final evaluations share it."""
+    return {f"{prefix}/{k}": v for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path, embed: Any,
                        variables: Any, splits: Mapping[str, data.Dataset],
                        writer: MetricsWriter, is_writer: bool) -> dict[str, Any]:
@@ -513,8 +519,7 @@ def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     result = evaluate.evaluate_run_test_split(config, workdir, embed, variables, splits["test"],
                                               step=step, write=is_writer)
     if is_writer:
-        writer.write(step, {f"test/{k}": v for k, v in result.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        writer.write(step, _logged_numbers("test", result))
         writer.write_images(step, {f"test/{name}": path
                                    for name, path in result["figures"].items()})
         plots.plot_training_curves(read_metrics(workdir), workdir / TRAINING_CURVES_FILE)
