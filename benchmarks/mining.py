@@ -259,7 +259,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             continue
         what = r["impl"] if r["impl"] != "ours_chunked" else (
             f"ours, {r['anchors']} anchors, anchor_chunk={r['chunk']}")
-        p, k = layout(r["batch"])
+        # The anchor_chunk rows always use K = 4 (_ours_chunked), whatever their size.
+        p, k = (r["batch"] // 4, 4) if r["impl"] == "ours_chunked" else layout(r["batch"])
         if "error" in r:
             lines.append(f"| {r['strategy']} | {r['batch']} ({p}×{k}) | {what} | failed: "
                          f"{r['error']} | | | |")
@@ -309,8 +310,10 @@ def main(argv: list[str] | None = None) -> None:
             int(x) for x in args.chunked.split("x"))
     except ValueError as error:
         parser.error(str(error))
-    if chunked is not None and len(chunked) != 3:
-        parser.error("--chunked takes ANCHORSxCANDIDATESxCHUNK, e.g. 1024x65536x64")
+    if chunked is not None and (len(chunked) != 3 or chunked[1] % 4
+                                or not 1 <= chunked[0] <= chunked[1]):
+        parser.error("--chunked takes ANCHORSxCANDIDATESxCHUNK with CANDIDATES a multiple of "
+                     "4 (K = 4) and 1 <= ANCHORS <= CANDIDATES, e.g. 1024x65536x64")
     if args.anchor_path and not pathlib.Path(args.anchor_path).is_dir():
         parser.error(f"--anchor-path {args.anchor_path} is not a folder")
     rows = []

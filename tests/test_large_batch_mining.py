@@ -216,3 +216,10 @@ def test_mining_benchmark_plans_rows_and_tabulates_them():
     assert "| semihard | 8 (2×4) | ours | 10.0 |  | 150 | 50 |" in table
     assert "| semihard | 8 (2×4) | pml_semihard | 500.0 | 50.0× | 400 | 100 |" in table
     assert "failed: killed by signal 9 (out of memory)" in table
+    chunked = {"impl": "ours_chunked", "strategy": "semihard", "batch": 1800, "anchors": 64,
+               "chunk": 8, "seconds": 0.02, "peak_rss_mb": 120.0}
+    assert "| semihard | 1800 (450×4) | ours, 64 anchors, anchor_chunk=8 |" in bench.markdown(
+        [chunked])
+    for bad in ("64x1802x8", "2000x1800x8"):
+        with pytest.raises(SystemExit):
+            bench.main(["--chunked", bad, "--sizes", "8"])
