@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -30,9 +31,9 @@ def validate_optimizer_config(opt: Any, num_steps: int) -> None:
         raise ValueError(
             "optimizer.decay_boundaries are fractions of num_steps in (0, 1), got "
             f"{tuple(opt.decay_boundaries)}")
-    if opt.backbone_lr_multiplier < 0:
-        raise ValueError("optimizer.backbone_lr_multiplier must be >= 0 (0 freezes the "
-                         f"backbone), got {opt.backbone_lr_multiplier}")
+    if not math.isfinite(opt.backbone_lr_multiplier) or opt.backbone_lr_multiplier < 0:
+        raise ValueError("optimizer.backbone_lr_multiplier must be >= 0 and finite (0 freezes "
+                         f"the backbone), got {opt.backbone_lr_multiplier}")
     if opt.weight_decay < 0 or (opt.grad_clip_norm is not None and opt.grad_clip_norm < 0):
         raise ValueError("optimizer.weight_decay and optimizer.grad_clip_norm must be >= 0")
 

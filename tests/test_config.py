@@ -45,6 +45,8 @@ def test_unknown_key_and_wrong_type_are_errors():
     ({"model.input_norm": "imagenet"}, "model.input_norm must be one of"),
     ({"model.bn_scale": True}, "inception_resnet_v1 only"),
     ({"optimizer.backbone_lr_multiplier": -0.5}, "backbone_lr_multiplier must be >= 0"),
+    ({"optimizer.backbone_lr_multiplier": float("nan")}, "backbone_lr_multiplier must be >= 0"),
+    ({"optimizer.backbone_lr_multiplier": float("inf")}, "backbone_lr_multiplier must be >= 0"),
 ])
 def test_validate_config_names_the_problem(override, message):
     config = cfg.load_config(DEFAULT, override)
