@@ -155,7 +155,7 @@ def build_step(model_name: str, size: int, p: int, k: int, devices: int, dtype: 
     model = build_model(config, bn_axis_name=parallel.AXIS)
     tx, schedule = build_optimizer(config)
     state = parallel.put_replicated(create_train_state(config, model, tx), mesh)
-    loss = LossSpec.from_config(config.loss, config.batch.images_per_identity)
+    loss = LossSpec.from_config(config.loss)
     step = make_train_step(mesh, model=model, tx=tx, schedule=schedule, loss=loss,
                            mining="global")
     rng = np.random.default_rng(0)

@@ -28,11 +28,17 @@ POSITIVE_INT_KEYS = RESUMABLE_KEYS + ("data.prefetch", "data.pairs.num_folds",
                                       "data.pairs.pairs_per_fold", "eval.batch_size",
                                       "model.embedding_dim")
 PAIRS_SEED_KEY = "data.pairs.seed"
+EXCLUDE_FROM_KEY = "data.split.exclude_pairs_from"
+# Where data.split.exclude_pairs_file's people come from (they go to the test split): "train"
+# (runs recorded before the key) or "train_and_validation" (the default: no choice is made on
+# the scored people either).
+EXCLUDE_FROM = ("train_and_validation", "train")
 # Keys added after runs were first recorded, each with the value that reproduces the behaviour
 # before it existed (also its default in experiments/default.py). A record without such a key
 # reads as this value, so adding a key never makes an old run "changed" or an old cell "stale".
 ADDED_KEY_DEFAULTS: dict[str, Any] = {
     PAIRS_SEED_KEY: None,  # unset: the pairs follow `seed`, as before the key
+    EXCLUDE_FROM_KEY: "train",  # the split such runs were trained with (see _effective_values)
     "model.input_norm": "symmetric",
     "model.bn_scale": False,
     "model.init_from": None,
@@ -111,13 +117,27 @@ def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
     """Dotted keys whose values differ between a recorded plain config and the current one,
     except the allowed ones; keys added to the project since the record read as their
     ADDED_KEY_DEFAULTS (so old runs resume and old sweep cells are not stale).
-    data.pairs.seed is compared by its effective value (`pairs_seed`): unset, or recorded
-    before it existed, it equals a config that sets it to its `seed`."""
-    a = _effective_pairs_seed(flatten(with_added_keys(saved)))
-    b = _effective_pairs_seed(flatten(current))
+    Keys are compared by their effective values (`_effective_values`)."""
+    a = _effective_values(flatten(with_added_keys(saved)))
+    b = _effective_values(flatten(current))
     allowed = set(allowed)
     return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k)
                   and (k in b or k not in ADDED_KEY_DEFAULTS))
+
+
+def without_unchanged_added_keys(plain: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain config as a record from before ADDED_KEY_DEFAULTS' keys would hold it: each
+    added key whose effective value is the one a record without it means is dropped (so what
+    is keyed by a config, e.g. the sweeps' pixel-baseline cache, keeps its old key)."""
+    flat = _effective_values(flatten(plain))
+    old = _effective_values({**flat, **{k: v for k, v in ADDED_KEY_DEFAULTS.items()
+                                        if k in flat}})
+    kept = json.loads(json.dumps(plain))  # a deep copy
+    for key in ADDED_KEY_DEFAULTS:
+        if key in flat and flat[key] == old[key]:
+            *parents, leaf = key.split(".")
+            functools.reduce(lambda node, part: node[part], parents, kept).pop(leaf)
+    return kept
 
 
 def pairs_seed(config: Mapping[str, Any]) -> int:
@@ -127,10 +147,16 @@ def pairs_seed(config: Mapping[str, Any]) -> int:
     return config["seed"] if seed is None else seed
 
 
-def _effective_pairs_seed(flat: dict[str, Any]) -> dict[str, Any]:
-    """A flattened config with an unset data.pairs.seed read as its `seed` (see pairs_seed)."""
+def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config with keys that change nothing read as one value: an unset
+    data.pairs.seed as its `seed` (see pairs_seed), so unset, absent and equal to `seed` are
+    one config; data.split.exclude_pairs_from as None without an exclude_pairs_file, so only
+    runs that excluded people can differ by it (a run recorded before the key, which moved
+    them from training only, resumes with --config.data.split.exclude_pairs_from=train)."""
     if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
         flat[PAIRS_SEED_KEY] = flat["seed"]
+    if flat.get("data.split.exclude_pairs_file") is None and EXCLUDE_FROM_KEY in flat:
+        flat[EXCLUDE_FROM_KEY] = None
     return flat
 
 
@@ -165,6 +191,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         raise ValueError(f"model.bn_scale=True is an option of inception_resnet_v1 only "
                          f"(model.name is {config.model.name!r}); leave it False")
     optim.validate_optimizer_config(config.optimizer, config.num_steps)
+    if config.data.split.exclude_pairs_from not in EXCLUDE_FROM:
+        raise ValueError(f"data.split.exclude_pairs_from must be one of {EXCLUDE_FROM}, got "
+                         f"{config.data.split.exclude_pairs_from!r}")
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
                          f"got {config.parallel.mining!r}")

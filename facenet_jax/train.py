@@ -60,18 +60,15 @@ class LossSpec:
     memory: xbm.MemorySpec | None = None  # cross-batch memory; None: off
 
     @classmethod
-    def from_config(cls, loss_config: ml_collections.ConfigDict,
-                    images_per_identity: int | None = None, *,
+    def from_config(cls, loss_config: ml_collections.ConfigDict, *,
                     warmup: bool = False) -> "LossSpec":
-        """With `images_per_identity` (K of a P×K batch), semi-hard mining gets
-        max_positives = K - 1 unless the config sets it: the same triplets, without the
-        [B, B] sort that dominates the step at large B (see mining.mine_semihard).
-        warmup=True: the loss of the first loss.warmup_steps steps, loss.warmup_strategy with
-        its default options (loss.options belong to loss.strategy)."""
+        """The step's loss from `config.loss`; warmup=True: the loss of the first
+        loss.warmup_steps steps, loss.warmup_strategy with its default options (loss.options
+        belong to loss.strategy). Semi-hard needs no max_positives hint: it takes its sort-free
+        path by itself for P×K batches (mining.semihard_skips_sort), and a K − 1 hint would
+        send the cross-batch memory's loss, whose anchors have many positives, to the sort."""
         strategy = loss_config.warmup_strategy if warmup else loss_config.strategy
         options = {} if warmup else dict(loss_config.options)
-        if strategy == "semihard" and images_per_identity is not None:
-            options.setdefault("max_positives", max(1, images_per_identity - 1))
         return cls(strategy=strategy, margin=float(loss_config.margin),
                    distance=loss_config.distance, soft=bool(loss_config.soft),
                    options=tuple(sorted(options.items())),
@@ -387,8 +384,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     def compiled_step(warmup: bool):
         return make_train_step(
             mesh, model=model, tx=tx, schedule=schedule, mining=config.parallel.mining,
-            loss=LossSpec.from_config(config.loss, config.batch.images_per_identity,
-                                      warmup=warmup),
+            loss=LossSpec.from_config(config.loss, warmup=warmup),
             freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0)
 
     step_fn = compiled_step(warmup=False)

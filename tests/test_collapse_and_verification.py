@@ -75,10 +75,10 @@ def test_warmup_loss_spec_uses_the_warmup_strategy_with_its_own_options():
     loss = ml_collections.ConfigDict({
         "strategy": "distance_weighted", "margin": 0.2, "distance": "squared", "soft": False,
         "options": {"cutoff": 0.6}, "warmup_strategy": "semihard", "warmup_steps": 5})
-    main = LossSpec.from_config(loss, images_per_identity=4)
-    warm = LossSpec.from_config(loss, images_per_identity=4, warmup=True)
+    main = LossSpec.from_config(loss)
+    warm = LossSpec.from_config(loss, warmup=True)
     assert (main.strategy, main.options) == ("distance_weighted", (("cutoff", 0.6),))
-    assert (warm.strategy, warm.options) == ("semihard", (("max_positives", 3),))
+    assert (warm.strategy, warm.options) == ("semihard", ())
 
 
 def test_verification_at_threshold_by_hand():
@@ -205,6 +205,28 @@ def test_pairs_file_people_leave_validation_as_well_as_training(tmp_path):
     assert splits["train"].identity_names == ["Person_0"]
     assert splits["validation"].identity_names == ["Person_2"]
     assert sorted(splits["test"].identity_names) == ["Person_1", "Person_3", "Person_4"]
+    # Runs recorded before exclude_pairs_from moved the people from training only.
+    old_rule = data.split_identities(ds, identity_files=tmp_path, exclude_pairs_file=pairs_file,
+                                     exclude_pairs_from="train")
+    assert old_rule["train"].identity_names == ["Person_0"]
+    assert old_rule["validation"].identity_names == ["Person_2", "Person_3"]
+    assert sorted(old_rule["test"].identity_names) == ["Person_1", "Person_4"]
+
+
+def test_a_run_that_excluded_pairs_people_before_the_new_rule_is_not_resumed_silently():
+    """A record without data.split.exclude_pairs_from means the old rule ("train"): it only
+    matters to runs with an exclude_pairs_file, which must ask for the old rule to resume."""
+    default = cfg.to_plain(cfg.load_config(cfg.__file__.replace("facenet_jax/config.py",
+                                                                "experiments/default.py")))
+    recorded = json.loads(json.dumps(default))
+    del recorded["data"]["split"]["exclude_pairs_from"]
+    assert cfg.changed_keys(recorded, default) == []
+    recorded["data"]["split"]["exclude_pairs_file"] = "pairs.txt"
+    current = json.loads(json.dumps(recorded))
+    current["data"]["split"]["exclude_pairs_from"] = "train_and_validation"
+    assert cfg.changed_keys(recorded, current) == ["data.split.exclude_pairs_from"]
+    current["data"]["split"]["exclude_pairs_from"] = "train"
+    assert cfg.changed_keys(recorded, current) == []
 
 
 def test_lfw_config_finds_the_shared_lfw_half_folder(shared_data):

@@ -78,13 +78,6 @@ def test_a_record_without_an_added_key_reads_as_its_old_behaviour(monkeypatch):
     assert cfg.changed_keys(recorded, current) == ["loss.soft"]
 
 
-def test_added_keys_default_to_the_behaviour_before_them():
-    flat = cfg.flatten(cfg.to_plain(cfg.load_config(DEFAULT)))
-    for key, old_value in cfg.ADDED_KEY_DEFAULTS.items():
-        assert key in flat, f"{key} is registered as added but is not in experiments/default.py"
-        assert flat[key] == old_value, key
-
-
 def test_json_safe_maps_non_finite_to_null():
     value = cfg.json_safe({"a": float("nan"), "b": np.float32(np.inf), "c": [1.5, np.int64(2)]})
     assert json.loads(json.dumps(value)) == {"a": None, "b": None, "c": [1.5, 2]}

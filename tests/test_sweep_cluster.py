@@ -3,6 +3,7 @@ running cell, seeds (the sweep file's field, aggregation over seeds, data.pairs.
 a fake train process so that nothing compiles."""
 
 import csv
+import functools
 import io
 import json
 import math
@@ -17,7 +18,7 @@ import time
 import pytest
 
 from facenet_jax import evaluate, sweep
-from facenet_jax.config import changed_keys, load_config, pairs_seed, to_plain
+from facenet_jax.config import ADDED_KEY_DEFAULTS, changed_keys, load_config, pairs_seed, to_plain
 from facenet_jax.sweep import report, spec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -385,13 +386,17 @@ def test_baseline_key_is_unchanged_for_configs_without_a_pairs_seed():
     baseline; pinning the pairs seed shares one baseline across training seeds."""
     import hashlib
     plain = to_plain(load_config(DEFAULT))
-    del plain["data"]["pairs"]["seed"]
+    for key in ADDED_KEY_DEFAULTS:  # the data config as it was before any key was added
+        *parents, leaf = key.split(".")
+        functools.reduce(lambda node, part: node[part], parents, plain).pop(leaf)
     identity = {"data": plain["data"], "seed": 0, "eval_distance": "squared"}
     old_key = "synthetic_" + hashlib.sha1(json.dumps(identity, sort_keys=True, default=repr)
                                           .encode()).hexdigest()[:8]
     assert sweep.baseline_key(load_config(DEFAULT)) == old_key
     assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4, "data.pairs.seed": 0})) == old_key
     assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4})) != old_key
+    # An added key at a value that changes something gives a new key.
+    assert sweep.baseline_key(load_config(DEFAULT, {"data.alignment": "box"})) != old_key
 
 
 # ----------------------------------------------------------------------------------------------

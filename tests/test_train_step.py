@@ -80,8 +80,8 @@ def _assert_tree_close(actual, expected, what):
                                    err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-# Every strategy, plus semi-hard's positives-only path (each device's anchors mined against
-# the gathered batch with max_positives = K - 1, what the train CLI sets).
+# Every strategy, plus semi-hard with the max_positives hint (each device's anchors mined
+# against the gathered batch with the cap at K - 1).
 GLOBAL_CASES = [(strategy, ()) for strategy in losses.STRATEGIES] + [
     ("semihard", (("max_positives", K - 1),))]
 

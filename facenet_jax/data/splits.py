@@ -19,8 +19,8 @@ SPLITS = ("train", "validation", "test")
 
 def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                      seed: int = 0, identity_files: str | pathlib.Path | None = None,
-                     exclude_pairs_file: str | pathlib.Path | None = None
-                     ) -> dict[str, Dataset]:
+                     exclude_pairs_file: str | pathlib.Path | None = None,
+                     exclude_pairs_from: str = "train_and_validation") -> dict[str, Dataset]:
     """Splits identities (never images) into "train", "validation" and "test".
 
     By `fractions` of the identities (shuffled by `seed`; test and validation sizes rounded,
@@ -28,7 +28,8 @@ def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1
     validation.txt and test.txt (one identity name per line; identities in none are left out,
     logged). `exclude_pairs_file`: every identity named in that pairs file moves from train and
     validation to test, so a model evaluated on those pairs never trained on those people and
-    no choice (threshold, step, hyper-parameter) was made on them.
+    no choice (threshold, step, hyper-parameter) was made on them; exclude_pairs_from="train"
+    moves them from train only (the rule of runs recorded before exclude_pairs_from existed).
     """
     if identity_files is not None:
         assignment = _assignment_from_files(dataset, pathlib.Path(identity_files))
@@ -36,12 +37,12 @@ def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1
         assignment = _assignment_from_fractions(dataset.num_identities, fractions, seed)
     if exclude_pairs_file is not None:
         named = pair_file_identities(exclude_pairs_file)
+        sources = (0, 1) if exclude_pairs_from == "train_and_validation" else (0,)
         moved = [i for i, name in enumerate(dataset.identity_names)
-                 if name in named and assignment[i] in (0, 1)]
+                 if name in named and assignment[i] in sources]
         assignment[moved] = 2
-        logging.info("excluded %d identities named in %s from training and validation (moved "
-                     "to test)",
-                     len(moved), exclude_pairs_file)
+        logging.info("excluded %d identities named in %s from %s (moved to test)",
+                     len(moved), exclude_pairs_file, exclude_pairs_from.replace("_", " "))
     return {name: dataset.subset(np.flatnonzero(assignment == side))
             for side, name in enumerate(SPLITS)}
 
@@ -51,7 +52,8 @@ def split_dataset(dataset: Dataset, data_config: Any) -> dict[str, Dataset]:
     split = data_config.split
     return split_identities(
         dataset, fractions=(split.train, split.validation, split.test), seed=split.seed,
-        identity_files=split.identity_files, exclude_pairs_file=split.exclude_pairs_file)
+        identity_files=split.identity_files, exclude_pairs_file=split.exclude_pairs_file,
+        exclude_pairs_from=split.exclude_pairs_from)
 
 
 def split_names(splits: dict[str, Dataset]) -> dict[str, list[str]]:

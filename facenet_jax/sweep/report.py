@@ -20,7 +20,8 @@ from typing import Any
 
 import ml_collections
 
-from facenet_jax.config import flatten, pairs_seed, to_plain, with_added_keys
+from facenet_jax.config import (flatten, pairs_seed, to_plain, with_added_keys,
+                                without_unchanged_added_keys)
 from facenet_jax.logs import read_metrics
 from facenet_jax.runfiles import atomic_write_text
 from facenet_jax.sweep import plots
@@ -253,7 +254,7 @@ def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
 
 def baseline_key(config: ml_collections.ConfigDict) -> str:
     """What the pixel baseline depends on: the data config, the pairs seed, the distance."""
-    plain = to_plain(config)
+    plain = without_unchanged_added_keys(to_plain(config))  # keys of before them stay valid
     data = {**plain["data"], "pairs": {k: v for k, v in plain["data"]["pairs"].items()
                                        if k != "seed"}}  # its effective value is "seed" below
     identity = {"data": data, "seed": pairs_seed(plain),
