@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from facenet_jax.sweep.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,  # noqa: F401
+from facenet_jax.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,  # noqa: F401
                                         COLLAPSE_SPREAD_OF_MARGIN, COLLAPSE_WINDOW,
                                         collapse_spread, is_collapsed)
 from facenet_jax.sweep.records import (CELL_FILE, EVAL_FILE, FAILED_STATUSES, LOG_FILE,  # noqa: F401

@@ -25,7 +25,7 @@ from facenet_jax.config import (flatten, pairs_seed, to_plain, with_added_keys,
 from facenet_jax.logs import read_metrics
 from facenet_jax.runfiles import atomic_write_text
 from facenet_jax.sweep import plots
-from facenet_jax.sweep.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,
+from facenet_jax.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,
                                         COLLAPSE_SPREAD_OF_MARGIN, COLLAPSE_WINDOW, is_collapsed)
 from facenet_jax.sweep.records import EVAL_FILE, STATUS_FILE, check_records, read_json
 from facenet_jax.sweep.spec import (REPO_ROOT, SEED_KEY, cell_config, cell_names, digest,
