@@ -191,28 +191,6 @@ def test_threshold_flag_accepts_numbers_and_run_only():
             evaluate._threshold_flag(bad)
 
 
-def test_pairs_file_people_leave_validation_as_well_as_training(tmp_path):
-    names = [f"Person_{i}" for i in range(6)]
-    ds = data.Dataset(images=np.zeros((12, 4, 4, 3), np.uint8),
-                      labels=np.repeat(np.arange(6), 2).astype(np.int32), identity_names=names)
-    for split in ("train", "validation", "test"):
-        (tmp_path / f"{split}.txt").write_text(
-            {"train": "Person_0\nPerson_1\n", "validation": "Person_2\nPerson_3\n",
-             "test": "Person_4\n"}[split])
-    pairs_file = tmp_path / "pairs.txt"
-    pairs_file.write_text("1\t1\nPerson_1\t1\t2\nPerson_3\t1\tPerson_4\t2\n")
-    splits = data.split_identities(ds, identity_files=tmp_path, exclude_pairs_file=pairs_file)
-    assert splits["train"].identity_names == ["Person_0"]
-    assert splits["validation"].identity_names == ["Person_2"]
-    assert sorted(splits["test"].identity_names) == ["Person_1", "Person_3", "Person_4"]
-    # Runs recorded before exclude_pairs_from moved the people from training only.
-    old_rule = data.split_identities(ds, identity_files=tmp_path, exclude_pairs_file=pairs_file,
-                                     exclude_pairs_from="train")
-    assert old_rule["train"].identity_names == ["Person_0"]
-    assert old_rule["validation"].identity_names == ["Person_2", "Person_3"]
-    assert sorted(old_rule["test"].identity_names) == ["Person_1", "Person_4"]
-
-
 def test_a_run_that_excluded_pairs_people_before_the_new_rule_is_not_resumed_silently():
     """A record without data.split.exclude_pairs_from means the old rule ("train"): it only
     matters to runs with an exclude_pairs_file, which must ask for the old rule to resume."""

@@ -296,6 +296,26 @@ def test_write_pairs_refuses_identity_names_with_whitespace(tmp_path):
     np.testing.assert_array_equal(back.is_same, pairs.is_same)
 
 
+def test_pairs_file_people_leave_validation_as_well_as_training(tmp_path):
+    ds = _toy([2] * 6)
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.txt").write_text(
+            {"train": "Person_0\nPerson_1\n", "validation": "Person_2\nPerson_3\n",
+             "test": "Person_4\n"}[split])
+    pairs_file = tmp_path / "pairs.txt"
+    pairs_file.write_text("1\t1\nPerson_1\t1\t2\nPerson_3\t1\tPerson_4\t2\n")
+    splits = data.split_identities(ds, identity_files=tmp_path, exclude_pairs_file=pairs_file)
+    assert splits["train"].identity_names == ["Person_0"]
+    assert splits["validation"].identity_names == ["Person_2"]
+    assert sorted(splits["test"].identity_names) == ["Person_1", "Person_3", "Person_4"]
+    # Runs recorded before exclude_pairs_from moved the people from training only.
+    old_rule = data.split_identities(ds, identity_files=tmp_path, exclude_pairs_file=pairs_file,
+                                     exclude_pairs_from="train")
+    assert old_rule["train"].identity_names == ["Person_0"]
+    assert old_rule["validation"].identity_names == ["Person_2", "Person_3"]
+    assert sorted(old_rule["test"].identity_names) == ["Person_1", "Person_4"]
+
+
 @pytest.mark.parametrize("bad_line, problem", [
     ("Jean Paul\t1\t2", r":3: image number 'Paul'"),  # a spaced name: 4 fields, misparsed
     ("Person_1\t1", r":3: expected 3 fields .* got 2"),
