@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from facenet_jax import models, optim
-from facenet_jax.losses import memory as xbm
+from facenet_jax import models, objectives, optim
 
 
 @flax.struct.dataclass
@@ -32,6 +31,19 @@ class TrainState:
     def variables(self) -> dict[str, Any]:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
+    # What the step hands its objective (objectives/base.py): its parameters and its
+    # non-trained state. A state without either field has none of them.
+    @property
+    def objective_params(self) -> Any:
+        return {}
+
+    @property
+    def objective_extra(self) -> Any:
+        return None
+
+    def with_objective_extra(self, extra: Any) -> "TrainState":
+        return self
+
 
 @flax.struct.dataclass
 class MemoryTrainState(TrainState):
@@ -41,6 +53,13 @@ class MemoryTrainState(TrainState):
     the tree a checkpoint was saved from)."""
 
     memory: Any
+
+    @property
+    def objective_extra(self) -> Any:
+        return self.memory
+
+    def with_objective_extra(self, extra: Any) -> "MemoryTrainState":
+        return self.replace(memory=extra)
 
 
 def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
@@ -84,15 +103,15 @@ def _keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
 def state_from_variables(config: ml_collections.ConfigDict, variables: Any,
                          tx: optax.GradientTransformation) -> TrainState:
     """A step-0 train state holding given encoder variables ({"params", "batch_stats"}), a
-    fresh optimizer and, with `loss.memory.size` > 0, an empty cross-batch memory: what
+    fresh optimizer and the objective's initial non-trained state (with `loss.memory.size` > 0,
+    an empty cross-batch memory): what
     `create_train_state` builds, and what a run starting from imported or fine-tuned weights
     starts from without initialising (and compiling the initialisation of) parameters."""
     params = variables["params"]
     fields = dict(step=jnp.zeros((), jnp.int32), params=params,
                   batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                   rng=_keys(config)[1])
-    memory_spec = xbm.MemorySpec.from_config(config.loss)
-    if memory_spec is None:
+    extra = objectives.from_config(config).init_extra(config.model.embedding_dim)
+    if extra is None:
         return TrainState(**fields)
-    return MemoryTrainState(**fields, memory=xbm.init_memory(memory_spec.size,
-                                                             config.model.embedding_dim))
+    return MemoryTrainState(**fields, memory=extra)

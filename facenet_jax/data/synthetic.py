@@ -108,7 +108,6 @@ def render_faces(face: dict[str, np.ndarray], nuisance: dict[str, np.ndarray],
     """Draws n faces: per-image parameter arrays [n] (colours [n,3]) → float32 [n,S,S,3]."""
     n = len(nuisance["angle"])
     col = lambda v: v.reshape(n, 1, 1)  # noqa: E731
-    rgb = lambda v: v.reshape(n, 1, 1, 3)  # noqa: E731
     edge = np.float32(2.0 / size)  # a one-pixel soft edge, in face units
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
     v, u = np.meshgrid(grid, grid, indexing="ij")

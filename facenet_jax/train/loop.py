@@ -1,0 +1,480 @@
+"""The training loop: resume checks, data, the compiled step, periodic actions (log lines,
+evaluations, checkpoints), preemption and the final evaluations. Effects: files, devices,
+signals, terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from facenet_jax import (checkpoints, data, evaluate, finetune, objectives, parallel, plots,
+                         runfiles, verification_sets)
+from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
+                                validate_config)
+from facenet_jax.embed import make_embedder
+from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
+from facenet_jax.state import build_model, build_optimizer, create_train_state
+from facenet_jax.train.step import AXIS, make_train_step
+
+LOCK_FILE = ".lock"  # held by the training process; see _exclusive_workdir
+TRAINING_CURVES_FILE = "training_curves.png"  # written after the last step
+# Logged beside the objective's own stats_keys (averaged over the steps since the last line).
+STEP_STATS = ("learning_rate", "grad_norm")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message names the step and the last good
+    checkpoint."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Preemption":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _prepare_workdir(workdir: pathlib.Path, is_writer: bool) -> None:
+    """Creates DIR and proves it writable before any long work (clear error otherwise)."""
+    if not is_writer:
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"workdir {workdir} is not writable ({error.strerror}); choose another "
+                      "--workdir or free space/permissions there") from error
+
+
+@contextlib.contextmanager
+def _exclusive_workdir(workdir: pathlib.Path, is_writer: bool) -> Iterator[None]:
+    """Holds an exclusive lock on DIR/.lock while training (process 0; flock, dropped by the
+    kernel if the process dies; a DIR/.lock.excl file where the filesystem refuses flock, see
+    runfiles.exclusive_lock). Two runs in one DIR, e.g. a requeued job whose old copy still
+    runs, would each delete the other's in-progress checkpoint as a torn save."""
+    if not is_writer:
+        yield
+        return
+    try:
+        with runfiles.exclusive_lock(workdir / LOCK_FILE, what=f"training in {workdir}") as kind:
+            if kind == "flock":
+                logging.info("workdir lock: flock on %s", workdir / LOCK_FILE)
+            else:  # say so: the lock then depends on the fallback's stale-file rule
+                logging.warning("workdir lock: the filesystem refused flock; took the lock file "
+                                "%s%s instead", workdir / LOCK_FILE, runfiles.FALLBACK_SUFFIX)
+            yield
+    except runfiles.LockHeldError as error:
+        raise RuntimeError(f"{error}, or use another --workdir") from None
+
+
+def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                         reached: int | None) -> None:
+    """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys.
+
+    Only a checkpoint binds the config (`reached`: DIR's newest checkpoint step, None without
+    one): a run that stopped before its first save (bad data, a NaN at step 3) may be started
+    again with a corrected config in the same DIR.
+    """
+    saved_path = workdir / "config.json"
+    if not saved_path.exists() or reached is None:
+        return
+    saved = json.loads(saved_path.read_text())["config"]
+    differing = changed_keys(saved, to_plain(config))
+    if differing:
+        details = "; ".join(
+            f"{k}: {_lookup(saved, k)!r} -> {_lookup(to_plain(config), k)!r}" for k in differing)
+        raise ValueError(
+            f"{workdir} holds a run with a different config ({details}). A resumed run may only "
+            f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
+
+
+def _check_num_steps(reached: int | None, num_steps: int) -> None:
+    """A resumed run may not ask for fewer steps than its newest checkpoint (step `reached`)
+    already holds."""
+    if reached is not None and reached > num_steps:
+        raise ValueError(
+            f"config.num_steps={num_steps} is below the step {reached} this workdir already "
+            f"reached; pass --config.num_steps >= {reached}")
+
+
+def _check_enough_identities(dataset: data.Dataset) -> None:
+    """Training needs 2 identities and the test split 2 more, whatever the split fractions."""
+    if dataset.num_identities < 4:
+        raise ValueError(
+            f"the dataset holds {dataset.num_identities} usable identities "
+            f"({dataset.identity_names}; those below data.min_images_per_identity are "
+            "dropped); training needs at least 2 and the held-out test split 2 more: add "
+            "identities (folders root/<identity>/<image>) or check data.root")
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    runfiles.atomic_write_json(workdir / "config.json",
+                               {"config": to_plain(config), "provenance": provenance()})
+
+
+def _device_batches(sampler: data.PKSampler, mesh: jax.sharding.Mesh, steps: range,
+                    prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Host batches built ahead in a background thread, put on the devices one step early."""
+    process, count = jax.process_index(), jax.process_count()
+    host = data.prefetch((sampler.host_batch(s, process, count) for s in steps), prefetch)
+    pending = None
+    for images, labels in host:
+        batch = parallel.put_global_batch((images, labels), mesh)
+        if pending is not None:
+            yield pending
+        pending = batch
+    if pending is not None:
+        yield pending
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, start: int, total: int, enabled: bool,
+                 fields: tuple[tuple[str, str, str], ...]):
+        self._bar = None
+        self._fields = fields  # the objective's (label, metric key, format) after the loss
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, row: Mapping[str, Any], steps_done: int, total: int,
+               seconds_per_step: float) -> None:
+        summary = "  ".join([f"loss {row['loss']:.4f}"]
+                            + [f"{label} {row[key]:{fmt}}" for label, key, fmt in self._fields]
+                            + [f"{row['images_per_second']:.0f} img/s"])
+        if self._bar is not None:
+            self._bar.update(steps_done)
+            self._bar.set_postfix_str(summary)
+        else:
+            eta = (total - step) * seconds_per_step
+            logging.info("step %d/%d  %s  ETA %.0fs", step, total, summary, eta)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _mean_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+class _TrainingLog:
+    """The steps' metrics since the last log line: on `flush`, checked for non-finite values,
+    averaged, written (metrics.jsonl, TensorBoard), shown as progress and watched for collapse.
+    Time spent outside training (evaluations, saves) is left out of images/s by `restart`."""
+
+    def __init__(self, *, workdir: pathlib.Path, writer: MetricsWriter, progress: _Progress,
+                 objective: objectives.Objective, batch_size: int, num_steps: int,
+                 last_checkpoint: int | None, is_writer: bool):
+        self.workdir, self.writer, self.progress = workdir, writer, progress
+        self.objective, self.batch_size, self.num_steps = objective, batch_size, num_steps
+        self.last_checkpoint, self.is_writer = last_checkpoint, is_writer
+        self.keys = objective.stats_keys + STEP_STATS
+        self.pending: list[dict[str, jax.Array]] = []
+        self.rows: list[dict[str, float]] = []  # this process's rows, for the collapse rule
+        self.collapse_warned = False
+        self.restart()
+
+    def restart(self) -> None:
+        self.window_start = time.perf_counter()
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append(metrics)
+
+    def flush(self, step: int) -> None:
+        if not self.pending:
+            return
+        rows = parallel.to_host(self.pending)
+        self._check_finite(rows, step)
+        elapsed = time.perf_counter() - self.window_start
+        row = {k: v for k, v in _mean_rows(rows).items() if k in self.keys}
+        row["images_per_second"] = self.batch_size * len(rows) / max(elapsed, 1e-9)
+        self.writer.write(step, row)
+        self.progress.update(step, row, len(rows), self.num_steps, elapsed / len(rows))
+        self.pending.clear()
+        self.rows.append(row)
+        warning = (None if self.collapse_warned
+                   else self.objective.collapse_warning(self.rows, step))
+        if warning is not None:
+            self.collapse_warned = True
+            if self.is_writer:
+                logging.warning("%s", warning)
+        self.restart()
+
+    def _check_finite(self, rows: list[dict[str, np.ndarray]], step: int) -> None:
+        """A finite loss with a non-finite gradient would make the next checkpoint NaN."""
+        for offset, row in enumerate(rows):
+            bad_values = {k: float(row[k]) for k in ("loss", "grad_norm")
+                          if not math.isfinite(float(row[k]))}
+            if bad_values:
+                bad = step - len(rows) + offset + 1
+                last = self.last_checkpoint
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient ({bad_values}) at step {bad}; last good "
+                    f"checkpoint: {last if last is not None else 'none'} "
+                    f"in {checkpoints.checkpoint_dir(self.workdir)}. Re-running the same "
+                    "command repeats the same batches from there; to change the learning rate, "
+                    "optimizer.grad_clip_norm or the data, start a new --workdir (or, with no "
+                    "checkpoint yet, re-run in this one).")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicAction:
+    """Something the loop does after step `done` when `due(done)`: `run(done, state)`, after
+    the training log is flushed up to that step (so a non-finite loss is reported as such
+    first). Actions that are not training (evaluations, saves) restart the images/s window."""
+
+    due: Callable[[int], bool]
+    run: Callable[[int, Any], None]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir` and returns the test-split evaluation.
+
+    after_step(done): called after each step's actions (its checkpoint included), e.g. by
+    tests that interrupt a run at an exact point.
+    """
+    parallel.maybe_initialize_distributed(config.parallel.distributed)
+    workdir = pathlib.Path(workdir).resolve()
+    is_writer = jax.process_index() == 0
+    mesh = parallel.make_mesh()
+    validate_config(config, num_devices=mesh.size)
+    _prepare_workdir(workdir, is_writer)
+    with _exclusive_workdir(workdir, is_writer):
+        return _train_in(workdir, config, mesh, is_writer, after_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The run's splits, its evaluation pairs and sets, and its training sampler."""
+
+    splits: Mapping[str, data.Dataset]
+    validation_pairs: Any  # None when the validation split has fewer than 2 identities
+    benchmark_sets: Any
+    sampler: data.PKSampler
+
+
+def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               mesh: jax.sharding.Mesh, resuming: bool) -> _Data:
+    """Loads and splits the data; a resumed run must see the same people. Every check that
+    needs the data (enough identities, a test split big enough for its pairs) runs here,
+    before compiling."""
+    dataset = data.load_dataset(config.data)
+    _check_enough_identities(dataset)
+    splits = data.split_dataset(dataset, config.data)
+    if resuming:
+        data.check_split_record(workdir / evaluate.SPLIT_FILE, splits)
+    evaluate.generated_pairs(config, splits["test"], "test")  # a too-small test split fails now
+    validation = splits["validation"]
+    return _Data(
+        splits=splits,
+        validation_pairs=(evaluate.generated_pairs(config, validation, "validation")
+                          if validation.num_identities >= 2 else None),
+        benchmark_sets=verification_sets.configured_sets(config.eval, config.data.image_size),
+        sampler=data.PKSampler(
+            splits["train"], identities=config.batch.identities,
+            images_per_identity=config.batch.images_per_identity, seed=config.seed,
+            num_shards=mesh.size, augment=config.data.augment))
+
+
+def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+              mesh: jax.sharding.Mesh, is_writer: bool,
+              after_step: Callable[[int], None] | None) -> dict[str, Any]:
+    """train_and_evaluate's body, run while this process holds DIR's lock."""
+    reached = checkpoints.latest_step(workdir)  # read once: the checks below all need it
+    _check_resume_config(workdir, config, reached)
+    _check_num_steps(reached, config.num_steps)
+    if reached is None and config.model.init_from is not None:  # a resume never reads it
+        finetune.check_init_dir(config.model.init_from)
+    model = build_model(config, bn_axis_name=AXIS)
+    tx, schedule = build_optimizer(config)
+    if is_writer:  # from the state's shapes alone: before loading data or compiling
+        checkpoints.check_free_space(
+            workdir, jax.eval_shape(lambda: create_train_state(config, model, tx)))
+    run_data = _load_data(config, workdir, mesh, resuming=reached is not None)
+
+    state = parallel.put_replicated(
+        finetune.initial_state(config, model, tx, resuming=reached is not None), mesh)
+    manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
+    restored = checkpoints.restore_latest(manager, state)
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        logging.info("resumed from step %d", start_step)
+    if is_writer:
+        truncate_metrics(workdir, start_step)
+        _write_config(workdir, config)
+        data.write_split_record(workdir / evaluate.SPLIT_FILE, run_data.splits)
+
+    def compiled_step(objective: objectives.Objective):
+        return make_train_step(
+            mesh, model=model, tx=tx, schedule=schedule, objective=objective,
+            freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0)
+
+    objective = objectives.from_config(config)
+    step_fn = compiled_step(objective)
+    warmup_steps = config.loss.warmup_steps
+    warmup_fn = (compiled_step(objectives.from_config(config, warmup=True)) if warmup_steps
+                 else None)
+    embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
+                          batch_size=config.eval.batch_size, flip=config.eval.flip)
+    # TensorBoard drops the events a killed earlier attempt logged past the restored step.
+    writer = MetricsWriter(workdir, enabled=is_writer,
+                           purge_step=start_step + 1 if restored is not None else None)
+    progress = _Progress(start_step, config.num_steps, enabled=is_writer,
+                         fields=objective.progress_fields)
+    log = _TrainingLog(
+        workdir=workdir, writer=writer, progress=progress, objective=objective,
+        batch_size=config.batch.identities * config.batch.images_per_identity,
+        num_steps=config.num_steps,
+        last_checkpoint=start_step if restored is not None else None, is_writer=is_writer)
+    if (config.model.init_from is not None and restored is None
+            and run_data.validation_pairs is not None):
+        # The fine-tune's baseline: the imported encoder on the validation split, at step 0.
+        _evaluate_validation(config, embed, run_data, writer, 0, state, quiet=True)
+
+    with _Preemption() as preemption:
+        actions = _periodic_actions(config, workdir, embed, run_data, writer, log, manager,
+                                    preemption)
+        steps = range(start_step, config.num_steps)
+        for step, (images, labels) in zip(steps, _device_batches(
+                run_data.sampler, mesh, steps, config.data.prefetch)):
+            state, metrics = (warmup_fn if step < warmup_steps else step_fn)(state, images,
+                                                                             labels)
+            log.add(metrics)
+            done = step + 1
+            for action in actions:
+                if action.due(done):
+                    log.flush(done)
+                    action.run(done, state)
+            if after_step is not None:
+                after_step(done)
+            if preemption.requested:
+                logging.warning("SIGTERM: saved step %d; re-run the same command to resume",
+                                done)
+                progress.close()
+                writer.close()
+                return {"preempted": True, "step": done}
+    log.flush(config.num_steps)
+    progress.close()
+    try:
+        return _final_evaluations(config, workdir, embed, state.variables, run_data.splits,
+                                  writer, is_writer)
+    finally:
+        writer.close()
+
+
+def _periodic_actions(config: ml_collections.ConfigDict, workdir: pathlib.Path, embed: Any,
+                      run_data: _Data, writer: MetricsWriter, log: _TrainingLog,
+                      manager: Any, preemption: _Preemption) -> list[PeriodicAction]:
+    """In order: the training log line, the validation split, the benchmark .bin sets, the
+    checkpoint (also on SIGTERM)."""
+    num_steps = config.num_steps
+
+    def evaluate_validation(done: int, state: Any) -> None:
+        _evaluate_validation(config, embed, run_data, writer, done, state)
+        log.restart()  # images/s measures training alone
+
+    def evaluate_sets(done: int, state: Any) -> None:
+        writer.write(done, verification_sets.training_metrics(
+            functools.partial(embed, state.variables), run_data.benchmark_sets,
+            distance=config.eval.distance))
+        log.restart()
+
+    def save(done: int, state: Any) -> None:
+        writer.flush()  # TensorBoard up to date with the checkpoint, as metrics.jsonl is
+        checkpoints.save(manager, done, state)
+        log.restart()
+        log.last_checkpoint = done
+
+    actions = [PeriodicAction(lambda d: d % config.log_every == 0 or d == num_steps,
+                              lambda d, s: None)]  # the flush before each action logs
+    if run_data.validation_pairs is not None:
+        actions.append(PeriodicAction(lambda d: d % config.eval_every == 0,
+                                      evaluate_validation))
+    if run_data.benchmark_sets:
+        actions.append(PeriodicAction(lambda d: d % config.eval_every == 0, evaluate_sets))
+    actions.append(PeriodicAction(
+        lambda d: d % config.checkpoint_every == 0 or d == num_steps or preemption.requested,
+        save))
+    return actions
+
+
+def _evaluate_validation(config: ml_collections.ConfigDict, embed: Any, run_data: _Data,
+                         writer: MetricsWriter, step: int, state: Any, *,
+                         quiet: bool = False) -> None:
+    """The validation split's verification, logged as eval/... at `step`."""
+    result = evaluate.evaluate_dataset(embed, state.variables, run_data.splits["validation"],
+                                       run_data.validation_pairs,
+                                       distance=config.eval.distance)
+    writer.write(step, _logged_numbers("eval", result))
+    if not quiet:
+        logging.info("validation split at step %d: accuracy %.4f ± %.4f, AUC %.4f "
+                     "(%d pairs)", step, result["accuracy"], result["accuracy_std"],
+                     result["auc"], result["num_pairs"])
+
+
+def _logged_numbers(prefix: str, result: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation's numbers as training-log keys PREFIX/KEY (lists, strings and the
+    val@far=T_resolved flags left out): the step-0, periodic and final evaluations share it."""
+    return {f"{prefix}/{k}": v for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path, embed: Any,
+                       variables: Any, splits: Mapping[str, data.Dataset],
+                       writer: MetricsWriter, is_writer: bool) -> dict[str, Any]:
+    """After the last step: the validation split (when it has 2 identities) →
+    eval_validation.json, whose threshold is the run's (evaluate.run_threshold); the test split
+    → eval.json; both with figures. The test metrics and figures also go to TensorBoard
+    (test/...), and the training curves to DIR/training_curves.png. Returns the test result."""
+    step = config.num_steps
+    if splits["validation"].num_identities >= 2:
+        evaluate.evaluate_run_test_split(config, workdir, embed, variables,
+                                         splits["validation"], step=step, write=is_writer,
+                                         split="validation")
+    result = evaluate.evaluate_run_test_split(config, workdir, embed, variables, splits["test"],
+                                              step=step, write=is_writer)
+    if is_writer:
+        writer.write(step, _logged_numbers("test", result))
+        writer.write_images(step, {f"test/{name}": path
+                                   for name, path in result["figures"].items()})
+        plots.plot_training_curves(read_metrics(workdir), workdir / TRAINING_CURVES_FILE)
+    return result

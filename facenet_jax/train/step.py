@@ -1,0 +1,93 @@
+"""The per-device train step (pmap semantics over `parallel.AXIS`) and its compiled form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from facenet_jax import optim, parallel
+from facenet_jax.objectives import LossSpec, Objective, TripletObjective, weighted_objective
+from facenet_jax.state import TrainState
+
+AXIS = parallel.AXIS
+# Folded into the step's key for the encoder's dropout masks: the mining keys stay as they were.
+_DROPOUT_STREAM = 0xD0
+
+
+def _objective(objective: Objective | None, loss: LossSpec | None, mining: str) -> Objective:
+    """`objective`, or the triplet objective that `loss` and `mining` stand for."""
+    if (objective is None) == (loss is None):
+        raise TypeError("pass either objective= or loss= (with mining=) to the train step")
+    return objective if objective is not None else TripletObjective(loss, mining)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               objective: Objective | None = None, loss: LossSpec | None = None,
+               mining: str = "global", freeze_backbone_stats: bool = False
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update, per device, with pmap semantics over the axis `AXIS`.
+
+    images: this device's shard, uint8 [b, H, W, 3] holding whole identities; labels: int [b].
+    `objective` (objectives/base.py) turns the embeddings into additive sums; `loss`+`mining`
+    is shorthand for `TripletObjective(loss, mining)`. The per-device value is the objective's
+    share of the global mean (`weighted_objective`), so the psum of the per-device encoder
+    gradients is the gradient of the whole batch's mean: the all_gather inside a global-mining
+    objective transposes to a psum_scatter that routes each candidate's gradient back to the
+    device that embedded it. Metrics are the objective's (from the psum'd sums) plus grad_norm
+    and learning_rate. freeze_backbone_stats (backbone_lr_multiplier = 0): only the embedding
+    head's BN statistics update. Dropout (an encoder with dropout_rate > 0) draws per device
+    from the step's key.
+    """
+    objective = _objective(objective, loss, mining)
+    key = jax.random.fold_in(state.rng, state.step)
+    dropout_key = jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM),
+                                     lax.axis_index(AXIS))
+    extra = state.objective_extra
+    x = images.astype(jnp.float32) / 255.0
+
+    def value(params: Any) -> tuple[jax.Array, tuple[Any, Any, Any]]:
+        embeddings, updates = model.apply(
+            {"params": params["encoder"], "batch_stats": state.batch_stats}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        terms = objective.sums(params["head"], extra, embeddings, labels, key)
+        return (weighted_objective(terms, objective.term_weights),
+                (terms, embeddings, updates["batch_stats"]))
+
+    params = {"encoder": state.params, "head": state.objective_params}
+    grads, (terms, embeddings, batch_stats) = jax.grad(value, has_aux=True)(params)
+    grads = psum_replicated(grads, {"encoder": P(), "head": objective.param_specs()})
+    if freeze_backbone_stats:
+        batch_stats = optim.keep_backbone_stats(state.batch_stats, batch_stats)
+    updates, opt_state = tx.update(grads["encoder"], state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
+                                                                              updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    new_state = new_state.with_objective_extra(
+        objective.update(extra, embeddings, labels, state.step))
+    metrics = {**objective.reduce(lax.psum(terms, AXIS), extra),
+               "grad_norm": optax.global_norm(grads["encoder"]), "learning_rate": schedule(state.step)}
+    return new_state, metrics
+
+
+def psum_replicated(grads: Any, specs: Any) -> Any:
+    """The gradient tree with each replicated leaf (spec `P()`) psum'd over `AXIS`; a leaf
+    sharded over it keeps its own device's gradient, already the whole batch's. `specs`: a
+    PartitionSpec per leaf, or one for a whole subtree."""
+    def reduce(spec: P, subtree: Any) -> Any:
+        return lax.psum(subtree, AXIS) if spec == P() else subtree
+    return jax.tree.map(reduce, specs, grads, is_leaf=lambda x: isinstance(x, P))
+
+
+def make_train_step(mesh: jax.sharding.Mesh, **step_kwargs: Any):
+    """`train_step` compiled once over the mesh; the state buffers are donated."""
+    def per_device(state, images, labels):
+        return train_step(state, images, labels, **step_kwargs)
+    return parallel.shard_per_device(
+        per_device, mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()),
+        donate_argnums=(0,))
