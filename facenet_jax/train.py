@@ -282,7 +282,7 @@ def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
                                {"config": to_plain(config), "provenance": provenance()})
 
 
-def _device_batches(sampler: data.PKSampler, mesh: jax.sharding.Mesh, steps: range,
+def _device_batches(sampler: data.RowSampler, mesh: jax.sharding.Mesh, steps: range,
                     prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Host batches built ahead in a background thread, put on the devices one step early."""
     process, count = jax.process_index(), jax.process_count()
@@ -363,10 +363,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     validation = splits["validation"]
     validation_pairs = (evaluate.generated_pairs(config, validation, "validation")
                         if validation.num_identities >= 2 else None)
-    sampler = data.PKSampler(
-        splits["train"], identities=config.batch.identities,
-        images_per_identity=config.batch.images_per_identity, seed=config.seed,
-        num_shards=mesh.size, augment=config.data.augment)
+    sampler = data.make_sampler(splits["train"], config, num_shards=mesh.size)
 
     state = parallel.put_replicated(
         finetune.initial_state(config, model, tx, resuming=reached is not None), mesh)
