@@ -133,8 +133,7 @@ def test_a_config_recorded_without_the_sampler_key_is_unchanged_and_reads_pk():
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
-    ({"data.sampler": "random"}, 1, r"unknown data.sampler 'random'; valid samplers: pk, "
-                                    r"uniform"),
+    ({"data.sampler": "random"}, 1, r"unknown data.sampler 'random'; valid samplers: pk, uniform"),
     ({"data.sampler": "uniform", "batch.identities": 10, "batch.images_per_identity": 3}, 8,
      r"batch size .* = 30 is not divisible by the 8 devices; make the product 24 or 32"),
     ({"data.sampler": "uniform", "batch.identities": 0}, 1,
