@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.pairs = ml_collections.ConfigDict(dict(num_folds=10, pairs_per_fold=300,
                                                 seed=placeholder(int)))
     data.augment = ml_collections.ConfigDict(dict(crop_padding=2, flip=True))
+    # Training batches: "pk" (P identities × K images, what triplet mining needs) or "uniform"
+    # (every image once per epoch, for classification; batch.identities × images_per_identity
+    # is then only the batch size). See docs/data.md.
+    data.sampler = "pk"
     data.prefetch = 4
     # The crops a model expects ("box": FaceNet-style margin crop, "landmarks": ArcFace-style
     # 5-point alignment; see `python -m facenet_jax.align`); None: not recorded.

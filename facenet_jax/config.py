@@ -27,6 +27,8 @@ RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "k
 POSITIVE_INT_KEYS = RESUMABLE_KEYS + ("data.prefetch", "data.pairs.num_folds",
                                       "data.pairs.pairs_per_fold", "eval.batch_size",
                                       "model.embedding_dim")
+# The uniform sampler reads P×K only as its batch size: each factor just has to be >= 1.
+UNIFORM_BATCH_KEYS = ("batch.identities", "batch.images_per_identity")
 PAIRS_SEED_KEY = "data.pairs.seed"
 EXCLUDE_FROM_KEY = "data.split.exclude_pairs_from"
 # Where data.split.exclude_pairs_file's people come from (they go to the test split): "train"
@@ -44,6 +46,7 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "model.init_from": None,
     "optimizer.backbone_lr_multiplier": 1.0,
     "data.alignment": None,
+    "data.sampler": "pk",  # P×K batches
     "loss.warmup_strategy": None, "loss.warmup_steps": 0,  # no warm-up: one strategy throughout
     "loss.memory.size": 0, "loss.memory.start_step": 0, "loss.memory.weight": 1.0,  # no memory
 }
@@ -166,10 +169,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     Raises ValueError naming the key and the fix. Dataset-dependent checks (P not above the
     number of trainable identities) happen when the data is loaded, still before compiling.
     """
-    from facenet_jax import losses, models, optim  # local: keep `config` import-light
+    from facenet_jax import data, losses, models, optim  # local: keep `config` import-light
     from facenet_jax.losses import memory
 
-    for key in POSITIVE_INT_KEYS:
+    data.validate_sampler(config.data.sampler)
+    uniform = config.data.sampler == "uniform"
+    for key in POSITIVE_INT_KEYS + (UNIFORM_BATCH_KEYS if uniform else ()):
         value = functools.reduce(lambda node, part: node[part], key.split("."), config)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}; pass "
@@ -200,8 +205,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.eval.distance not in losses.DISTANCES:
         raise ValueError(f"eval.distance must be one of {losses.DISTANCES}, "
                          f"got {config.eval.distance!r}")
-    validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
-                          num_devices)
+    if uniform:
+        validate_uniform_batch(config.batch.identities * config.batch.images_per_identity,
+                               num_devices)
+    else:
+        validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
+                              num_devices)
     memory.validate_memory_config(config.loss.get("memory", None),
                                   config.batch.identities * config.batch.images_per_identity)
     if config.eval.batch_size % num_devices:
@@ -235,11 +244,31 @@ def validate_batch_layout(identities: int, images_per_identity: int, num_devices
         raise ValueError(f"batch.images_per_identity (K) = {images_per_identity}: with K < 2 "
                          "no anchor has a positive; set --config.batch.images_per_identity >= 2")
     if identities % num_devices:
-        lower = max(num_devices, identities // num_devices * num_devices)
+        lower = _multiple_below(identities, num_devices)
         raise ValueError(
             f"batch.identities (P) = {identities} is not divisible by the {num_devices} "
             f"devices; each device must hold whole identities: use P = {lower} or "
             f"{lower + num_devices}")
+
+
+def validate_uniform_batch(batch_size: int, num_devices: int) -> None:
+    """The uniform sampler's batch (P×K, only a size there): >= 1 and split evenly over the
+    devices. No K >= 2 rule: its batches carry no identity structure anyway."""
+    if batch_size < 1:
+        raise ValueError(f"the uniform sampler's batch size batch.identities × "
+                         f"batch.images_per_identity = {batch_size} must be >= 1")
+    if batch_size % num_devices:
+        lower = _multiple_below(batch_size, num_devices)
+        raise ValueError(
+            f"the uniform sampler's batch size batch.identities × batch.images_per_identity "
+            f"= {batch_size} is not divisible by the {num_devices} devices; make the product "
+            f"{lower} or {lower + num_devices} (e.g. --config.batch.images_per_identity=1 "
+            f"--config.batch.identities={lower})")
+
+
+def _multiple_below(value: int, divisor: int) -> int:
+    """The largest positive multiple of divisor not above value (divisor itself if none)."""
+    return max(divisor, value // divisor * divisor)
 
 
 def provenance() -> dict[str, Any]:

@@ -77,6 +77,9 @@ def _state_shapes(config):
     ({"model.name": "resnet19"}, "resnet18"),
     ({"batch.identities": 12}, r"not divisible by the 8 devices.*P = 8 or 16"),
     ({"batch.images_per_identity": 1}, r"K\) = 1.*images_per_identity >= 2"),
+    ({"data.sampler": "shuffled"}, r"unknown data.sampler 'shuffled'; valid samplers: pk"),
+    ({"data.sampler": "uniform", "batch.identities": 5}, r"batch size .* = 10 is not divisible "
+                                                         r"by the 8 devices"),
     # Zeros that used to fail only deep inside the run (the prefetch thread, the final
     # evaluation's batching, the initialiser) or left 0 pairs.
     ({"data.prefetch": 0}, r"data\.prefetch must be a positive integer, got 0; pass "

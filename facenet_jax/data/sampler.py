@@ -1,9 +1,11 @@
-"""The P×K sampler: each step's batch is P identities × K images, a pure function of
-(seed, step), laid out identity-major so that any contiguous 1/n of the rows holds whole
-identities (P/n of them, all K images each)."""
+"""Batch samplers: the global batch of a step is a pure function of (seed, step); each process
+reads a contiguous slice of it. `PKSampler`: P identities × K images, laid out identity-major
+so that any contiguous 1/n of the rows holds whole identities (P/n of them, all K images
+each). `UniformSampler` (uniform_sampler.py): every training image once per epoch."""
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +17,48 @@ from facenet_jax.data.augment import Augment
 from facenet_jax.data.dataset import Dataset
 
 
-class PKSampler:
+class RowSampler(abc.ABC):
+    """What every sampler shares: a `plan(step)` of dataset rows and augmentation draws for
+    the whole global batch (subclasses), read and augmented per process by `host_batch`."""
+
+    def __init__(self, dataset: Dataset, *, seed: int, num_shards: int,
+                 augment: Mapping[str, Any] | Augment | None):
+        self.dataset, self.seed, self.num_shards = dataset, seed, num_shards
+        self.augment = Augment.from_config(augment)
+        if 2 * self.augment.crop_padding >= dataset.image_size:
+            raise ValueError(f"data.augment.crop_padding={self.augment.crop_padding} is too "
+                             f"large for {dataset.image_size}px images")
+
+    @property
+    @abc.abstractmethod
+    def batch_size(self) -> int:
+        """B, the global batch size."""
+
+    @abc.abstractmethod
+    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Dataset rows int [B], crop offsets int [B,2], flips bool [B] of the global batch."""
+
+    def host_batch(self, step: int, process_index: int, process_count: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [i·B/p, (i+1)·B/p) of step's global batch, for process i of p."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.num_shards % process_count or not 0 <= process_index < process_count:
+            raise ValueError(f"process {process_index} of {process_count}: the process count "
+                             f"must divide num_shards={self.num_shards}")
+        rows, offsets, flips = self.plan(step)
+        per_process = len(rows) // process_count
+        mine = slice(process_index * per_process, (process_index + 1) * per_process)
+        images = _read_rows(self.dataset.images, rows[mine])
+        images = self.augment.apply(images, offsets[mine], flips[mine])
+        return images, self.dataset.labels[rows[mine]]
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole global batch of `step`: images uint8 [B,H,W,3], labels int32 [B]."""
+        return self.host_batch(step, 0, 1)
+
+
+class PKSampler(RowSampler):
     """Batches of P identities × K images (uint8 [P*K,H,W,3], int32 labels [P*K]).
 
     Identities are drawn without replacement among those with at least 2 images; images
@@ -40,13 +83,8 @@ class PKSampler:
                 "trainable identities (2 or more images) of the training split; lower "
                 f"--config.batch.identities to at most {len(self.trainable)} (and a multiple "
                 f"of the {num_shards} devices) or use more training identities")
-        self.dataset = dataset
+        super().__init__(dataset, seed=seed, num_shards=num_shards, augment=augment)
         self.identities, self.images_per_identity = identities, images_per_identity
-        self.seed, self.num_shards = seed, num_shards
-        self.augment = Augment.from_config(augment)
-        if 2 * self.augment.crop_padding >= dataset.image_size:
-            raise ValueError(f"data.augment.crop_padding={self.augment.crop_padding} is too "
-                             f"large for {dataset.image_size}px images")
         order = np.argsort(dataset.labels, kind="stable")
         self._rows_by_identity = np.split(order, np.cumsum(counts)[:-1])
 
@@ -64,25 +102,6 @@ class PKSampler:
             for i in chosen])
         offsets, flips = self.augment.draw(rng, len(rows))
         return rows, offsets, flips
-
-    def host_batch(self, step: int, process_index: int, process_count: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows [i·B/p, (i+1)·B/p) of step's global batch, for process i of p."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if self.num_shards % process_count or not 0 <= process_index < process_count:
-            raise ValueError(f"process {process_index} of {process_count}: the process count "
-                             f"must divide num_shards={self.num_shards}")
-        rows, offsets, flips = self.plan(step)
-        per_process = len(rows) // process_count
-        mine = slice(process_index * per_process, (process_index + 1) * per_process)
-        images = _read_rows(self.dataset.images, rows[mine])
-        images = self.augment.apply(images, offsets[mine], flips[mine])
-        return images, self.dataset.labels[rows[mine]]
-
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """The whole global batch of `step`: images uint8 [P*K,H,W,3], labels int32 [P*K]."""
-        return self.host_batch(step, 0, 1)
 
 
 def _read_rows(images: Any, rows: np.ndarray) -> np.ndarray:

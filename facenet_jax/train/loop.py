@@ -147,7 +147,7 @@ def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
                                {"config": to_plain(config), "provenance": provenance()})
 
 
-def _device_batches(sampler: data.PKSampler, mesh: jax.sharding.Mesh, steps: range,
+def _device_batches(sampler: data.RowSampler, mesh: jax.sharding.Mesh, steps: range,
                     prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Host batches built ahead in a background thread, put on the devices one step early."""
     process, count = jax.process_index(), jax.process_count()
@@ -288,7 +288,7 @@ class _Data:
     splits: Mapping[str, data.Dataset]
     validation_pairs: Any  # None when the validation split has fewer than 2 identities
     benchmark_sets: Any
-    sampler: data.PKSampler
+    sampler: data.RowSampler
 
 
 def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -308,10 +308,7 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         validation_pairs=(evaluate.generated_pairs(config, validation, "validation")
                           if validation.num_identities >= 2 else None),
         benchmark_sets=verification_sets.configured_sets(config.eval, config.data.image_size),
-        sampler=data.PKSampler(
-            splits["train"], identities=config.batch.identities,
-            images_per_identity=config.batch.images_per_identity, seed=config.seed,
-            num_shards=mesh.size, augment=config.data.augment))
+        sampler=data.make_sampler(splits["train"], config, num_shards=mesh.size))
 
 
 def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,

@@ -33,7 +33,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update, per device, with pmap semantics over the axis `AXIS`.
 
-    images: this device's shard, uint8 [b, H, W, 3] holding whole identities; labels: int [b].
+    images: this device's shard, uint8 [b, H, W, 3] (whole identities with the P×K sampler);
+    labels: int [b].
     `objective` (objectives/base.py) turns the embeddings into additive sums; `loss`+`mining`
     is shorthand for `TripletObjective(loss, mining)`. The per-device value is the objective's
     share of the global mean (`weighted_objective`), so the psum of the per-device encoder
