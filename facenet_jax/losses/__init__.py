@@ -1,15 +1,30 @@
-"""Triplet losses with on-device mining (pure, jittable JAX).
+"""Triplet losses with on-device mining, and margin-softmax classification losses (pure, jittable
+JAX).
 
 distances.py: pairwise distances; mining.py: which triplets each strategy picks (indices, under
-stop_gradient); triplet.py: the losses, their additive per-device sums and the argument checks.
+stop_gradient); triplet.py: the losses, their additive per-device sums and the argument checks;
+classification.py: softmax / NormFace / CosFace / ArcFace logits, the cross-entropy with class
+centres sharded over a mesh axis, and Partial FC's class sample.
 """
 
+from facenet_jax.losses.classification import (CLASSIFICATION_SUM_KEYS, DEFAULT_MARGIN,
+                                               DEFAULT_SCALE, HEADS, class_logits,
+                                               classification_loss, classification_loss_sums,
+                                               partial_fc_mask, partial_fc_num_active,
+                                               reduce_classification_sums, resolve_head,
+                                               softmax_cross_entropy_sums,
+                                               validate_classification_args,
+                                               validate_partial_fc_args)
 from facenet_jax.losses.distances import (DISTANCES, pairwise_distances,
                                           pairwise_distances_between)
 from facenet_jax.losses.triplet import (STATS_KEYS, STRATEGIES, STRATEGY_OPTIONS, SUM_KEYS,
                                         TripletSums, reduce_triplet_sums, triplet_loss,
                                         triplet_loss_sums, validate_loss_args)
 
-__all__ = ["DISTANCES", "STATS_KEYS", "STRATEGIES", "STRATEGY_OPTIONS", "SUM_KEYS",
-           "TripletSums", "pairwise_distances", "pairwise_distances_between",
-           "reduce_triplet_sums", "triplet_loss", "triplet_loss_sums", "validate_loss_args"]
+__all__ = ["CLASSIFICATION_SUM_KEYS", "DEFAULT_MARGIN", "DEFAULT_SCALE", "DISTANCES", "HEADS",
+           "STATS_KEYS", "STRATEGIES", "STRATEGY_OPTIONS", "SUM_KEYS", "TripletSums",
+           "class_logits", "classification_loss", "classification_loss_sums",
+           "pairwise_distances", "pairwise_distances_between", "partial_fc_mask",
+           "partial_fc_num_active", "reduce_classification_sums", "reduce_triplet_sums",
+           "resolve_head", "softmax_cross_entropy_sums", "triplet_loss", "triplet_loss_sums",
+           "validate_classification_args", "validate_loss_args", "validate_partial_fc_args"]
