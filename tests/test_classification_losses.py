@@ -200,16 +200,19 @@ def test_hand_worked_two_class_cases():
     np.testing.assert_allclose(logits, [[-1.1907693, math.cos(0.4 * math.pi)]], atol=1e-6)
 
 
-def test_arcface_substitute_keeps_the_target_logit_decreasing_in_theta():
+@pytest.mark.parametrize("margin", [0.5, 1.0, 1.5])
+def test_arcface_substitute_keeps_the_target_logit_decreasing_in_theta(margin):
     thetas = np.linspace(0.0, math.pi, 721)
     e = np.stack([np.cos(thetas), np.sin(thetas)], axis=1).astype(np.float32)
     target = losses.class_logits(e, EYE, None, np.zeros(len(e), np.int32), head="arcface",
-                                 scale=1.0, margin=0.5)[:, 0]
+                                 scale=1.0, margin=margin)[:, 0]
     assert np.all(np.diff(np.asarray(target)) <= 1e-6)
-    # The jump at θ = π − m: from −1 down to −cos m − m·sin m (insightface's substitute).
-    past = thetas >= math.pi - 0.5 + 1e-3
-    np.testing.assert_allclose(target[past], np.cos(thetas[past]) - 0.5 * math.sin(0.5),
+    # Past θ = π − m, insightface's substitute cos θ − m·sin m; before, cos(θ + m).
+    past = thetas >= math.pi - margin + 1e-3
+    before = thetas <= math.pi - margin - 1e-3
+    np.testing.assert_allclose(target[past], np.cos(thetas[past]) - margin * math.sin(margin),
                                atol=1e-6)
+    np.testing.assert_allclose(target[before], np.cos(thetas[before] + margin), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +315,7 @@ def test_traced_out_of_range_labels_count_nowhere():
     ("arcface", float("nan"), None, "finite number"),
     ("arcface", None, float("inf"), "finite number"),
     ("cosface", None, -0.1, "margin must be >= 0"),
-    ("arcface", None, math.pi, "must be < π"),
+    ("arcface", None, math.pi / 2, "must be < π/2"),
     ("arcface", True, None, "finite number"),
 ])
 def test_bad_head_arguments_name_the_problem(head, scale, margin, message):
@@ -481,11 +484,12 @@ def test_partial_fc_mask_is_deterministic_per_key_and_uniform_over_the_others():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(num_classes=0, sample_fraction=0.5), "num_classes must be an int >= 1"),
-    (dict(num_classes=10, sample_fraction=0.0), r"sample_fraction must be a number in \(0, 1\]"),
-    (dict(num_classes=10, sample_fraction=1.5), r"sample_fraction must be a number in \(0, 1\]"),
-    (dict(num_classes=10, sample_fraction=0.5, shard_size=11), "shard_size must be an int"),
-    (dict(num_classes=10, sample_fraction=0.5, shard_start=6, shard_size=5), "overhangs"),
+    ({"num_classes": 0, "sample_fraction": 0.5}, "num_classes must be an int >= 1"),
+    ({"num_classes": 10, "sample_fraction": 0.0}, r"sample_fraction must be a number in \(0, 1\]"),
+    ({"num_classes": 10, "sample_fraction": 1.5}, r"sample_fraction must be a number in \(0, 1\]"),
+    ({"num_classes": 10, "sample_fraction": 0.5, "shard_size": 11}, "shard_size must be an int"),
+    ({"num_classes": 10, "sample_fraction": 0.5, "shard_start": 6, "shard_size": 5},
+     "overhangs"),
 ])
 def test_partial_fc_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -4,7 +4,7 @@ Heads (the logit z_c of a unit embedding e against class c; y is the row's label
 centre, b_c its bias; cos θ_c = ê·Ŵ_c with ê, Ŵ_c the unit vectors):
 
 - "softmax": z_c = e·W_c + b_c, a plain linear layer on the (already unit) embedding, centres
-  not normalised (the classic softmax baseline; e.g. DeepFace, FaceNet's README models).
+  not normalised (the classic softmax baseline, as in davidsandberg/facenet's best models).
 - "normface": z_c = s·cos θ_c (Wang, Xiang, Cheng, Yuille, "NormFace", ACM MM 2017). NormFace
   learns s; here it is fixed and defaults to the margin heads' s, so "normface" is exactly
   their m = 0 limit (an ablation of the margin alone).
@@ -14,7 +14,8 @@ centre, b_c its bias; cos θ_c = ê·Ŵ_c with ê, Ŵ_c the unit vectors):
   Additive Angular Margin Loss", CVPR 2019; s = 64, m = 0.5). Where θ_y + m > π, cos(θ_y + m)
   would rise again with θ_y (a wrong-way gradient), so insightface's substitute
   cos θ_y − m·sin m is used where cos θ_y <= cos(π − m) ("easy_margin=False"; the value jumps
-  down there from −1 to −cos m − m·sin m, and stays decreasing in θ_y).
+  down there from −1 to −cos m − m·sin m, and stays decreasing in θ_y for the allowed
+  0 <= m < π/2).
 
 The loss is the cross-entropy of softmax(z) at y. `class_logits` gives the logits of one shard of
 centres (global ids [label_offset, label_offset + C_local)); `softmax_cross_entropy_sums`
@@ -87,9 +88,11 @@ def validate_classification_args(head: str, scale: Any, margin: Any) -> None:
         if margin < 0:
             raise ValueError(f"{head} margin must be >= 0 (the paper uses "
                              f"{DEFAULT_MARGIN[head]}), got {margin!r}")
-        if head == "arcface" and margin >= math.pi:
-            raise ValueError(f"arcface margin is an angle in radians and must be < π (θ + m would "
-                             f"pass π for every θ); the paper uses 0.5, got {margin!r}")
+        if head == "arcface" and margin >= math.pi / 2:
+            raise ValueError(f"arcface margin is an angle in radians and must be < π/2: beyond, "
+                             f"even a perfect match's target logit s·cos m is negative, and from "
+                             f"m ≈ 2.33 the substitute past θ = π − m is no longer monotone; the "
+                             f"paper uses 0.5, got {margin!r}")
 
 
 def resolve_head(head: str, scale: Any = None, margin: Any = None
