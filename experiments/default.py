@@ -71,6 +71,16 @@ def get_config() -> ml_collections.ConfigDict:
     loss.warmup_steps = 0
     # Cross-batch memory (Wang et al. 2020; facenet_jax/losses/memory.py): size 0 = off.
     loss.memory = ml_collections.ConfigDict(dict(size=0, start_step=0, weight=1.0))
+    # What the run optimises: "triplet" (the keys above), "classification" (a margin-softmax
+    # head over the training identities, its centres sharded over the devices) or "combined"
+    # (classification + triplet_weight × the triplet loss of the same batch).
+    loss.kind = "triplet"
+    loss.triplet_weight = 1.0
+    # head: softmax | normface | cosface | arcface; scale (s) and margin (m) unset: the head's
+    # paper values (s = 64; CosFace m = 0.35, ArcFace m = 0.5); sample_fraction < 1: Partial FC.
+    loss.classification = ml_collections.ConfigDict(dict(
+        head="arcface", scale=placeholder(float), margin=placeholder(float),
+        sample_fraction=1.0))
 
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", embedding_dim=128, dtype="float32"))

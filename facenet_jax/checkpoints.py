@@ -133,16 +133,20 @@ def _close_quietly(manager: ocp.CheckpointManager) -> None:
                         _first_line(error))
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int] | None:
+def restore_latest(manager: ocp.CheckpointManager, target: Any, *,
+                   partial: bool = False) -> tuple[Any, int] | None:
     """Restores the newest loadable checkpoint into `target`'s structure and shardings.
 
     Returns (state, step), or None when there is no checkpoint. A checkpoint that fails to load
-    is skipped with a warning naming it, and the previous one is tried.
+    is skipped with a warning naming it, and the previous one is tried. partial=True: `target`
+    is a dict of some of the saved state's fields (e.g. {"params", "batch_stats"}): only those
+    are read, e.g. an encoder without its class centres.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
         try:
-            state = manager.restore(step, args=ocp.args.StandardRestore(target))
+            state = (_restore_fields(manager.directory / str(step) / "default", target)
+                     if partial else manager.restore(step, args=ocp.args.StandardRestore(target)))
         except Exception as error:  # noqa: BLE001 - any failure means: try the previous one
             message = (f"checkpoint at step {step} in {manager.directory} failed to restore "
                        f"({type(error).__name__}: {_first_line(error)}); trying the previous "
@@ -156,6 +160,15 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
             f"none of the checkpoints {steps} in {manager.directory} could be restored; move "
             "the folder aside to start afresh")
     return None
+
+
+def _restore_fields(path: pathlib.Path, target: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `target` (arrays or shape structs with shardings) from the saved state
+    at `path`, leaving the others unread."""
+    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding),
+                                target)
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
 
 
 def read_arrays(workdir: str | pathlib.Path, step: int) -> dict[str, np.ndarray]:

@@ -77,3 +77,21 @@ def collapse_warning(train_rows: Sequence[Mapping[str, Any]], *, step: int, marg
             f"({distance}; collapsed below {floor:g}) and the loss {last['loss']:.4f} "
             f"(pinned value {'ln 2' if soft else f'α = {margin:g}'}); no collapsed run here "
             f"recovered. {COLLAPSE_ADVICE[0].upper()}{COLLAPSE_ADVICE[1:]}.")
+
+
+def spread_collapse_warning(train_rows: Sequence[Mapping[str, Any]], *,
+                            step: int) -> str | None:
+    """The collapse warning of a classification or combined objective: the spread half of the
+    rule alone (embedding_spread, squared distance, below the spread of unit vectors
+    `COLLAPSE_RADIUS` apart over the last window). A margin-softmax loss has no pinned value
+    (it depends on the centres, the scale s and the margin m), so only the spread judges."""
+    window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
+    floor = collapse_spread(margin=0.0, distance="squared", soft=True)
+    if len(window) < COLLAPSE_WINDOW or not all(
+            row.get("embedding_spread") is not None and row["embedding_spread"] < floor
+            for row in window):
+        return None
+    return (f"the embedding has collapsed by step {step}: over the last {COLLAPSE_WINDOW} log "
+            f"rows the embedding spread is {window[-1]['embedding_spread']:.4f} (squared; "
+            f"collapsed below {floor:g}). Try a lower learning rate or, for a margin head, a "
+            "smaller loss.classification.margin or scale.")

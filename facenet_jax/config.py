@@ -49,6 +49,9 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "data.sampler": "pk",  # P×K batches
     "loss.warmup_strategy": None, "loss.warmup_steps": 0,  # no warm-up: one strategy throughout
     "loss.memory.size": 0, "loss.memory.start_step": 0, "loss.memory.weight": 1.0,  # no memory
+    "loss.kind": "triplet", "loss.triplet_weight": 1.0,  # the triplet loss alone
+    "loss.classification.head": "arcface", "loss.classification.scale": None,
+    "loss.classification.margin": None, "loss.classification.sample_fraction": 1.0,
 }
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
@@ -155,11 +158,16 @@ def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
     data.pairs.seed as its `seed` (see pairs_seed), so unset, absent and equal to `seed` are
     one config; data.split.exclude_pairs_from as None without an exclude_pairs_file, so only
     runs that excluded people can differ by it (a run recorded before the key, which moved
-    them from training only, resumes with --config.data.split.exclude_pairs_from=train)."""
+    them from training only, resumes with --config.data.split.exclude_pairs_from=train);
+    loss.classification.* and loss.triplet_weight as None when loss.kind is "triplet"."""
     if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
         flat[PAIRS_SEED_KEY] = flat["seed"]
     if flat.get("data.split.exclude_pairs_file") is None and EXCLUDE_FROM_KEY in flat:
         flat[EXCLUDE_FROM_KEY] = None
+    if flat.get("loss.kind", "triplet") == "triplet":  # the classification keys do nothing
+        for key in flat:
+            if key.startswith("loss.classification.") or key == "loss.triplet_weight":
+                flat[key] = None
     return flat
 
 
@@ -169,7 +177,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     Raises ValueError naming the key and the fix. Dataset-dependent checks (P not above the
     number of trainable identities) happen when the data is loaded, still before compiling.
     """
-    from facenet_jax import data, losses, models, optim  # local: keep `config` import-light
+    from facenet_jax import data, losses, models, objectives, optim  # local: import-light
     from facenet_jax.losses import memory
 
     data.validate_sampler(config.data.sampler)
@@ -184,6 +192,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         distance=config.loss.distance, soft=config.loss.soft,
         strategy_options=dict(config.loss.options))
     validate_warmup(config.loss, config.num_steps)
+    objectives.validate_objective_config(config.loss)
     if config.model.name not in models.MODEL_NAMES:
         raise ValueError(f"unknown model.name {config.model.name!r}; valid names: "
                          f"{', '.join(models.MODEL_NAMES)}")

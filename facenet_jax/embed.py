@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from facenet_jax import checkpoints, parallel
 from facenet_jax.config import with_added_keys
 from facenet_jax.logs import cli_logging, one_line_user_errors
-from facenet_jax.state import build_model, build_optimizer, create_train_state
+from facenet_jax.state import build_model
 
 FLIP_MODES = ("sum", "concat")
 Embedder = Callable[[Any, np.ndarray], np.ndarray]
@@ -172,23 +172,28 @@ def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
     config = load_run_config(workdir)
     mesh = mesh or parallel.make_mesh()
     model = build_model(config, bn_axis_name=None)
-    tx, _ = build_optimizer(config)
+    size = config.data.image_size
     # Shapes and shardings are all a restore needs: initialising real parameters (a minute for
-    # inception_resnet_v1 on a CPU) would only be overwritten.
+    # inception_resnet_v1 on a CPU) would only be overwritten. Only the encoder's variables are
+    # read: not its optimizer state, nor an objective's class centres.
     replicated = parallel.replicated(mesh)
     target = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
-        jax.eval_shape(lambda: create_train_state(config, model, tx)))
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                          jnp.zeros((1, size, size, 3), jnp.float32),
+                                          train=False)))
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints,
                                        read_only=True)
-    restored = checkpoints.restore_latest(manager, target)
+    restored = checkpoints.restore_latest(
+        manager, {"params": target["params"], "batch_stats": target.get("batch_stats", {})},
+        partial=True)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
-    state, step = restored
+    variables, step = restored
     batch_size = _round_up(config.eval.batch_size, mesh.size)
     embedder = make_embedder(model, mesh, batch_size=batch_size,
                              flip=config.eval.flip if flip is None else flip)
-    return Encoder(config=config, variables=state.variables, step=step, embedder=embedder,
+    return Encoder(config=config, variables=variables, step=step, embedder=embedder,
                    workdir=pathlib.Path(workdir))
 
 

@@ -92,19 +92,22 @@ def _check_same_meaning(config: ml_collections.ConfigDict, path: str | pathlib.P
 
 
 def initial_state(config: ml_collections.ConfigDict, model: Any,
-                  tx: optax.GradientTransformation, *, resuming: bool) -> TrainState:
+                  tx: optax.GradientTransformation, *, resuming: bool,
+                  num_classes: int | None = None, num_shards: int = 1) -> TrainState:
     """The train state a run starts from (on the host): `create_train_state`, or, with
     `config.model.init_from` on a fresh start, a step-0 state holding DIR's encoder and a
-    fresh optimizer. When `resuming`, DIR is not read: the run's own checkpoint wins."""
+    fresh optimizer (and a fresh objective head: num_classes, num_shards as in
+    `create_train_state`). When `resuming`, DIR is not read: the run's own checkpoint wins."""
+    sizes = dict(num_classes=num_classes, num_shards=num_shards)
     source = config.model.init_from
     if source is None or resuming:
-        return create_train_state(config, model, tx)
+        return create_train_state(config, model, tx, **sizes)
     check_init_dir(source)
     _check_same_meaning(config, source)
-    expected = jax.eval_shape(lambda: create_train_state(config, model, tx))
+    expected = jax.eval_shape(lambda: create_train_state(config, model, tx, **sizes))
     variables, _ = read_variables(source)
     check_structure(expected.variables, variables, source=f"model.init_from={source}")
     variables = jax.tree.map(lambda v, e: np.asarray(v, dtype=e.dtype), variables,
                              expected.variables)
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        return state_from_variables(config, variables, tx)
+        return state_from_variables(config, variables, tx, **sizes)

@@ -60,15 +60,19 @@ def make_schedule(opt: Any, num_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def make_optimizer(opt: Any, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: Any, num_steps: int, *, clip: bool = True,
+                   backbone_multiplier: bool = True) -> optax.GradientTransformation:
     """Clipping → the named optimiser → (coupled) weight decay, driven by `make_schedule`.
 
     AdamW decouples weight decay itself; for the others it is added to the gradient (L2), as in
-    FaceNet-era training with AdaGrad / SGD.
+    FaceNet-era training with AdaGrad / SGD. clip=False leaves out the clipping (a step whose
+    parameters are partly sharded over the mesh clips them jointly itself: `clip_by_global_norm`
+    here would see one shard's norm); backbone_multiplier=False leaves out
+    `backbone_lr_multiplier` (an objective's own parameters, e.g. class centres).
     """
     schedule = make_schedule(opt, num_steps)
     chain = []
-    if opt.grad_clip_norm:
+    if opt.grad_clip_norm and clip:
         chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
     if opt.name == "adamw":
         chain.append(optax.adamw(schedule, weight_decay=opt.weight_decay))
@@ -81,7 +85,7 @@ def make_optimizer(opt: Any, num_steps: int) -> optax.GradientTransformation:
             chain.append(optax.adam(schedule))
         else:
             chain.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=True))
-    if opt.backbone_lr_multiplier != 1.0:
+    if opt.backbone_lr_multiplier != 1.0 and backbone_multiplier:
         # Scaling the final updates scales the learning rate (and AdamW's decoupled decay)
         # exactly; 0 leaves the backbone's parameters untouched.
         chain.append(optax.multi_transform(

@@ -134,6 +134,15 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+def put_with_specs(tree: Any, specs: Any, mesh: Mesh) -> Any:
+    """Places an identical host pytree on the mesh, each leaf (or subtree) laid out by its
+    PartitionSpec in `specs` (a prefix of `tree`): P() replicated, P(AXIS) split along the
+    first dimension (every process passes the whole tree)."""
+    def put(spec: P, subtree: Any) -> Any:
+        return jax.device_put(subtree, NamedSharding(mesh, spec))
+    return jax.tree.map(put, specs, tree, is_leaf=lambda x: isinstance(x, P))
+
+
 def put_global_batch(local_rows: Any, mesh: Mesh) -> Any:
     """Builds the global batch-sharded arrays from this process's contiguous rows.
 

@@ -27,7 +27,8 @@ from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_pla
                                 validate_config)
 from facenet_jax.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
-from facenet_jax.state import build_model, build_optimizer, create_train_state
+from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
+                               create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
 
 LOCK_FILE = ".lock"  # held by the training process; see _exclusive_workdir
@@ -322,13 +323,25 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         finetune.check_init_dir(config.model.init_from)
     model = build_model(config, bn_axis_name=AXIS)
     tx, schedule = build_optimizer(config)
-    if is_writer:  # from the state's shapes alone: before loading data or compiling
-        checkpoints.check_free_space(
-            workdir, jax.eval_shape(lambda: create_train_state(config, model, tx)))
-    run_data = _load_data(config, workdir, mesh, resuming=reached is not None)
+    has_head = objectives.has_parameters(config)
 
-    state = parallel.put_replicated(
-        finetune.initial_state(config, model, tx, resuming=reached is not None), mesh)
+    def check_space(**sizes: int) -> None:  # from the state's shapes alone: before compiling
+        if is_writer:
+            checkpoints.check_free_space(
+                workdir, jax.eval_shape(lambda: create_train_state(config, model, tx, **sizes)))
+
+    if not has_head:  # a head's size depends on the data: checked once it is loaded
+        check_space()
+    run_data = _load_data(config, workdir, mesh, resuming=reached is not None)
+    sizes = dict(num_classes=run_data.splits["train"].num_identities, num_shards=mesh.size)
+    if has_head:
+        check_space(**sizes)
+    objective = objectives.from_config(config, **sizes)
+
+    host_state = finetune.initial_state(config, model, tx, resuming=reached is not None,
+                                        **sizes)
+    state_specs = partition_specs(host_state, objective, config)
+    state = parallel.put_with_specs(host_state, state_specs, mesh)
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
     restored = checkpoints.restore_latest(manager, state)
     start_step = 0
@@ -342,14 +355,16 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
     def compiled_step(objective: objectives.Objective):
         return make_train_step(
-            mesh, model=model, tx=tx, schedule=schedule, objective=objective,
-            freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0)
+            mesh, state_specs=state_specs, model=model, tx=tx, schedule=schedule,
+            objective=objective,
+            freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0,
+            head_tx=build_head_optimizer(config) if has_head else None,
+            clip_norm=config.optimizer.grad_clip_norm if has_head else None)
 
-    objective = objectives.from_config(config)
     step_fn = compiled_step(objective)
     warmup_steps = config.loss.warmup_steps
-    warmup_fn = (compiled_step(objectives.from_config(config, warmup=True)) if warmup_steps
-                 else None)
+    warmup_fn = (compiled_step(objectives.from_config(config, warmup=True, **sizes))
+                 if warmup_steps else None)
     embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
                           batch_size=config.eval.batch_size, flip=config.eval.flip)
     # TensorBoard drops the events a killed earlier attempt logged past the restored step.

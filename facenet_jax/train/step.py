@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from facenet_jax import optim, parallel
 from facenet_jax.objectives import LossSpec, Objective, TripletObjective, weighted_objective
-from facenet_jax.state import TrainState
+from facenet_jax.state import HeadTrainState, TrainState
 
 AXIS = parallel.AXIS
 # Folded into the step's key for the encoder's dropout masks: the mining keys stay as they were.
@@ -29,8 +29,9 @@ def _objective(objective: Objective | None, loss: LossSpec | None, mining: str) 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                objective: Objective | None = None, loss: LossSpec | None = None,
-               mining: str = "global", freeze_backbone_stats: bool = False
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               mining: str = "global", freeze_backbone_stats: bool = False,
+               head_tx: optax.GradientTransformation | None = None,
+               clip_norm: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update, per device, with pmap semantics over the axis `AXIS`.
 
     images: this device's shard, uint8 [b, H, W, 3] (whole identities with the P×K sampler);
@@ -44,6 +45,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
     and learning_rate. freeze_backbone_stats (backbone_lr_multiplier = 0): only the embedding
     head's BN statistics update. Dropout (an encoder with dropout_rate > 0) draws per device
     from the step's key.
+
+    An objective with parameters (a `HeadTrainState`, e.g. class centres sharded over the
+    mesh) is optimised by `head_tx`; the encoder's `tx` and `head_tx` then do not clip: the
+    whole gradient tree is clipped here to `clip_norm` by its global norm, whose sharded
+    leaves' squares are psum'd (grad_norm is that norm), so any mesh clips as one device.
     """
     objective = _objective(objective, loss, mining)
     key = jax.random.fold_in(state.rng, state.step)
@@ -62,17 +68,31 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
 
     params = {"encoder": state.params, "head": state.objective_params}
     grads, (terms, embeddings, batch_stats) = jax.grad(value, has_aux=True)(params)
-    grads = psum_replicated(grads, {"encoder": P(), "head": objective.param_specs()})
+    specs = {"encoder": P(), "head": objective.param_specs()}
+    grads = psum_replicated(grads, specs)
     if freeze_backbone_stats:
         batch_stats = optim.keep_backbone_stats(state.batch_stats, batch_stats)
+    has_head = isinstance(state, HeadTrainState)
+    if has_head:
+        grad_norm = sharded_global_norm(grads, specs)
+        if clip_norm:
+            grads = jax.tree.map(lambda g: jnp.where(grad_norm < clip_norm, g,
+                                                     g / grad_norm * clip_norm), grads)
+    else:
+        grad_norm = optax.global_norm(grads["encoder"])
     updates, opt_state = tx.update(grads["encoder"], state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
                                                                               updates),
                               batch_stats=batch_stats, opt_state=opt_state)
+    if has_head:
+        head_updates, head_opt_state = head_tx.update(grads["head"], state.head_opt_state,
+                                                      state.head)
+        new_state = new_state.replace(head=optax.apply_updates(state.head, head_updates),
+                                      head_opt_state=head_opt_state)
     new_state = new_state.with_objective_extra(
         objective.update(extra, embeddings, labels, state.step))
     metrics = {**objective.reduce(lax.psum(terms, AXIS), extra),
-               "grad_norm": optax.global_norm(grads["encoder"]), "learning_rate": schedule(state.step)}
+               "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
     return new_state, metrics
 
 
@@ -85,10 +105,23 @@ def psum_replicated(grads: Any, specs: Any) -> Any:
     return jax.tree.map(reduce, specs, grads, is_leaf=lambda x: isinstance(x, P))
 
 
-def make_train_step(mesh: jax.sharding.Mesh, **step_kwargs: Any):
-    """`train_step` compiled once over the mesh; the state buffers are donated."""
+def sharded_global_norm(grads: Any, specs: Any) -> jax.Array:
+    """The global L2 norm of a gradient tree whose leaves are replicated (spec P(): each device
+    holds the whole leaf) or sharded over `AXIS` (each holds a slice): squares of the sharded
+    leaves are psum'd, those of the replicated ones counted once."""
+    def squares(spec: P, subtree: Any) -> jax.Array:
+        total = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(subtree))
+        return total if spec == P() else lax.psum(total, AXIS)
+    parts = jax.tree.leaves(jax.tree.map(squares, specs, grads,
+                                         is_leaf=lambda x: isinstance(x, P)))
+    return jnp.sqrt(sum(parts))
+
+
+def make_train_step(mesh: jax.sharding.Mesh, *, state_specs: Any = P(), **step_kwargs: Any):
+    """`train_step` compiled once over the mesh; the state buffers are donated. state_specs:
+    the state's layout (`state.partition_specs`; all replicated by default)."""
     def per_device(state, images, labels):
         return train_step(state, images, labels, **step_kwargs)
     return parallel.shard_per_device(
-        per_device, mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()),
-        donate_argnums=(0,))
+        per_device, mesh, in_specs=(state_specs, P(AXIS), P(AXIS)),
+        out_specs=(state_specs, P()), donate_argnums=(0,))
