@@ -161,15 +161,15 @@ def state_from_variables(config: ml_collections.ConfigDict, variables: Any,
 
 
 def partition_specs(state: TrainState, objective: objectives.Objective,
-                    config: ml_collections.ConfigDict) -> Any:
+                    head_tx: optax.GradientTransformation | None = None) -> Any:
     """A PartitionSpec tree (a prefix of `state`) for the step's shard_map: everything
     replicated but a head state's parameters (the objective's `param_specs`) and their copies
-    in its optimizer state."""
+    in its optimizer state (`head_tx`'s, e.g. momentum)."""
     if not isinstance(state, HeadTrainState):
         return P()
     specs = objective.param_specs()
     opt_specs = optax.tree_map_params(
-        build_head_optimizer(config), lambda _, spec: spec, state.head_opt_state, specs,
+        head_tx, lambda _, spec: spec, state.head_opt_state, specs,
         transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
     replicated = {field.name: P() for field in dataclasses.fields(TrainState)}
     return HeadTrainState(**replicated, head=specs, head_opt_state=opt_specs)

@@ -340,7 +340,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
     host_state = finetune.initial_state(config, model, tx, resuming=reached is not None,
                                         **sizes)
-    state_specs = partition_specs(host_state, objective, config)
+    head_tx = build_head_optimizer(config) if has_head else None
+    state_specs = partition_specs(host_state, objective, head_tx)
     state = parallel.put_with_specs(host_state, state_specs, mesh)
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
     restored = checkpoints.restore_latest(manager, state)
@@ -358,7 +359,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
             mesh, state_specs=state_specs, model=model, tx=tx, schedule=schedule,
             objective=objective,
             freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0,
-            head_tx=build_head_optimizer(config) if has_head else None,
+            head_tx=head_tx,
             clip_norm=config.optimizer.grad_clip_norm if has_head else None)
 
     step_fn = compiled_step(objective)

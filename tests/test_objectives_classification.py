@@ -1,0 +1,198 @@
+"""The classification objectives in the train step: centres sharded over 8 devices equal one
+device holding everything.
+
+The reference is written without the objective or the step: plain `jax.grad` of
+`losses.classification_loss` (the one-device loss, itself checked against float64 numpy in
+test_classification_losses.py) on the model applied to the whole batch, with the unsharded
+centres. SGD with learning rate 1 makes each update the negative gradient, so the encoder's
+gradient, every centre's gradient (each on the device holding it) and the joint clipping are
+all compared.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from facenet_jax import config as config_lib
+from facenet_jax import losses, models, objectives, parallel, state as state_lib
+from facenet_jax.objectives import classification as cls_objective
+from facenet_jax.train import make_train_step
+
+NUM_DEVICES = 8
+P_IDS, K = 8, 4
+NUM_CLASSES = 13  # not a multiple of 8: the last shards hold padding
+SIZE, DIM = 16, 16
+RTOL, ATOL = 2e-4, 2e-6
+# (head, Partial FC sample fraction, clip norm): every head, Partial FC, and a clip that fires
+# (the unclipped norm is ~0.5 here).
+HEAD_CASES = [("softmax", 1.0, None), ("normface", 1.0, None), ("cosface", 1.0, None),
+              ("arcface", 1.0, None), ("arcface", 0.5, None), ("softmax", 0.5, 0.05)]
+
+
+def _model(bn_axis_name):
+    return models.create_model("small_cnn", embedding_dim=DIM, bn_axis_name=bn_axis_name)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (P_IDS * K, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = np.repeat(rng.choice(NUM_CLASSES, P_IDS, replace=False), K).astype(np.int32)
+    return images, labels
+
+
+def _objective(head, fraction, num_shards):
+    # A small scale keeps the softmax far from saturation, so gradients are not all ~0.
+    scale = None if head == "softmax" else 8.0
+    return cls_objective.ClassificationObjective(
+        head=head, num_classes=NUM_CLASSES, num_shards=num_shards, scale=scale,
+        sample_fraction=fraction)
+
+
+def _host_state(objective, tx, head_tx):
+    variables = _model(None).init(jax.random.PRNGKey(0), jnp.zeros((2, SIZE, SIZE, 3)),
+                                  train=False)
+    head = objective.init(jax.random.PRNGKey(3), DIM)
+    # Spread the centres so the logits differ clearly between classes.
+    head["centres"] = head["centres"] * 100.0
+    return jax.device_get(state_lib.HeadTrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"],
+        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+        rng=jax.random.PRNGKey(7), head=head, head_opt_state=head_tx.init(head)))
+
+
+def _reference(state, images, labels, objective, clip_norm):
+    """One device, whole batch, every class, no collectives: (loss, encoder grads, head grads,
+    grad norm before clipping)."""
+    model = _model(None)
+    key = jax.random.fold_in(state.rng, state.step)
+    mask = None
+    if objective.sample_fraction < 1:
+        mask = losses.partial_fc_mask(jax.random.fold_in(key, cls_objective._PARTIAL_FC_STREAM),
+                                      jnp.asarray(labels), NUM_CLASSES,
+                                      objective.sample_fraction)
+
+    def loss_fn(params):
+        emb, _ = model.apply({"params": params["encoder"], "batch_stats": state.batch_stats},
+                             jnp.asarray(images, jnp.float32) / 255.0, train=True,
+                             mutable=["batch_stats"])
+        head = params["head"]
+        bias = head["bias"][:NUM_CLASSES] if "bias" in head else None
+        return losses.classification_loss(
+            emb, head["centres"][:NUM_CLASSES], bias, jnp.asarray(labels),
+            head=objective.head, scale=objective.scale, margin=objective.margin,
+            class_mask=mask)[0]
+
+    params = {"encoder": state.params, "head": state.head}
+    value, grads = jax.value_and_grad(loss_fn)(params)
+    norm = optax.global_norm(grads)
+    if clip_norm is not None and norm > clip_norm:
+        grads = jax.tree.map(lambda g: g / norm * clip_norm, grads)
+    return value, grads, norm
+
+
+def _assert_tree_close(actual, expected, what):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual),
+                            jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("head,fraction,clip_norm", HEAD_CASES,
+                         ids=[f"{h}-{f}-clip{c}" for h, f, c in HEAD_CASES])
+def test_sharded_centres_match_one_device(head, fraction, clip_norm):
+    tx, head_tx = optax.sgd(1.0), optax.sgd(1.0)
+    objective = _objective(head, fraction, NUM_DEVICES)
+    state = _host_state(objective, tx, head_tx)
+    images, labels = _batch()
+    ref_loss, ref_grads, ref_norm = _reference(state, images, labels, objective, clip_norm)
+
+    mesh = parallel.make_mesh(NUM_DEVICES)
+    specs = state_lib.partition_specs(state, objective, head_tx)
+    step = make_train_step(mesh, state_specs=specs, model=_model(parallel.AXIS), tx=tx,
+                           schedule=optax.constant_schedule(1.0), objective=objective,
+                           head_tx=head_tx, clip_norm=clip_norm)
+    new_state, metrics = step(parallel.put_with_specs(state, specs, mesh), images, labels)
+
+    assert float(ref_loss) > 0.05, "the case must exercise a non-zero gradient"
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_norm, rtol=RTOL)
+    if clip_norm is not None:
+        assert ref_norm > clip_norm, "the clip must fire"
+    encoder_update = jax.tree.map(lambda new, old: old - new, new_state.params, state.params)
+    _assert_tree_close(encoder_update, ref_grads["encoder"], "encoder gradient")
+    head_update = jax.tree.map(lambda new, old: old - np.asarray(new), new_state.head,
+                               state.head)
+    for name, update in head_update.items():
+        _assert_tree_close(update[:NUM_CLASSES], ref_grads["head"][name][:NUM_CLASSES],
+                           f"{name} gradient")
+        np.testing.assert_array_equal(update[NUM_CLASSES:], 0.0)  # padding never moves
+    if fraction < 1:  # Partial FC: the classes left out of the softmax get no gradient
+        untouched = np.all(head_update["centres"][:NUM_CLASSES] == 0.0, axis=1)
+        assert untouched.any() and not untouched.all()
+
+
+def _config(**overrides):
+    config = config_lib.load_config("experiments/default.py")
+    config.optimizer.name = "sgd"
+    for key, value in overrides.items():
+        config_lib.set_dotted(config, key, value)
+    return config
+
+
+def test_combined_logs_both_terms_and_adds_the_weighted_triplet_loss():
+    objective = objectives.CombinedObjective(
+        _objective("cosface", 1.0, NUM_DEVICES),
+        objectives.TripletObjective(objectives.LossSpec("semihard", 0.2, "squared", False)),
+        triplet_weight=0.5)
+    tx, head_tx = optax.sgd(0.0), optax.sgd(0.0)
+    state = _host_state(objective, tx, head_tx)
+    images, labels = _batch(1)
+    mesh = parallel.make_mesh(NUM_DEVICES)
+    specs = state_lib.partition_specs(state, objective, head_tx)
+    step = make_train_step(mesh, state_specs=specs, model=_model(parallel.AXIS), tx=tx,
+                           schedule=optax.constant_schedule(0.0), objective=objective,
+                           head_tx=head_tx)
+    _, metrics = step(parallel.put_with_specs(state, specs, mesh), images, labels)
+    emb, _ = _model(None).apply(state.variables, jnp.asarray(images, jnp.float32) / 255.0,
+                                train=True, mutable=["batch_stats"])
+    classification, _ = losses.classification_loss(
+        emb, state.head["centres"][:NUM_CLASSES], None, jnp.asarray(labels), head="cosface",
+        scale=8.0)
+    triplet, _ = losses.triplet_loss(emb, jnp.asarray(labels), margin=0.2,
+                                     strategy="semihard")
+    np.testing.assert_allclose(metrics["classification_loss"], classification, rtol=RTOL)
+    np.testing.assert_allclose(metrics["triplet_loss"], triplet, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics["loss"], classification + 0.5 * triplet, rtol=RTOL)
+    assert set(objective.stats_keys) <= set(metrics)
+
+
+def test_old_records_read_as_triplet_and_classification_keys_do_not_stale_triplet_runs():
+    config = _config()
+    assert config.loss.kind == "triplet"
+    assert type(objectives.from_config(config)) is objectives.TripletObjective
+    old = config_lib.to_plain(config)
+    del old["loss"]["kind"], old["loss"]["classification"], old["loss"]["triplet_weight"]
+    assert config_lib.changed_keys(old, config_lib.to_plain(config)) == []
+    # With kind "triplet", the head settings change nothing: not a changed run.
+    other_head = config_lib.to_plain(_config(**{"loss.classification.head": "cosface"}))
+    assert config_lib.changed_keys(old, other_head) == []
+    arcface = config_lib.to_plain(_config(**{"loss.kind": "classification"}))
+    assert "loss.kind" in config_lib.changed_keys(old, arcface)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"loss.kind": "softmax"}, "unknown loss.kind"),
+    ({"loss.kind": "classification", "loss.classification.head": "sphereface"}, "head"),
+    ({"loss.kind": "classification", "loss.classification.margin": -0.1}, "margin"),
+    ({"loss.kind": "classification", "loss.classification.sample_fraction": 0.0},
+     "sample_fraction"),
+    ({"loss.kind": "combined", "loss.triplet_weight": -1.0}, "triplet_weight"),
+    ({"loss.kind": "classification", "loss.memory.size": 128}, "memory"),
+    ({"loss.kind": "classification", "loss.warmup_steps": 10,
+      "loss.warmup_strategy": "semihard"}, "warmup_steps"),
+])
+def test_bad_objective_configs_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate_config(_config(**override), num_devices=1)
