@@ -123,6 +123,9 @@ def test_reference_formulas_reproduce_the_published_figures():
     ("mobilefacenet", mobilefacenet(), insightface_mobilefacenet(), 0),
     ("mobilefacenet paper", mobilefacenet(scale=1, embedding_dim=128),
      insightface_mobilefacenet(scale=1, embedding=128), 0),
+    # get_mbf_large: stage 0 made of residual blocks instead of one grouped conv.
+    ("mobilefacenet large", mobilefacenet(scale=4, stage_sizes=(2, 8, 12, 4)),
+     insightface_mobilefacenet(blocks=(2, 8, 12, 4), scale=4), 0),
 ])
 def test_parameters_and_macs_match_insightface(name, model, reference, missing):
     """Traced at 112 px, never run: same parameters (bar the documented redundant ones) and

@@ -10,8 +10,9 @@ map) -> BN -> flatten -> linear embedding (no bias) -> BN -> our L2 normalisatio
 Widths as in insightface: stage widths 64, 64, 128, 128 times `scale` (insightface's default
 mbf has scale 2), while the blocks' inner (expanded) widths are absolute, not scaled. With
 `scale=1, embedding_dim=128` this is exactly the paper's table (expansions 2, 4, 2, 4, 2;
-the stage-0 conv depthwise): 0.99 M parameters, 0.22 GMACs. The default (`scale=2`, 512-d) is
-insightface's "mobilefacenet-0.45G".
+the stage-0 conv depthwise): 221 M MACs and the paper's 0.99 M parameters (1.00 M counting
+every BN and PReLU parameter). The default (`scale=2`, 512-d) is insightface's
+"mobilefacenet-0.45G"; its `get_mbf_large` is `scale=4, stage_sizes=(2, 8, 12, 4)`.
 
 The GDConv kernel is sized to the final map (7×7 at 112 px, as published), so it stays global
 at other input sizes; its parameters then change with the input size.
@@ -82,10 +83,11 @@ class InvertedResidual(nn.Module):
 class MobileFaceNet(nn.Module):
     """images [N, H, W, 3] in [0, 1] -> unit embeddings [N, embedding_dim] float32.
 
-    Stage i has `stage_sizes[i]` blocks of `widths[i] * scale` channels. Stage 0 with one block
-    is a single 3×3 conv in `stem_groups` groups, with more it is residual blocks; stages 1-3
-    open with a stride-2 block of inner width `down_inner_widths[i - 1]`. Residual blocks of
-    stage i expand to `residual_inner_widths[i]`.
+    Stage i works at `widths[i] * scale` channels. Stage 0 is a single 3×3 conv in
+    `stem_groups` groups when `stage_sizes[0]` is 1, else that many residual blocks; stages 1-3
+    open with a stride-2 block of inner width `down_inner_widths[i - 1]`, followed by
+    `stage_sizes[i]` residual blocks (insightface's `blocks`). Residual blocks of stage i
+    expand to `residual_inner_widths[i]`.
     """
 
     embedding_dim: int = 512
@@ -107,9 +109,9 @@ class MobileFaceNet(nn.Module):
     def _check_fields(self) -> None:
         lengths = (len(self.stage_sizes), len(self.widths), len(self.down_inner_widths) + 1,
                    len(self.residual_inner_widths))
-        if lengths != (4, 4, 4, 4) or min(self.stage_sizes) < 1:
+        if lengths != (4, 4, 4, 4) or min(self.stage_sizes) < 0:
             raise ValueError(
-                f"mobilefacenet needs 4 stage_sizes (each >= 1), 4 widths, 3 down_inner_widths "
+                f"mobilefacenet needs 4 stage_sizes (each >= 0), 4 widths, 3 down_inner_widths "
                 f"and 4 residual_inner_widths; got {tuple(self.stage_sizes)}, "
                 f"{tuple(self.widths)}, {tuple(self.down_inner_widths)}, "
                 f"{tuple(self.residual_inner_widths)}")
@@ -150,5 +152,6 @@ class MobileFaceNet(nn.Module):
 
 
 def mobilefacenet(**fields: Any) -> MobileFaceNet:
-    """insightface's mbf (scale 2, 512-d): 2.0 M parameters, 0.45 GMACs at 112 px."""
+    """insightface's mbf (scale 2, 512-d): 2.06 M parameters, 0.44 GMACs at 112 px (its README's
+    "mobilefacenet-0.45G"); fields override the defaults."""
     return MobileFaceNet(**fields)
