@@ -9,8 +9,9 @@ shortcut; no activation after the sum), each stage opening with a stride-2 block
 
 Convolution weights start He-normal (fan-out, as in torchvision and insightface's MobileFaceNet),
 not insightface's N(0, 0.1²): with that, every 3×3 conv multiplies the activations' scale by
-2.4-6.8, and an untrained iresnet50 in eval mode (running averages still 0 and 1) gave
-all-zero embeddings (its activations overflow float32), so a step-0 evaluation saw nothing.
+2.4-6.8, and an untrained iresnet50 in eval mode (running averages still 0 and 1) reaches
+~1e26 before the embedding, whose squared norm overflows float32: all-zero embeddings, so a
+step-0 evaluation saw nothing. With He init the untrained iresnet100 stays below ~1e11.
 
 Two deliberate differences from the PyTorch model, neither changing what it computes:
 - the embedding linear layer has no bias: the BN after it subtracts the batch mean, so a bias
