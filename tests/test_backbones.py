@@ -104,6 +104,7 @@ def test_reference_formulas_reproduce_the_published_figures():
     r50, r100 = insightface_iresnet((3, 4, 14, 3)), insightface_iresnet((3, 13, 30, 3))
     assert r50 == (43_590_848, 6_309_330_944) and r100 == (65_156_160, 12_089_606_144)
     assert round(r50[1] / 1e9, 1) == 6.3 and round(r100[1] / 1e9, 1) == 12.1
+    # The commonly quoted sizes (insightface's README gives none).
     assert round(r50[0] / 1e6, 1) == 43.6 and round(r100[0] / 1e6, 1) == 65.2
     # "mobilefacenet-0.45G": ptflops also counts BN and PReLU element-wise work (~3 %).
     mbf = insightface_mobilefacenet()
