@@ -100,3 +100,19 @@ class EmbeddingHead(nn.Module):
                            momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                            use_scale=self.bn_use_scale)(name="embedding_bn")(x)
         return l2_normalize(x)
+
+
+class PReLU(nn.Module):
+    """Per-channel parametric ReLU (He et al. 2015): [..., C] -> max(x, 0) + a_c · min(x, 0).
+
+    One float32 slope per channel (last axis), initialised to `slope_init` (0.25, as PyTorch's
+    nn.PReLU and insightface's face backbones); the product runs in the input's dtype.
+    """
+
+    slope_init: float = 0.25
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        slope = self.param("negative_slope", nn.initializers.constant(self.slope_init),
+                           (x.shape[-1],), jnp.float32)
+        return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
