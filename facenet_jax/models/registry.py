@@ -72,8 +72,8 @@ def register_encoder(name: str, *, fixed: Mapping[str, Any] | None = None,
         stray = sorted((set(spec.fixed) | set(defaults) | set(top_level)) - names)
         if stray:
             raise ValueError(f"encoder {name!r}: {stray} are not fields of {module.__name__}")
+        _block_defaults(name, spec)  # every field has a default: fail here, not at use
         ENCODERS.add(name, spec)
-        default_fields(name)  # every field has a default: fail at registration, not at use
         return module
     return register
 
@@ -81,7 +81,10 @@ def register_encoder(name: str, *, fixed: Mapping[str, Any] | None = None,
 def default_fields(name: str) -> dict[str, Any]:
     """{field: default} of encoder `name`'s config block, in the module's field order (tuples
     for sequences, as ml_collections holds them)."""
-    spec = ENCODERS.get(name)
+    return _block_defaults(name, ENCODERS.get(name))
+
+
+def _block_defaults(name: str, spec: EncoderSpec) -> dict[str, Any]:
     excluded = set(COMMON_FIELDS) | set(_FLAX_FIELDS) | set(spec.fixed) | set(spec.top_level)
     fields = {}
     for field in dataclasses.fields(spec.module):
