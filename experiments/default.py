@@ -12,6 +12,8 @@ verification accuracy on held-out synthetic identities (see the README for the m
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from facenet_jax import models
+
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the full config: every key other configs and the CLI may override lives here."""
@@ -91,6 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
     # A run folder (trained, or written by `python -m facenet_jax.pretrained`) whose newest
     # checkpoint's encoder starts this run (fine-tuning); read, never written.
     config.model.init_from = placeholder(str)
+    # Each encoder's own fields (widths, depths, dropout_rate, bn_momentum, ...), one block per
+    # model name, filled from the registered modules' defaults: e.g.
+    # --config.model.small_cnn.widths=(32,64,128,256). Only the block of model.name is used.
+    for name in models.ENCODERS.names():
+        config.model[name] = ml_collections.ConfigDict(models.default_fields(name))
 
     config.optimizer = opt = ml_collections.ConfigDict()
     opt.name = "adam"  # adagrad | adam | adamw | sgd

@@ -53,6 +53,8 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "loss.classification.head": "arcface", "loss.classification.scale": None,
     "loss.classification.margin": None, "loss.classification.sample_fraction": 1.0,
 }
+# Besides these, every field of every encoder's block `model.<name>.<field>` is an added key
+# whose old value is the registered module's default (see added_key_defaults).
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
@@ -109,7 +111,7 @@ def with_added_keys(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A nested plain config recorded before some keys existed, with each missing key of
     ADDED_KEY_DEFAULTS filled in (what a run folder's config.json is read as)."""
     filled = json.loads(json.dumps(saved))  # a deep copy
-    for key, value in ADDED_KEY_DEFAULTS.items():
+    for key, value in added_key_defaults().items():
         *parents, leaf = key.split(".")
         node = filled
         for part in parents:
@@ -126,24 +128,43 @@ def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
     Keys are compared by their effective values (`_effective_values`)."""
     a = _effective_values(flatten(with_added_keys(saved)))
     b = _effective_values(flatten(current))
-    allowed = set(allowed)
+    allowed, added = set(allowed), added_key_defaults()
     return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k)
-                  and (k in b or k not in ADDED_KEY_DEFAULTS))
+                  and (k in b or k not in added))
 
 
 def without_unchanged_added_keys(plain: Mapping[str, Any]) -> dict[str, Any]:
     """A plain config as a record from before ADDED_KEY_DEFAULTS' keys would hold it: each
     added key whose effective value is the one a record without it means is dropped (so what
     is keyed by a config, e.g. the sweeps' pixel-baseline cache, keeps its old key)."""
-    flat = _effective_values(flatten(plain))
-    old = _effective_values({**flat, **{k: v for k, v in ADDED_KEY_DEFAULTS.items()
-                                        if k in flat}})
+    added = added_key_defaults()
+    raw = flatten(plain)
+    flat = _effective_values(dict(raw))
+    old = _effective_values({**flat, **{k: v for k, v in added.items() if k in flat}})
     kept = json.loads(json.dumps(plain))  # a deep copy
-    for key in ADDED_KEY_DEFAULTS:
-        if key in flat and flat[key] == old[key]:
+    emptied = set()
+    for key in added:
+        # Absent from `flat` but in `raw`: a key that changes nothing (an unused encoder block).
+        if key in raw and flat.get(key) == old.get(key):
             *parents, leaf = key.split(".")
-            functools.reduce(lambda node, part: node[part], parents, kept).pop(leaf)
+            node = functools.reduce(lambda node, part: node[part], parents, kept)
+            node.pop(leaf)
+            if not node:
+                emptied.add(tuple(parents))
+    for parents in sorted(emptied, key=len, reverse=True):  # blocks emptied here (not loss.options)
+        *above, leaf = parents
+        functools.reduce(lambda node, part: node[part], above, kept).pop(leaf)
     return kept
+
+
+def added_key_defaults() -> dict[str, Any]:
+    """ADDED_KEY_DEFAULTS and the encoder blocks' fields `model.<name>.<field>` (the registered
+    defaults, in their JSON form): every key a record may lack, with the value it reads as."""
+    from facenet_jax import models  # local: keep `config` import-light
+
+    blocks = {f"model.{name}.{field}": value for name in models.ENCODERS.names()
+              for field, value in models.default_fields(name).items()}
+    return {**json.loads(json.dumps(blocks)), **ADDED_KEY_DEFAULTS}
 
 
 def pairs_seed(config: Mapping[str, Any]) -> int:
@@ -158,8 +179,15 @@ def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
     data.pairs.seed as its `seed` (see pairs_seed), so unset, absent and equal to `seed` are
     one config; data.split.exclude_pairs_from as None without an exclude_pairs_file, so only
     runs that excluded people can differ by it (a run recorded before the key, which moved
-    them from training only, resumes with --config.data.split.exclude_pairs_from=train);
+    them from training only, resumes with --config.data.split.exclude_pairs_from=train); the
+    blocks of encoders other than model.name are dropped (only model.name's block is used);
     loss.classification.* and loss.triplet_weight as None when loss.kind is "triplet"."""
+    from facenet_jax import models  # local: keep `config` import-light
+
+    unused = {f"model.{name}." for name in models.ENCODERS.names()
+              if name != flat.get("model.name")}
+    for key in [k for k in flat if k.startswith(tuple(unused))]:
+        del flat[key]
     if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
         flat[PAIRS_SEED_KEY] = flat["seed"]
     if flat.get("data.split.exclude_pairs_file") is None and EXCLUDE_FROM_KEY in flat:
@@ -193,16 +221,16 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         strategy_options=dict(config.loss.options))
     validate_warmup(config.loss, config.num_steps)
     objectives.validate_objective_config(config.loss)
-    if config.model.name not in models.MODEL_NAMES:
-        raise ValueError(f"unknown model.name {config.model.name!r}; valid names: "
-                         f"{', '.join(models.MODEL_NAMES)}")
+    models.config_kwargs(config.model)  # model.name and its block config.model.<name>
     if config.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
     if config.model.input_norm not in models.INPUT_NORMS:
         raise ValueError(f"model.input_norm must be one of {models.INPUT_NORMS}, got "
                          f"{config.model.input_norm!r}")
-    if config.model.bn_scale and config.model.name != "inception_resnet_v1":
-        raise ValueError(f"model.bn_scale=True is an option of inception_resnet_v1 only "
+    with_bn_scale = [name for name in models.ENCODERS.names()
+                     if "bn_scale" in models.ENCODERS.get(name).top_level]
+    if config.model.bn_scale and config.model.name not in with_bn_scale:
+        raise ValueError(f"model.bn_scale=True is an option of {', '.join(with_bn_scale)} only "
                          f"(model.name is {config.model.name!r}); leave it False")
     optim.validate_optimizer_config(config.optimizer, config.num_steps)
     if config.data.split.exclude_pairs_from not in EXCLUDE_FROM:
@@ -236,9 +264,9 @@ def validate_warmup(loss_config: ml_collections.ConfigDict, num_steps: int) -> N
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_steps:
         raise ValueError(f"loss.warmup_steps must be an integer in [0, num_steps={num_steps}], "
                          f"got {steps!r}")
-    if steps and strategy not in losses.STRATEGIES:
+    if steps and strategy not in losses.MINING_STRATEGIES:
         raise ValueError(f"loss.warmup_steps={steps} needs loss.warmup_strategy, one of "
-                         f"{', '.join(losses.STRATEGIES)}; got {strategy!r}")
+                         f"{', '.join(losses.MINING_STRATEGIES.names())}; got {strategy!r}")
     if strategy is not None and not steps:
         raise ValueError(f"loss.warmup_strategy={strategy!r} has no effect with "
                          "loss.warmup_steps=0; set --config.loss.warmup_steps=N")

@@ -30,15 +30,18 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import data, ijb, metrics, plots, runfiles, verification_sets
+# verification_sets and ijb register their benchmark evaluators on import, in the order the CLI
+# runs them.
+from facenet_jax import data, metrics, plots, runfiles, verification_sets, ijb  # noqa: F401,I001
 from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
+from facenet_jax.evaluators import (BASELINE_EVALUATORS, BENCHMARK_EVALUATORS,
+                                    selected_benchmarks)
 from facenet_jax.data.alignment import alignment_mismatch
 from facenet_jax.logs import cli_logging, one_line_user_errors
 
 EVAL_FILE = "eval.json"
 VALIDATION_EVAL_FILE = "eval_validation.json"  # the train CLI's final validation evaluation
 SPLIT_FILE = "split.json"  # written by the train CLI: each split's identity names
-BASELINES = ("pixels",)
 
 
 def evaluate_dataset(embed: Callable[[Any, np.ndarray], np.ndarray], variables: Any,
@@ -229,6 +232,7 @@ def evaluate_run_test_split(config: ml_collections.ConfigDict, workdir: pathlib.
                    extra={"step": step, "split": split, "model": config.model.name})
 
 
+@BASELINE_EVALUATORS.register("pixels")
 def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | None
                     ) -> dict[str, Any]:
     """The raw-pixel floor on exactly the pairs and images the config's run is evaluated on."""
@@ -237,6 +241,9 @@ def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | No
     result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
                    extra={"baseline": "pixels", "split": "test", "step": None})
+
+
+BASELINES = BASELINE_EVALUATORS.names()  # as registered at import
 
 
 def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file: str | None,
@@ -404,14 +411,15 @@ def main(argv: list[str]) -> None:
     del argv
     cli_logging()
     flags_ = flags.FLAGS
-    if flags_.verification_sets or flags_.ijb:  # the benchmark evaluators (issue 15)
+    if selected_benchmarks(flags_):  # the benchmark evaluators (evaluators.py)
         _run_benchmarks(flags_)
         return
     if flags_.baseline is not None:
         if flags_.config is None:
-            raise ValueError("--baseline pixels needs --config CONFIG (the run it floors)")
-        output = pathlib.Path(flags_.output or "eval_pixels.json")
-        result = evaluate_pixels(flags_.config, output)
+            raise ValueError(f"--baseline {flags_.baseline} needs --config CONFIG (the run it "
+                             "floors)")
+        output = pathlib.Path(flags_.output or f"eval_{flags_.baseline}.json")
+        result = BASELINE_EVALUATORS.get(flags_.baseline)(flags_.config, output)
     else:
         if flags_.workdir is None:
             raise ValueError("give --workdir DIR (a trained run) or --baseline pixels --config")
@@ -427,28 +435,22 @@ def main(argv: list[str]) -> None:
 
 
 def _run_benchmarks(flags_: Any) -> None:
-    """--verification_sets FOLDER and/or --ijb ROOT on DIR's latest checkpoint, flip on unless
-    --noflip (as the field evaluates them)."""
+    """The selected benchmark evaluators (e.g. --verification_sets FOLDER, --ijb ROOT) on DIR's
+    latest checkpoint, flip on unless --noflip (as the field evaluates them)."""
+    benchmarks = [BENCHMARK_EVALUATORS.get(name) for name in BENCHMARK_EVALUATORS.names()]
+    selected = " / ".join(f"--{evaluator.flag}" for evaluator in benchmarks)
     if flags_.workdir is None:
-        raise ValueError("--verification_sets / --ijb need --workdir DIR (a trained run)")
+        raise ValueError(f"{selected} need --workdir DIR (a trained run)")
     unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline", "fold",
                                        "threshold")
               if getattr(flags_, name) is not None]
     if unused:
-        raise ValueError(f"{', '.join(unused)}: not used with --verification_sets / --ijb "
-                         "(they write DIR/eval_verification_sets.json, DIR/eval_<ijb>.json): "
+        raise ValueError(f"{', '.join(unused)}: not used with {selected} (they write "
+                         f"{', '.join(evaluator.writes for evaluator in benchmarks)}): "
                          "run them as a separate command")
     flip = True if flags_.flip is None else flags_.flip
-    if flags_.verification_sets:
-        results = verification_sets.evaluate_workdir_sets(
-            flags_.workdir, flags_.verification_sets, names=flags_.names, flip=flip)
-        print(verification_sets.markdown_table(results))
-        print(f"wrote {pathlib.Path(flags_.workdir) / verification_sets.OUTPUT_FILE}")
-    if flags_.ijb:
-        result = ijb.evaluate_workdir_ijb(flags_.workdir, flags_.ijb, flags_.ijb_name,
-                                          flip=flip, use_detector_score=flags_.ijb_detector_score)
-        print(ijb.format_ijb_summary(result))
-        print(f"wrote {ijb.output_path(flags_.workdir, flags_.ijb_name)}")
+    for evaluator in selected_benchmarks(flags_):
+        print(evaluator.run(flags_, flip))
 
 
 if __name__ == "__main__":

@@ -121,15 +121,16 @@ def mined_triplets(embeddings: Any, labels: Any, *, margin: float, strategy: str
     anchor–positive pair that got a negative. Built from the same mining functions and random
     draws as the loss, so its hinge mean over the right terms is the loss (tested).
     """
-    losses.validate_loss_args(margin=margin, strategy=strategy, distance=distance, soft=False,
-                              strategy_options=strategy_options)
+    settings = losses.validate_loss_args(margin=margin, strategy=strategy, distance=distance,
+                                         soft=False, strategy_options=strategy_options)
     emb, labels = _check_batch(embeddings, labels)
-    if strategy == "all":
+    every_triplet = losses.MINING_STRATEGIES.get(strategy).pairs is None
+    if every_triplet:
         _check_listable(len(emb))
     d, positive, negative, column, has_term = map(np.asarray, _mine_pairs(
         jnp.asarray(emb), jnp.asarray(labels), jnp.float32(margin), jax.random.key(seed),
-        strategy, distance, tuple(sorted(strategy_options.items()))))
-    if strategy == "all":
+        strategy, distance, tuple(sorted(settings.items()))))
+    if every_triplet:
         anchor, pos, neg = np.nonzero(positive[:, :, None] & negative[:, None, :])
         return _with_activity(d, margin, anchor, pos, neg)
     anchor, pos = np.nonzero(has_term)
@@ -138,34 +139,23 @@ def mined_triplets(embeddings: Any, labels: Any, *, margin: float, strategy: str
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _mine_pairs(embeddings: jax.Array, labels: jax.Array, margin: jax.Array, key: jax.Array,
-                strategy: str, distance: str, options: tuple[tuple[str, Any], ...]
+                strategy: str, distance: str, settings: tuple[tuple[str, Any], ...]
                 ) -> tuple[jax.Array, ...]:
-    """The miners called as `losses.triplet_loss_sums` calls them (same rows, same draws) ->
+    """The strategy's miner (losses.MINING_STRATEGIES) called as `losses.triplet_loss_sums`
+    calls it (same rows, same draws; `settings` resolved by validate_loss_args) ->
     (d, positive, negative, column, has_term), each [B,B]: the pair (a, p) is a term when
-    has_term[a, p], with negative column[a, p]. "hardest" is one pair per anchor; "all" is
-    left to the caller (every valid triplet), with has_term = positive."""
+    has_term[a, p], with negative column[a, p]. "hardest" is one pair per anchor; a strategy
+    without pair terms ("all") is left to the caller (every valid triplet), with
+    has_term = positive."""
     batch = embeddings.shape[0]
     d = anchor_distance_rows(embeddings, 0, batch, distance)
     positive, negative = mining.label_masks(labels, 0, batch)
-    if strategy == "all":
+    spec = losses.MINING_STRATEGIES.get(strategy)
+    if spec.pairs is None:
         return d, positive, negative, jnp.zeros(d.shape, jnp.int32), positive
-    if strategy == "hardest":
-        positive_column, negative_column, valid = mining.mine_hardest(d, positive, negative)
-        has_term = valid[:, None] & (jnp.arange(batch)[None, :] == positive_column[:, None])
-        column = jnp.broadcast_to(negative_column[:, None], d.shape)
-        return d, positive, negative, column, has_term
-    uniform = mining.row_uniforms(key, 0, batch, batch)
-    if strategy == "semihard":
-        chosen = mining.mine_semihard(d, positive, negative)
-    elif strategy == "semihard_facenet":
-        chosen = mining.mine_semihard_facenet(d, positive, negative, margin, uniform)
-    elif strategy == "random":
-        chosen = mining.mine_random(positive, negative, uniform)
-    else:
-        settings = {**losses.STRATEGY_OPTIONS["distance_weighted"], **dict(options)}
-        chosen = mining.mine_distance_weighted(d, positive, negative, uniform,
-                                               distance=distance,
-                                               embedding_dim=embeddings.shape[1], **settings)
+    uniform = mining.row_uniforms(key, 0, batch, batch) if spec.needs_key else None
+    chosen = spec.pairs(losses.MiningInputs(d, positive, negative, margin, uniform, distance,
+                                            embeddings.shape[1]), **dict(settings))
     return d, positive, negative, chosen.column, chosen.has_term
 
 

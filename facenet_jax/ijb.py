@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from facenet_jax import metrics, plots, runfiles
+from facenet_jax.evaluators import BENCHMARK_EVALUATORS, BenchmarkEvaluator
 from facenet_jax.config import json_safe, provenance
 from facenet_jax.data.alignment import align_by_landmarks
 from facenet_jax.data.folder import resize_array
@@ -344,3 +345,14 @@ def evaluate_workdir_ijb(workdir: str | pathlib.Path, root: str | pathlib.Path, 
 def output_path(workdir: str | pathlib.Path, name: str) -> pathlib.Path:
     """DIR/eval_ijbc.json (or eval_ijbb.json)."""
     return pathlib.Path(workdir) / f"eval_{name.lower()}.json"
+
+
+def _run_from_flags(flags: Any, flip: bool) -> str:
+    """`python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC`."""
+    result = evaluate_workdir_ijb(flags.workdir, flags.ijb, flags.ijb_name, flip=flip,
+                                  use_detector_score=flags.ijb_detector_score)
+    return f"{format_ijb_summary(result)}\nwrote {output_path(flags.workdir, flags.ijb_name)}"
+
+
+BENCHMARK_EVALUATORS.add("ijb", BenchmarkEvaluator(flag="ijb", writes="DIR/eval_<ijb>.json",
+                                                   run=_run_from_flags))

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
-OPTIMIZER_NAMES = ("adagrad", "adam", "adamw", "sgd")
-SCHEDULE_NAMES = ("cosine", "piecewise", "constant")
+from facenet_jax.registry import Registry
+
+# optimizer.name → builder(config.optimizer, schedule) -> the optimiser (weight decay, clipping
+# and the backbone multiplier are added around it by make_optimizer).
+OPTIMIZERS: Registry[Callable[[Any, optax.Schedule], optax.GradientTransformation]] = Registry(
+    "optimizer.name")
+# optimizer.schedule → builder(config.optimizer, peak, decay_steps, warmup, num_steps) -> the
+# schedule after the linear warm-up.
+SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("optimizer.schedule",
+                                                              valid="valid")
 # The embedding head's scope in every encoder (models.layers.EmbeddingHead); everything else is
 # the backbone that `backbone_lr_multiplier` scales.
 HEAD_SCOPE = "EmbeddingHead_0"
@@ -17,12 +26,8 @@ HEAD_SCOPE = "EmbeddingHead_0"
 
 def validate_optimizer_config(opt: Any, num_steps: int) -> None:
     """Raises ValueError for an unknown optimiser/schedule or an impossible setting."""
-    if opt.name not in OPTIMIZER_NAMES:
-        raise ValueError(
-            f"unknown optimizer.name {opt.name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
-    if opt.schedule not in SCHEDULE_NAMES:
-        raise ValueError(
-            f"unknown optimizer.schedule {opt.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
+    OPTIMIZERS.get(opt.name)
+    SCHEDULES.get(opt.schedule)
     if not opt.learning_rate > 0:
         raise ValueError(f"optimizer.learning_rate must be > 0, got {opt.learning_rate}")
     if opt.warmup_steps < 0:
@@ -47,14 +52,7 @@ def make_schedule(opt: Any, num_steps: int) -> optax.Schedule:
     peak = opt.learning_rate
     warmup = int(min(opt.warmup_steps, max(num_steps - 1, 0)))
     decay_steps = max(num_steps - warmup, 1)
-    if opt.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps)
-    elif opt.schedule == "piecewise":
-        boundaries = {
-            max(int(b * num_steps) - warmup, 1): opt.decay_factor for b in opt.decay_boundaries}
-        after = optax.piecewise_constant_schedule(peak, boundaries)
-    else:
-        after = optax.constant_schedule(peak)
+    after = SCHEDULES.get(opt.schedule)(opt, peak, decay_steps, warmup, num_steps)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -74,17 +72,9 @@ def make_optimizer(opt: Any, num_steps: int, *, clip: bool = True,
     chain = []
     if opt.grad_clip_norm and clip:
         chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-    if opt.name == "adamw":
-        chain.append(optax.adamw(schedule, weight_decay=opt.weight_decay))
-    else:
-        if opt.weight_decay:
-            chain.append(optax.add_decayed_weights(opt.weight_decay))
-        if opt.name == "adagrad":
-            chain.append(optax.adagrad(schedule))
-        elif opt.name == "adam":
-            chain.append(optax.adam(schedule))
-        else:
-            chain.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=True))
+    if opt.weight_decay and opt.name not in DECOUPLED_DECAY:
+        chain.append(optax.add_decayed_weights(opt.weight_decay))
+    chain.append(OPTIMIZERS.get(opt.name)(opt, schedule))
     if opt.backbone_lr_multiplier != 1.0 and backbone_multiplier:
         # Scaling the final updates scales the learning rate (and AdamW's decoupled decay)
         # exactly; 0 leaves the backbone's parameters untouched.
@@ -92,6 +82,40 @@ def make_optimizer(opt: Any, num_steps: int, *, clip: bool = True,
             {"head": optax.identity(), "backbone": optax.scale(opt.backbone_lr_multiplier)},
             head_or_backbone))
     return optax.chain(*chain)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(opt: Any, peak: float, decay_steps: int, warmup: int,
+            num_steps: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(peak, decay_steps)
+
+
+@SCHEDULES.register("piecewise")
+def _piecewise(opt: Any, peak: float, decay_steps: int, warmup: int,
+               num_steps: int) -> optax.Schedule:
+    """×decay_factor at each of decay_boundaries (fractions of num_steps, warm-up included)."""
+    boundaries = {
+        max(int(b * num_steps) - warmup, 1): opt.decay_factor for b in opt.decay_boundaries}
+    return optax.piecewise_constant_schedule(peak, boundaries)
+
+
+@SCHEDULES.register("constant")
+def _constant(opt: Any, peak: float, decay_steps: int, warmup: int,
+              num_steps: int) -> optax.Schedule:
+    return optax.constant_schedule(peak)
+
+
+OPTIMIZERS.add("adagrad", lambda opt, schedule: optax.adagrad(schedule))
+OPTIMIZERS.add("adam", lambda opt, schedule: optax.adam(schedule))
+OPTIMIZERS.add("adamw", lambda opt, schedule: optax.adamw(schedule,
+                                                          weight_decay=opt.weight_decay))
+OPTIMIZERS.add("sgd", lambda opt, schedule: optax.sgd(schedule, momentum=opt.momentum,
+                                                      nesterov=True))
+# Optimisers that apply weight_decay themselves; the others get it added to the gradient.
+DECOUPLED_DECAY = ("adamw",)
+# As registered at import (the registries are the source of truth).
+OPTIMIZER_NAMES = OPTIMIZERS.names()
+SCHEDULE_NAMES = SCHEDULES.names()
 
 
 def head_or_backbone(tree: dict[str, Any]) -> dict[str, Any]:

@@ -80,13 +80,12 @@ class HeadTrainState(TrainState):
 
 
 def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
-    """The encoder named by `config.model`, with global-batch BN over `bn_axis_name`."""
-    # bn_scale is an option of inception_resnet_v1 alone (validate_config says so).
-    options = {"bn_scale": True} if config.model.bn_scale else {}
+    """The encoder named by `config.model`, with global-batch BN over `bn_axis_name`; its own
+    fields come from the block `config.model.<name>` (models.config_kwargs)."""
     return models.create_model(
         config.model.name, embedding_dim=config.model.embedding_dim,
         dtype=jnp.dtype(config.model.dtype), bn_axis_name=bn_axis_name,
-        input_norm=config.model.input_norm, **options)
+        input_norm=config.model.input_norm, **models.config_kwargs(config.model))
 
 
 def build_optimizer(config: ml_collections.ConfigDict

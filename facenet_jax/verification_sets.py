@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from facenet_jax import metrics, runfiles
+from facenet_jax.evaluators import BENCHMARK_EVALUATORS, BenchmarkEvaluator
 from facenet_jax.config import json_safe, provenance, to_plain
 from facenet_jax.data.folder import resize_array
 from facenet_jax.data.pairs import Pairs
@@ -224,3 +225,14 @@ def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Pat
                      result["accuracy_std"], result["num_pairs"])
     write_results(results, output or pathlib.Path(workdir) / OUTPUT_FILE)
     return results
+
+
+def _run_from_flags(flags: Any, flip: bool) -> str:
+    """`python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names]`."""
+    results = evaluate_workdir_sets(flags.workdir, flags.verification_sets, names=flags.names,
+                                    flip=flip)
+    return f"{markdown_table(results)}\nwrote {pathlib.Path(flags.workdir) / OUTPUT_FILE}"
+
+
+BENCHMARK_EVALUATORS.add("verification_sets", BenchmarkEvaluator(
+    flag="verification_sets", writes=f"DIR/{OUTPUT_FILE}", run=_run_from_flags))

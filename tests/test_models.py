@@ -15,9 +15,11 @@ from facenet_jax import models
 
 NUM_DEVICES = 8
 EMBEDDING_DIM = 16
-# Smallest convenient input of each model (the big nets compile once each, at batch 2).
+# Smallest convenient input of each model (the big nets compile once each, at batch 2). The
+# face backbones (iresnet50/100, mobilefacenet) have these checks in test_backbones.py.
 SMALL_SIZES = {"small_cnn": 32, "resnet18": 32, "resnet34": 32, "resnet50": 32,
                "inception_resnet_v1": 75}
+BACKBONES = ("iresnet50", "iresnet100", "mobilefacenet")
 
 
 def _images(n, size, seed=0):
@@ -41,16 +43,21 @@ def _abstract_variables(model, size):
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=False))
 
 
+def test_every_encoder_is_checked_here_or_in_test_backbones():
+    assert set(models.MODEL_NAMES) == set(SMALL_SIZES) | set(BACKBONES)
+
+
 def test_model_names_and_unknown_name():
     assert models.MODEL_NAMES == ("small_cnn", "resnet18", "resnet34", "resnet50",
-                                  "inception_resnet_v1")
+                                  "inception_resnet_v1", "iresnet50", "iresnet100",
+                                  "mobilefacenet")
     with pytest.raises(ValueError, match="unknown model name 'resnet101'") as error:
         models.create_model("resnet101")
     for name in models.MODEL_NAMES:
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", SMALL_SIZES)
 def test_forward_shapes_unit_norm_and_running_stats(name):
     """Init, eval and train forward of every model: [N, D] float32 unit rows, BN updates."""
     model = models.create_model(name, embedding_dim=EMBEDDING_DIM)
@@ -193,7 +200,7 @@ def _count_primitive(jaxpr, name):
     return count
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", SMALL_SIZES)
 def test_every_batch_norm_layer_syncs_over_the_axis(name):
     """Traced (not compiled) under shard_map: one cross-device mean per BN layer in training."""
     size = SMALL_SIZES[name]

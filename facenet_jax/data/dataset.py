@@ -1,12 +1,15 @@
-"""The Dataset type every source returns: uint8 images, int32 identity labels, identity names."""
+"""The Dataset type every source returns: uint8 images, int32 identity labels, identity names;
+and the registry of sources (`config.data.source` → a builder from `config.data`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from facenet_jax.registry import Registry
 
 
 class RowSubset:
@@ -113,3 +116,9 @@ def _take_rows(images: Any, rows: np.ndarray) -> Any:
     if isinstance(images, np.memmap):
         return RowSubset(images, rows)
     return images[rows]
+
+
+# `config.data.source` → builder(config.data) -> Dataset, registered where each source is
+# defined (synthetic.py, folder.py, tfds_source.py).
+DATA_SOURCES: Registry[Callable[[Any], Dataset]] = Registry("data source",
+                                                            valid="valid sources")

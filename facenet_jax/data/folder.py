@@ -18,11 +18,12 @@ import os
 import pathlib
 import shutil
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from facenet_jax.data.dataset import Dataset, RowSubset
+from facenet_jax.data.dataset import DATA_SOURCES, Dataset, RowSubset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".pbm", ".bmp")
 _CACHE_VERSION = 1  # bump when decoding or the cache layout changes
@@ -249,3 +250,24 @@ def _open_cache(root: pathlib.Path, entry: pathlib.Path) -> Dataset:
         images = RowSubset(images, np.asarray(meta["rows"]))
     return Dataset(images=images, labels=np.array([index[n] for n in identity], np.int32),
                    identity_names=names, paths=[str(root / p) for p in relative])
+
+
+def load_folder_as_configured(root: str | pathlib.Path, data_config: Any, *,
+                              min_images_per_identity: int) -> Dataset:
+    """An image folder preprocessed as `config.data` says (size, crop, cache folder, bad
+    files): a run's training folder, or a folder its trained encoder evaluates or embeds."""
+    return load_image_folder(
+        pathlib.Path(root), data_config.image_size, center_crop=data_config.center_crop,
+        cache_dir=data_config.cache_dir, skip_bad_files=data_config.skip_bad_files,
+        min_images_per_identity=min_images_per_identity)
+
+
+@DATA_SOURCES.register("folder")
+def folder_as_configured(data_config: Any) -> Dataset:
+    """The training folder `config.data.root` (root/<identity>/<image>)."""
+    if not data_config.root:
+        raise ValueError("data.source='folder' needs data.root: a folder laid out as "
+                         "root/<identity>/<image>; pass --config.data.root=PATH")
+    return load_folder_as_configured(
+        data_config.root, data_config,
+        min_images_per_identity=data_config.get("min_images_per_identity", 2))

@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+from typing import Any
 
 import numpy as np
 
-from facenet_jax.data.dataset import Dataset
+from facenet_jax.data.dataset import DATA_SOURCES, Dataset
 
 _CHUNK = 512  # images rendered at once per thread: bounds the float32 working memory
+
+
+@DATA_SOURCES.register("synthetic")
+def synthetic_as_configured(data_config: Any) -> Dataset:
+    """The synthetic faces `config.data.synthetic` describes, at `config.data.image_size`."""
+    synthetic = data_config.synthetic
+    return load_synthetic(synthetic.num_identities, synthetic.images_per_identity,
+                          data_config.image_size, synthetic.difficulty,
+                          seed=synthetic.get("seed", 0))
 
 
 def load_synthetic(num_identities: int, images_per_identity: int, image_size: int = 32,

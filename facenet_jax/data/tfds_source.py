@@ -8,10 +8,22 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax.data.dataset import Dataset
+from facenet_jax.data.dataset import DATA_SOURCES, Dataset
 from facenet_jax.data.folder import _check_preprocessing, resize_array
 
 _INSTALL = "pip install '.[tfds]'  (tensorflow-datasets, tensorflow-cpu, importlib_resources)"
+
+
+@DATA_SOURCES.register("tfds")
+def tfds_as_configured(data_config: Any) -> Dataset:
+    """The prepared tfds dataset `config.data.name` (split `data.tfds_split`)."""
+    if not data_config.name:
+        raise ValueError("data.source='tfds' needs data.name (a registered tfds dataset, "
+                         "e.g. 'lfw'); pass --config.data.name=NAME")
+    dataset = load_tfds(data_config.name, split=data_config.tfds_split,
+                        image_size=data_config.image_size, data_dir=data_config.tfds_data_dir,
+                        center_crop=data_config.center_crop)
+    return dataset.with_min_images(data_config.get("min_images_per_identity", 2))[0]
 
 
 def load_tfds(name: str, *, split: str = "train", image_size: int, data_dir: str | None = None,

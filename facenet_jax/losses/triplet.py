@@ -35,10 +35,12 @@ Random draws: anchor row r (its position in the *global* batch) draws its B unif
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +48,8 @@ from jax import lax
 
 from facenet_jax.losses import mining
 from facenet_jax.losses.distances import DISTANCES, anchor_distance_rows
+from facenet_jax.registry import Registry
 
-STRATEGIES = ("semihard", "semihard_facenet", "hardest", "all", "random", "distance_weighted")
-RANDOM_STRATEGIES = ("semihard_facenet", "random", "distance_weighted")
-STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
-    "semihard": {"max_positives": None},
-    "distance_weighted": {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
-}
 SUM_KEYS = ("loss_sum", "count", "num_triplets", "num_active", "d_ap_sum", "d_an_sum",
             "semihard_found", "semihard_pairs", "spread_sum", "spread_count")
 STATS_KEYS = ("num_triplets", "num_active", "active_fraction", "mean_d_ap", "mean_d_an",
@@ -70,16 +67,54 @@ _SOFT_ALL_CHUNK_ELEMENTS = 1 << 22
 TripletSums = dict[str, jax.Array]
 
 
+class MiningInputs(NamedTuple):
+    """What a strategy mines a block of A anchors from, against B candidates.
+
+    d: [A,B] distances (under stop_gradient); positive, negative: [A,B] bool label masks
+    (anchor-positive pairs, anchor-negative pairs); margin; uniform: [A,B] draws in [0,1) for
+    a strategy that `needs_key` (None otherwise); distance: its name; embedding_dim: D.
+    """
+
+    d: jax.Array
+    positive: jax.Array
+    negative: jax.Array
+    margin: Any
+    uniform: jax.Array | None
+    distance: str
+    embedding_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A mining strategy, registered by name in MINING_STRATEGIES.
+
+    pairs(inputs, **settings) -> mining.PairNegatives: the negative of each anchor-positive
+    pair that gets a term (None for a strategy whose terms are not one negative per pair, e.g.
+    batch-all's every triplet). The loss is the mean over those terms, unless
+    block_sums(d, positive, negative, margin, soft) -> TripletSums gives the strategy's own
+    (d differentiable, [A,B]). options: option name -> default (`config.loss.options`);
+    check(settings) -> settings: validates and normalises them; needs_key: it samples.
+    """
+
+    pairs: Callable[..., mining.PairNegatives] | None
+    block_sums: Callable[..., TripletSums] | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    needs_key: bool = False
+
+
+MINING_STRATEGIES: Registry[Strategy] = Registry("strategy", valid="valid strategies")
+
+
 def validate_loss_args(*, margin: Any, strategy: str, distance: str, soft: bool,
-                       strategy_options: dict[str, Any] | None = None) -> None:
+                       strategy_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pure-Python checks, no JAX work: ValueError naming the problem and the valid choices.
+    Returns the strategy's settings: its options with their defaults filled in.
 
     margin == 0 without soft is allowed with a warning: it admits the collapsed embedding.
     A traced margin (e.g. under vmap over margins) skips the value checks.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid strategies: "
-                         f"{', '.join(STRATEGIES)}")
+    spec = MINING_STRATEGIES.get(strategy)
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid distances: "
                          f"{', '.join(DISTANCES)}")
@@ -92,31 +127,32 @@ def validate_loss_args(*, margin: Any, strategy: str, distance: str, soft: bool,
             warnings.warn("margin == 0 with the hinge loss admits the collapsed embedding "
                           "(all points equal, zero loss); use margin > 0 unless that is the "
                           "point", stacklevel=2)
-    _strategy_settings(strategy, strategy_options or {})
-
-
-def _strategy_settings(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The strategy's options with defaults filled in; ValueError on unknown or bad ones."""
-    defaults = STRATEGY_OPTIONS.get(strategy, {})
-    unknown = sorted(set(options) - set(defaults))
+    options = strategy_options or {}
+    unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        valid = ", ".join(defaults) if defaults else "none"
+        valid = ", ".join(spec.options) if spec.options else "none"
         raise ValueError(f"unknown option(s) {unknown} for strategy {strategy!r}; "
                          f"valid options: {valid}")
-    settings = {**defaults, **options}
-    if strategy == "semihard":
-        bound = settings["max_positives"]
-        if bound is not None:
-            if isinstance(bound, bool) or not isinstance(bound, numbers.Integral) or bound < 1:
-                raise ValueError(f"semihard max_positives must be None or an int >= 1 (a P×K "
-                                 f"batch: K - 1), got {bound!r}")
-            settings["max_positives"] = int(bound)
-    if strategy == "distance_weighted":
-        cutoff, nonzero = settings["cutoff"], settings["nonzero_loss_cutoff"]
-        if not 0 < cutoff < nonzero:
-            raise ValueError("distance_weighted needs 0 < cutoff < nonzero_loss_cutoff "
-                             f"(Euclidean distances on the unit sphere, at most 2); got "
-                             f"cutoff={cutoff}, nonzero_loss_cutoff={nonzero}")
+    settings = {**spec.options, **options}
+    return spec.check(settings) if spec.check else settings
+
+
+def _semihard_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    bound = settings["max_positives"]
+    if bound is not None:
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Integral) or bound < 1:
+            raise ValueError(f"semihard max_positives must be None or an int >= 1 (a P×K "
+                             f"batch: K - 1), got {bound!r}")
+        settings["max_positives"] = int(bound)
+    return settings
+
+
+def _distance_weighted_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    cutoff, nonzero = settings["cutoff"], settings["nonzero_loss_cutoff"]
+    if not 0 < cutoff < nonzero:
+        raise ValueError("distance_weighted needs 0 < cutoff < nonzero_loss_cutoff "
+                         f"(Euclidean distances on the unit sphere, at most 2); got "
+                         f"cutoff={cutoff}, nonzero_loss_cutoff={nonzero}")
     return settings
 
 
@@ -151,6 +187,18 @@ def _hardest_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin
     d_ap = jnp.take_along_axis(d, positive_column[:, None], axis=1)[:, 0]
     d_an = jnp.take_along_axis(d, negative_column[:, None], axis=1)[:, 0]
     return _term_sums(d_ap, d_an, valid, margin, soft)
+
+
+def _hardest_pairs(inputs: MiningInputs) -> mining.PairNegatives:
+    """Batch-hard as pair terms: the pair (a, its farthest positive) of each anchor that has
+    both, with its closest negative."""
+    positive_column, negative_column, valid = mining.mine_hardest(
+        inputs.d, inputs.positive, inputs.negative)
+    columns = jnp.arange(inputs.d.shape[1])[None, :]
+    has_term = valid[:, None] & (columns == positive_column[:, None])
+    no_semihard = jnp.zeros(inputs.d.shape, bool)
+    return mining.PairNegatives(jnp.broadcast_to(negative_column[:, None], inputs.d.shape),
+                                has_term, no_semihard, no_semihard)
 
 
 def _batch_all_hinge_sums(d: jax.Array, positive: jax.Array, negative: jax.Array,
@@ -245,10 +293,10 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
     candidate_mask: optional bool [B]; columns where it is False are neither positives nor
     negatives of any anchor (nor in the spread), e.g. the empty slots of a memory bank.
     """
-    validate_loss_args(margin=margin, strategy=strategy, distance=distance, soft=soft,
-                       strategy_options=strategy_options)
-    settings = _strategy_settings(strategy, strategy_options)
-    if strategy in RANDOM_STRATEGIES and key is None:
+    settings = validate_loss_args(margin=margin, strategy=strategy, distance=distance,
+                                  soft=soft, strategy_options=strategy_options)
+    spec = MINING_STRATEGIES.get(strategy)
+    if spec.needs_key and key is None:
         raise ValueError(f"strategy {strategy!r} samples negatives: pass key=jax.random.key(...)")
     num_candidates = embeddings.shape[0]
     _check_anchor_rows(anchor_start, num_anchors, num_candidates)
@@ -259,7 +307,7 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
 
     def block_sums(start: jax.Array | int, rows: int) -> TripletSums:
         return _anchor_block_sums(embeddings, labels, start, rows, margin=margin,
-                                  strategy=strategy, distance=distance, soft=soft, key=key,
+                                  spec=spec, distance=distance, soft=soft, key=key,
                                   candidate_mask=candidate_mask, settings=settings)
 
     if anchor_chunk is None:
@@ -277,7 +325,7 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
 
 
 def _anchor_block_sums(embeddings: jax.Array, labels: jax.Array, anchor_start: jax.Array | int,
-                       num_anchors: int, *, margin: Any, strategy: str, distance: str,
+                       num_anchors: int, *, margin: Any, spec: Strategy, distance: str,
                        soft: bool, key: jax.Array | None, candidate_mask: jax.Array | None,
                        settings: dict[str, Any]) -> TripletSums:
     """`triplet_loss_sums` of one block of anchor rows, arguments already checked."""
@@ -292,30 +340,53 @@ def _anchor_block_sums(embeddings: jax.Array, labels: jax.Array, anchor_start: j
         not_self = not_self & candidate_mask
         num_spread = jnp.sum(not_self, dtype=jnp.float32)
 
-    if strategy == "hardest":
-        sums = _hardest_sums(d, positive, negative, margin, soft)
-    elif strategy == "all":
-        all_sums = _batch_all_soft_sums if soft else _batch_all_hinge_sums
-        sums = all_sums(d, positive, negative, margin)
-    elif strategy == "semihard":
-        chosen = mining.mine_semihard(d_fixed, positive, negative, **settings)
-        sums = _pair_sums(d, chosen, margin, soft)
+    if spec.block_sums is not None:
+        sums = spec.block_sums(d, positive, negative, margin, soft)
     else:
-        uniform = mining.row_uniforms(key, anchor_start, num_anchors, num_candidates)
-        if strategy == "semihard_facenet":
-            chosen = mining.mine_semihard_facenet(d_fixed, positive, negative, margin, uniform)
-        elif strategy == "random":
-            chosen = mining.mine_random(positive, negative, uniform)
-        else:
-            chosen = mining.mine_distance_weighted(
-                d_fixed, positive, negative, uniform, distance=distance,
-                embedding_dim=embeddings.shape[1], **settings)
+        uniform = (mining.row_uniforms(key, anchor_start, num_anchors, num_candidates)
+                   if spec.needs_key else None)
+        chosen = spec.pairs(MiningInputs(d_fixed, positive, negative, margin, uniform,
+                                         distance, embeddings.shape[1]), **settings)
         sums = _pair_sums(d, chosen, margin, soft)
 
     zero = jnp.zeros((), jnp.float32)
     return {"semihard_found": zero, "semihard_pairs": zero, **sums,
             "spread_sum": jnp.sum(jnp.where(not_self, d_fixed, 0.0)),
             "spread_count": jnp.asarray(num_spread, jnp.float32)}
+
+
+def _batch_all_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin: Any,
+                    soft: bool) -> TripletSums:
+    all_sums = _batch_all_soft_sums if soft else _batch_all_hinge_sums
+    return all_sums(d, positive, negative, margin)
+
+
+# The strategies, in the order they are listed (module docstring).
+MINING_STRATEGIES.add("semihard", Strategy(
+    pairs=lambda i, max_positives: mining.mine_semihard(i.d, i.positive, i.negative,
+                                                        max_positives=max_positives),
+    options={"max_positives": None}, check=_semihard_settings))
+MINING_STRATEGIES.add("semihard_facenet", Strategy(
+    pairs=lambda i: mining.mine_semihard_facenet(i.d, i.positive, i.negative, i.margin,
+                                                 i.uniform),
+    needs_key=True))
+MINING_STRATEGIES.add("hardest", Strategy(pairs=_hardest_pairs, block_sums=_hardest_sums))
+MINING_STRATEGIES.add("all", Strategy(pairs=None, block_sums=_batch_all_sums))
+MINING_STRATEGIES.add("random", Strategy(
+    pairs=lambda i: mining.mine_random(i.positive, i.negative, i.uniform), needs_key=True))
+MINING_STRATEGIES.add("distance_weighted", Strategy(
+    pairs=lambda i, **settings: mining.mine_distance_weighted(
+        i.d, i.positive, i.negative, i.uniform, distance=i.distance,
+        embedding_dim=i.embedding_dim, **settings),
+    options={"cutoff": 0.5, "nonzero_loss_cutoff": 1.4}, check=_distance_weighted_settings,
+    needs_key=True))
+
+# The registered names and their properties, as constants (the registry is the source of truth).
+STRATEGIES = MINING_STRATEGIES.names()
+RANDOM_STRATEGIES = tuple(n for n in STRATEGIES if MINING_STRATEGIES.get(n).needs_key)
+STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
+    n: dict(MINING_STRATEGIES.get(n).options) for n in STRATEGIES
+    if MINING_STRATEGIES.get(n).options}
 
 
 def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:

@@ -7,40 +7,29 @@
 
 Parameters are float32; `dtype` is the compute dtype (e.g. bfloat16); the embeddings are
 float32 whatever it is. With `bn_axis_name`, BatchNorm in training averages its batch statistics
-over that mapped axis (global-batch BN under shard_map/pmap).
+over that mapped axis (global-batch BN under shard_map/pmap). A non-zero `dropout_rate` needs
+`rngs={"dropout": key}` in `apply(..., train=True)`.
+
+Encoders are registered by name where they are defined (registry.py: `register_encoder`); a new
+encoder module is imported below.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
-import jax.numpy as jnp
-
-from facenet_jax.models.inception_resnet_v1 import InceptionResNetV1
 from facenet_jax.models.layers import INPUT_NORMS, l2_normalize
+from facenet_jax.models.registry import (COMMON_FIELDS, ENCODERS, EncoderSpec, config_kwargs,
+                                         create_model, default_fields, register_encoder)
+# Imported in the order the names are listed (registration order).
+from facenet_jax.models.small_cnn import SmallCNN  # noqa: I001
 from facenet_jax.models.resnet import RESNET_STAGES, BasicBlock, BottleneckBlock, ResNet
-from facenet_jax.models.small_cnn import SmallCNN
+from facenet_jax.models.inception_resnet_v1 import InceptionResNetV1
+from facenet_jax.models.iresnet import IRESNET_STAGES, IResNet
+from facenet_jax.models.mobilefacenet import MobileFaceNet
 
-MODEL_NAMES = ("small_cnn", "resnet18", "resnet34", "resnet50", "inception_resnet_v1")
+# The names registered at import (the registry is the source of truth: `ENCODERS.names()`).
+MODEL_NAMES = ENCODERS.names()
 
-__all__ = ["MODEL_NAMES", "INPUT_NORMS", "create_model", "SmallCNN", "ResNet", "BasicBlock",
-           "BottleneckBlock", "InceptionResNetV1", "l2_normalize"]
-
-
-def create_model(name: str, *, embedding_dim: int = 128, dtype: Any = jnp.float32,
-                 bn_axis_name: str | None = None, **kwargs: Any) -> nn.Module:
-    """The encoder called `name`; `kwargs` go to its module (e.g. small_cnn's `widths`).
-
-    Raises ValueError for an unknown name, listing MODEL_NAMES.
-    """
-    common = dict(embedding_dim=embedding_dim, dtype=dtype, bn_axis_name=bn_axis_name)
-    if name == "small_cnn":
-        return SmallCNN(**common, **kwargs)
-    if name in RESNET_STAGES:
-        stage_sizes, block = RESNET_STAGES[name]
-        return ResNet(stage_sizes=stage_sizes, block=block, model_name=name, **common,
-                      **kwargs)
-    if name == "inception_resnet_v1":
-        return InceptionResNetV1(**common, **kwargs)
-    raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+__all__ = ["COMMON_FIELDS", "ENCODERS", "EncoderSpec", "MODEL_NAMES", "INPUT_NORMS",
+           "config_kwargs", "create_model", "default_fields", "register_encoder", "SmallCNN",
+           "ResNet", "BasicBlock", "BottleneckBlock", "InceptionResNetV1", "IRESNET_STAGES",
+           "IResNet", "MobileFaceNet", "RESNET_STAGES", "l2_normalize"]

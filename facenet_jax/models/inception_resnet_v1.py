@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from facenet_jax.models.layers import (Dtype, EmbeddingHead, batch_norm, check_images,
                                        to_model_input)
+from facenet_jax.models.registry import register_encoder
 
 MIN_IMAGE_SIZE = 75  # every VALID stride-2 stage still leaves at least 1 px
 
@@ -83,6 +84,10 @@ BLOCK8 = (((192, (1, 1)),),
           ((192, (1, 1)), (192, (1, 3)), (192, (3, 1))))
 
 
+# bn_scale stays the top-level config.model.bn_scale (older than the blocks; imported weights
+# set it); a block can remove a stage's repeated blocks entirely (0).
+@register_encoder("inception_resnet_v1", top_level=("bn_scale",),
+                  zero_ok=("block35_repeats", "block17_repeats", "block8_repeats"))
 class InceptionResNetV1(nn.Module):
     """images [N, H, W, 3] in [0, 1], H, W >= 75 (160 native) -> unit [N, embedding_dim] float32.
 

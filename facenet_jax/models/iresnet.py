@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from facenet_jax.models.layers import (Dtype, EmbeddingHead, PReLU, batch_norm, check_images,
                                        to_model_input)
+from facenet_jax.models.registry import create_model, register_encoder
 
 IRESNET_STAGES = {"iresnet50": (3, 4, 14, 3), "iresnet100": (3, 13, 30, 3)}
 
@@ -109,13 +110,17 @@ class IResNet(nn.Module):
                              bn_use_scale=not self.fixed_embedding_scale)(features, train)
 
 
+for _name, _stages in IRESNET_STAGES.items():
+    register_encoder(_name, fixed={"model_name": _name}, stage_sizes=_stages)(IResNet)
+
+
 def iresnet50(**fields: Any) -> IResNet:
-    """insightface's r50: 43.6 M parameters, 6.3 GMACs at 112 px (fields override defaults)."""
-    return IResNet(**{"stage_sizes": IRESNET_STAGES["iresnet50"], "model_name": "iresnet50",
-                      **fields})
+    """insightface's r50 (512-d unless `embedding_dim` says otherwise): 43.6 M parameters,
+    6.3 GMACs at 112 px; fields override the registered defaults."""
+    return create_model("iresnet50", **{"embedding_dim": 512, **fields})
 
 
 def iresnet100(**fields: Any) -> IResNet:
-    """insightface's r100: 65.2 M parameters, 12.1 GMACs at 112 px (fields override defaults)."""
-    return IResNet(**{"stage_sizes": IRESNET_STAGES["iresnet100"], "model_name": "iresnet100",
-                      **fields})
+    """insightface's r100 (512-d unless `embedding_dim` says otherwise): 65.2 M parameters,
+    12.1 GMACs at 112 px; fields override the registered defaults."""
+    return create_model("iresnet100", **{"embedding_dim": 512, **fields})

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from facenet_jax.models.layers import (Dtype, EmbeddingHead, PReLU, batch_norm, check_images,
                                        to_model_input)
+from facenet_jax.models.registry import create_model, register_encoder
 
 
 class ConvUnit(nn.Module):
@@ -80,6 +81,7 @@ class InvertedResidual(nn.Module):
         return y + x if self.stride == 1 and x.shape[-1] == self.features else y
 
 
+@register_encoder("mobilefacenet", zero_ok=("stage_sizes",))
 class MobileFaceNet(nn.Module):
     """images [N, H, W, 3] in [0, 1] -> unit embeddings [N, embedding_dim] float32.
 
@@ -154,4 +156,4 @@ class MobileFaceNet(nn.Module):
 def mobilefacenet(**fields: Any) -> MobileFaceNet:
     """insightface's mbf (scale 2, 512-d): 2.06 M parameters, 0.44 GMACs at 112 px (its README's
     "mobilefacenet-0.45G"); fields override the defaults."""
-    return MobileFaceNet(**fields)
+    return create_model("mobilefacenet", **{"embedding_dim": 512, **fields})

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from facenet_jax.models.layers import (Dtype, EmbeddingHead, batch_norm, check_images,
                                        to_model_input)
+from facenet_jax.models.registry import register_encoder
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -105,3 +106,7 @@ RESNET_STAGES = {
     "resnet34": ((3, 4, 6, 3), BasicBlock),
     "resnet50": ((3, 4, 6, 3), BottleneckBlock),
 }
+
+for _name, (_stages, _block) in RESNET_STAGES.items():
+    register_encoder(_name, fixed={"block": _block, "model_name": _name},
+                     stage_sizes=_stages)(ResNet)

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 
 from facenet_jax.models.layers import (Dtype, EmbeddingHead, batch_norm, check_images,
                                        to_model_input)
+from facenet_jax.models.registry import register_encoder
 
 
+@register_encoder("small_cnn")
 class SmallCNN(nn.Module):
     """images [N, H, W, 3] in [0, 1] -> unit embeddings [N, embedding_dim] float32.
 
