@@ -8,7 +8,6 @@ Configs are Python files whose `get_config()` returns an `ml_collections.ConfigD
 from __future__ import annotations
 
 import datetime
-import functools
 import importlib.metadata
 import json
 import math
@@ -94,6 +93,17 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def get_dotted(tree: Any, key: str, default: Any = None) -> Any:
+    """tree["a"]["b"]["c"] for key "a.b.c" (nested dicts or a ConfigDict; "" is the tree
+    itself); `default` when a part is missing."""
+    for part in key.split(".") if key else ():
+        try:
+            tree = tree[part]
+        except (KeyError, TypeError, IndexError):
+            return default
+    return tree
+
+
 def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """A JSON-ready dict of the resolved config (tuples become lists)."""
     return json.loads(config.to_json_best_effort())
@@ -135,8 +145,8 @@ def without_unchanged_added_keys(plain: Mapping[str, Any]) -> dict[str, Any]:
     kept = json.loads(json.dumps(plain))  # a deep copy
     for key in ADDED_KEY_DEFAULTS:
         if key in flat and flat[key] == old[key]:
-            *parents, leaf = key.split(".")
-            functools.reduce(lambda node, part: node[part], parents, kept).pop(leaf)
+            parent, _, leaf = key.rpartition(".")
+            get_dotted(kept, parent).pop(leaf)
     return kept
 
 
@@ -170,7 +180,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     from facenet_jax.losses import memory
 
     for key in POSITIVE_INT_KEYS:
-        value = functools.reduce(lambda node, part: node[part], key.split("."), config)
+        value = get_dotted(config, key)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}; pass "
                              f"--config.{key}=N with N >= 1")

@@ -17,7 +17,6 @@ has none) and threshold_split (the split it was chosen on: "validation", "test" 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -31,8 +30,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
-from facenet_jax.config import with_added_keys
 from facenet_jax.logs import cli_logging, one_line_user_errors
+from facenet_jax.runfiles import load_run_config
 from facenet_jax.state import build_model, build_optimizer, create_train_state
 
 FLIP_MODES = ("sum", "concat")
@@ -156,14 +155,6 @@ def _image_batch(images: np.ndarray) -> np.ndarray:
     """One image [H,W,3] → [1,H,W,3]; a batch unchanged."""
     images = np.asarray(images)
     return images[None] if images.ndim == 3 else images
-
-
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a facenet_jax run folder?")
-    # Keys added to the project since the run was recorded read as their old behaviour.
-    return ml_collections.ConfigDict(with_added_keys(json.loads(path.read_text())["config"]))
 
 
 def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,

@@ -34,10 +34,10 @@ from facenet_jax import data, ijb, metrics, plots, runfiles, verification_sets
 from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
 from facenet_jax.data.alignment import alignment_mismatch
 from facenet_jax.logs import cli_logging, one_line_user_errors
+# The run folder's evaluation and split files (named here too: the train CLI and tests read them
+# as evaluate.EVAL_FILE etc.).
+from facenet_jax.runfiles import EVAL_FILE, SPLIT_FILE, VALIDATION_EVAL_FILE  # noqa: F401
 
-EVAL_FILE = "eval.json"
-VALIDATION_EVAL_FILE = "eval_validation.json"  # the train CLI's final validation evaluation
-SPLIT_FILE = "split.json"  # written by the train CLI: each split's identity names
 BASELINES = ("pixels",)
 
 
@@ -255,8 +255,8 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
                          "file")
     _check_output_holds_the_same_evaluation(output, data_root, pairs_file, fold)
     workdir = pathlib.Path(workdir)
-    if data_root is None and not (workdir / SPLIT_FILE).exists() and (
-            workdir / "config.json").exists() and _is_imported(workdir):
+    if (data_root is None and not (workdir / SPLIT_FILE).exists()
+            and _is_imported(workdir)):
         raise ValueError(
             f"{workdir} holds imported weights and no {SPLIT_FILE}: it has no test split of "
             "its own. Pass --data_root FOLDER (and --pairs FILE) to evaluate it on your data")
@@ -300,8 +300,8 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
 
 def _is_imported(workdir: pathlib.Path) -> bool:
     """Whether DIR was written by `python -m facenet_jax.pretrained` (not by training)."""
-    record = json.loads((workdir / "config.json").read_text())
-    return "imported" in record.get("provenance", {})
+    record = runfiles.read_config_record(workdir)
+    return record is not None and "imported" in record.get("provenance", {})
 
 
 def evaluation_target(data_root: str | None, pairs_file: str | None,
