@@ -20,7 +20,6 @@ Small batches only: `mined_triplets("all")` and `triplet_gaps` list every valid 
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -36,7 +35,6 @@ from facenet_jax.config import load_config
 from facenet_jax.losses import mining
 from facenet_jax.losses.distances import anchor_distance_rows
 
-SMALL_ENV = "FACENET_JAX_NOTEBOOK_SMALL"
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
 DEGENERATE_CASES = ("as sampled", "no positive pair", "one identity (no negative)",
                     "duplicates (K copies of one image)", "collapsed (all equal)")
@@ -46,16 +44,6 @@ MAX_LISTED_BATCH = 512
 
 # ----------------------------------------------------------------------------------------------
 # Set-up for the notebooks.
-
-
-def small_switch() -> bool:
-    """True when FACENET_JAX_NOTEBOOK_SMALL is set to 1/true/yes (CI runs the notebooks tiny)."""
-    value = os.environ.get(SMALL_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no"):
-        return False
-    if value in ("1", "true", "yes"):
-        return True
-    raise ValueError(f"{SMALL_ENV}={value!r}: use 1 (tiny, for CI) or 0 (full size)")
 
 
 def default_config(overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
