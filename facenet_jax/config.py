@@ -178,6 +178,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     """
     from facenet_jax import losses, models, optim  # local: keep `config` import-light
     from facenet_jax.losses import memory
+    from facenet_jax.losses.distances import check_distance
 
     for key in POSITIVE_INT_KEYS:
         value = get_dotted(config, key)
@@ -207,9 +208,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
                          f"got {config.parallel.mining!r}")
-    if config.eval.distance not in losses.DISTANCES:
-        raise ValueError(f"eval.distance must be one of {losses.DISTANCES}, "
-                         f"got {config.eval.distance!r}")
+    check_distance(config.eval.distance, "eval.distance")
     validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
                           num_devices)
     memory.validate_memory_config(config.loss.get("memory", None),

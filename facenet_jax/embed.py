@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
 from facenet_jax.logs import cli_logging, one_line_user_errors
+from facenet_jax.losses.distances import l2_normalize
 from facenet_jax.runfiles import load_run_config
 from facenet_jax.state import build_model, build_optimizer, create_train_state
 
@@ -60,9 +61,7 @@ def make_embedder(model: Any, mesh: jax.sharding.Mesh, *, batch_size: int, flip:
         if flip:
             mirrored = model.apply(variables, x[:, :, ::-1, :], train=False)
             if flip_mode == "sum":
-                summed = embeddings + mirrored
-                embeddings = summed / jnp.maximum(
-                    jnp.linalg.norm(summed, axis=-1, keepdims=True), 1e-12)
+                embeddings = l2_normalize(embeddings + mirrored)
             else:
                 embeddings = jnp.concatenate([embeddings, mirrored], axis=-1)
         return lax.all_gather(embeddings, parallel.AXIS, tiled=True)

@@ -120,7 +120,7 @@ def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
 def pixel_embeddings(images: np.ndarray) -> np.ndarray:
     """The raw-pixel baseline: uint8 [N,H,W,3] → [0,1], flattened, L2-normalised [N, H*W*3]."""
     flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    return metrics.l2_normalize_rows(flat)
 
 
 def test_split_and_pairs(config: ml_collections.ConfigDict,

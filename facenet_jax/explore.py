@@ -8,7 +8,8 @@ functions:
 - `triplet_gaps`, `pair_distance_sets`: d(a,n) − d(a,p) over every valid triplet, and the
   positive / negative pair distances, for the margin-band picture;
 - `margin_response`: loss, mining stats and the gradient norm w.r.t. the embeddings as α varies;
-- `degenerate_batches`: a batch made degenerate in each way DESIGN §2 names;
+- `degenerate_batches`: a batch made degenerate in each way a sampled batch can be (no positive
+  pair, one identity, duplicates, collapsed), all of which training must survive;
 - `oneshot_predictions`: per-probe results of one-shot identification (enrol one image per
   identity), the per-image view of `metrics.oneshot_identification`;
 - figure builders for all of these (matplotlib `Figure`, no pyplot state, as in `plots`).
@@ -63,7 +64,7 @@ def random_unit_batch(identities: int, images_per_identity: int, dim: int, seed:
                          f"{images_per_identity}, {dim}")
     x = np.random.default_rng(seed).standard_normal((identities * images_per_identity, dim))
     labels = np.repeat(np.arange(identities, dtype=np.int32), images_per_identity)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+    return metrics.l2_normalize_rows(x).astype(np.float32), labels
 
 
 def _check_batch(embeddings: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from facenet_jax.losses import mining
-from facenet_jax.losses.distances import DISTANCES, anchor_distance_rows
+from facenet_jax.losses.distances import anchor_distance_rows, check_distance
 
 STRATEGIES = ("semihard", "semihard_facenet", "hardest", "all", "random", "distance_weighted")
 RANDOM_STRATEGIES = ("semihard_facenet", "random", "distance_weighted")
@@ -80,9 +80,7 @@ def validate_loss_args(*, margin: Any, strategy: str, distance: str, soft: bool,
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies: "
                          f"{', '.join(STRATEGIES)}")
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; valid distances: "
-                         f"{', '.join(DISTANCES)}")
+    check_distance(distance)
     if not isinstance(soft, bool):
         raise ValueError(f"soft must be True or False, got {soft!r}")
     if isinstance(margin, numbers.Real):
