@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from facenet_jax import ijb
+from facenet_jax import ijb, metrics
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "ijb_scoring.json"
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     features = rng.normal(size=(args.images, args.dim)).astype(np.float32)
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    features = metrics.l2_normalize_rows(features)
     templates = rng.integers(0, args.templates, args.images)
     medias = rng.integers(0, 4 * args.templates, args.images)
     weights = rng.uniform(0.5, 1.0, args.images)

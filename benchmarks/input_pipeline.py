@@ -57,7 +57,7 @@ def measure_train_step_input_overhead(model: str = "small_cnn", image_size: int 
                                       ) -> list[dict]:
     """Per P×K: seconds per train step fed by the real pipeline vs by one fixed device batch.
 
-    The real feed is `facenet_jax.train._device_batches` itself (sampler over synthetic faces,
+    The real feed is `facenet_jax.train.device_batches` itself (sampler over synthetic faces,
     the default augmentation, `prefetch` host batches ahead, device put one step ahead); the
     step is the one `benchmarks/train_step.py` builds, compiled once and shared by both feeds.
     Feeds alternate for `rounds` rounds of `steps` steps and the fastest round of each counts
@@ -68,7 +68,7 @@ def measure_train_step_input_overhead(model: str = "small_cnn", image_size: int 
     train_step_benchmark.force_host_devices(devices)
     import jax
 
-    from facenet_jax.train import _device_batches
+    from facenet_jax.train import device_batches
 
     faces = data.load_synthetic(max(p for p, _ in layouts) + 15, max(k for _, k in layouts),
                                 image_size, 1.0, seed=0)
@@ -85,7 +85,7 @@ def measure_train_step_input_overhead(model: str = "small_cnn", image_size: int 
         for r in range(rounds):
             state, seconds = train_step_benchmark.time_steps(step, state, images, labels, steps)
             fixed = min(fixed, seconds)
-            batches = _device_batches(sampler, mesh, range(r * steps, (r + 1) * steps),
+            batches = device_batches(sampler, mesh, range(r * steps, (r + 1) * steps),
                                       prefetch)
             start = time.perf_counter()
             for batch_images, batch_labels in batches:

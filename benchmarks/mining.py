@@ -64,9 +64,11 @@ def _inputs(size: int, per_identity: int):
     """[size, DIM] unit float32 embeddings and int32 labels, `per_identity` rows per label."""
     import numpy as np
 
+    from facenet_jax.metrics import l2_normalize_rows
+
     rng = np.random.default_rng(size)
     emb = rng.normal(size=(size, DIM)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = l2_normalize_rows(emb)
     return emb, np.repeat(np.arange(size // per_identity), per_identity).astype(np.int32)
 
 

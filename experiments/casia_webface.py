@@ -7,7 +7,7 @@ negative with d(a,p) < d(a,n) < d(a,p) + α), α = 0.2 on *squared* distance bet
 vectors, 128-d embeddings, AdaGrad with the paper's initial learning rate 0.05, lowered (here
 ×0.1 at 60% and 85% of the run) to finalise the model, no warm-up.
 Expect less than the published 99.63% on LFW: FaceNet trained on 100M–200M private images;
-public triplet-only runs on CASIA land around 0.80–0.92 (see DESIGN.md).
+public triplet-only runs on CASIA land around 0.80–0.92 (davidsandberg/facenet's issue threads).
 
 Hardware: accelerators. Not measured here (this project's CPU machine cannot run it); time one
 step on your hardware with

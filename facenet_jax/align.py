@@ -23,9 +23,9 @@ import csv
 import dataclasses
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
-import os
 import pathlib
 import sys
 import threading
@@ -36,6 +36,7 @@ import numpy as np
 
 from facenet_jax.data.alignment import (ALIGNMENT_MODES, ALIGNMENT_RECORD, align_by_box,
                                         align_by_landmarks)
+from facenet_jax.runfiles import atomic_write_bytes, atomic_write_text
 
 REPORT_FILE = "align_report.csv"
 REPORT_FIELDS = ("source", "output", "status", "x1", "y1", "x2", "y2", "score", "landmarks")
@@ -129,9 +130,9 @@ def align_one(source: pathlib.Path, output: pathlib.Path, detect: Detector, *, m
         logging.warning("no usable face in %s: %s", source, error)
         return {**row, "status": "no face"}
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.png")
-    Image.fromarray(aligned).save(tmp)
-    os.replace(tmp, output)  # a killed run never leaves a torn crop that looks done
+    png = io.BytesIO()
+    Image.fromarray(aligned).save(png, format="PNG")
+    atomic_write_bytes(output, png.getvalue())  # a killed run never leaves a torn crop
     x1, y1, x2, y2 = (round(float(v), 2) for v in face.box)
     return {**row, "output": str(output), "status": "aligned", "x1": x1, "y1": y1, "x2": x2,
             "y2": y2, "score": round(face.score, 5),
@@ -237,12 +238,11 @@ def align_folder(src: str | pathlib.Path, dst: str | pathlib.Path, *, mode: str 
 
 def _rewrite_report(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
     """The report in source order, one row per source image (atomically replaced)."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=REPORT_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=REPORT_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def main(argv: list[str]) -> None:

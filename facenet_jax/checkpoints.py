@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from facenet_jax.runfiles import CHECKPOINT_DIR
+
 UNREADABLE_DIR = "unreadable_checkpoints"
 # Headroom over the raw array bytes for orbax's metadata files (measured: ~52 KB per save).
 _METADATA_BYTES = 1 << 16
@@ -32,7 +34,7 @@ class CheckpointSaveError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(workdir).resolve() / "checkpoints"
+    return pathlib.Path(workdir).resolve() / CHECKPOINT_DIR
 
 
 def make_manager(workdir: str | pathlib.Path, *, max_to_keep: int,

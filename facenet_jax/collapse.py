@@ -57,8 +57,9 @@ def collapse_spread(*, margin: float, distance: str, soft: bool) -> float:
     vectors `COLLAPSE_RADIUS` apart in `distance`, or α/10 with the hinge if larger."""
     radius = {"squared": COLLAPSE_RADIUS ** 2, "euclidean": COLLAPSE_RADIUS,
               "cosine": COLLAPSE_RADIUS ** 2 / 2}  # cosine distance 1 - cos = ||u - v||² / 2
-    if distance not in radius:
-        raise ValueError(f"unknown loss.distance {distance!r}; expected one of {sorted(radius)}")
+    if distance not in radius:  # local import: the sweep's aggregation runs without JAX
+        from facenet_jax.losses.distances import check_distance
+        check_distance(distance, "loss.distance")
     return radius[distance] if soft else max(radius[distance], COLLAPSE_SPREAD_OF_MARGIN * margin)
 
 

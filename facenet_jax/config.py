@@ -8,7 +8,6 @@ Configs are Python files whose `get_config()` returns an `ml_collections.ConfigD
 from __future__ import annotations
 
 import datetime
-import functools
 import importlib.metadata
 import json
 import math
@@ -102,6 +101,17 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def get_dotted(tree: Any, key: str, default: Any = None) -> Any:
+    """tree["a"]["b"]["c"] for key "a.b.c" (nested dicts or a ConfigDict; "" is the tree
+    itself); `default` when a part is missing."""
+    for part in key.split(".") if key else ():
+        try:
+            tree = tree[part]
+        except (KeyError, TypeError, IndexError):
+            return default
+    return tree
+
+
 def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """A JSON-ready dict of the resolved config (tuples become lists)."""
     return json.loads(config.to_json_best_effort())
@@ -147,13 +157,13 @@ def without_unchanged_added_keys(plain: Mapping[str, Any]) -> dict[str, Any]:
         # Absent from `flat` but in `raw`: a key that changes nothing (an unused encoder block).
         if key in raw and flat.get(key) == old.get(key):
             *parents, leaf = key.split(".")
-            node = functools.reduce(lambda node, part: node[part], parents, kept)
+            node = get_dotted(kept, ".".join(parents))
             node.pop(leaf)
             if not node:
                 emptied.add(tuple(parents))
     for parents in sorted(emptied, key=len, reverse=True):  # blocks emptied here (not loss.options)
         *above, leaf = parents
-        functools.reduce(lambda node, part: node[part], above, kept).pop(leaf)
+        get_dotted(kept, ".".join(above)).pop(leaf)
     return kept
 
 
@@ -207,11 +217,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     """
     from facenet_jax import data, losses, models, objectives, optim  # local: import-light
     from facenet_jax.losses import memory
+    from facenet_jax.losses.distances import check_distance
 
     data.validate_sampler(config.data.sampler)
     uniform = config.data.sampler == "uniform"
     for key in POSITIVE_INT_KEYS + (UNIFORM_BATCH_KEYS if uniform else ()):
-        value = functools.reduce(lambda node, part: node[part], key.split("."), config)
+        value = get_dotted(config, key)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}; pass "
                              f"--config.{key}=N with N >= 1")
@@ -239,9 +250,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
                          f"got {config.parallel.mining!r}")
-    if config.eval.distance not in losses.DISTANCES:
-        raise ValueError(f"eval.distance must be one of {losses.DISTANCES}, "
-                         f"got {config.eval.distance!r}")
+    check_distance(config.eval.distance, "eval.distance")
     if uniform:
         validate_uniform_batch(config.batch.identities * config.batch.images_per_identity,
                                num_devices)

@@ -17,7 +17,6 @@ has none) and threshold_split (the split it was chosen on: "validation", "test" 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -31,8 +30,9 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
-from facenet_jax.config import with_added_keys
 from facenet_jax.logs import cli_logging, one_line_user_errors
+from facenet_jax.losses.distances import l2_normalize
+from facenet_jax.runfiles import load_run_config
 from facenet_jax.state import build_model
 
 FLIP_MODES = ("sum", "concat")
@@ -61,9 +61,7 @@ def make_embedder(model: Any, mesh: jax.sharding.Mesh, *, batch_size: int, flip:
         if flip:
             mirrored = model.apply(variables, x[:, :, ::-1, :], train=False)
             if flip_mode == "sum":
-                summed = embeddings + mirrored
-                embeddings = summed / jnp.maximum(
-                    jnp.linalg.norm(summed, axis=-1, keepdims=True), 1e-12)
+                embeddings = l2_normalize(embeddings + mirrored)
             else:
                 embeddings = jnp.concatenate([embeddings, mirrored], axis=-1)
         return lax.all_gather(embeddings, parallel.AXIS, tiled=True)
@@ -156,14 +154,6 @@ def _image_batch(images: np.ndarray) -> np.ndarray:
     """One image [H,W,3] → [1,H,W,3]; a batch unchanged."""
     images = np.asarray(images)
     return images[None] if images.ndim == 3 else images
-
-
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a facenet_jax run folder?")
-    # Keys added to the project since the run was recorded read as their old behaviour.
-    return ml_collections.ConfigDict(with_added_keys(json.loads(path.read_text())["config"]))
 
 
 def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,

@@ -38,10 +38,10 @@ from facenet_jax.evaluators import (BASELINE_EVALUATORS, BENCHMARK_EVALUATORS,
                                     selected_benchmarks)
 from facenet_jax.data.alignment import alignment_mismatch
 from facenet_jax.logs import cli_logging, one_line_user_errors
+# The run folder's evaluation and split files (named here too: the train CLI and tests read them
+# as evaluate.EVAL_FILE etc.).
+from facenet_jax.runfiles import EVAL_FILE, SPLIT_FILE, VALIDATION_EVAL_FILE  # noqa: F401
 
-EVAL_FILE = "eval.json"
-VALIDATION_EVAL_FILE = "eval_validation.json"  # the train CLI's final validation evaluation
-SPLIT_FILE = "split.json"  # written by the train CLI: each split's identity names
 
 
 def evaluate_dataset(embed: Callable[[Any, np.ndarray], np.ndarray], variables: Any,
@@ -123,7 +123,7 @@ def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
 def pixel_embeddings(images: np.ndarray) -> np.ndarray:
     """The raw-pixel baseline: uint8 [N,H,W,3] → [0,1], flattened, L2-normalised [N, H*W*3]."""
     flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    return metrics.l2_normalize_rows(flat)
 
 
 def test_split_and_pairs(config: ml_collections.ConfigDict,
@@ -262,8 +262,8 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
                          "file")
     _check_output_holds_the_same_evaluation(output, data_root, pairs_file, fold)
     workdir = pathlib.Path(workdir)
-    if data_root is None and not (workdir / SPLIT_FILE).exists() and (
-            workdir / "config.json").exists() and _is_imported(workdir):
+    if (data_root is None and not (workdir / SPLIT_FILE).exists()
+            and _is_imported(workdir)):
         raise ValueError(
             f"{workdir} holds imported weights and no {SPLIT_FILE}: it has no test split of "
             "its own. Pass --data_root FOLDER (and --pairs FILE) to evaluate it on your data")
@@ -307,8 +307,8 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
 
 def _is_imported(workdir: pathlib.Path) -> bool:
     """Whether DIR was written by `python -m facenet_jax.pretrained` (not by training)."""
-    record = json.loads((workdir / "config.json").read_text())
-    return "imported" in record.get("provenance", {})
+    record = runfiles.read_config_record(workdir)
+    return record is not None and "imported" in record.get("provenance", {})
 
 
 def evaluation_target(data_root: str | None, pairs_file: str | None,

@@ -8,7 +8,8 @@ functions:
 - `triplet_gaps`, `pair_distance_sets`: d(a,n) − d(a,p) over every valid triplet, and the
   positive / negative pair distances, for the margin-band picture;
 - `margin_response`: loss, mining stats and the gradient norm w.r.t. the embeddings as α varies;
-- `degenerate_batches`: a batch made degenerate in each way DESIGN §2 names;
+- `degenerate_batches`: a batch made degenerate in each way a sampled batch can be (no positive
+  pair, one identity, duplicates, collapsed), all of which training must survive;
 - `oneshot_predictions`: per-probe results of one-shot identification (enrol one image per
   identity), the per-image view of `metrics.oneshot_identification`;
 - figure builders for all of these (matplotlib `Figure`, no pyplot state, as in `plots`).
@@ -20,7 +21,6 @@ Small batches only: `mined_triplets("all")` and `triplet_gaps` list every valid 
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -36,7 +36,6 @@ from facenet_jax.config import load_config
 from facenet_jax.losses import mining
 from facenet_jax.losses.distances import anchor_distance_rows
 
-SMALL_ENV = "FACENET_JAX_NOTEBOOK_SMALL"
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
 DEGENERATE_CASES = ("as sampled", "no positive pair", "one identity (no negative)",
                     "duplicates (K copies of one image)", "collapsed (all equal)")
@@ -46,16 +45,6 @@ MAX_LISTED_BATCH = 512
 
 # ----------------------------------------------------------------------------------------------
 # Set-up for the notebooks.
-
-
-def small_switch() -> bool:
-    """True when FACENET_JAX_NOTEBOOK_SMALL is set to 1/true/yes (CI runs the notebooks tiny)."""
-    value = os.environ.get(SMALL_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no"):
-        return False
-    if value in ("1", "true", "yes"):
-        return True
-    raise ValueError(f"{SMALL_ENV}={value!r}: use 1 (tiny, for CI) or 0 (full size)")
 
 
 def default_config(overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
@@ -75,7 +64,7 @@ def random_unit_batch(identities: int, images_per_identity: int, dim: int, seed:
                          f"{images_per_identity}, {dim}")
     x = np.random.default_rng(seed).standard_normal((identities * images_per_identity, dim))
     labels = np.repeat(np.arange(identities, dtype=np.int32), images_per_identity)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+    return metrics.l2_normalize_rows(x).astype(np.float32), labels
 
 
 def _check_batch(embeddings: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from facenet_jax import checkpoints
-from facenet_jax.embed import load_run_config
+from facenet_jax.runfiles import CONFIG_FILE, load_run_config
 from facenet_jax.state import TrainState, create_train_state, state_from_variables
 
 # Model keys that change what the loaded weights compute without changing their shapes: the
@@ -29,9 +29,9 @@ def check_init_dir(path: str | pathlib.Path) -> None:
     """ValueError unless `path` is a run folder with a config.json and a checkpoint (cheap: no
     arrays read), so a wrong model.init_from fails before data loading or compiling."""
     directory = pathlib.Path(path)
-    if not (directory / "config.json").is_file():
+    if not (directory / CONFIG_FILE).is_file():
         raise ValueError(
-            f"model.init_from={path}: no config.json there; give a run folder (a trained run, "
+            f"model.init_from={path}: no {CONFIG_FILE} there; give a run folder (a trained run, "
             "or one written by python -m facenet_jax.pretrained)")
     if checkpoints.latest_step(directory) is None:
         raise ValueError(f"model.init_from={path} holds no complete checkpoint under "

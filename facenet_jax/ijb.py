@@ -185,8 +185,7 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     media_means /= np.bincount(group_of.ravel(), minlength=len(groups))[:, None]
     template_ids, template_of = np.unique(groups[:, 0], return_inverse=True)
     pooled = _group_sums(media_means, template_of.ravel(), len(template_ids))
-    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return template_ids, pooled / np.maximum(norms, 1e-12)
+    return template_ids, metrics.l2_normalize_rows(pooled)
 
 
 def _group_sums(x: np.ndarray, group_of: np.ndarray, num_groups: int) -> np.ndarray:

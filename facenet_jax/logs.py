@@ -17,9 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from facenet_jax.config import json_safe
-from facenet_jax.runfiles import atomic_write_text
+from facenet_jax.runfiles import METRICS_FILE, TENSORBOARD_DIR, atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
 # Errors the command lines report as one line (bad flags, config values, missing files, an
 # output that would be overwritten); anything else keeps its traceback.
 USER_ERRORS = (ValueError, KeyError, OSError)
@@ -88,7 +87,7 @@ class MetricsWriter:
         self._tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-            self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+            self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / TENSORBOARD_DIR),
                                               purge_step=purge_step)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:

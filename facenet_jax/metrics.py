@@ -1,6 +1,6 @@
 """Evaluation metrics: LFW-protocol verification, ROC, retrieval and one-shot identification.
 
-Pure numpy (float64 inside); inputs are numpy arrays, outputs plain Python numbers. DESIGN §2.
+Pure numpy (float64 inside); inputs are numpy arrays, outputs plain Python numbers.
 
 Verification (pairs with fold ids): a pair is accepted as "same" iff its distance is ≤ the
 threshold. Every threshold search is exact: the candidates are one value below every distance
@@ -40,11 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax.losses.distances import check_distance
+from facenet_jax.losses.distances import TINY_SQUARED_NORM, check_distance
 
-# Squared norms below this count as zero for the cosine distance (as in losses.distances): a zero
-# vector's cosine with anything is 0, i.e. distance 1.
-_TINY_SQUARED_NORM = 1e-12
+# Norms below this count as zero in l2_normalize_rows: a zero row stays zero.
+_TINY_NORM = 1e-12
 VAL_FAR_TARGETS = {"1e-3": 1e-3, "1e-2": 1e-2}
 RETRIEVAL_KS = (1, 5, 10)
 ONESHOT_KS = (1, 5)
@@ -140,8 +139,8 @@ def _distance_from_parts(squared_a: np.ndarray, squared_b: np.ndarray, dots: np.
     """The distance from ||a||², ||b||² and a·b (broadcastable to dots' shape), computed in place
     in `dots` (a fresh float64 array the caller gives up: no N-sized temporaries) and returned."""
     if distance == "cosine":
-        dots /= np.sqrt(np.maximum(squared_a, _TINY_SQUARED_NORM))
-        dots /= np.sqrt(np.maximum(squared_b, _TINY_SQUARED_NORM))
+        dots /= np.sqrt(np.maximum(squared_a, TINY_SQUARED_NORM))
+        dots /= np.sqrt(np.maximum(squared_b, TINY_SQUARED_NORM))
         np.subtract(1.0, dots, out=dots)
         return np.clip(dots, 0.0, 2.0, out=dots)
     dots *= -2.0
@@ -149,6 +148,12 @@ def _distance_from_parts(squared_a: np.ndarray, squared_b: np.ndarray, dots: np.
     dots += squared_b
     np.maximum(dots, 0.0, out=dots)  # rounding can go below 0
     return np.sqrt(dots, out=dots) if distance == "euclidean" else dots
+
+
+def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
+    """[N, D] -> [N, D] rows of unit L2 norm, in x's dtype (numpy, on the host); an all-zero row
+    stays zero. The JAX one, for training and the encoders, is losses.l2_normalize."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _TINY_NORM)
 
 
 def _distances_between(queries: np.ndarray, candidates: np.ndarray, distance: str) -> np.ndarray:

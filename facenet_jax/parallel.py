@@ -100,8 +100,8 @@ def maybe_initialize_distributed(distributed: bool) -> None:
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over all (or the first `num_devices`) devices of every process, axis `AXIS`.
 
-    Auto axis types: inputs may arrive unsharded (DESIGN §4: `jax.make_mesh` defaults to
-    Explicit axes, which reject them).
+    Auto axis types: inputs may arrive unsharded (`jax.make_mesh` defaults to Explicit axes,
+    which reject them).
     """
     devices = jax.devices()
     if num_devices is not None:

@@ -244,7 +244,6 @@ def write_run(workdir: str | pathlib.Path, variables: dict[str, Any], *,
     import jax.numpy as jnp
 
     from facenet_jax import checkpoints, finetune, parallel, runfiles
-    from facenet_jax.config import provenance, to_plain
     from facenet_jax.state import build_model as build_run_model
     from facenet_jax.state import build_optimizer, create_train_state, state_from_variables
 
@@ -262,8 +261,7 @@ def write_run(workdir: str | pathlib.Path, variables: dict[str, Any], *,
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
     checkpoints.save(manager, 0, parallel.put_replicated(state, mesh))
     manager.close()
-    runfiles.atomic_write_json(workdir / "config.json", {
-        "config": to_plain(config), "provenance": {**provenance(), "imported": source_info}})
+    runfiles.write_config(workdir, config, imported=source_info)
     return workdir
 
 

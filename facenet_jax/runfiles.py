@@ -1,4 +1,16 @@
-"""Files that several processes share: atomic writes and an exclusive lock on a folder.
+"""The run folder: its file names, its lock, atomic writes, its config record, the resume checks.
+
+A run folder DIR (the train CLI's --workdir, a sweep cell, one written by
+`python -m facenet_jax.pretrained`) holds:
+
+- CONFIG_FILE (config.json): {"config": the resolved config, "provenance": versions, commit,
+  devices, and "imported" for imported weights}; written at every start (`write_config`), read
+  back with keys added to the project since as their old behaviour (`load_run_config`);
+- SPLIT_FILE (split.json): each split's identity names, so a resume checks it sees the same
+  people; METRICS_FILE (metrics.jsonl) and TENSORBOARD_DIR: the training log;
+- CHECKPOINT_DIR (checkpoints/STEP): orbax checkpoints; EVAL_FILE (eval.json) and
+  VALIDATION_EVAL_FILE (eval_validation.json): the final evaluations, with their figures;
+  TRAINING_CURVES_FILE; LOCK_FILE (.lock): held by the training process.
 
 Writes go to a temporary file unique to the writing process and thread, in the target's folder,
 and are renamed over the target (`os.replace`, atomic on POSIX filesystems, NFS and Lustre
@@ -12,6 +24,9 @@ lock is a file created with O_CREAT | O_EXCL (atomic on those filesystems too) t
 holder's host and pid; it is removed when the holder ends normally. One left by a killed
 process is stale: on the holder's own host the pid is checked and a dead holder's file is taken
 over; from another host it cannot be checked, and the error says how to remove it by hand.
+
+A resumed run (DIR holds a checkpoint) may change only config.RESUMABLE_KEYS
+(`check_resume_config`) and may not ask for fewer steps than it reached (`check_num_steps`).
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -27,6 +43,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import ml_collections
+
+from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, get_dotted, provenance, to_plain,
+                                with_added_keys)
+
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"  # each split's identity names (data.write_split_record)
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+EVAL_FILE = "eval.json"  # the test split's evaluation at the end of training
+VALIDATION_EVAL_FILE = "eval_validation.json"  # the validation split's, with the run's threshold
+TRAINING_CURVES_FILE = "training_curves.png"  # written after the last step
+LOCK_FILE = ".lock"  # held by the training process (exclusive_workdir)
 
 # errno values by which a filesystem refuses flock itself (as opposed to "held by another").
 FLOCK_REFUSED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL})
@@ -103,6 +134,18 @@ def exclusive_lock(path: str | pathlib.Path, *, what: str,
 
 
 @contextlib.contextmanager
+def blocking_lock(path: str | pathlib.Path) -> Iterator[None]:
+    """Holds an exclusive flock on `path` for the `with` body, waiting for another holder to
+    finish (e.g. a process building the cache entry this one would build too)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def _lock_file(path: pathlib.Path, *, what: str, refused: OSError) -> Iterator[None]:
     """The O_EXCL fallback: create PATH holding lock_holder(), remove it on exit."""
     me = lock_holder()
@@ -164,3 +207,107 @@ def _held_message(path: pathlib.Path, holder: dict[str, Any] | None, what: str, 
     return (f"another process ({who}) is {what}: the filesystem refused flock "
             f"({os.strerror(refused.errno)}), so the lock is the file {path}; wait for that "
             f"process to end or stop it{check}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training process's hold on its run folder.
+
+
+def prepare_workdir(workdir: pathlib.Path, is_writer: bool) -> None:
+    """Creates DIR and proves it writable before any long work (clear error otherwise); a no-op
+    on processes other than the writer (process 0)."""
+    if not is_writer:
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"workdir {workdir} is not writable ({error.strerror}); choose another "
+                      "--workdir or free space/permissions there") from error
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: pathlib.Path, is_writer: bool) -> Iterator[None]:
+    """Holds an exclusive lock on DIR/.lock while training (the writer only; flock, dropped by
+    the kernel if the process dies; a DIR/.lock.excl file where the filesystem refuses flock,
+    see exclusive_lock). Two runs in one DIR, e.g. a requeued job whose old copy still runs,
+    would each delete the other's in-progress checkpoint as a torn save."""
+    if not is_writer:
+        yield
+        return
+    lock = workdir / LOCK_FILE
+    try:
+        with exclusive_lock(lock, what=f"training in {workdir}") as kind:
+            if kind == "flock":
+                logging.info("workdir lock: flock on %s", lock)
+            else:  # say so: the lock then depends on the fallback's stale-file rule
+                logging.warning("workdir lock: the filesystem refused flock; took the lock file "
+                                "%s%s instead", lock, FALLBACK_SUFFIX)
+            yield
+    except LockHeldError as error:
+        raise RuntimeError(f"{error}, or use another --workdir") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The config record and the resume checks.
+
+
+def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *,
+                 imported: dict[str, Any] | None = None) -> pathlib.Path:
+    """DIR/config.json: {"config", "provenance"}; `imported` (where imported weights came from)
+    goes into the provenance as "imported", which marks a folder written by pretrained."""
+    record_provenance = provenance()
+    if imported is not None:
+        record_provenance["imported"] = imported
+    return atomic_write_json(pathlib.Path(workdir) / CONFIG_FILE,
+                             {"config": to_plain(config), "provenance": record_provenance})
+
+
+def read_config_record(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+    """DIR/config.json as written ({"config", "provenance"}), or None when there is none."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config DIR's run was recorded with; keys added to the project since it was recorded
+    read as their old behaviour (config.ADDED_KEY_DEFAULTS). FileNotFoundError without one."""
+    record = read_config_record(workdir)
+    if record is None:
+        raise FileNotFoundError(f"{pathlib.Path(workdir) / CONFIG_FILE} not found: is {workdir} "
+                                "a facenet_jax run folder?")
+    return ml_collections.ConfigDict(with_added_keys(record["config"]))
+
+
+def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                        reached: int | None) -> None:
+    """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys.
+
+    Only a checkpoint binds the config (`reached`: DIR's newest checkpoint step, None without
+    one): a run that stopped before its first save (bad data, a NaN at step 3) may be started
+    again with a corrected config in the same DIR.
+    """
+    record = read_config_record(workdir)
+    if record is None or reached is None:
+        return
+    saved, current = record["config"], to_plain(config)
+    differing = changed_keys(saved, current)
+    if differing:
+        details = "; ".join(
+            f"{k}: {get_dotted(saved, k)!r} -> {get_dotted(current, k)!r}" for k in differing)
+        raise ValueError(
+            f"{workdir} holds a run with a different config ({details}). A resumed run may only "
+            f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
+
+
+def check_num_steps(reached: int | None, num_steps: int) -> None:
+    """A resumed run may not ask for fewer steps than its newest checkpoint (step `reached`)
+    already holds."""
+    if reached is not None and reached > num_steps:
+        raise ValueError(
+            f"config.num_steps={num_steps} is below the step {reached} this workdir already "
+            f"reached; pass --config.num_steps >= {reached}")

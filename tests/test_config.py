@@ -128,7 +128,7 @@ def test_metrics_log_nulls_and_truncation(tmp_path):
 
 
 def test_a_run_folder_recorded_before_added_keys_loads_with_their_old_values(tmp_path):
-    from facenet_jax.embed import load_run_config
+    from facenet_jax.runfiles import load_run_config
 
     recorded = cfg.to_plain(cfg.load_config(DEFAULT))
     for key in cfg.ADDED_KEY_DEFAULTS:

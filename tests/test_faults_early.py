@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax import checkpoints, data, train
+from facenet_jax import checkpoints, data, runfiles, train
 from facenet_jax import config as cfg
 
 DEFAULT = cfg.pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
@@ -134,7 +134,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_touches_nothing(tmp_path,
     assert (run / "checkpoints" / "7.orbax-checkpoint-tmp").is_dir()
     assert (run / "metrics.jsonl").read_text() == '{"step": 7}\n'
     # Released (the holder ended or was killed), the lock is taken and cleared again.
-    with train._exclusive_workdir(run, is_writer=True):
+    with runfiles.exclusive_workdir(run, is_writer=True):
         assert (run / train.LOCK_FILE).read_text() == f"{os.getpid()}\n"
     assert (run / train.LOCK_FILE).read_text() == ""
 
@@ -143,12 +143,12 @@ def test_config_may_change_until_the_first_checkpoint(tmp_path):
     """A run that failed before its first save binds nothing; after one, the change is named."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)  # what a run failing before its first save leaves
-    train._write_config(run, _config(**{"optimizer.learning_rate": 1e30}))
-    train._check_resume_config(run, _config(), checkpoints.latest_step(run))  # nothing to resume
+    runfiles.write_config(run, _config(**{"optimizer.learning_rate": 1e30}))
+    runfiles.check_resume_config(run, _config(), checkpoints.latest_step(run))  # nothing to resume
     manager = checkpoints.make_manager(run, max_to_keep=1)
     checkpoints.save(manager, 2, {"w": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match=r"optimizer\.learning_rate: 1e\+30 -> 0\.003"):
-        train._check_resume_config(run, _config(), checkpoints.latest_step(run))
+        runfiles.check_resume_config(run, _config(), checkpoints.latest_step(run))
 
 
 def test_workdir_below_a_file_is_a_clear_error(tmp_path, monkeypatch, compiles):

@@ -273,6 +273,26 @@ def test_eval_mode_embeds_each_image_independently_of_its_batch():
     assert float(jnp.max(jnp.abs(trained_together[:3] - trained_half))) > 1e-3
 
 
+def test_flip_sum_embedding_is_the_renormalised_sum():
+    """eval.flip (mode "sum"): the image's and its mirror's embeddings added, back to unit norm
+    (a float64 numpy reference)."""
+    from facenet_jax import parallel
+    from facenet_jax.embed import make_embedder
+
+    model = models.create_model("small_cnn", embedding_dim=EMBEDDING_DIM)
+    images = np.asarray(_images(4, 32, seed=5) * 255, np.uint8)
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+    got = make_embedder(model, parallel.make_mesh(1), batch_size=4, flip=True)(variables, images)
+    evaluate = _jit_apply(model, train=False)
+    summed = (np.asarray(evaluate(variables, x), np.float64)
+              + np.asarray(evaluate(variables, x[:, :, ::-1, :]), np.float64))
+    want = summed / np.linalg.norm(summed, axis=1, keepdims=True)
+    assert got.shape == (4, EMBEDDING_DIM)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.max(np.abs(summed / 2 - want)) > 1e-3  # the renormalisation is not a no-op
+
+
 def test_input_norm_maps_pixels_as_named():
     from facenet_jax.models.layers import to_model_input
 

@@ -2,7 +2,7 @@
 
 explore is checked against independent references: the loss recomputed in numpy from the mined
 triplets, brute-force rules and gradients, hand cases; the notebooks are executed top to bottom
-(small switch on) in a fresh kernel, and the committed files must carry no outputs.
+(parameter SMALL = True) in a fresh kernel, and the committed files must carry no outputs.
 """
 
 from __future__ import annotations
@@ -211,15 +211,6 @@ def test_degenerate_batches_and_report(batch):
 # Set-up helpers, one-shot predictions, figures.
 
 
-def test_small_switch(monkeypatch):
-    for value, want in (("", False), ("0", False), ("1", True), ("true", True)):
-        monkeypatch.setenv(explore.SMALL_ENV, value)
-        assert explore.small_switch() is want
-    monkeypatch.setenv(explore.SMALL_ENV, "tiny")
-    with pytest.raises(ValueError, match=explore.SMALL_ENV):
-        explore.small_switch()
-
-
 def test_random_unit_batch_and_default_config():
     emb, labels = explore.random_unit_batch(3, 2, 5, seed=0)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
@@ -281,6 +272,37 @@ def notebook_path(name: str) -> pathlib.Path:
     return REPO_ROOT / "notebooks" / f"{name}.ipynb"
 
 
+def parameters_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+
+
+def small_notebook(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The notebook with its parameters cell (tagged "parameters", `SMALL = False`) set to
+    `SMALL = True`: the tiny sizes the tests run. ValueError when the cell is not there."""
+    cells = parameters_cells(notebook)
+    if len(cells) != 1 or "SMALL = False" not in cells[0].source:
+        raise ValueError("the notebook needs one code cell tagged 'parameters' that sets "
+                         "SMALL = False")
+    cells[0].source = cells[0].source.replace("SMALL = False", "SMALL = True")
+    return notebook
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_size_is_a_parameter(name):
+    """Full size as committed; the tests' switch turns that one cell to SMALL = True, and no
+    other cell sets SMALL."""
+    notebook = nbformat.read(notebook_path(name), as_version=4)
+    committed, small = {}, {}
+    exec(parameters_cells(notebook)[0].source, committed)
+    exec(parameters_cells(small_notebook(notebook))[0].source, small)
+    assert committed["SMALL"] is False and small["SMALL"] is True
+    others = [c.source for c in notebook.cells
+              if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
+    assert not [source for source in others if "SMALL =" in source]
+    with pytest.raises(ValueError, match="tagged 'parameters'"):
+        small_notebook(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("SMALL = 1")]))
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_notebook_is_clean(name):
     notebook = nbformat.read(notebook_path(name), as_version=4)
@@ -310,10 +332,10 @@ def kernel_name(tmp_path_factory) -> Iterator[str]:
 def test_notebook_runs_small(name, kernel_name, tmp_path):
     from nbclient import NotebookClient
 
-    notebook = nbformat.read(notebook_path(name), as_version=4)
-    # The kernel gets the small switch and finds the package from this checkout; it runs on
-    # one CPU device (conftest's 8 forced devices would only add compile time here).
-    env = {**os.environ, explore.SMALL_ENV: "1", "JAX_PLATFORMS": "cpu",
+    notebook = small_notebook(nbformat.read(notebook_path(name), as_version=4))
+    # The kernel finds the package from this checkout; it runs on one CPU device (conftest's
+    # 8 forced devices would only add compile time here).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
                "--xla_force_host_platform_device_count=8", "")}

@@ -36,8 +36,11 @@ def _env(**extra):
     return env
 
 
-def _train(workdir, *overrides, check=True, env=None, timeout=240):
-    cmd = [sys.executable, "-m", "facenet_jax.train", "--config",
+def _train(workdir, *overrides, check=True, env=None, timeout=240, kill_after_step=None):
+    """The train CLI; kill_after_step=S: SIGKILLed right after step S (tests/kill_worker.py)."""
+    program = (["-m", "facenet_jax.train"] if kill_after_step is None
+               else [str(REPO / "tests" / "kill_worker.py"), str(kill_after_step)])
+    cmd = [sys.executable, *program, "--config",
            str(REPO / "experiments" / "default.py"), "--workdir", str(workdir), *TINY,
            *overrides]
     result = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True,
@@ -150,7 +153,7 @@ def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path)
 
 def test_resume_after_kill_gives_identical_parameters(straight_run, tmp_path):
     straight, _ = straight_run
-    killed = _train(tmp_path, check=False, env=_env(FACENET_JAX_KILL_AFTER_STEP="6"))
+    killed = _train(tmp_path, check=False, kill_after_step=6)
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "checkpoints" / "4").is_dir() and not (tmp_path / "eval.json").exists()
     _train(tmp_path)

@@ -9,8 +9,6 @@ build that was killed (SIGKILL, out of memory) is deleted by the next build of t
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from facenet_jax.data.dataset import DATA_SOURCES, Dataset, RowSubset
+from facenet_jax.runfiles import blocking_lock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".pbm", ".bmp")
 _CACHE_VERSION = 1  # bump when decoding or the cache layout changes
@@ -124,7 +123,7 @@ def load_image_folder(root: str | pathlib.Path, image_size: int, *,
     entry = cache_dir / f"{root.name}-{image_size}px-{key[:20]}"
     if not (entry / "meta.json").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with _file_lock(cache_dir / f"{entry.name}.lock"):
+        with blocking_lock(cache_dir / f"{entry.name}.lock"):
             if not (entry / "meta.json").exists():  # another process may have built it
                 _build_cache(root, relative, entry, image_size, center_crop, skip_bad_files)
     dataset = _open_cache(root, entry)
@@ -158,16 +157,6 @@ def _cache_key(root: pathlib.Path, relative: list[str], image_size: int,
         stat = (root / rel).stat()
         digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _file_lock(path: pathlib.Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _decode_all(paths: Sequence[str | pathlib.Path], image_size: int,

@@ -1,7 +1,8 @@
 """Pairwise distances between embeddings, with gradients finite where two embeddings coincide.
 
 Three kinds, named by `distance` everywhere in the project (a margin means nothing without its
-distance; see DESIGN §2):
+distance: FaceNet's α = 0.2 is in squared distance between unit vectors, TF-Addons' margin 1.0 in
+non-squared distance, so configs set the two together):
 
 - "squared": ||a - b||², FaceNet's (range [0, 4] on unit vectors).
 - "euclidean": ||a - b|| (TF-Addons' "L2").
@@ -15,15 +16,17 @@ import jax.numpy as jnp
 
 DISTANCES = ("squared", "euclidean", "cosine")
 
-# Below this squared norm a vector counts as zero for the cosine distance (its direction is
-# undefined); its cosine with anything is then 0, i.e. distance 1, with a finite gradient.
-_TINY_SQUARED_NORM = 1e-12
+# Below this squared norm a vector counts as zero (its direction is undefined): L2 normalisation
+# keeps it (near-)zero, finitely, and its cosine with anything is 0, i.e. distance 1, with a
+# finite gradient. metrics' float64 distances use the same floor.
+TINY_SQUARED_NORM = 1e-12
 
 
-def check_distance(distance: str) -> None:
-    """ValueError naming the valid kinds when `distance` is not one of DISTANCES."""
+def check_distance(distance: str, name: str = "distance") -> None:
+    """ValueError naming `name` (e.g. the config key) and the valid kinds when `distance` is not
+    one of DISTANCES."""
     if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; valid distances: {', '.join(DISTANCES)}")
+        raise ValueError(f"unknown {name} {distance!r}; valid distances: {', '.join(DISTANCES)}")
 
 
 def _squared_euclidean(queries: jax.Array, candidates: jax.Array) -> jax.Array:
@@ -40,10 +43,12 @@ def _safe_sqrt(squared: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    """[N,D] rows scaled to unit norm; rows with (near-)zero norm stay (near-)zero, finitely."""
-    squared_norm = jnp.sum(x**2, axis=1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _TINY_SQUARED_NORM))
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """[N, D] -> [N, D] float32 rows of unit L2 norm; a (near-)zero row stays (near-)zero, with
+    a finite gradient. The encoders' embedding head and the cosine distance both use it."""
+    x = x.astype(jnp.float32)
+    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, TINY_SQUARED_NORM))
 
 
 def pairwise_distances_between(queries: jax.Array, candidates: jax.Array,
@@ -56,7 +61,7 @@ def pairwise_distances_between(queries: jax.Array, candidates: jax.Array,
     """
     check_distance(distance)
     if distance == "cosine":
-        cosine = _unit(queries) @ _unit(candidates).T
+        cosine = l2_normalize(queries) @ l2_normalize(candidates).T
         return jnp.clip(1.0 - cosine, 0.0, 2.0)
     squared = _squared_euclidean(queries, candidates)
     return squared if distance == "squared" else _safe_sqrt(squared)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from facenet_jax.losses import mining
-from facenet_jax.losses.distances import DISTANCES, anchor_distance_rows
+from facenet_jax.losses.distances import anchor_distance_rows, check_distance
 from facenet_jax.registry import Registry
 
 SUM_KEYS = ("loss_sum", "count", "num_triplets", "num_active", "d_ap_sum", "d_an_sum",
@@ -115,9 +115,7 @@ def validate_loss_args(*, margin: Any, strategy: str, distance: str, soft: bool,
     A traced margin (e.g. under vmap over margins) skips the value checks.
     """
     spec = MINING_STRATEGIES.get(strategy)
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; valid distances: "
-                         f"{', '.join(DISTANCES)}")
+    check_distance(distance)
     if not isinstance(soft, bool):
         raise ValueError(f"soft must be True or False, got {soft!r}")
     if isinstance(margin, numbers.Real):

@@ -9,11 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from facenet_jax.losses.distances import l2_normalize
 
-# Squared-norm floor of the L2 normalisation: keeps an all-zero embedding (and its gradient)
-# finite instead of dividing by zero.
-_NORM_EPS = 1e-12
+Dtype = Any
 
 
 def check_images(images: jax.Array, *, min_size: int, model_name: str) -> None:
@@ -66,13 +64,6 @@ def batch_norm(*, train: bool, dtype: Dtype, axis_name: str | None, momentum: fl
     return functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
         use_scale=use_scale, dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """[N, D] -> [N, D] float32 rows of unit L2 norm (an all-zero row stays zero)."""
-    x = x.astype(jnp.float32)
-    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS))
 
 
 class EmbeddingHead(nn.Module):

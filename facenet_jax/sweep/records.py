@@ -21,10 +21,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from facenet_jax.config import changed_keys, flatten, json_safe, to_plain
-from facenet_jax.runfiles import atomic_write_json
+from facenet_jax.runfiles import EVAL_FILE, atomic_write_json
 from facenet_jax.sweep.spec import cell_config, cell_names
 
-EVAL_FILE = "eval.json"  # the train CLI's end-of-run evaluation (facenet_jax.evaluate)
 STATUS_FILE = "sweep_status.json"
 CELL_FILE = "sweep_cell.json"  # what the cell was last started with (see cell_record)
 LOG_FILE = "train.log"

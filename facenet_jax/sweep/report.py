@@ -23,7 +23,7 @@ import ml_collections
 from facenet_jax.config import (flatten, pairs_seed, to_plain, with_added_keys,
                                 without_unchanged_added_keys)
 from facenet_jax.logs import read_metrics
-from facenet_jax.runfiles import atomic_write_text
+from facenet_jax.runfiles import CONFIG_FILE, atomic_write_text
 from facenet_jax.sweep import plots
 from facenet_jax.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,
                                         COLLAPSE_SPREAD_OF_MARGIN, COLLAPSE_WINDOW, is_collapsed)
@@ -301,7 +301,7 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
                       "error": f"its folder holds a run of another config: "
                                f"{'; '.join(stale[name])}"}
         else:
-            saved = read_json(cell_dir / "config.json")
+            saved = read_json(cell_dir / CONFIG_FILE)
             # A run recorded before some keys existed reads them as their old behaviour (as
             # the stale check does), so its row and its seed group match newer runs'.
             plain = with_added_keys(saved["config"]) if saved else to_plain(config)

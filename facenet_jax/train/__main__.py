@@ -13,7 +13,7 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from facenet_jax import evaluate
+from facenet_jax import evaluate, runfiles
 from facenet_jax.logs import cli_logging, one_line_user_errors
 from facenet_jax.train.loop import train_and_evaluate
 
@@ -25,11 +25,11 @@ def main(argv: list[str]) -> None:
     result = train_and_evaluate(flags_.config, flags_.workdir)
     if result.get("preempted"):
         return
-    validation = pathlib.Path(flags_.workdir) / evaluate.VALIDATION_EVAL_FILE
+    validation = pathlib.Path(flags_.workdir) / runfiles.VALIDATION_EVAL_FILE
     if validation.exists():
         print(f"validation split ({validation}):\n"
               f"{evaluate.format_summary(json.loads(validation.read_text()))}", flush=True)
-    print(f"test split ({pathlib.Path(flags_.workdir) / evaluate.EVAL_FILE}):\n"
+    print(f"test split ({pathlib.Path(flags_.workdir) / runfiles.EVAL_FILE}):\n"
           f"{evaluate.format_summary(result)}", flush=True)
 
 

@@ -4,10 +4,8 @@ signals, terminal."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import pathlib
@@ -23,16 +21,13 @@ import numpy as np
 
 from facenet_jax import (checkpoints, data, evaluate, finetune, objectives, parallel, plots,
                          runfiles, verification_sets)
-from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, provenance, to_plain,
-                                validate_config)
+from facenet_jax.config import validate_config
 from facenet_jax.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
 from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
                                create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
 
-LOCK_FILE = ".lock"  # held by the training process; see _exclusive_workdir
-TRAINING_CURVES_FILE = "training_curves.png"  # written after the last step
 # Logged beside the objective's own stats_keys (averaged over the steps since the last line).
 STEP_STATS = ("learning_rate", "grad_norm")
 
@@ -60,71 +55,6 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _prepare_workdir(workdir: pathlib.Path, is_writer: bool) -> None:
-    """Creates DIR and proves it writable before any long work (clear error otherwise)."""
-    if not is_writer:
-        return
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as error:
-        raise OSError(f"workdir {workdir} is not writable ({error.strerror}); choose another "
-                      "--workdir or free space/permissions there") from error
-
-
-@contextlib.contextmanager
-def _exclusive_workdir(workdir: pathlib.Path, is_writer: bool) -> Iterator[None]:
-    """Holds an exclusive lock on DIR/.lock while training (process 0; flock, dropped by the
-    kernel if the process dies; a DIR/.lock.excl file where the filesystem refuses flock, see
-    runfiles.exclusive_lock). Two runs in one DIR, e.g. a requeued job whose old copy still
-    runs, would each delete the other's in-progress checkpoint as a torn save."""
-    if not is_writer:
-        yield
-        return
-    try:
-        with runfiles.exclusive_lock(workdir / LOCK_FILE, what=f"training in {workdir}") as kind:
-            if kind == "flock":
-                logging.info("workdir lock: flock on %s", workdir / LOCK_FILE)
-            else:  # say so: the lock then depends on the fallback's stale-file rule
-                logging.warning("workdir lock: the filesystem refused flock; took the lock file "
-                                "%s%s instead", workdir / LOCK_FILE, runfiles.FALLBACK_SUFFIX)
-            yield
-    except runfiles.LockHeldError as error:
-        raise RuntimeError(f"{error}, or use another --workdir") from None
-
-
-def _check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
-                         reached: int | None) -> None:
-    """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys.
-
-    Only a checkpoint binds the config (`reached`: DIR's newest checkpoint step, None without
-    one): a run that stopped before its first save (bad data, a NaN at step 3) may be started
-    again with a corrected config in the same DIR.
-    """
-    saved_path = workdir / "config.json"
-    if not saved_path.exists() or reached is None:
-        return
-    saved = json.loads(saved_path.read_text())["config"]
-    differing = changed_keys(saved, to_plain(config))
-    if differing:
-        details = "; ".join(
-            f"{k}: {_lookup(saved, k)!r} -> {_lookup(to_plain(config), k)!r}" for k in differing)
-        raise ValueError(
-            f"{workdir} holds a run with a different config ({details}). A resumed run may only "
-            f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
-
-
-def _check_num_steps(reached: int | None, num_steps: int) -> None:
-    """A resumed run may not ask for fewer steps than its newest checkpoint (step `reached`)
-    already holds."""
-    if reached is not None and reached > num_steps:
-        raise ValueError(
-            f"config.num_steps={num_steps} is below the step {reached} this workdir already "
-            f"reached; pass --config.num_steps >= {reached}")
-
-
 def _check_enough_identities(dataset: data.Dataset) -> None:
     """Training needs 2 identities and the test split 2 more, whatever the split fractions."""
     if dataset.num_identities < 4:
@@ -135,21 +65,8 @@ def _check_enough_identities(dataset: data.Dataset) -> None:
             "identities (folders root/<identity>/<image>) or check data.root")
 
 
-def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, Mapping) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    runfiles.atomic_write_json(workdir / "config.json",
-                               {"config": to_plain(config), "provenance": provenance()})
-
-
-def _device_batches(sampler: data.RowSampler, mesh: jax.sharding.Mesh, steps: range,
-                    prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+def device_batches(sampler: data.RowSampler, mesh: jax.sharding.Mesh, steps: range,
+                   prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Host batches built ahead in a background thread, put on the devices one step early."""
     process, count = jax.process_index(), jax.process_count()
     host = data.prefetch((sampler.host_batch(s, process, count) for s in steps), prefetch)
@@ -277,8 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     is_writer = jax.process_index() == 0
     mesh = parallel.make_mesh()
     validate_config(config, num_devices=mesh.size)
-    _prepare_workdir(workdir, is_writer)
-    with _exclusive_workdir(workdir, is_writer):
+    runfiles.prepare_workdir(workdir, is_writer)
+    with runfiles.exclusive_workdir(workdir, is_writer):
         return _train_in(workdir, config, mesh, is_writer, after_step)
 
 
@@ -301,7 +218,7 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
     if resuming:
-        data.check_split_record(workdir / evaluate.SPLIT_FILE, splits)
+        data.check_split_record(workdir / runfiles.SPLIT_FILE, splits)
     evaluate.generated_pairs(config, splits["test"], "test")  # a too-small test split fails now
     validation = splits["validation"]
     return _Data(
@@ -317,8 +234,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
               after_step: Callable[[int], None] | None) -> dict[str, Any]:
     """train_and_evaluate's body, run while this process holds DIR's lock."""
     reached = checkpoints.latest_step(workdir)  # read once: the checks below all need it
-    _check_resume_config(workdir, config, reached)
-    _check_num_steps(reached, config.num_steps)
+    runfiles.check_resume_config(workdir, config, reached)
+    runfiles.check_num_steps(reached, config.num_steps)
     if reached is None and config.model.init_from is not None:  # a resume never reads it
         finetune.check_init_dir(config.model.init_from)
     model = build_model(config, bn_axis_name=AXIS)
@@ -351,8 +268,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         logging.info("resumed from step %d", start_step)
     if is_writer:
         truncate_metrics(workdir, start_step)
-        _write_config(workdir, config)
-        data.write_split_record(workdir / evaluate.SPLIT_FILE, run_data.splits)
+        runfiles.write_config(workdir, config)
+        data.write_split_record(workdir / runfiles.SPLIT_FILE, run_data.splits)
 
     def compiled_step(objective: objectives.Objective):
         return make_train_step(
@@ -387,7 +304,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         actions = _periodic_actions(config, workdir, embed, run_data, writer, log, manager,
                                     preemption)
         steps = range(start_step, config.num_steps)
-        for step, (images, labels) in zip(steps, _device_batches(
+        for step, (images, labels) in zip(steps, device_batches(
                 run_data.sampler, mesh, steps, config.data.prefetch)):
             state, metrics = (warmup_fn if step < warmup_steps else step_fn)(state, images,
                                                                              labels)
@@ -489,5 +406,6 @@ def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         writer.write(step, _logged_numbers("test", result))
         writer.write_images(step, {f"test/{name}": path
                                    for name, path in result["figures"].items()})
-        plots.plot_training_curves(read_metrics(workdir), workdir / TRAINING_CURVES_FILE)
+        plots.plot_training_curves(read_metrics(workdir),
+                                   workdir / runfiles.TRAINING_CURVES_FILE)
     return result
