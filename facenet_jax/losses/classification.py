@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from facenet_jax.losses.distances import _unit
+from facenet_jax.losses.distances import l2_normalize
 
 HEADS = ("softmax", "normface", "cosface", "arcface")
 # None: the head has no such parameter (softmax has neither; normface has no margin).
@@ -175,7 +175,7 @@ def class_logits(embeddings: jax.Array, centres: jax.Array, bias: jax.Array | No
     if bias is not None:
         raise ValueError(f"head {head!r} is a cosine head and takes no bias; pass bias=None "
                          "(only 'softmax' has one)")
-    cosine = _unit(embeddings) @ _unit(centres).T
+    cosine = l2_normalize(embeddings) @ l2_normalize(centres).T
     if head == "normface":
         return scale * cosine
     is_target = _target_mask(labels, label_offset, num_local)
