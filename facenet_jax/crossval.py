@@ -85,7 +85,8 @@ def parse_folds(text: str | None, num_folds: int) -> list[int]:
     try:
         folds = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"--folds {text!r}: give comma-separated fold numbers, e.g. 1,2,3")
+        raise ValueError(f"--folds {text!r}: give comma-separated fold numbers, e.g. 1,2,3"
+                         ) from None
     bad = [k for k in folds if not 1 <= k <= num_folds]
     if bad or not folds:
         raise ValueError(f"--folds {text!r}: the pairs file has folds 1..{num_folds}")
