@@ -34,12 +34,16 @@ EXCLUDE_FROM_KEY = "data.split.exclude_pairs_from"
 # (runs recorded before the key) or "train_and_validation" (the default: no choice is made on
 # the scored people either).
 EXCLUDE_FROM = ("train_and_validation", "train")
+# Only this fold (1-based, as LFW numbers them) of data.split.exclude_pairs_file is excluded:
+# cross-validation over the folds (facenet_jax.crossval); None: all its folds.
+EXCLUDE_FOLD_KEY = "data.split.exclude_pairs_fold"
 # Keys added after runs were first recorded, each with the value that reproduces the behaviour
 # before it existed (also its default in experiments/default.py). A record without such a key
 # reads as this value, so adding a key never makes an old run "changed" or an old cell "stale".
 ADDED_KEY_DEFAULTS: dict[str, Any] = {
     PAIRS_SEED_KEY: None,  # unset: the pairs follow `seed`, as before the key
     EXCLUDE_FROM_KEY: "train",  # the split such runs were trained with (see _effective_values)
+    EXCLUDE_FOLD_KEY: None,  # every fold of data.split.exclude_pairs_file is excluded
     "model.input_norm": "symmetric",
     "model.bn_scale": False,
     "model.init_from": None,
@@ -187,7 +191,7 @@ def pairs_seed(config: Mapping[str, Any]) -> int:
 def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened config with keys that change nothing read as one value: an unset
     data.pairs.seed as its `seed` (see pairs_seed), so unset, absent and equal to `seed` are
-    one config; data.split.exclude_pairs_from as None without an exclude_pairs_file, so only
+    one config; data.split.exclude_pairs_from (and _fold) as None without an exclude_pairs_file, so only
     runs that excluded people can differ by it (a run recorded before the key, which moved
     them from training only, resumes with --config.data.split.exclude_pairs_from=train); the
     blocks of encoders other than model.name are dropped (only model.name's block is used);
@@ -200,8 +204,10 @@ def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
         del flat[key]
     if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
         flat[PAIRS_SEED_KEY] = flat["seed"]
-    if flat.get("data.split.exclude_pairs_file") is None and EXCLUDE_FROM_KEY in flat:
-        flat[EXCLUDE_FROM_KEY] = None
+    if flat.get("data.split.exclude_pairs_file") is None:
+        for key in (EXCLUDE_FROM_KEY, EXCLUDE_FOLD_KEY):
+            if key in flat:
+                flat[key] = None
     if flat.get("loss.kind", "triplet") == "triplet":  # the classification keys do nothing
         for key in flat:
             if key.startswith("loss.classification.") or key == "loss.triplet_weight":
@@ -247,6 +253,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.data.split.exclude_pairs_from not in EXCLUDE_FROM:
         raise ValueError(f"data.split.exclude_pairs_from must be one of {EXCLUDE_FROM}, got "
                          f"{config.data.split.exclude_pairs_from!r}")
+    validate_exclude_fold(config.data.split)
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
                          f"got {config.parallel.mining!r}")
@@ -262,6 +269,21 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                          f"{num_devices} devices; use a multiple of {num_devices}")
+
+
+def validate_exclude_fold(split_config: ml_collections.ConfigDict) -> None:
+    """data.split.exclude_pairs_fold: None, or an integer >= 1 with an exclude_pairs_file (its
+    upper bound, the file's fold count, is checked where the file is read)."""
+    fold = split_config.get("exclude_pairs_fold")
+    if fold is None:
+        return
+    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
+        raise ValueError(f"data.split.exclude_pairs_fold must be a fold number >= 1 (1-based, "
+                         f"as LFW numbers its folds) or unset, got {fold!r}")
+    if split_config.exclude_pairs_file is None:
+        raise ValueError(f"data.split.exclude_pairs_fold={fold} selects a fold of "
+                         "data.split.exclude_pairs_file, which is unset; set both (or run "
+                         "python -m facenet_jax.crossval, which sets them per fold)")
 
 
 def validate_warmup(loss_config: ml_collections.ConfigDict, num_steps: int) -> None:

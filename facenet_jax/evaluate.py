@@ -59,7 +59,8 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
 
     threshold None: the k-fold protocol (metrics.evaluate_embeddings) plus, per VAL@FAR target,
     `val@far=T_resolved` (False when the training folds hold fewer than 1/T different pairs,
-    see metrics.far_resolution). A threshold: verification at it (accuracy, tar, far), AUC, EER.
+    see metrics.far_resolution). A threshold: verification at it (accuracy, tar, far), AUC, EER
+    and `roc_val@far=T` (metrics.val_on_roc, with `roc_val@far=T_resolved`).
     identification: "all" images, only the identities the "pairs" use, or "none".
     """
     if identification not in ("all", "pairs", "none"):
@@ -78,6 +79,12 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
         result.update({"auc": metrics.roc_auc(d, pairs.is_same),
                        "eer": metrics.equal_error_rate(d, pairs.is_same)[0],
                        "num_folds": len(np.unique(pairs.fold))})
+        # VAL@FAR off the scored pairs' own ROC (no threshold is chosen elsewhere for it);
+        # resolved when the pairs hold at least 1/target different pairs.
+        different = int(np.sum(~pairs.is_same))
+        for name, target in metrics.VAL_FAR_TARGETS.items():
+            result[f"roc_val@far={name}"] = metrics.val_on_roc(d, pairs.is_same, target)
+            result[f"roc_val@far={name}_resolved"] = different * target >= 1
         if identification == "all":
             result.update(metrics.identification_metrics(embeddings, labels, distance=distance))
     if identification == "pairs":

@@ -318,6 +318,19 @@ def verification_at_threshold(distances: Any, is_same: Any, threshold: float) ->
             "far": _rate(accepted[~same]), "threshold": threshold, "num_pairs": int(len(d))}
 
 
+def val_on_roc(distances: Any, is_same: Any, far_target: float) -> float:
+    """VAL read off these pairs' own ROC: the TAR at the largest threshold whose FAR on these
+    same pairs is ≤ far_target (distances [M], is_same [M] bool with a different pair).
+
+    The threshold is chosen on the scored pairs themselves, so like the AUC this describes the
+    curve, not an operating point chosen beforehand; with D different pairs and D × far_target
+    < 1 it is the TAR at which no different pair is accepted.
+    """
+    d, same = _check_pairs(distances, is_same)
+    threshold = _largest_threshold_within_far(d, same, far_target)
+    return _rate(d[same] <= threshold)
+
+
 def far_resolution(is_same: Any, folds: Any) -> int:
     """The fewest different-identity pairs that the training folds of any held fold hold
     (is_same [M] bool, folds [M] int): a FAR target below 1 / this is not resolved by the

@@ -235,3 +235,40 @@ def plot_training_curves(metrics_rows: Sequence[Mapping[str, Any]], path: str | 
                          keys: Sequence[str] = TRAINING_KEYS) -> pathlib.Path:
     """Writes `training_curves_figure(...)` to path (PNG); returns the path."""
     return _save(training_curves_figure(metrics_rows, keys), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-validation folds.
+
+
+def fold_bars_figure(folds: Sequence[int], values: Mapping[str, Sequence[float]], *,
+                     title: str | None = None) -> Figure:
+    """Grouped bars: one group per fold, one bar per metric (values {metric: [per fold]}, each
+    as long as folds), with each metric's mean over the folds as a dashed line of its colour."""
+    folds = list(folds)
+    if not folds or any(len(v) != len(folds) for v in values.values()):
+        raise ValueError(f"values need one number per fold ({len(folds)} folds), got "
+                         f"{ {k: len(v) for k, v in values.items()} }")
+    fig = Figure(figsize=(max(5.0, 1.2 * len(folds) + 2), 4))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(values), 1)
+    x = np.arange(len(folds))
+    for i, (name, series) in enumerate(values.items()):
+        series = np.asarray(series, dtype=np.float64)
+        ax.bar(x + (i - (len(values) - 1) / 2) * width, series, width, color=f"C{i}",
+               label=f"{name} (mean {np.nanmean(series):.4f})")
+        ax.axhline(np.nanmean(series), color=f"C{i}", ls="--", lw=1)
+    ax.set_xticks(x, [f"fold {k}" for k in folds])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate")
+    ax.set_title(title or "Cross-validation folds", fontsize=9 if title else None)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fold_bars(folds: Sequence[int], values: Mapping[str, Sequence[float]],
+                   path: str | pathlib.Path, *, title: str | None = None) -> pathlib.Path:
+    """Writes `fold_bars_figure(...)` to path (PNG); returns the path."""
+    return _save(fold_bars_figure(folds, values, title=title), path)

@@ -20,7 +20,8 @@ SPLITS = ("train", "validation", "test")
 def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                      seed: int = 0, identity_files: str | pathlib.Path | None = None,
                      exclude_pairs_file: str | pathlib.Path | None = None,
-                     exclude_pairs_from: str = "train_and_validation") -> dict[str, Dataset]:
+                     exclude_pairs_from: str = "train_and_validation",
+                     exclude_pairs_fold: int | None = None) -> dict[str, Dataset]:
     """Splits identities (never images) into "train", "validation" and "test".
 
     By `fractions` of the identities (shuffled by `seed`; test and validation sizes rounded,
@@ -30,19 +31,23 @@ def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1
     validation to test, so a model evaluated on those pairs never trained on those people and
     no choice (threshold, step, hyper-parameter) was made on them; exclude_pairs_from="train"
     moves them from train only (the rule of runs recorded before exclude_pairs_from existed).
+    `exclude_pairs_fold`: only the identities of that fold (1-based) of the file move (one
+    cross-validation fold; the other folds' people stay where the split put them).
     """
     if identity_files is not None:
         assignment = _assignment_from_files(dataset, pathlib.Path(identity_files))
     else:
         assignment = _assignment_from_fractions(dataset.num_identities, fractions, seed)
     if exclude_pairs_file is not None:
-        named = pair_file_identities(exclude_pairs_file)
+        named = pair_file_identities(exclude_pairs_file, fold=exclude_pairs_fold)
         sources = (0, 1) if exclude_pairs_from == "train_and_validation" else (0,)
         moved = [i for i, name in enumerate(dataset.identity_names)
                  if name in named and assignment[i] in sources]
         assignment[moved] = 2
-        logging.info("excluded %d identities named in %s from %s (moved to test)",
-                     len(moved), exclude_pairs_file, exclude_pairs_from.replace("_", " "))
+        logging.info("excluded %d identities named in %s%s from %s (moved to test)",
+                     len(moved), exclude_pairs_file,
+                     "" if exclude_pairs_fold is None else f" (fold {exclude_pairs_fold})",
+                     exclude_pairs_from.replace("_", " "))
     return {name: dataset.subset(np.flatnonzero(assignment == side))
             for side, name in enumerate(SPLITS)}
 
@@ -53,7 +58,8 @@ def split_dataset(dataset: Dataset, data_config: Any) -> dict[str, Dataset]:
     return split_identities(
         dataset, fractions=(split.train, split.validation, split.test), seed=split.seed,
         identity_files=split.identity_files, exclude_pairs_file=split.exclude_pairs_file,
-        exclude_pairs_from=split.exclude_pairs_from)
+        exclude_pairs_from=split.exclude_pairs_from,
+        exclude_pairs_fold=split.get("exclude_pairs_fold"))
 
 
 def split_names(splits: dict[str, Dataset]) -> dict[str, list[str]]:
@@ -92,10 +98,18 @@ def check_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> 
         "a new run (a new --workdir) on the current data")
 
 
-def pair_file_identities(path: str | pathlib.Path) -> set[str]:
+def pair_file_identities(path: str | pathlib.Path, fold: int | None = None) -> set[str]:
     """Every identity name in an LFW-format pairs file (images are not resolved), parsed as
-    `read_pairs` parses it: a malformed line is a ValueError naming it, never skipped."""
-    return {name for _, pair, _ in parse_pairs_file(path)[1] for name, _ in pair}
+    `read_pairs` parses it: a malformed line is a ValueError naming it, never skipped.
+    fold: only the names of that fold (1-based, file order); ValueError when out of range."""
+    per_fold, parsed = parse_pairs_file(path)
+    if fold is not None:
+        num_folds = len(parsed) // per_fold
+        if not 1 <= fold <= num_folds:
+            raise ValueError(f"fold {fold} of {path}: the file has folds 1..{num_folds} "
+                             "(data.split.exclude_pairs_fold, crossval --folds)")
+        parsed = parsed[(fold - 1) * per_fold:fold * per_fold]
+    return {name for _, pair, _ in parsed for name, _ in pair}
 
 
 def _assignment_from_fractions(num_identities: int, fractions: Sequence[float],
