@@ -274,7 +274,7 @@ def measure(model_name: str, size: int, p: int, k: int, devices: int, dtype: str
     convs = conv_dtypes(lowered.as_text(), compiled.as_text())
     variants = {"step": compiled}
     if share in ("difference", "both"):
-        # The step is traced at lower(): patching the module attribute train.py calls swaps
+        # The step is traced at lower(): patching the module attribute the triplet objective calls swaps
         # the loss in this one compiled program and nowhere else.
         with mock.patch.object(losses, "triplet_loss_sums", linear_loss_sums):
             baseline = build_step(model_name, size, p, k, devices, dtype, strategy)[0]

@@ -56,8 +56,32 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "loss.classification.head": "arcface", "loss.classification.scale": None,
     "loss.classification.margin": None, "loss.classification.sample_fraction": 1.0,
 }
-# Besides these, every field of every encoder's block `model.<name>.<field>` is an added key
-# whose old value is the registered module's default (see added_key_defaults).
+# The encoder blocks `model.<name>.<field>` came after runs were recorded: a record without a
+# block reads as these values, the modules' defaults when the blocks came. Frozen here (JSON
+# form), so a later change of a module default cannot change what an old record means;
+# tests/test_encoder_fields.py checks they still equal the modules' defaults. An encoder
+# registered later has its block in every record.
+ENCODER_BLOCK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "small_cnn": {"widths": [16, 32, 64, 128], "convs_per_stage": 1, "first_stride": 2,
+                  "bn_momentum": 0.9, "dropout_rate": 0.0},
+    "resnet18": {"stage_sizes": [2, 2, 2, 2], "bn_momentum": 0.9, "head_bn": True,
+                 "dropout_rate": 0.0},
+    "resnet34": {"stage_sizes": [3, 4, 6, 3], "bn_momentum": 0.9, "head_bn": True,
+                 "dropout_rate": 0.0},
+    "resnet50": {"stage_sizes": [3, 4, 6, 3], "bn_momentum": 0.9, "head_bn": True,
+                 "dropout_rate": 0.0},
+    "inception_resnet_v1": {"bn_momentum": 0.995, "dropout_rate": 0.0, "block35_repeats": 5,
+                            "block17_repeats": 10, "block8_repeats": 5},
+    **{name: {"stage_sizes": list(stages), "widths": [64, 128, 256, 512], "stem_width": 64,
+              "bn_momentum": 0.9, "bn_epsilon": 1e-05, "prelu_init": 0.25,
+              "fixed_embedding_scale": True, "dropout_rate": 0.0}
+       for name, stages in (("iresnet50", (3, 4, 14, 3)), ("iresnet100", (3, 13, 30, 3)))},
+    "mobilefacenet": {"scale": 2, "stage_sizes": [1, 4, 6, 2], "widths": [64, 64, 128, 128],
+                      "down_inner_widths": [128, 256, 512],
+                      "residual_inner_widths": [128, 128, 256, 256], "stem_groups": 64,
+                      "feature_width": 512, "bn_momentum": 0.9, "bn_epsilon": 1e-05,
+                      "prelu_init": 0.25, "dropout_rate": 0.0},
+}
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
@@ -172,13 +196,9 @@ def without_unchanged_added_keys(plain: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def added_key_defaults() -> dict[str, Any]:
-    """ADDED_KEY_DEFAULTS and the encoder blocks' fields `model.<name>.<field>` (the registered
-    defaults, in their JSON form): every key a record may lack, with the value it reads as."""
-    from facenet_jax import models  # local: keep `config` import-light
-
-    blocks = {f"model.{name}.{field}": value for name in models.ENCODERS.names()
-              for field, value in models.default_fields(name).items()}
-    return {**json.loads(json.dumps(blocks)), **ADDED_KEY_DEFAULTS}
+    """ADDED_KEY_DEFAULTS and the encoder blocks' fields `model.<name>.<field>`
+    (ENCODER_BLOCK_DEFAULTS): every key a record may lack, with the value it reads as."""
+    return {**flatten(ENCODER_BLOCK_DEFAULTS, "model."), **ADDED_KEY_DEFAULTS}
 
 
 def pairs_seed(config: Mapping[str, Any]) -> int:
@@ -191,16 +211,16 @@ def pairs_seed(config: Mapping[str, Any]) -> int:
 def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened config with keys that change nothing read as one value: an unset
     data.pairs.seed as its `seed` (see pairs_seed), so unset, absent and equal to `seed` are
-    one config; data.split.exclude_pairs_from (and _fold) as None without an exclude_pairs_file, so only
-    runs that excluded people can differ by it (a run recorded before the key, which moved
+    one config; data.split.exclude_pairs_from (and _fold) as None without an
+    exclude_pairs_file, so only runs that excluded people can differ by it (a run recorded
+    before the key, which moved
     them from training only, resumes with --config.data.split.exclude_pairs_from=train); the
     blocks of encoders other than model.name are dropped (only model.name's block is used);
     loss.classification.* and loss.triplet_weight as None when loss.kind is "triplet"."""
-    from facenet_jax import models  # local: keep `config` import-light
-
-    unused = {f"model.{name}." for name in models.ENCODERS.names()
-              if name != flat.get("model.name")}
-    for key in [k for k in flat if k.startswith(tuple(unused))]:
+    # model.<block>.<field>: the blocks are the only keys three deep under model.
+    unused = [k for k in flat if k.startswith("model.") and k.count(".") >= 2
+              and k.split(".")[1] != flat.get("model.name")]
+    for key in unused:
         del flat[key]
     if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
         flat[PAIRS_SEED_KEY] = flat["seed"]

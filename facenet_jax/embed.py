@@ -31,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
 from facenet_jax.logs import cli_logging, one_line_user_errors
-from facenet_jax.losses.distances import l2_normalize
 from facenet_jax.runfiles import load_run_config
 from facenet_jax.state import build_model
 
@@ -61,7 +60,11 @@ def make_embedder(model: Any, mesh: jax.sharding.Mesh, *, batch_size: int, flip:
         if flip:
             mirrored = model.apply(variables, x[:, :, ::-1, :], train=False)
             if flip_mode == "sum":
-                embeddings = l2_normalize(embeddings + mirrored)
+                # Divided by the norm, not l2_normalize's rsqrt: recorded flip evaluations
+                # (thresholds in eval.json) stay reproducible to the bit.
+                summed = embeddings + mirrored
+                embeddings = summed / jnp.maximum(
+                    jnp.linalg.norm(summed, axis=-1, keepdims=True), 1e-12)
             else:
                 embeddings = jnp.concatenate([embeddings, mirrored], axis=-1)
         return lax.all_gather(embeddings, parallel.AXIS, tiled=True)

@@ -38,9 +38,7 @@ from facenet_jax.evaluators import (BASELINE_EVALUATORS, BENCHMARK_EVALUATORS,
                                     selected_benchmarks)
 from facenet_jax.data.alignment import alignment_mismatch
 from facenet_jax.logs import cli_logging, one_line_user_errors
-# The run folder's evaluation and split files (named here too: the train CLI and tests read them
-# as evaluate.EVAL_FILE etc.).
-from facenet_jax.runfiles import EVAL_FILE, SPLIT_FILE, VALIDATION_EVAL_FILE  # noqa: F401
+from facenet_jax.runfiles import EVAL_FILE, SPLIT_FILE, VALIDATION_EVAL_FILE
 
 
 

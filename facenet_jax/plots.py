@@ -6,12 +6,15 @@ function writes one as PNG and returns the path written (the only effects here).
 
 from __future__ import annotations
 
+import io
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from facenet_jax.runfiles import atomic_write_bytes
 
 TRAINING_KEYS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "embedding_spread",
                  "eval/accuracy")
@@ -20,11 +23,14 @@ _MAX_LEGEND_IDENTITIES = 20
 _DPI = 110
 
 
-def _save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
+def save_figure(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
+    """Writes `fig` as a PNG to `path` atomically (a reader or a second writer never sees a torn
+    file) and returns the path; the folder is created."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _pairs_arrays(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +95,7 @@ def plot_roc(far: Any, tar: Any, path: str | pathlib.Path, *, label: str | None 
              points: Mapping[str, tuple[float, float]] | None = None,
              title: str | None = None) -> pathlib.Path:
     """Writes `roc_figure(...)` to path (PNG); returns the path."""
-    return _save(roc_figure(far, tar, label=label, auc=auc, eer=eer, log_far=log_far,
+    return save_figure(roc_figure(far, tar, label=label, auc=auc, eer=eer, log_far=log_far,
                             far_min=far_min, points=points, title=title), path)
 
 
@@ -128,7 +134,7 @@ def plot_distance_histogram(distances: Any, is_same: Any, threshold: float,
                             path: str | pathlib.Path, *, title: str | None = None
                             ) -> pathlib.Path:
     """Writes `distance_histogram_figure(...)` to path (PNG); returns the path."""
-    return _save(distance_histogram_figure(distances, is_same, threshold, title=title), path)
+    return save_figure(distance_histogram_figure(distances, is_same, threshold, title=title), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +197,7 @@ def plot_embedding_map(embeddings: Any, labels: Any, path: str | pathlib.Path, *
                        method: str = "pca", names: Sequence[str] | None = None
                        ) -> pathlib.Path:
     """Writes `embedding_map_figure(...)` to path (PNG); returns the path."""
-    return _save(embedding_map_figure(embeddings, labels, method=method, names=names), path)
+    return save_figure(embedding_map_figure(embeddings, labels, method=method, names=names), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +240,7 @@ def training_curves_figure(metrics_rows: Sequence[Mapping[str, Any]],
 def plot_training_curves(metrics_rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path,
                          keys: Sequence[str] = TRAINING_KEYS) -> pathlib.Path:
     """Writes `training_curves_figure(...)` to path (PNG); returns the path."""
-    return _save(training_curves_figure(metrics_rows, keys), path)
+    return save_figure(training_curves_figure(metrics_rows, keys), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,4 +277,4 @@ def fold_bars_figure(folds: Sequence[int], values: Mapping[str, Sequence[float]]
 def plot_fold_bars(folds: Sequence[int], values: Mapping[str, Sequence[float]],
                    path: str | pathlib.Path, *, title: str | None = None) -> pathlib.Path:
     """Writes `fold_bars_figure(...)` to path (PNG); returns the path."""
-    return _save(fold_bars_figure(folds, values, title=title), path)
+    return save_figure(fold_bars_figure(folds, values, title=title), path)

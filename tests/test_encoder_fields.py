@@ -7,7 +7,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -192,3 +191,10 @@ def test_dropout_trains_eval_is_deterministic_and_an_old_run_resumes(tmp_path):
     resumed = cfg.load_config(DEFAULT, {**TINY, "num_steps": 3})
     train.train_and_evaluate(resumed, old)
     assert [r["step"] for r in read_metrics(old) if "loss" in r][-1] == 3
+
+
+def test_frozen_block_defaults_still_equal_the_modules_defaults():
+    """What a record without blocks means (config.ENCODER_BLOCK_DEFAULTS) must stay what the
+    modules build by default; changing a module default needs an ADDED_KEY_DEFAULTS entry."""
+    for name, frozen in cfg.ENCODER_BLOCK_DEFAULTS.items():
+        assert json.loads(json.dumps(models.default_fields(name))) == frozen, name

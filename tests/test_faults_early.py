@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax import checkpoints, data, runfiles, train
+from facenet_jax import checkpoints, data, runfiles, state, train
 from facenet_jax import config as cfg
 
 DEFAULT = cfg.pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
@@ -50,7 +50,7 @@ def _config(**overrides):
 def _no_data_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("data was loaded before the workdir fault was reported")
-    monkeypatch.setattr(train.data, "load_dataset", fail)
+    monkeypatch.setattr(data, "load_dataset", fail)
 
 
 def _save_png(path, value, size=(12, 10)):
@@ -66,9 +66,9 @@ def _face_folder(root, identities, images=3):
 
 
 def _state_shapes(config):
-    model = train.build_model(config, bn_axis_name=None)
-    return jax.eval_shape(lambda: train.create_train_state(
-        config, model, train.build_optimizer(config)[0]))
+    model = state.build_model(config, bn_axis_name=None)
+    return jax.eval_shape(lambda: state.create_train_state(
+        config, model, state.build_optimizer(config)[0]))
 
 
 @pytest.mark.parametrize("override, match", [
@@ -107,8 +107,8 @@ def test_disk_without_room_for_one_checkpoint_is_clear_before_data(tmp_path, mon
         train.train_and_evaluate(_config(), tmp_path / "run")
     assert compiles == []
     # The probe file is gone; only the (empty) lock file of the workdir lock remains.
-    assert os.listdir(tmp_path / "run") == [train.LOCK_FILE]
-    assert (tmp_path / "run" / train.LOCK_FILE).read_text() == ""
+    assert os.listdir(tmp_path / "run") == [runfiles.LOCK_FILE]
+    assert (tmp_path / "run" / runfiles.LOCK_FILE).read_text() == ""
     # One byte more and the same check passes (it is not always failing).
     monkeypatch.setattr(checkpoints.shutil, "disk_usage",
                         lambda path: DiskUsage(10 * needed, 0, needed))
@@ -123,7 +123,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_touches_nothing(tmp_path,
     run = tmp_path / "run"
     (run / "checkpoints" / "7.orbax-checkpoint-tmp").mkdir(parents=True)  # a save in flight
     (run / "metrics.jsonl").write_text('{"step": 7}\n')
-    with open(run / train.LOCK_FILE, "a+") as running:
+    with open(run / runfiles.LOCK_FILE, "a+") as running:
         fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
         running.write("4242\n")
         running.flush()
@@ -135,8 +135,8 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_touches_nothing(tmp_path,
     assert (run / "metrics.jsonl").read_text() == '{"step": 7}\n'
     # Released (the holder ended or was killed), the lock is taken and cleared again.
     with runfiles.exclusive_workdir(run, is_writer=True):
-        assert (run / train.LOCK_FILE).read_text() == f"{os.getpid()}\n"
-    assert (run / train.LOCK_FILE).read_text() == ""
+        assert (run / runfiles.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert (run / runfiles.LOCK_FILE).read_text() == ""
 
 
 def test_config_may_change_until_the_first_checkpoint(tmp_path):

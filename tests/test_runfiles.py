@@ -126,20 +126,19 @@ def test_a_held_flock_names_the_holder(tmp_path):
 def test_train_says_which_workdir_lock_it_took(tmp_path, monkeypatch, caplog):
     import logging
 
-    from facenet_jax import train
     run = tmp_path / "run"
     run.mkdir()
     with caplog.at_level(logging.INFO), runfiles.exclusive_workdir(run, is_writer=True):
         pass
-    assert f"workdir lock: flock on {run / train.LOCK_FILE}" in caplog.text
+    assert f"workdir lock: flock on {run / runfiles.LOCK_FILE}" in caplog.text
     real = runfiles.exclusive_lock
     monkeypatch.setattr(runfiles, "exclusive_lock", lambda path, *, what: real(
         path, what=what, flock=_refuse(errno.EOPNOTSUPP)))  # e.g. Lustre without -o flock
     with runfiles.exclusive_workdir(run, is_writer=True):
         assert "refused flock; took the lock file" in caplog.text
-        assert (run / f"{train.LOCK_FILE}{runfiles.FALLBACK_SUFFIX}").exists()
+        assert (run / f"{runfiles.LOCK_FILE}{runfiles.FALLBACK_SUFFIX}").exists()
         with pytest.raises(RuntimeError, match=r"is training in .*run: the filesystem refused "
                                                r"flock.*or use another --workdir"):
             with runfiles.exclusive_workdir(run, is_writer=True):
                 pass
-    assert not (run / f"{train.LOCK_FILE}{runfiles.FALLBACK_SUFFIX}").exists()
+    assert not (run / f"{runfiles.LOCK_FILE}{runfiles.FALLBACK_SUFFIX}").exists()

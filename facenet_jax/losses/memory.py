@@ -13,7 +13,8 @@ strategy mines against it (`triplet_loss_sums` with a candidate mask, so only fi
 slots are candidates and the batch's own rows are not). Gradients flow only through the batch's
 anchors.
 
-Pure functions and the state they act on; the train step (train.py) wires them in, and the
+Pure functions and the state they act on; the triplet objective (objectives/triplet.py) wires them into the
+step, and the
 memory lives in the train state (state.py), identical on every device.
 """
 

@@ -279,7 +279,7 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
     num_anchors is static. Returns float32 scalars keyed by SUM_KEYS; adding the dicts of a
     partition of the anchors (e.g. `lax.psum`) and applying `reduce_triplet_sums` gives
     `triplet_loss` on the whole batch. Only "loss_sum" carries a gradient. `key` is required by
-    RANDOM_STRATEGIES and ignored by the others. See the module docstring for the rules.
+    the strategies that draw (`Strategy.needs_key`) and ignored by the others. See the module docstring for the rules.
 
     anchor_chunk (static int): mine the anchors in blocks of this many rows, one after the
     other (`lax.map`), each block under `jax.checkpoint` so its [chunk, B] distances are

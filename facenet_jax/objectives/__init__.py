@@ -57,8 +57,8 @@ def validate_objective_config(loss_config: ml_collections.ConfigDict) -> None:
     kind = loss_config.get("kind", "triplet")
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss.kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")
-    if kind == "triplet":
-        return
+    # Checked whatever the kind: a run records them, and a typo should not wait for the day
+    # the kind changes.
     settings = loss_config.classification
     try:
         losses.validate_classification_args(settings.head, settings.scale, settings.margin)
@@ -66,9 +66,11 @@ def validate_objective_config(loss_config: ml_collections.ConfigDict) -> None:
     except ValueError as error:
         raise ValueError(f"config.loss.classification: {error}") from None
     weight = loss_config.triplet_weight
-    if kind == "combined" and (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
-                               or not math.isfinite(weight) or weight < 0):
+    if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+            or not math.isfinite(weight) or weight < 0):
         raise ValueError(f"loss.triplet_weight must be a finite number >= 0, got {weight!r}")
+    if kind == "triplet":
+        return
     if loss_config.memory.size:
         raise ValueError(f"loss.memory.size={loss_config.memory.size}: the cross-batch memory "
                          f"is a triplet-loss option; with loss.kind={kind!r} set it to 0")

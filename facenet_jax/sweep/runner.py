@@ -36,7 +36,7 @@ from facenet_jax.sweep.records import EVAL_FILE, LOG_FILE, STATUS_FILE, write_js
 from facenet_jax.sweep.spec import REPO_ROOT
 
 ATTEMPT_MARK = "===== sweep attempt"  # opens each attempt's output in train.log
-# The train CLI's refusal when another process holds the run folder's lock (train.py).
+# The train CLI's refusal when another process holds the run folder's lock (runfiles.exclusive_workdir).
 BUSY = re.compile(r"another process \(.*\) is training in ")
 _OUTPUT_TAIL = 64 * 1024  # bytes of an attempt's output read back to diagnose it
 
