@@ -127,6 +127,52 @@ def active_fraction_figure(runs: Sequence[Mapping[str, Any]], config_keys: Seque
     return fig
 
 
+def cell_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """"leaf=value, ..." over the keys the row has a value for (seed left out)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys
+                     if k != "seed" and row.get(k) is not None) or "base"
+
+
+def accuracy_by_cell_figure(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+                            metrics: Sequence[str] = ("accuracy", "oneshot_top1")) -> Figure:
+    """A panel per metric, a horizontal bar per cell (its mean over finished seeds, ± std over
+    seeds where the row has one), cells where a seed collapsed hatched; for sweeps whose rows
+    differ in objective rather than in α (sweep.kinds), where accuracy_figure's α axis is
+    meaningless."""
+    labels = [cell_label(r, config_keys) for r in cells]
+    height = 0.4 * len(cells) + 1.2
+    fig = Figure(figsize=(4.0 * len(metrics) + 4.5, height))
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    positions = list(range(len(cells)))[::-1]
+    for ax, metric in zip(axes, metrics):
+        values = [r.get(metric) or 0.0 for r in cells]
+        errors = [r.get(f"{metric}_std") or 0.0 for r in cells]
+        bars = ax.barh(positions, values, xerr=errors if any(errors) else None, color="C0",
+                       capsize=3)
+        for bar, row in zip(bars, cells):
+            if row.get("collapsed"):
+                bar.set_hatch("xx")
+                bar.set_facecolor("C3")
+        baselines = {r["pixel_accuracy"] for r in cells if r.get("pixel_accuracy") is not None}
+        if metric == "accuracy":
+            for baseline in baselines:
+                ax.axvline(baseline, color="gray", ls="--", lw=1)
+        ax.set_xlabel(metric + (" (dashed: pixels)" if metric == "accuracy" and baselines
+                                else ""))
+        ax.set_xlim(0, 1.0)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(positions, labels, fontsize=7)
+    fig.suptitle("per cell (hatched red: a seed collapsed)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_by_cell(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+                          path: pathlib.Path) -> pathlib.Path:
+    """Writes accuracy_by_cell_figure(...) to path (PNG); returns the path."""
+    return _save_atomically(accuracy_by_cell_figure(cells, config_keys), path)
+
+
 def plot_accuracy(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
                   path: pathlib.Path) -> pathlib.Path:
     """Writes accuracy_figure(...) to path (PNG); returns the path."""
