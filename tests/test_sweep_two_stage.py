@@ -282,3 +282,13 @@ def test_spread_rule(spreads, expected):
     assert is_spread_collapsed(rows) is expected
     warned = spread_collapse_warning(rows, step=100)
     assert (warned is not None) == bool(expected and len(spreads) >= 3)
+
+
+def test_the_pixel_baseline_does_not_depend_on_the_training_sampler():
+    pk = sweep.cell_config(REPO / "experiments" / "default.py", {}, {})
+    uniform = sweep.cell_config(REPO / "experiments" / "default.py", {},
+                                {"data.sampler": "uniform"})
+    other_data = sweep.cell_config(REPO / "experiments" / "default.py", {},
+                                   {"data.image_size": 24})
+    assert sweep.baseline_key(pk) == sweep.baseline_key(uniform) != sweep.baseline_key(
+        other_data)

@@ -273,6 +273,7 @@ def baseline_key(config: ml_collections.ConfigDict) -> str:
     plain = without_unchanged_added_keys(to_plain(config))  # keys of before them stay valid
     data = {**plain["data"], "pairs": {k: v for k, v in plain["data"]["pairs"].items()
                                        if k != "seed"}}  # its effective value is "seed" below
+    data.pop("sampler", None)  # how training batches are drawn: not the test pairs
     identity = {"data": data, "seed": pairs_seed(plain),
                 "eval_distance": plain["eval"]["distance"]}
     return f"{plain['data']['source']}_{digest(identity)}"
