@@ -7,9 +7,10 @@
 The parts, one module each: `spec` (sweep files, runs, names, commands), `records` (what each
 cell folder records, written atomically; stale checks), `runner` (train processes, their logs
 and outcomes, slots for concurrent runs), `report` (rows, aggregation over seeds, tables),
-`plots` (figures), `collapse` (the collapse rule). This module is the driver that ties them:
-`plan`, `run_sweep` and the CLI `main` (it looks up `train_command` and `run_cell` here, so a
-test can replace them).
+`plots` (figures), `collapse` (the collapse rule), `stages` (a cell starting from another
+cell's run: `from_cell`), `kinds` (classification rows' columns and collapse rule). This module
+is the driver that ties them: `plan`, `run_sweep` and the CLI `main` (it looks up
+`train_command` and `run_cell` here, so a test can replace them).
 
 Modes: by default every unfinished run, one after another (`--parallel N`: up to N at once,
 each on its own share of the host's GPUs or CPU cores), then the tables; `--list` prints each
