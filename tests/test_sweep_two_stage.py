@@ -222,8 +222,9 @@ def test_classification_rows_show_head_s_m_and_use_the_spread_rule(tmp_path):
              {"loss.kind": "classification"},  # ArcFace, paper s and m
              {"loss.kind": "classification", "loss.classification.head": "cosface",
               "loss.classification.scale": 30.0},
-             {"loss.kind": "combined"},
-             {"loss.kind": "classification", "loss.classification.head": "softmax"}]
+             {"loss.kind": "combined", "loss.triplet_weight": 2.0},
+             {"loss.kind": "classification", "loss.classification.head": "softmax",
+              "loss.triplet_weight": 2.0}]
     path = tmp_path / "cls.py"
     path.write_text(f"def get_sweep():\n    return {{'base': 'experiments/default.py', "
                     f"'cells': {cells!r}}}\n")
@@ -244,8 +245,8 @@ def test_classification_rows_show_head_s_m_and_use_the_spread_rule(tmp_path):
     with (workdir / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     header = list(table[0])
-    assert header[:8] == ["name", *kinds.OBJECTIVE_COLUMNS, "loss.strategy", "loss.margin",
-                          "loss.distance"]
+    assert header[:8] == ["name", *kinds.OBJECTIVE_COLUMNS, "loss.strategy",
+                          "loss.triplet_weight", "loss.margin"]
     assert header.index("oneshot_top1") == header.index("auc") + 1
     cols = ["loss.kind", "loss.strategy", "loss.margin", "loss.classification.head",
             "loss.classification.scale", "loss.classification.margin", "collapsed"]
@@ -258,6 +259,8 @@ def test_classification_rows_show_head_s_m_and_use_the_spread_rule(tmp_path):
         ["classification", "", "", "softmax", "", "", "False"],
     ]
     assert {row["oneshot_top1"] for row in table} == {"0.7"}
+    # loss.triplet_weight only where the combined objective reads it
+    assert [row["loss.triplet_weight"] for row in table] == ["", "", "", "2.0", ""]
     md = (workdir / "results.md").read_text()
     assert "| classification | cosface | 30 | 0.35 | — | — | — |" in md and "spread half of the rule alone" in md
 

@@ -80,7 +80,8 @@ def objective_values(flat: Mapping[str, Any], keys: Sequence[str]) -> dict[str, 
         values.update({SCALE_KEY: scale, MARGIN_KEY: margin})
     for key in keys:
         if (kind == "triplet" and (key.startswith(_HEAD_PREFIX) or key == "loss.triplet_weight")
-                or kind == "classification" and _is_triplet_key(key)):
+                or kind == "classification" and (_is_triplet_key(key)
+                                                 or key == "loss.triplet_weight")):
             values[key] = None
     return {key: value for key, value in values.items() if key in keys}
 

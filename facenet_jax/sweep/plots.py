@@ -176,7 +176,10 @@ def accuracy_by_cell_figure(cells: Sequence[Mapping[str, Any]], config_keys: Seq
                 ax.axvline(baseline, color="gray", ls="--", lw=1)
         ax.set_xlabel(metric + (" (dashed: pixels)" if metric == "accuracy" and baselines
                                 else ""))
-        ax.set_xlim(0, 1.0)
+        # From a little below the lowest bar (or baseline): rows often differ in the 2nd digit.
+        low = min([v - e for v, e in zip(values, errors)]
+                  + (list(baselines) if metric == "accuracy" else []))
+        ax.set_xlim(max(0.0, low - 0.02), 1.0)
         ax.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(positions, labels, fontsize=7)
     fig.suptitle("per cell (hatched red: a seed collapsed)", fontsize=9)
