@@ -19,8 +19,8 @@ The learning rate is the dataset config's for every row: on this data ArcFace at
 s = 64 and Adam 3e-3 reached 0.986 validation accuracy in a measured 1,200-step run (softmax
 0.981), so the heads need no other rate here (validation split only; docs/classification_
 baselines.md). `data.pairs.seed` is pinned to 0 so the seeds vary training only.
-Hardware: a 2-core CPU. Time: one 1,200-step run took about 150 s wall here (shared CPU, nice
-10); 8 cells × 3 seeds = 24 runs ≈ 1 h one at a time.
+Hardware: a 2-core CPU. Time: measured here (shared CPU, nice 10, one run at a time): 24 runs
+(8 cells × 3 seeds) in 30 min of wall time, 28–216 s per run as the machine's load varied.
 
         python -m facenet_jax.sweep --sweep experiments/sweeps/default_classification.py \
             --workdir runs/sweeps/default_classification [--parallel N]

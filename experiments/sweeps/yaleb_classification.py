@@ -7,7 +7,8 @@ combined (ArcFace + semihard) and ArcFace 400 steps → `semihard` 400 steps (tw
 starting from the first's encoder), on 23 training identities under strong lighting changes;
 see the default sweep's docstring for the rows. The heads keep the paper's s = 64 (see
 docs/classification_baselines.md). `data.pairs.seed` is pinned to 0.
-Hardware: a 2-core CPU. Time: see docs/classification_baselines.md; 8 cells × 3 seeds = 24 runs.
+Hardware: a 2-core CPU. Time: measured here (shared CPU, nice 10, one run at a time): 24 runs
+(8 cells × 3 seeds) in 27 min of wall time, 30–115 s per run.
 
         python -m facenet_jax.sweep --sweep experiments/sweeps/yaleb_classification.py \
             --workdir runs/sweeps/yaleb_classification [--parallel N]
