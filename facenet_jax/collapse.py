@@ -80,18 +80,28 @@ def collapse_warning(train_rows: Sequence[Mapping[str, Any]], *, step: int, marg
             f"recovered. {COLLAPSE_ADVICE[0].upper()}{COLLAPSE_ADVICE[1:]}.")
 
 
+def is_spread_collapsed(train_rows: Sequence[Mapping[str, Any]]) -> bool | None:
+    """The collapse rule of a classification or combined objective: the spread half of the
+    rule alone (embedding_spread, squared distance, below the spread of unit vectors
+    `COLLAPSE_RADIUS` apart, on every row of the last window). A margin-softmax loss has no
+    pinned value (it depends on the centres, the scale s and the margin m), so only the spread
+    judges. None when there are no rows to judge."""
+    window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
+    if not window:
+        return None
+    floor = collapse_spread(margin=0.0, distance="squared", soft=True)
+    return all(row.get("embedding_spread") is not None and row["embedding_spread"] < floor
+               for row in window)
+
+
 def spread_collapse_warning(train_rows: Sequence[Mapping[str, Any]], *,
                             step: int) -> str | None:
-    """The collapse warning of a classification or combined objective: the spread half of the
-    rule alone (embedding_spread, squared distance, below the spread of unit vectors
-    `COLLAPSE_RADIUS` apart over the last window). A margin-softmax loss has no pinned value
-    (it depends on the centres, the scale s and the margin m), so only the spread judges."""
+    """The train loop's warning for a classification or combined objective when
+    `is_spread_collapsed` fires on a full window of `train_rows`, else None."""
     window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
-    floor = collapse_spread(margin=0.0, distance="squared", soft=True)
-    if len(window) < COLLAPSE_WINDOW or not all(
-            row.get("embedding_spread") is not None and row["embedding_spread"] < floor
-            for row in window):
+    if len(window) < COLLAPSE_WINDOW or not is_spread_collapsed(window):
         return None
+    floor = collapse_spread(margin=0.0, distance="squared", soft=True)
     return (f"the embedding has collapsed by step {step}: over the last {COLLAPSE_WINDOW} log "
             f"rows the embedding spread is {window[-1]['embedding_spread']:.4f} (squared; "
             f"collapsed below {floor:g}). Try a lower learning rate or, for a margin head, a "

@@ -7,9 +7,10 @@
 The parts, one module each: `spec` (sweep files, runs, names, commands), `records` (what each
 cell folder records, written atomically; stale checks), `runner` (train processes, their logs
 and outcomes, slots for concurrent runs), `report` (rows, aggregation over seeds, tables),
-`plots` (figures), `collapse` (the collapse rule). This module is the driver that ties them:
-`plan`, `run_sweep` and the CLI `main` (it looks up `train_command` and `run_cell` here, so a
-test can replace them).
+`plots` (figures), `collapse` (the collapse rule), `stages` (a cell starting from another
+cell's run: `from_cell`), `kinds` (classification rows' columns and collapse rule). This module
+is the driver that ties them: `plan`, `run_sweep` and the CLI `main` (it looks up
+`train_command` and `run_cell` here, so a test can replace them).
 
 Modes: by default every unfinished run, one after another (`--parallel N`: up to N at once,
 each on its own share of the host's GPUs or CPU cores), then the tables; `--list` prints each
@@ -53,6 +54,9 @@ from facenet_jax.sweep.runner import (ATTEMPT_MARK, CellRunner, Slot,  # noqa: F
 from facenet_jax.sweep.spec import (REPO_ROOT, cell_config, cell_name,  # noqa: F401
                                     cell_names, format_value, grid, list_lines, load_sweep,
                                     train_command, unpinned_pairs_warning)
+from facenet_jax.sweep.stages import (SOURCE_RECORD_KEY, DependencyError,  # noqa: F401
+                                      dependency_error, from_cell, resolved, run_sources,
+                                      source_identity, source_record)
 
 _POLL_S = 0.2  # how often concurrent runs are checked for their end
 
@@ -63,13 +67,16 @@ def plan(sweep: Mapping[str, Any], workdir: pathlib.Path
     key or a wrong type fails before anything runs."""
     workdir = workdir.resolve()
     planned = []
-    for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
+    names = cell_names(sweep["cells"])
+    for name, cell, source in zip(names, sweep["cells"], run_sources(sweep["cells"])):
         try:
             cell_config(sweep["base"], sweep["common"], cell)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"sweep cell {name} ({cell}): {error}") from error
-        command = train_command(sweep["base"], workdir / name, {**sweep["common"], **cell})
-        planned.append((name, cell, command))
+        # A cell reference in model.init_from becomes its source run's folder here only.
+        overrides = resolved({**sweep["common"], **cell},
+                             None if source is None else workdir / names[source])
+        planned.append((name, cell, train_command(sweep["base"], workdir / name, overrides)))
     return planned
 
 
@@ -83,10 +90,17 @@ def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: 
 
     parallel > 1: up to that many at once, each on one of `slots` (default: host_slots, this
     host's GPUs or cores split `parallel` ways). Raises StaleCellsError, before running
-    anything, when a cell folder holds a run of another config (check_records).
+    anything, when a cell folder holds a run of another config (check_records), and
+    DependencyError when a run of `only` starts from a run (stages.from_cell) that is neither
+    complete nor in `only`. Without `only`, a run starts only once its source run is complete
+    (it is skipped, with a line saying so, if that run ended otherwise).
     """
     out = out or sys.stdout
     planned = plan(sweep, workdir)
+    workdir = workdir.resolve()
+    names = [name for name, _, _ in planned]
+    source_of = {name: None if source is None else names[source]
+                 for name, source in zip(names, run_sources(sweep["cells"]))}
     if only is not None:
         planned = [planned[i] for i in only]
     stale, unrecorded = check_records(sweep, workdir, only)
@@ -100,6 +114,8 @@ def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: 
     if warning:
         print(f"warning: {warning}", file=out, flush=True)
     todo = [run for run in planned if needs_run(workdir / run[0], rerun_failed)]
+    if only is not None:
+        _check_sources_given(todo, source_of, names, workdir)
     print(f"sweep {sweep['name']}: {len(planned)} cells, {len(planned) - len(todo)} already "
           f"finished or failed (skipped), {len(todo)} to run", file=out, flush=True)
     if parallel > 1:
@@ -109,13 +125,16 @@ def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: 
     progress = _Progress(len(todo), len(slots) if parallel > 1 else 1, out)
     with CellRunner() as runner:
         if parallel > 1:
-            _run_concurrently(sweep, workdir, todo, env, runner, slots, progress)
+            _run_concurrently(sweep, workdir, todo, env, runner, slots, progress, source_of)
         else:
             for name, cell, command in todo:
                 if runner.stop_requested:
                     break
+                if _source_state(source_of[name], workdir, waiting=()) == "blocked":
+                    progress.blocked(name, source_of[name])
+                    continue
                 progress.started(name)
-                _record_start(sweep, workdir, name, cell)
+                _record_start(sweep, workdir, name, cell, source_of[name])
                 progress.finished(name, run_cell(command, workdir / name, env, runner))
     if runner.stop_requested:
         print(f"SIGTERM: stopped after {len(progress.records)} of {len(todo)} cells (the "
@@ -125,23 +144,62 @@ def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: 
 
 
 def _record_start(sweep: Mapping[str, Any], workdir: pathlib.Path, name: str,
-                  cell: Mapping[str, Any]) -> None:
+                  cell: Mapping[str, Any], source: str | None = None) -> None:
+    """Writes the run's sweep_cell.json; a run that starts from another (`source`, a run
+    name) also records that run's identity, for the stale check."""
     (workdir / name).mkdir(parents=True, exist_ok=True)
-    write_json(workdir / name / CELL_FILE, cell_record(sweep["base"], sweep["common"], cell))
+    record = cell_record(sweep["base"], sweep["common"], cell)
+    if source is not None:
+        record[SOURCE_RECORD_KEY] = source_record(source, workdir / source / EVAL_FILE)
+    write_json(workdir / name / CELL_FILE, record)
+
+
+def _source_state(source: str | None, workdir: pathlib.Path, waiting: Sequence[str]) -> str:
+    """"ready" (no source, or its run is complete), "wait" (its run is among `waiting`: queued
+    or running) or "blocked" (it ended, or was skipped, without completing)."""
+    if source is None or source_identity(workdir / source / EVAL_FILE) is not None:
+        return "ready"
+    return "wait" if source in waiting else "blocked"
+
+
+def _check_sources_given(todo: Sequence[tuple[str, dict[str, Any], list[str]]],
+                         source_of: Mapping[str, str | None], names: Sequence[str],
+                         workdir: pathlib.Path) -> None:
+    """DependencyError for the first run of `todo` whose source run is neither complete nor
+    run before it in `todo` (the --cell case: its source is another array task's)."""
+    earlier: list[str] = []
+    for name, _, _ in todo:
+        source = source_of[name]
+        if _source_state(source, workdir, earlier) == "blocked":
+            raise DependencyError(dependency_error(names.index(name), name, names.index(source),
+                                                   source, workdir / source / EVAL_FILE))
+        earlier.append(name)
 
 
 def _run_concurrently(sweep: Mapping[str, Any], workdir: pathlib.Path,
                       todo: Sequence[tuple[str, dict[str, Any], list[str]]],
                       env: Mapping[str, str] | None, runner: CellRunner,
-                      slots: Sequence[Slot], progress: "_Progress") -> None:
-    """Keeps every free slot busy with the next run until all ran or a SIGTERM came; waits
-    for the running ones (which the SIGTERM reached) either way."""
+                      slots: Sequence[Slot], progress: "_Progress",
+                      source_of: Mapping[str, str | None]) -> None:
+    """Keeps every free slot busy with the next run whose source run (if any) is complete,
+    until all ran or a SIGTERM came; waits for the running ones (which the SIGTERM reached)
+    either way. A run whose source is queued or running waits; one whose source ended
+    without completing is skipped."""
     queue, free, running = list(todo), list(slots), []
     while running or (queue and not runner.stop_requested):
         while queue and free and not runner.stop_requested:
-            (name, cell, command), slot = queue.pop(0), free.pop(0)
+            waiting = [entry[0] for entry in queue + running]
+            states = [_source_state(source_of[entry[0]], workdir, waiting) for entry in queue]
+            if "ready" not in states and "blocked" not in states:
+                break
+            index = next(i for i, state in enumerate(states) if state != "wait")
+            name, cell, command = queue.pop(index)
+            if states[index] == "blocked":
+                progress.blocked(name, source_of[name])
+                continue
+            slot = free.pop(0)
             progress.started(name, slot.label)
-            _record_start(sweep, workdir, name, cell)
+            _record_start(sweep, workdir, name, cell, source_of[name])
             running.append((name, slot, start_cell(command, workdir / name, env, runner, slot)))
         for entry in list(running):
             name, slot, started = entry
@@ -167,6 +225,13 @@ class _Progress:
         self._index[name] = len(self._index) + 1
         on = f" on {where}" if where else ""
         print(f"[{self._index[name]}/{self.total}] {name}{on} ...", file=self.out, flush=True)
+
+    def blocked(self, name: str, source: str) -> None:
+        """A run not started: its source run did not complete (so it is not counted)."""
+        self.total -= 1
+        print(f"[-] {name}: not started: the run it starts from, {source}, did not complete "
+              "(see its sweep_status.json); re-run the sweep once it has", file=self.out,
+              flush=True)
 
     def finished(self, name: str, record: dict[str, Any]) -> None:
         self.records[name] = record
@@ -224,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             records = run_sweep(sweep, workdir, rerun_failed=args.rerun_failed,
                                 only=None if args.cell is None else [args.cell],
                                 parallel=args.parallel)
-        except StaleCellsError as error:
+        except (StaleCellsError, DependencyError) as error:
             sys.exit(f"sweep {sweep['name']}: {error}")
         if args.cell is not None:
             failed = [r for r in records.values() if r["status"] in FAILED_STATUSES]

@@ -17,6 +17,7 @@ from matplotlib.lines import Line2D
 
 from facenet_jax.plots import _DPI
 from facenet_jax.runfiles import atomic_write_bytes
+from facenet_jax.sweep.spec import CELL_REFERENCE_PREFIX
 
 _LEGEND_WIDTH = 2.0  # inches right of the panels for the figure legend
 NOT_SERIES = ("loss.margin", "loss.distance", "seed")  # axes and panels, not lines
@@ -125,6 +126,73 @@ def active_fraction_figure(runs: Sequence[Mapping[str, Any]], config_keys: Seque
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - _LEGEND_WIDTH / width, 1))
     return fig
+
+
+def cell_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """"leaf=value, ..." over `keys` where the row has a value (a cell reference shown by its
+    cell's name: "@cell:a-1__b-2" → "a-1,b-2")."""
+    parts = []
+    for key in keys:
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.startswith(CELL_REFERENCE_PREFIX):
+            value = value[len(CELL_REFERENCE_PREFIX):].replace("__", ",")
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return ", ".join(parts) or "base"
+
+
+def varying_keys(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The keys (but seed) whose value differs between rows: what tells the rows apart."""
+    return [k for k in keys if k != "seed" and len({repr(r.get(k)) for r in rows}) > 1]
+
+
+def accuracy_by_cell_figure(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+                            metrics: Sequence[str] = ("accuracy", "oneshot_top1")) -> Figure:
+    """A panel per metric, a horizontal bar per cell (its mean over finished seeds, ± std over
+    seeds where the row has one), cells where a seed collapsed hatched; for sweeps whose rows
+    differ in objective rather than in α (sweep.kinds), where accuracy_figure's α axis is
+    meaningless."""
+    keys = varying_keys(cells, config_keys)
+    labels = [cell_label(r, keys) for r in cells]
+    height = 0.4 * len(cells) + 1.2
+    label_width = 0.055 * max(len(label) for label in labels) + 0.3  # inches at fontsize 7
+    width = 3.5 * len(metrics) + label_width + 0.3
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    positions = list(range(len(cells)))[::-1]
+    for ax, metric in zip(axes, metrics):
+        values = [r.get(metric) or 0.0 for r in cells]
+        errors = [r.get(f"{metric}_std") or 0.0 for r in cells]
+        bars = ax.barh(positions, values, xerr=errors if any(errors) else None, color="C0",
+                       capsize=3)
+        for bar, row in zip(bars, cells):
+            if row.get("collapsed"):
+                bar.set_hatch("xx")
+                bar.set_facecolor("C3")
+        baselines = {r["pixel_accuracy"] for r in cells if r.get("pixel_accuracy") is not None}
+        if metric == "accuracy":
+            for baseline in baselines:
+                ax.axvline(baseline, color="gray", ls="--", lw=1)
+        ax.set_xlabel(metric + (" (dashed: pixels)" if metric == "accuracy" and baselines
+                                else ""))
+        # From a little below the lowest bar (or baseline): rows often differ in the 2nd digit.
+        low = min([v - e for v, e in zip(values, errors)]
+                  + (list(baselines) if metric == "accuracy" else []))
+        ax.set_xlim(max(0.0, low - 0.02), 1.0)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(positions, labels, fontsize=7)
+    fig.suptitle("per cell (hatched red: a seed collapsed)", fontsize=9)
+    # The labels' room on the left in inches (tight_layout would shrink it to fit the panels).
+    fig.subplots_adjust(left=label_width / width, right=1 - 0.3 / width, bottom=0.6 / height,
+                        top=1 - 0.45 / height, wspace=0.15)
+    return fig
+
+
+def plot_accuracy_by_cell(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+                          path: pathlib.Path) -> pathlib.Path:
+    """Writes accuracy_by_cell_figure(...) to path (PNG); returns the path."""
+    return _save_atomically(accuracy_by_cell_figure(cells, config_keys), path)
 
 
 def plot_accuracy(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],

@@ -23,6 +23,7 @@ from typing import Any
 from facenet_jax.config import changed_keys, flatten, json_safe, to_plain
 from facenet_jax.runfiles import EVAL_FILE, atomic_write_json
 from facenet_jax.sweep.spec import cell_config, cell_names
+from facenet_jax.sweep.stages import run_sources, source_changes
 
 STATUS_FILE = "sweep_status.json"
 CELL_FILE = "sweep_cell.json"  # what the cell was last started with (see cell_record)
@@ -95,10 +96,13 @@ def check_records(sweep: Mapping[str, Any], workdir: pathlib.Path,
                   ) -> tuple[dict[str, list[str]], list[str]]:
     """(stale: cell name → what changed since its folder's run was started (record_changes),
     unrecorded: cells with a result or status but no record, from before records were kept);
-    `only`: the run indices to check (all when None)."""
+    `only`: the run indices to check (all when None). A run started from another run
+    (stages.from_cell) is also stale once that run was re-run (stages.source_changes)."""
     stale, unrecorded = {}, []
-    runs = list(zip(cell_names(sweep["cells"]), sweep["cells"]))
-    for name, cell in (runs if only is None else [runs[i] for i in only]):
+    names = cell_names(sweep["cells"])
+    sources = run_sources(sweep["cells"])
+    runs = list(zip(names, sweep["cells"], sources))
+    for name, cell, source in (runs if only is None else [runs[i] for i in only]):
         cell_dir = workdir / name
         recorded = read_json(cell_dir / CELL_FILE)
         if recorded is None:
@@ -106,6 +110,9 @@ def check_records(sweep: Mapping[str, Any], workdir: pathlib.Path,
                 unrecorded.append(name)
             continue
         changes = record_changes(recorded, cell_record(sweep["base"], sweep["common"], cell))
+        if source is not None:
+            changes += source_changes(recorded, names[source],
+                                      workdir / names[source] / EVAL_FILE)
         if changes:
             stale[name] = changes
     return stale, unrecorded

@@ -26,10 +26,14 @@ from facenet_jax.logs import read_metrics
 from facenet_jax.runfiles import CONFIG_FILE, atomic_write_text
 from facenet_jax.sweep import plots
 from facenet_jax.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,
-                                        COLLAPSE_SPREAD_OF_MARGIN, COLLAPSE_WINDOW, is_collapsed)
+                                        COLLAPSE_SPREAD_OF_MARGIN, COLLAPSE_WINDOW)
 from facenet_jax.sweep.records import EVAL_FILE, STATUS_FILE, check_records, read_json
+from facenet_jax.sweep.kinds import (MARGIN_KEY, OBJECTIVE_METRICS, SCALE_KEY,
+                                     objective_columns, objective_metrics, objective_values,
+                                     row_collapsed, uses_classification)
 from facenet_jax.sweep.spec import (REPO_ROOT, SEED_KEY, cell_config, cell_names, digest,
                                     format_value)
+from facenet_jax.sweep.stages import INIT_KEY, is_reference
 
 BASELINE_DIR = "pixel_baselines"
 RESULTS_CSV = "results.csv"
@@ -37,13 +41,14 @@ RESULTS_SEEDS_CSV = "results_over_seeds.csv"
 RESULTS_MD = "results.md"
 ACCURACY_PLOT = "accuracy_vs_margin.png"
 ACTIVE_PLOT = "active_fraction.png"
+ACCURACY_BY_CELL_PLOT = "accuracy_by_cell.png"  # sweeps with classification rows
 ALWAYS_COLUMNS = ("loss.margin", "loss.distance", "loss.strategy")
 METRIC_COLUMNS = ("accuracy", "accuracy_std", "val@far=1e-3", "auc", "final_loss",
                   "final_active_fraction", "final_embedding_spread", "collapsed", "wall_s",
                   "status", "error", "pixel_accuracy")
 # Per-cell columns over seeds: metrics averaged, with the std over seeds of the scores.
 MEANED = ("accuracy", "val@far=1e-3", "auc", "final_loss", "final_active_fraction",
-          "final_embedding_spread", "wall_s")
+          "final_embedding_spread", "wall_s", *OBJECTIVE_METRICS)
 SEED_COLUMNS = ("n", "runs", "accuracy", "accuracy_std", "val@far=1e-3", "val@far=1e-3_std",
                 "auc", "auc_std", "final_loss", "final_active_fraction",
                 "final_embedding_spread", "collapsed", "wall_s", "status", "pixel_accuracy")
@@ -60,7 +65,8 @@ def result_row(keys: Sequence[str], config: Mapping[str, Any],
     """One table row from a cell's plain config, eval.json, metrics and status.
 
     keys: the config columns (dotted), read from the cell's config, so a key that only some
-    cells override still has its value in every row. status: "ok" (eval.json exists), else the
+    cells override still has its value in every row (sweep.kinds.objective_values: a
+    classification head's resolved s and m; keys the row's objective does not read empty). status: "ok" (eval.json exists), else the
     recorded "crashed"/"diverged"/"preempted" (or "stale", see aggregate), else "pending".
     """
     flat = flatten(config)
@@ -81,14 +87,14 @@ def result_row(keys: Sequence[str], config: Mapping[str, Any],
         "final_loss": last.get("loss"),
         "final_active_fraction": last.get("active_fraction"),
         "final_embedding_spread": last.get("embedding_spread"),
-        "collapsed": is_collapsed(train_rows, margin=flat.get("loss.margin", 0.0),
-                                  distance=flat.get("loss.distance", "squared"),
-                                  soft=bool(flat.get("loss.soft"))),
+        "oneshot_top1": evaluation.get("oneshot_top1"),
+        "collapsed": row_collapsed(train_rows, flat),
         "wall_s": status_record.get("wall_s"),
         "status": status,
         "error": error,
         "pixel_accuracy": pixel_accuracy,
     })
+    row.update(objective_values(flat, keys))
     return row
 
 
@@ -169,7 +175,8 @@ def _format_cell(column: str, row: Mapping[str, Any]) -> str:
             return f"**{value}/{row['n']}**" if value else f"0/{row['n']}"
         return "**yes**" if value else "no"
     if isinstance(value, float):
-        return f"{value:.4g}" if column in ("loss.margin",) else f"{value:.4f}"
+        return (f"{value:.4g}" if column in ("loss.margin", SCALE_KEY, MARGIN_KEY)
+                else f"{value:.4f}")
     return str(value).replace("|", "\\|")
 
 
@@ -202,10 +209,12 @@ _RARE_STATUSES = {"preempted": "the next sweep run resumes them",
 
 def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                     columns: Sequence[str], baselines: Mapping[str, Any],
-                    cells: Sequence[Mapping[str, Any]] | None = None) -> str:
+                    cells: Sequence[Mapping[str, Any]] | None = None,
+                    classification: bool = False) -> str:
     """results.md: the counts, what the columns mean, the table and the pixel baselines.
     `cells` (over_seeds rows) when the sweep has several seeds per cell: the table then has
-    one row per cell."""
+    one row per cell. `classification`: some rows train a classification or combined
+    objective (sweep.kinds: their columns and collapse rule)."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "crashed", "diverged",
                                                                 "pending", *_RARE_STATUSES)}
     rare = "".join(f", {counts[s]} {s} ({meaning})" for s, meaning in _RARE_STATUSES.items()
@@ -235,10 +244,17 @@ def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         f"{COLLAPSE_RADIUS:g}) or, with the hinge, below {COLLAPSE_SPREAD_OF_MARGIN:g}·α; or "
         f"loss within {COLLAPSE_LOSS_RTOL:g}·α of α (of ln 2 with the soft margin); a collapsed "
         "cell can still score above chance. pixel_accuracy: the raw-pixel baseline on the same "
-        "test pairs. wall_s: the cell's wall time here, compile and evaluation included.", "",
+        "test pairs. wall_s: the cell's wall time here, compile and evaluation included."
+        + (" Classification and combined rows: head, s and m are the margin-softmax head and "
+           "its scale and margin as trained (unset keys show the paper's values); the triplet "
+           "keys are empty on classification rows; oneshot_top1: one-shot identification "
+           "top-1 with one enrolment image per test identity; collapsed: the spread half of "
+           "the rule alone (a margin-softmax loss has no pinned value)."
+           if classification else ""), "",
         markdown_table(rows, columns) if cells is None else markdown_table(
-            cells, [c for c in columns if c not in METRIC_COLUMNS and c != SEED_KEY]
-            + list(SEED_COLUMNS)),
+            cells, [c for c in columns if c not in METRIC_COLUMNS and c != SEED_KEY
+                    and c not in OBJECTIVE_METRICS]
+            + objective_metrics(SEED_COLUMNS, classification)),
         "",
     ]
     for key, baseline in baselines.items():
@@ -257,6 +273,7 @@ def baseline_key(config: ml_collections.ConfigDict) -> str:
     plain = without_unchanged_added_keys(to_plain(config))  # keys of before them stay valid
     data = {**plain["data"], "pairs": {k: v for k, v in plain["data"]["pairs"].items()
                                        if k != "seed"}}  # its effective value is "seed" below
+    data.pop("sampler", None)  # how training batches are drawn: not the test pairs
     identity = {"data": data, "seed": pairs_seed(plain),
                 "eval_distance": plain["eval"]["distance"]}
     return f"{plain['data']['source']}_{digest(identity)}"
@@ -287,8 +304,11 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     rows, histories, baselines = [], {}, {}
-    columns = table_columns(sweep["cells"])
-    config_keys = [c for c in columns if c not in METRIC_COLUMNS]
+    classification = uses_classification(
+        [flatten(to_plain(cell_config(sweep["base"], sweep["common"], cell)))
+         for cell in sweep["cells"]])
+    columns = objective_columns(table_columns(sweep["cells"]), classification)
+    config_keys = [c for c in columns if c not in METRIC_COLUMNS and c not in OBJECTIVE_METRICS]
     stale, _ = check_records(sweep, workdir)
     for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
         cell_dir = workdir / name
@@ -305,6 +325,8 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
             # A run recorded before some keys existed reads them as their old behaviour (as
             # the stale check does), so its row and its seed group match newer runs'.
             plain = with_added_keys(saved["config"]) if saved else to_plain(config)
+            if is_reference(cell.get(INIT_KEY)):  # the reference, not this seed's folder
+                plain["model"]["init_from"] = cell[INIT_KEY]
             evaluation, metrics = read_json(cell_dir / EVAL_FILE), read_metrics(cell_dir)
             status = read_json(cell_dir / STATUS_FILE)
         histories[name] = [row for row in metrics if "loss" in row]
@@ -315,11 +337,14 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
     seeded = len(cells) < len(rows)
     write_csv(rows, ["name", *columns], workdir / RESULTS_CSV)
     if seeded:
-        write_csv(cells, [k for k in config_keys if k != SEED_KEY] + list(SEED_COLUMNS),
-                  workdir / RESULTS_SEEDS_CSV)
+        write_csv(cells, [k for k in config_keys if k != SEED_KEY]
+                  + objective_metrics(SEED_COLUMNS, classification), workdir / RESULTS_SEEDS_CSV)
     atomic_write_text(workdir / RESULTS_MD, markdown_report(sweep, rows, columns, baselines,
-                                                            cells if seeded else None))
-    if any(row["status"] == "ok" for row in rows):
+                                                            cells if seeded else None,
+                                                            classification))
+    if any(row["status"] == "ok" for row in rows) and classification:  # no α axis to plot on
+        plots.plot_accuracy_by_cell(cells, config_keys, workdir / ACCURACY_BY_CELL_PLOT)
+    elif any(row["status"] == "ok" for row in rows):
         plots.plot_accuracy(cells, config_keys, workdir / ACCURACY_PLOT)
         plots.plot_active_fraction(rows, config_keys, histories, workdir / ACTIVE_PLOT)
     return rows

@@ -34,6 +34,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SWEEP_KEYS = {"base", "cells", "common", "name", "seeds"}
 SEED_KEY = "seed"  # the config key a sweep's seeds set (training only; see data.pairs.seed)
 _MAX_NAME = 120
+# A cell's model.init_from that names another cell of the sweep (facenet_jax.sweep.stages).
+CELL_REFERENCE_PREFIX = "@cell:"
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
@@ -86,6 +88,11 @@ def load_sweep(path: str | pathlib.Path) -> dict[str, Any]:
     if duplicates:
         raise ValueError(f"{path}: cells repeat the same overrides: {duplicates[:3]}; remove "
                          "the repeats (add a seed to repeat a run)")
+    from facenet_jax.sweep.stages import run_sources  # stages builds on this module
+    try:
+        run_sources(cells, common)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     return {"name": spec.get("name") or path.stem, "base": resolve_base(spec["base"], path),
             "cells": cells, "common": common}
 
@@ -155,6 +162,8 @@ def cell_name(overrides: Mapping[str, Any]) -> str:
     parts, lossy = [], False
     for key, leaf in zip(keys, leaves):
         text = format_value(overrides[key])
+        if text.startswith(CELL_REFERENCE_PREFIX):  # another cell: shown by its name
+            text = text[len(CELL_REFERENCE_PREFIX):].replace("__", "+")
         if not _SAFE_VALUE.match(text) or "__" in text:
             text, lossy = re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_"), True
         parts.append(f"{key if leaf in shared else leaf}-{text}")
@@ -186,9 +195,14 @@ def cell_config(base: pathlib.Path, common: Mapping[str, Any], cell: Mapping[str
 
 def list_lines(sweep: Mapping[str, Any]) -> list[str]:
     """What `--list` prints: per run, in the order `--cell` numbers them, "INDEX NAME
-    key=value ..." (the run's own overrides; common ones are on every command line)."""
+    key=value ..." (the run's own overrides; common ones are on every command line), and for a
+    run that starts from another (stages.from_cell) " <- after run J"."""
+    from facenet_jax.sweep.stages import run_sources  # stages builds on this module
+    sources = run_sources(sweep["cells"])
     return [f"{i} {name} " + " ".join(f"{k}={format_value(v)}" for k, v in cell.items())
-            for i, (name, cell) in enumerate(zip(cell_names(sweep["cells"]), sweep["cells"]))]
+            + ("" if source is None else f" <- after run {source}")
+            for i, (name, cell, source) in enumerate(zip(cell_names(sweep["cells"]),
+                                                         sweep["cells"], sources))]
 
 
 def _canonical(overrides: Mapping[str, Any]) -> str:
