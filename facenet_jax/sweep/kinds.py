@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from facenet_jax.collapse import is_collapsed, is_spread_collapsed
-from facenet_jax.losses import resolve_head
 
 KIND_KEY = "loss.kind"
 HEAD_KEY = "loss.classification.head"
@@ -73,6 +72,8 @@ def objective_values(flat: Mapping[str, Any], keys: Sequence[str]) -> dict[str, 
     """The row's values of `keys` that depend on its objective: the head's resolved scale and
     margin (None for a head without one), and None for the keys the objective does not read
     (a triplet row's head keys, a classification row's triplet keys)."""
+    from facenet_jax.losses import resolve_head  # local: the sweep driver stays JAX-free
+
     kind = kind_of(flat)
     values: dict[str, Any] = {}
     if kind != "triplet" and HEAD_KEY in flat:

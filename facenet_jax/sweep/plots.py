@@ -6,7 +6,6 @@ Both take the result rows of facenet_jax.sweep.report: `accuracy_figure` one row
 
 from __future__ import annotations
 
-import io
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -15,8 +14,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from facenet_jax.plots import _DPI
-from facenet_jax.runfiles import atomic_write_bytes
+from facenet_jax.plots import save_figure
 from facenet_jax.sweep.spec import CELL_REFERENCE_PREFIX
 
 _LEGEND_WIDTH = 2.0  # inches right of the panels for the figure legend
@@ -192,27 +190,20 @@ def accuracy_by_cell_figure(cells: Sequence[Mapping[str, Any]], config_keys: Seq
 def plot_accuracy_by_cell(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
                           path: pathlib.Path) -> pathlib.Path:
     """Writes accuracy_by_cell_figure(...) to path (PNG); returns the path."""
-    return _save_atomically(accuracy_by_cell_figure(cells, config_keys), path)
+    return save_figure(accuracy_by_cell_figure(cells, config_keys), path)
 
 
 def plot_accuracy(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
                   path: pathlib.Path) -> pathlib.Path:
     """Writes accuracy_figure(...) to path (PNG); returns the path."""
-    return _save_atomically(accuracy_figure(cells, config_keys), path)
+    return save_figure(accuracy_figure(cells, config_keys), path)
 
 
 def plot_active_fraction(runs: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
                          histories: Mapping[str, Sequence[Mapping[str, Any]]],
                          path: pathlib.Path) -> pathlib.Path:
     """Writes active_fraction_figure(...) to path (PNG); returns the path."""
-    return _save_atomically(active_fraction_figure(runs, config_keys, histories), path)
-
-
-def _save_atomically(fig: Figure, path: pathlib.Path) -> pathlib.Path:
-    """PNG bytes renamed into place (two aggregations at once leave no torn figure)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure(active_fraction_figure(runs, config_keys, histories), path)
 
 
 def _line_styles(labels: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
