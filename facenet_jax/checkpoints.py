@@ -16,6 +16,7 @@ import pathlib
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -147,7 +148,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, *,
     steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
         try:
-            state = (_restore_fields(manager.directory / str(step) / "default", target)
+            state = (_restore_fields(_item_path(manager.directory, step), target)
                      if partial else manager.restore(step, args=ocp.args.StandardRestore(target)))
         except Exception as error:  # noqa: BLE001 - any failure means: try the previous one
             message = (f"checkpoint at step {step} in {manager.directory} failed to restore "
@@ -164,6 +165,11 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, *,
     return None
 
 
+def _item_path(directory: str | pathlib.Path, step: int) -> pathlib.Path:
+    """Where the manager writes step's state (its one item, "default") under `directory`."""
+    return pathlib.Path(directory) / str(step) / "default"
+
+
 def _restore_fields(path: pathlib.Path, target: dict[str, Any]) -> dict[str, Any]:
     """The fields of `target` (arrays or shape structs with shardings) from the saved state
     at `path`, leaving the others unread."""
@@ -173,18 +179,24 @@ def _restore_fields(path: pathlib.Path, target: dict[str, Any]) -> dict[str, Any
         item=target, restore_args=restore_args, partial_restore=True))
 
 
-def read_arrays(workdir: str | pathlib.Path, step: int) -> dict[str, np.ndarray]:
-    """Every array of step's checkpoint as host numpy, keyed by its tree path ("params/...").
+def read_arrays(workdir: str | pathlib.Path, step: int,
+                fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Every array of step's checkpoint as host numpy, keyed by its tree path ("params/...");
+    with `fields`, only those top-level fields of the saved state (absent ones skipped), the
+    others left unread (e.g. an encoder without its optimizer state and class centres).
 
     Needs no config, model or devices (no target structure): for comparing two runs bit for
     bit, e.g. a run killed and resumed many times against an uninterrupted one.
     """
-    path = checkpoint_dir(workdir) / str(step) / "default"
+    path = _item_path(checkpoint_dir(workdir), step)
     if not path.is_dir():
         raise FileNotFoundError(f"no complete checkpoint of step {step} at {path}")
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    if fields is not None:
+        tree = {field: tree[field] for field in fields if field in tree}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    arrays = ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args)
+    arrays = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=restore_args, partial_restore=fields is not None))
     return {jax.tree_util.keystr(key, simple=True, separator="/"): value
             for key, value in jax.tree.leaves_with_path(arrays)}
 

@@ -43,10 +43,8 @@ def read_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], int]:
     check_init_dir(path)
     step = checkpoints.latest_step(path)
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
-    for key, value in checkpoints.read_arrays(path, step).items():
+    for key, value in checkpoints.read_arrays(path, step, fields=tuple(variables)).items():
         collection, *rest = key.split("/")
-        if collection not in variables or not rest:
-            continue
         node = variables[collection]
         for part in rest[:-1]:
             node = node.setdefault(part, {})
