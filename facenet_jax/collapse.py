@@ -80,6 +80,11 @@ def collapse_warning(train_rows: Sequence[Mapping[str, Any]], *, step: int, marg
             f"recovered. {COLLAPSE_ADVICE[0].upper()}{COLLAPSE_ADVICE[1:]}.")
 
 
+# The spread-only rule's floor: unit vectors COLLAPSE_RADIUS apart, in squared distance (the
+# distance a classification run's embedding_spread is logged in).
+SPREAD_COLLAPSE_FLOOR = COLLAPSE_RADIUS ** 2
+
+
 def is_spread_collapsed(train_rows: Sequence[Mapping[str, Any]]) -> bool | None:
     """The collapse rule of a classification or combined objective: the spread half of the
     rule alone (embedding_spread, squared distance, below the spread of unit vectors
@@ -89,9 +94,8 @@ def is_spread_collapsed(train_rows: Sequence[Mapping[str, Any]]) -> bool | None:
     window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
     if not window:
         return None
-    floor = collapse_spread(margin=0.0, distance="squared", soft=True)
-    return all(row.get("embedding_spread") is not None and row["embedding_spread"] < floor
-               for row in window)
+    return all(row.get("embedding_spread") is not None
+               and row["embedding_spread"] < SPREAD_COLLAPSE_FLOOR for row in window)
 
 
 def spread_collapse_warning(train_rows: Sequence[Mapping[str, Any]], *,
@@ -101,8 +105,7 @@ def spread_collapse_warning(train_rows: Sequence[Mapping[str, Any]], *,
     window = [row for row in train_rows if row.get("loss") is not None][-COLLAPSE_WINDOW:]
     if len(window) < COLLAPSE_WINDOW or not is_spread_collapsed(window):
         return None
-    floor = collapse_spread(margin=0.0, distance="squared", soft=True)
     return (f"the embedding has collapsed by step {step}: over the last {COLLAPSE_WINDOW} log "
             f"rows the embedding spread is {window[-1]['embedding_spread']:.4f} (squared; "
-            f"collapsed below {floor:g}). Try a lower learning rate or, for a margin head, a "
+            f"collapsed below {SPREAD_COLLAPSE_FLOOR:g}). Try a lower learning rate or, for a margin head, a "
             "smaller loss.classification.margin or scale.")

@@ -38,16 +38,15 @@ def from_config(config: ml_collections.ConfigDict, *, warmup: bool = False,
     num_classes (the training split's identities) and num_shards (the mesh size, over which
     class centres are split) are needed by the objectives with class centres."""
     kind = config.loss.get("kind", "triplet")
-    triplet = TripletObjective.from_config(config, warmup=warmup)
     if kind == "triplet":
-        return triplet
+        return TripletObjective.from_config(config, warmup=warmup)
     if num_classes is None:
         raise ValueError(f"loss.kind={kind!r} needs the number of training classes")
     classification = ClassificationObjective.from_config(config, num_classes=num_classes,
                                                          num_shards=num_shards)
     if kind == "classification":
         return classification
-    return CombinedObjective(classification, triplet,
+    return CombinedObjective(classification, TripletObjective.from_config(config, warmup=warmup),
                              triplet_weight=float(config.loss.triplet_weight))
 
 
