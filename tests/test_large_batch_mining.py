@@ -43,7 +43,7 @@ def test_default_semihard_skips_the_sort_on_pk_batches(identities, per_identity)
 def test_semihard_falls_back_to_the_sort_beyond_the_cap():
     """One identity with cap + 2 images (its anchors have cap + 1 positives) among others: the
     default call takes the sort, and its loss equals the brute-force rule; the same batch
-    forced onto the positives path (cap raised) gives identical values and gradients."""
+    forced onto the bucket path (cap raised) gives identical values and gradients."""
     cap = mining.SEMIHARD_POSITIVES_CAP
     big = cap + 2
     labels = np.concatenate([np.zeros(big, np.int32), np.repeat(np.arange(1, 5), 3)])
@@ -69,31 +69,60 @@ def test_semihard_falls_back_to_the_sort_beyond_the_cap():
         np.testing.assert_allclose(stats_fast[name], stats[name], rtol=1e-6, err_msg=name)
 
 
-def _both_paths(d, positive, negative):
-    most = jnp.max(jnp.sum(positive, axis=1))
+@functools.partial(jax.jit, static_argnums=3)
+def _both_paths(d, positive, negative, num_slots):
     return (mining._semihard_by_sort(d, positive, negative),
-            mining._semihard_by_positives(d, positive, negative, most))
+            mining._semihard_by_buckets(d, positive, negative, num_slots))
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_both_semihard_branches_pick_identical_triplets(seed):
-    """The two branches of the cond, called directly on the same batch (random labels, ties on
-    a dyadic grid, duplicated rows; then P×K): every field equal where a term exists, the term
-    masks equal, and the columns equal the brute-force rule's, tie-breaks included."""
+    """The sort and the bucket path, called directly on the same batch (random labels, ties on
+    a dyadic grid, duplicated rows; then P×K), the bucket path with exactly as many slots as
+    the most positives, with spare slots, and with more slots than candidates: every field
+    equal where a term exists, the term masks equal, and the columns equal the brute-force
+    rule's, tie-breaks included."""
     emb, labels = random_batch(seed)
     if seed >= 3:
         labels = np.asarray(_pk_labels(B // 4, 4))
     d = losses.pairwise_distances(jnp.asarray(emb), "squared")
     positive, negative = mining.label_masks(jnp.asarray(labels), 0, B)
-    by_sort, by_positives = jax.jit(_both_paths)(d, positive, negative)
-    np.testing.assert_array_equal(by_positives.has_term, by_sort.has_term)
-    for field in by_sort._fields:
-        np.testing.assert_array_equal(np.where(by_sort.has_term, getattr(by_positives, field), 0),
-                                      np.where(by_sort.has_term, getattr(by_sort, field), 0),
-                                      err_msg=field)
+    most = int(np.max(np.sum(positive, axis=1)))
     expected = _brute_force_semihard_columns(np.asarray(d), np.asarray(labels))
-    assert {pair: int(by_positives.column[pair]) for pair in expected} == expected
-    assert int(np.sum(by_positives.has_term)) == len(expected)
+    for num_slots in (most, most + 3, B + 1):
+        by_sort, by_buckets = _both_paths(d, positive, negative, num_slots)
+        np.testing.assert_array_equal(by_buckets.has_term, by_sort.has_term)
+        for field in by_sort._fields:
+            np.testing.assert_array_equal(
+                np.where(by_sort.has_term, getattr(by_buckets, field), 0),
+                np.where(by_sort.has_term, getattr(by_sort, field), 0),
+                err_msg=f"{field}, {num_slots} slots")
+        assert {pair: int(by_buckets.column[pair]) for pair in expected} == expected
+        assert int(np.sum(by_buckets.has_term)) == len(expected)
+
+
+def test_semihard_slot_tiers():
+    """The bucket path's static slot counts: powers of two from 4 below the cap, then the cap;
+    a hint below 4 is the only tier."""
+    assert mining.semihard_slot_tiers() == (4, 8, 16, 32, mining.SEMIHARD_POSITIVES_CAP)
+    assert mining.semihard_slot_tiers(39) == (4, 8, 16, 32, 39)
+    assert mining.semihard_slot_tiers(8) == (4, 8)
+    assert mining.semihard_slot_tiers(3) == (3,)
+
+
+@pytest.mark.parametrize("per_identity", [2, 6, 9, 17, 40])
+def test_default_semihard_on_every_slot_tier(per_identity):
+    """P×K batches whose K − 1 lands in each tier (and on a tier's edge) give the brute-force
+    rule's triplets through the default call, with ties on a dyadic grid."""
+    labels = np.asarray(_pk_labels(3, per_identity))
+    rng = np.random.default_rng(per_identity)
+    emb = (rng.integers(-2, 3, size=(len(labels), 4)) / 4.0).astype(np.float32)
+    d = losses.pairwise_distances(jnp.asarray(emb), "squared")
+    positive, negative = mining.label_masks(jnp.asarray(labels), 0, len(labels))
+    chosen = jax.jit(mining.mine_semihard)(d, positive, negative)
+    expected = _brute_force_semihard_columns(np.asarray(d), labels)
+    assert {pair: int(chosen.column[pair]) for pair in expected} == expected
+    assert int(np.sum(chosen.has_term)) == len(expected)
 
 
 # --- anchor_chunk ---------------------------------------------------------------------------

@@ -10,11 +10,11 @@ Memory stays O(A·B) (O(B²)) for every rule: the rules that depend on each posi
 (TF-Addons semi-hard, FaceNet's band) sort each anchor's negative distances once and
 binary-search every positive's distance in that row (`jnp.searchsorted`, method "scan":
 O(B log B) per anchor, never a B×B comparison per anchor). Semi-hard, by default, instead
-resolves each anchor's m positives by one masked min over its row each, O(m·B) per anchor with
-no sort (XLA's CPU sort dominates the step at B = 1,800), whenever no anchor has more than a
-static cap of positives (`SEMIHARD_POSITIVES_CAP`, or the `max_positives` hint); a batch with
-more falls back to the sort inside the same compiled program, so the result never depends on
-the cap.
+buckets each anchor's negatives by how many of its positives are closer and takes one
+scatter-min per row, with no sort (XLA's CPU sort dominates the step at B = 1,800), whenever
+no anchor has more than a static cap of positives (`SEMIHARD_POSITIVES_CAP`, or the
+`max_positives` hint); a batch with more falls back to the sort inside the same compiled
+program, so the result never depends on the cap.
 Random and distance-weighted sampling draw one uniform per (anchor, candidate) pair and look it
 up in the anchor's cumulative-weight row (inverse CDF), with no sort at all.
 """
@@ -109,11 +109,21 @@ def _column_at_rank(sorted_negatives: SortedNegatives, rank: jax.Array) -> jax.A
     return jnp.take_along_axis(sorted_negatives.columns, rank, axis=1)
 
 
-# Semi-hard mining resolves each anchor's positives by one masked pass over its row each while
-# no anchor of the batch has more than this many positives (every P×K batch with K ≤ 65);
-# beyond that, one row sort per anchor costs less. Measured on the 2-core CPU (B = 1024,
-# fwd+bwd): see docs/large_batch_mining.md.
+# Semi-hard mining takes its sort-free path while no anchor of the batch has more than this many
+# positives (every P×K batch with K ≤ 65); beyond that, one row sort per anchor. Measured on the
+# 2-core CPU: see docs/large_batch_mining.md.
 SEMIHARD_POSITIVES_CAP = 64
+
+# The sort-free path holds each anchor's positives in a static number of slots: the smallest of
+# these that fits the batch (the last is the cap), so a P×K batch with small K pays for few
+# slots and one with K = 40 does not fall back to the sort.
+_SLOT_TIERS = (4, 8, 16, 32)
+
+
+def semihard_slot_tiers(max_positives: int | None = None) -> tuple[int, ...]:
+    """The static slot counts `mine_semihard` compiles, smallest first; the last is the cap."""
+    cap = SEMIHARD_POSITIVES_CAP if max_positives is None else max_positives
+    return tuple(t for t in _SLOT_TIERS if t < cap) + (cap,)
 
 
 def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
@@ -125,14 +135,17 @@ def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
     Ties go to the lowest column for the closest negative and to the highest for the farthest
     (a stable sort's order). Two paths pick exactly these triplets, chosen inside the compiled
     program by the batch's largest per-anchor positive count m (traced): while m ≤ the cap
-    (`max_positives`, default SEMIHARD_POSITIVES_CAP; static) the positives path runs m masked
-    passes over the [A,B] rows, O(A·B·m) work, O(A·B) memory, no sort; otherwise the sort
-    path. So the result never depends on the cap, only the speed does.
+    (`max_positives`, default SEMIHARD_POSITIVES_CAP; static) the bucket path with the
+    smallest slot count ≥ m (`semihard_slot_tiers`), no sort, O(A·B·slots) elementwise work
+    and O(A·B) memory; otherwise the sort path. So the result never depends on the cap, only
+    the speed does.
     """
+    tiers = semihard_slot_tiers(max_positives)
     most = jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0)
-    return lax.cond(semihard_skips_sort(positive, max_positives),
-                    lambda: _semihard_by_positives(d, positive, negative, most),
-                    lambda: _semihard_by_sort(d, positive, negative))
+    branch = jnp.searchsorted(jnp.asarray(tiers, jnp.int32), most, side="left")
+    paths = [lambda d, p, n, slots=slots: _semihard_by_buckets(d, p, n, slots)
+             for slots in tiers] + [_semihard_by_sort]
+    return lax.switch(branch, paths, d, positive, negative)
 
 
 def semihard_skips_sort(positive: jax.Array, max_positives: int | None = None) -> jax.Array:
@@ -156,41 +169,63 @@ def _semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) ->
     return PairNegatives(_column_at_rank(negatives, rank), has_term, has_term & found, has_term)
 
 
-def _semihard_by_positives(d: jax.Array, positive: jax.Array, negative: jax.Array,
-                           num_slots: jax.Array | int) -> PairNegatives:
-    """The same rule, one pass per positive slot: pass s resolves every anchor's (s+1)-th
-    positive (in column order). `num_slots` (may be traced: a while loop) must be at least the
-    largest positive count of any anchor; the caller guarantees it."""
+def _semihard_by_buckets(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                         num_slots: int) -> PairNegatives:
+    """The same rule without a sort. `num_slots` (static) must be at least the largest positive
+    count of any anchor; the caller guarantees it.
+
+    Each anchor's positive distances go into `num_slots` slots (top_k). A negative's *bucket* is
+    the number of the anchor's positives strictly closer than it, so d(a,n) > d(a,p) exactly
+    when bucket(n) ≥ t(p) = #{positives q: d(a,q) ≤ d(a,p)}. One scatter-min per row gives
+    each bucket's closest negative (lowest column among ties: a second scatter-min), and a
+    suffix min over buckets answers every positive at once. Buckets hold disjoint distance
+    ranges, so the suffix's first minimal bucket holds the rule's lowest tied column.
+    Work: O(A·B·slots) fused compares plus two O(A·B) scatters.
+    """
     num_anchors, num_candidates = d.shape
+    num_slots = min(num_slots, num_candidates)  # top_k's bound; no row has more positives
+    rows = jnp.arange(num_anchors)[:, None]
     columns = jnp.arange(num_candidates, dtype=jnp.int32)
-    rows = jnp.arange(num_anchors)
-    # positive_rank[a, j] = number of a's positives in columns <= j; the (s+1)-th positive is
-    # the first column where it exceeds s, i.e. the count of columns where it is <= s.
-    positive_rank = jnp.cumsum(positive, axis=1, dtype=jnp.int32)
+    slot_d, slot_column = lax.top_k(jnp.where(positive, d, -jnp.inf), num_slots)  # [A,S]
+    slot_used = slot_d > -jnp.inf
+    positive_d = jnp.where(slot_used, slot_d, jnp.inf)
     negative_d = jnp.where(negative, d, jnp.inf)
-    # The farthest negative, highest column among ties: argmax over the reversed row.
+    # A sum over static slots fuses into one elementwise pass (a reduce over a slot axis would
+    # not vectorise on XLA's CPU backend).
+    bucket = sum((positive_d[:, s, None] < negative_d).astype(jnp.int32)
+                 for s in range(num_slots))  # [A,B] in [0, S]
+    bucket_min = jnp.full((num_anchors, num_slots + 1), jnp.inf).at[rows, bucket].min(negative_d)
+    # Each negative's own bucket minimum, by a static select chain (fused; measured a little
+    # faster than an [A,B] gather from the [A,S+1] table on XLA's CPU backend).
+    own_bucket_min = bucket_min[:, :1]
+    for slot in range(1, num_slots + 1):
+        own_bucket_min = jnp.where(bucket == slot, bucket_min[:, slot, None], own_bucket_min)
+    is_bucket_min = negative_d == own_bucket_min
+    bucket_column = jnp.full((num_anchors, num_slots + 1), num_candidates, jnp.int32).at[
+        rows, bucket].min(jnp.where(is_bucket_min, columns, num_candidates))
+    suffix_min = lax.cummin(bucket_min, axis=1, reverse=True)
+    first_minimal = lax.cummin(jnp.where(bucket_min == suffix_min, jnp.arange(num_slots + 1),
+                                         num_slots), axis=1, reverse=True)
+    # top_k sorts each row's slots by distance, descending, so the positives no farther than
+    # slot s are the used slots from the first of s's tie group on: t = used − that index.
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    starts_tie_group = jnp.concatenate(
+        [jnp.ones((num_anchors, 1), bool), positive_d[:, 1:] != positive_d[:, :-1]], axis=1)
+    tie_group_start = lax.cummax(jnp.where(starts_tie_group, slots, 0), axis=1)
+    threshold = jnp.sum(slot_used, axis=1, keepdims=True, dtype=jnp.int32) - tie_group_start
+    threshold = jnp.clip(threshold, 0, num_slots)  # unused slots: garbage, never written
+    closest_d = jnp.take_along_axis(suffix_min, threshold, axis=1)
+    closest = jnp.take_along_axis(bucket_column, jnp.take_along_axis(first_minimal, threshold,
+                                                                     axis=1), axis=1)
+    found = closest_d < jnp.inf
+    # The farthest negative, highest column among ties: argmax (first maximum) over the
+    # reversed row.
     farthest = num_candidates - 1 - jnp.argmax(
-        jnp.where(negative, d, -jnp.inf)[:, ::-1], axis=1).astype(jnp.int32)
-
-    def resolve(slot: jax.Array, chosen: tuple[jax.Array, jax.Array]
-                ) -> tuple[jax.Array, jax.Array]:
-        column_out, found_out = chosen
-        positive_column = jnp.sum(positive_rank <= slot, axis=1, dtype=jnp.int32)  # B: none
-        d_ap = jnp.take_along_axis(d, jnp.minimum(positive_column, num_candidates - 1)[:, None],
-                                   axis=1)
-        farther = jnp.where(d > d_ap, negative_d, jnp.inf)  # [A,B]
-        closest_d = jnp.min(farther, axis=1, keepdims=True)
-        found = closest_d[:, 0] < jnp.inf
-        # Two plain min-reductions instead of argmin: XLA's CPU argmin is a slow variadic reduce.
-        closest = jnp.min(jnp.where(farther == closest_d, columns, num_candidates), axis=1)
-        # Anchors without an (s+1)-th positive scatter out of bounds and are dropped.
-        column_out = column_out.at[rows, positive_column].set(
-            jnp.where(found, closest, farthest), mode="drop")
-        found_out = found_out.at[rows, positive_column].set(found, mode="drop")
-        return column_out, found_out
-
-    column, found_at = lax.fori_loop(0, num_slots, resolve,
-                                     (jnp.zeros(d.shape, jnp.int32), jnp.zeros(d.shape, bool)))
+        jnp.where(negative, d, -jnp.inf)[:, ::-1], axis=1, keepdims=True).astype(jnp.int32)
+    target = jnp.where(slot_used, slot_column, num_candidates)  # unused slots are dropped
+    column = jnp.zeros(d.shape, jnp.int32).at[rows, target].set(
+        jnp.where(found, closest, farthest), mode="drop")
+    found_at = jnp.zeros(d.shape, bool).at[rows, target].set(found, mode="drop")
     has_term = positive & jnp.any(negative, axis=1, keepdims=True)
     return PairNegatives(column, has_term, has_term & found_at, has_term)
 
