@@ -71,8 +71,9 @@ def test_semihard_falls_back_to_the_sort_beyond_the_cap():
 
 @functools.partial(jax.jit, static_argnums=3)
 def _both_paths(d, positive, negative, num_slots):
-    return (mining._semihard_by_sort(d, positive, negative),
-            mining._semihard_by_buckets(d, positive, negative, num_slots))
+    return (mining.semihard_by_sort(d, positive, negative),
+            mining.slots_as_pairs(mining._semihard_by_buckets(d, positive, negative, num_slots),
+                                  positive, negative))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -102,15 +103,16 @@ def test_both_semihard_branches_pick_identical_triplets(seed):
 
 
 def test_semihard_slot_tiers():
-    """The bucket path's static slot counts: powers of two from 4 below the cap, then the cap;
-    a hint below 4 is the only tier."""
-    assert mining.semihard_slot_tiers() == (4, 8, 16, 32, mining.SEMIHARD_POSITIVES_CAP)
-    assert mining.semihard_slot_tiers(39) == (4, 8, 16, 32, 39)
+    """The bucket path's static slot counts: 4 and 16 below the cap, then the cap; a hint at
+    or below 4 is the only tier."""
+    assert mining.semihard_slot_tiers() == (4, 16, mining.SEMIHARD_POSITIVES_CAP)
+    assert mining.semihard_slot_tiers(39) == (4, 16, 39)
     assert mining.semihard_slot_tiers(8) == (4, 8)
+    assert mining.semihard_slot_tiers(4) == (4,)
     assert mining.semihard_slot_tiers(3) == (3,)
 
 
-@pytest.mark.parametrize("per_identity", [2, 6, 9, 17, 40])
+@pytest.mark.parametrize("per_identity", [2, 5, 6, 17, 40])
 def test_default_semihard_on_every_slot_tier(per_identity):
     """P×K batches whose K − 1 lands in each tier (and on a tier's edge) give the brute-force
     rule's triplets through the default call, with ties on a dyadic grid."""
@@ -123,6 +125,39 @@ def test_default_semihard_on_every_slot_tier(per_identity):
     expected = _brute_force_semihard_columns(np.asarray(d), labels)
     assert {pair: int(chosen.column[pair]) for pair in expected} == expected
     assert int(np.sum(chosen.has_term)) == len(expected)
+
+
+@pytest.mark.parametrize("per_identity, soft", [(4, False), (9, True), (70, False)])
+def test_semihard_loss_slot_gather_equals_the_pair_gather(per_identity, soft):
+    """The loss's semi-hard sums (d(a,n) gathered at the bucket path's slots; the sort past the
+    cap, K = 70) equal the generic pair sums of `mine_semihard`'s triplets: counts exactly,
+    values and gradients to float summation order (XLA may order the sums differently)."""
+    from facenet_jax.losses import triplet
+
+    labels = jnp.asarray(_pk_labels(3, per_identity))
+    rng = np.random.default_rng(per_identity)
+    emb = (rng.integers(-2, 3, size=(len(labels), 4)) / 4.0).astype(np.float32)  # ties
+    positive, negative = mining.label_masks(labels, 0, len(labels))
+
+    def slot_sums(d):
+        return triplet._semihard_sums(d, positive, negative, 0.3, soft)
+
+    def pair_sums(d):
+        chosen = mining.mine_semihard(jax.lax.stop_gradient(d), positive, negative)
+        return triplet._pair_sums(d, chosen, 0.3, soft)
+
+    d = losses.pairwise_distances(jnp.asarray(emb), "squared")
+    (value, grad), (ref_value, ref_grad) = [
+        jax.jit(jax.value_and_grad(lambda d, f=f: f(d)["loss_sum"] / 7.0))(d)
+        for f in (slot_sums, pair_sums)]
+    np.testing.assert_allclose(value, ref_value, rtol=2e-6)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-7)
+    assert float(jnp.max(jnp.abs(ref_grad))) > 0  # the batch has active terms
+    stats, ref_stats = jax.jit(slot_sums)(d), jax.jit(pair_sums)(d)
+    for name in ("count", "num_triplets", "num_active", "semihard_found", "semihard_pairs"):
+        assert float(stats[name]) == float(ref_stats[name]), name
+    for name in ("loss_sum", "d_ap_sum", "d_an_sum"):
+        np.testing.assert_allclose(stats[name], ref_stats[name], rtol=2e-6, err_msg=name)
 
 
 # --- anchor_chunk ---------------------------------------------------------------------------

@@ -21,6 +21,8 @@ up in the anchor's cumulative-weight row (inverse CDF), with no sort at all.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -55,6 +57,18 @@ class PairNegatives(NamedTuple):
     has_term: jax.Array
     semihard_found: jax.Array
     semihard_pairs: jax.Array
+
+
+class SlotNegatives(NamedTuple):
+    """The bucket path's answer in S slots per anchor (S static, at least its positive count).
+
+    positive_column: [A,S] int32, the slot's positive; B where the slot holds none.
+    column: [A,S] int32, the chosen negative (meaningless where the slot holds no positive).
+    found: [A,S] bool, a negative strictly farther than the positive exists.
+    """
+    positive_column: jax.Array
+    column: jax.Array
+    found: jax.Array
 
 
 def label_masks(labels: jax.Array, anchor_start: jax.Array | int,
@@ -116,8 +130,9 @@ SEMIHARD_POSITIVES_CAP = 64
 
 # The sort-free path holds each anchor's positives in a static number of slots: the smallest of
 # these that fits the batch (the last is the cap), so a P×K batch with small K pays for few
-# slots and one with K = 40 does not fall back to the sort.
-_SLOT_TIERS = (4, 8, 16, 32)
+# slots and one with K = 40 does not fall back to the sort. Few tiers: each is one more
+# compiled branch.
+_SLOT_TIERS = (4, 16)
 
 
 def semihard_slot_tiers(max_positives: int | None = None) -> tuple[int, ...]:
@@ -140,12 +155,39 @@ def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
     and O(A·B) memory; otherwise the sort path. So the result never depends on the cap, only
     the speed does.
     """
+    branch, by_slots = semihard_paths(d, positive, negative, max_positives)
+    paths = [lambda find=find: slots_as_pairs(find(), positive, negative) for find in by_slots]
+    return lax.switch(branch, paths + [lambda: semihard_by_sort(d, positive, negative)])
+
+
+def semihard_paths(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                   max_positives: int | None = None
+                   ) -> tuple[jax.Array, list[Callable[[], SlotNegatives]]]:
+    """The sort-free paths of `mine_semihard` and which one a batch takes.
+
+    Returns (branch, paths): paths[i]() runs the bucket path with tier i's slot count;
+    branch (traced int32) is the tier this batch needs, or len(paths) when an anchor has more
+    positives than the cap (the sort). For `lax.switch` over these plus the sort.
+    """
     tiers = semihard_slot_tiers(max_positives)
     most = jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0)
     branch = jnp.searchsorted(jnp.asarray(tiers, jnp.int32), most, side="left")
-    paths = [lambda d, p, n, slots=slots: _semihard_by_buckets(d, p, n, slots)
-             for slots in tiers] + [_semihard_by_sort]
-    return lax.switch(branch, paths, d, positive, negative)
+    return branch, [functools.partial(_semihard_by_buckets, d, positive, negative, slots)
+                    for slots in tiers]
+
+
+def slots_as_pairs(chosen: SlotNegatives, positive: jax.Array,
+                   negative: jax.Array) -> PairNegatives:
+    """The bucket path's slots written into the [A,B] pair layout of PairNegatives."""
+    num_anchors, num_candidates = positive.shape
+    rows = jnp.arange(num_anchors)[:, None]
+    # Slots without a positive point past the row and are dropped.
+    column = jnp.zeros(positive.shape, jnp.int32).at[rows, chosen.positive_column].set(
+        chosen.column, mode="drop")
+    found = jnp.zeros(positive.shape, bool).at[rows, chosen.positive_column].set(
+        chosen.found, mode="drop")
+    has_term = positive & jnp.any(negative, axis=1, keepdims=True)
+    return PairNegatives(column, has_term, has_term & found, has_term)
 
 
 def semihard_skips_sort(positive: jax.Array, max_positives: int | None = None) -> jax.Array:
@@ -158,7 +200,7 @@ def semihard_skips_sort(positive: jax.Array, max_positives: int | None = None) -
     return jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0) <= cap
 
 
-def _semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) -> PairNegatives:
+def semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) -> PairNegatives:
     """Every column's distance binary-searched in the anchor's sorted negatives."""
     negatives = sort_negatives(d, negative)
     first_farther = rank_in_rows(negatives.values, d, side="right")
@@ -170,7 +212,7 @@ def _semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) ->
 
 
 def _semihard_by_buckets(d: jax.Array, positive: jax.Array, negative: jax.Array,
-                         num_slots: int) -> PairNegatives:
+                         num_slots: int) -> SlotNegatives:
     """The same rule without a sort. `num_slots` (static) must be at least the largest positive
     count of any anchor; the caller guarantees it.
 
@@ -222,12 +264,8 @@ def _semihard_by_buckets(d: jax.Array, positive: jax.Array, negative: jax.Array,
     # reversed row.
     farthest = num_candidates - 1 - jnp.argmax(
         jnp.where(negative, d, -jnp.inf)[:, ::-1], axis=1, keepdims=True).astype(jnp.int32)
-    target = jnp.where(slot_used, slot_column, num_candidates)  # unused slots are dropped
-    column = jnp.zeros(d.shape, jnp.int32).at[rows, target].set(
-        jnp.where(found, closest, farthest), mode="drop")
-    found_at = jnp.zeros(d.shape, bool).at[rows, target].set(found, mode="drop")
-    has_term = positive & jnp.any(negative, axis=1, keepdims=True)
-    return PairNegatives(column, has_term, has_term & found_at, has_term)
+    return SlotNegatives(jnp.where(slot_used, slot_column, num_candidates),
+                         jnp.where(found, closest, farthest), found)
 
 
 def mine_semihard_facenet(d: jax.Array, positive: jax.Array, negative: jax.Array,

@@ -91,8 +91,8 @@ class Strategy:
     pairs(inputs, **settings) -> mining.PairNegatives: the negative of each anchor-positive
     pair that gets a term (None for a strategy whose terms are not one negative per pair, e.g.
     batch-all's every triplet). The loss is the mean over those terms, unless
-    block_sums(d, positive, negative, margin, soft) -> TripletSums gives the strategy's own
-    (d differentiable, [A,B]). options: option name -> default (`config.loss.options`);
+    block_sums(d, positive, negative, margin, soft, **settings) -> TripletSums gives the
+    strategy's own (d differentiable, [A,B]). options: option name -> default (`config.loss.options`);
     check(settings) -> settings: validates and normalises them; needs_key: it samples.
     """
 
@@ -169,13 +169,42 @@ def _term_sums(d_ap: jax.Array, d_an: jax.Array, has_term: jax.Array, margin: An
             **jax.tree.map(lax.stop_gradient, stats)}
 
 
-def _pair_sums(d: jax.Array, chosen: mining.PairNegatives, margin: Any,
-               soft: bool) -> TripletSums:
-    """Terms (a, p = column, n = chosen.column[a, p]) gathered from the differentiable d."""
-    d_an = jnp.take_along_axis(d, chosen.column, axis=1)
+def _pair_sums(d: jax.Array, chosen: mining.PairNegatives, margin: Any, soft: bool,
+               d_an: jax.Array | None = None) -> TripletSums:
+    """Terms (a, p = column, n = chosen.column[a, p]) gathered from the differentiable d.
+    d_an [A,B]: those d(a,n), when the caller has them (only where has_term is read)."""
+    if d_an is None:
+        d_an = jnp.take_along_axis(d, chosen.column, axis=1)
     return {**_term_sums(d, d_an, chosen.has_term, margin, soft),
             "semihard_found": jnp.sum(chosen.semihard_found, dtype=jnp.float32),
             "semihard_pairs": jnp.sum(chosen.semihard_pairs, dtype=jnp.float32)}
+
+
+def _semihard_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin: Any,
+                   soft: bool, max_positives: int | None = None) -> TripletSums:
+    """`_pair_sums` of `mining.mine_semihard`'s triplets, the same values. On the bucket path
+    each term's d(a,n) is gathered at its slot ([A,S]) and placed in the pair layout, so the
+    backward pass scatters A·S values into d instead of A·B (the [A,B] gather's transpose)."""
+    d_fixed = lax.stop_gradient(d)
+    branch, by_slots = mining.semihard_paths(d_fixed, positive, negative, max_positives)
+    rows = jnp.arange(d.shape[0])[:, None]
+    Chosen = tuple[mining.PairNegatives, jax.Array]
+
+    def from_slots(find: Callable[[], mining.SlotNegatives]) -> Callable[[], Chosen]:
+        def chosen_and_d_an() -> Chosen:
+            chosen = find()
+            d_an = jnp.zeros_like(d).at[rows, chosen.positive_column].set(
+                jnp.take_along_axis(d, chosen.column, axis=1), mode="drop")
+            return mining.slots_as_pairs(chosen, positive, negative), d_an
+        return chosen_and_d_an
+
+    def by_sort() -> Chosen:
+        chosen = mining.semihard_by_sort(d_fixed, positive, negative)
+        return chosen, jnp.take_along_axis(d, chosen.column, axis=1)
+
+    # The sums stay outside the switch, one program for every path (the same float order).
+    chosen, d_an = lax.switch(branch, [from_slots(find) for find in by_slots] + [by_sort])
+    return _pair_sums(d, chosen, margin, soft, d_an=d_an)
 
 
 def _hardest_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin: Any,
@@ -339,7 +368,7 @@ def _anchor_block_sums(embeddings: jax.Array, labels: jax.Array, anchor_start: j
         num_spread = jnp.sum(not_self, dtype=jnp.float32)
 
     if spec.block_sums is not None:
-        sums = spec.block_sums(d, positive, negative, margin, soft)
+        sums = spec.block_sums(d, positive, negative, margin, soft, **settings)
     else:
         uniform = (mining.row_uniforms(key, anchor_start, num_anchors, num_candidates)
                    if spec.needs_key else None)
@@ -363,7 +392,7 @@ def _batch_all_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, marg
 MINING_STRATEGIES.add("semihard", Strategy(
     pairs=lambda i, max_positives: mining.mine_semihard(i.d, i.positive, i.negative,
                                                         max_positives=max_positives),
-    options={"max_positives": None}, check=_semihard_settings))
+    block_sums=_semihard_sums, options={"max_positives": None}, check=_semihard_settings))
 MINING_STRATEGIES.add("semihard_facenet", Strategy(
     pairs=lambda i: mining.mine_semihard_facenet(i.d, i.positive, i.negative, i.margin,
                                                  i.uniform),
