@@ -170,8 +170,8 @@ def semihard_paths(d: jax.Array, positive: jax.Array, negative: jax.Array,
     positives than the cap (the sort). For `lax.switch` over these plus the sort.
     """
     tiers = semihard_slot_tiers(max_positives)
-    most = jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0)
-    branch = jnp.searchsorted(jnp.asarray(tiers, jnp.int32), most, side="left")
+    branch = jnp.searchsorted(jnp.asarray(tiers, jnp.int32), _most_positives(positive),
+                              side="left")
     return branch, [functools.partial(_semihard_by_buckets, d, positive, negative, slots)
                     for slots in tiers]
 
@@ -179,15 +179,25 @@ def semihard_paths(d: jax.Array, positive: jax.Array, negative: jax.Array,
 def slots_as_pairs(chosen: SlotNegatives, positive: jax.Array,
                    negative: jax.Array) -> PairNegatives:
     """The bucket path's slots written into the [A,B] pair layout of PairNegatives."""
-    num_anchors, num_candidates = positive.shape
-    rows = jnp.arange(num_anchors)[:, None]
-    # Slots without a positive point past the row and are dropped.
-    column = jnp.zeros(positive.shape, jnp.int32).at[rows, chosen.positive_column].set(
-        chosen.column, mode="drop")
-    found = jnp.zeros(positive.shape, bool).at[rows, chosen.positive_column].set(
-        chosen.found, mode="drop")
+    num_candidates = positive.shape[1]
+    column = slot_values_in_rows(chosen.column, chosen.positive_column, num_candidates)
+    found = slot_values_in_rows(chosen.found, chosen.positive_column, num_candidates)
     has_term = positive & jnp.any(negative, axis=1, keepdims=True)
     return PairNegatives(column, has_term, has_term & found, has_term)
+
+
+def slot_values_in_rows(values: jax.Array, positive_column: jax.Array,
+                        num_candidates: int) -> jax.Array:
+    """values [A,S] -> [A,B]: each slot's value at its positive's column, zero elsewhere.
+    Slots without a positive (column B) point past the row and are dropped."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    return jnp.zeros((values.shape[0], num_candidates), values.dtype).at[
+        rows, positive_column].set(values, mode="drop")
+
+
+def _most_positives(positive: jax.Array) -> jax.Array:
+    """positive [A,B] bool -> the largest positive count of any anchor (int32 scalar)."""
+    return jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0)
 
 
 def semihard_skips_sort(positive: jax.Array, max_positives: int | None = None) -> jax.Array:
@@ -196,8 +206,7 @@ def semihard_skips_sort(positive: jax.Array, max_positives: int | None = None) -
     positive: [A,B] bool. True when no anchor has more positives than the cap (`max_positives`,
     default SEMIHARD_POSITIVES_CAP).
     """
-    cap = SEMIHARD_POSITIVES_CAP if max_positives is None else max_positives
-    return jnp.max(jnp.sum(positive, axis=1, dtype=jnp.int32), initial=0) <= cap
+    return _most_positives(positive) <= semihard_slot_tiers(max_positives)[-1]
 
 
 def semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) -> PairNegatives:

@@ -92,8 +92,8 @@ class Strategy:
     pair that gets a term (None for a strategy whose terms are not one negative per pair, e.g.
     batch-all's every triplet). The loss is the mean over those terms, unless
     block_sums(d, positive, negative, margin, soft, **settings) -> TripletSums gives the
-    strategy's own (d differentiable, [A,B]). options: option name -> default (`config.loss.options`);
-    check(settings) -> settings: validates and normalises them; needs_key: it samples.
+    strategy's own (d differentiable, [A,B]). options: option name -> default
+    (`config.loss.options`); check(settings) -> settings: validates and normalises them; needs_key: it samples.
     """
 
     pairs: Callable[..., mining.PairNegatives] | None
@@ -187,14 +187,13 @@ def _semihard_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margi
     backward pass scatters A·S values into d instead of A·B (the [A,B] gather's transpose)."""
     d_fixed = lax.stop_gradient(d)
     branch, by_slots = mining.semihard_paths(d_fixed, positive, negative, max_positives)
-    rows = jnp.arange(d.shape[0])[:, None]
     Chosen = tuple[mining.PairNegatives, jax.Array]
 
     def from_slots(find: Callable[[], mining.SlotNegatives]) -> Callable[[], Chosen]:
         def chosen_and_d_an() -> Chosen:
             chosen = find()
-            d_an = jnp.zeros_like(d).at[rows, chosen.positive_column].set(
-                jnp.take_along_axis(d, chosen.column, axis=1), mode="drop")
+            d_an = mining.slot_values_in_rows(jnp.take_along_axis(d, chosen.column, axis=1),
+                                              chosen.positive_column, d.shape[1])
             return mining.slots_as_pairs(chosen, positive, negative), d_an
         return chosen_and_d_an
 
