@@ -20,10 +20,16 @@ from typing import Any
 
 import ml_collections
 
+# The schedule of a run's steps and actions: a resumed run may change them.
+SCHEDULE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+# How evaluations embed (mirror images added, batch size): nothing trained depends on them, so a
+# resumed run may change them too; they apply to the evaluations made after the resume (a
+# finished run resumed with eval.flip=True re-does its final evaluations with flip).
+EVALUATION_ONLY_KEYS = ("eval.flip", "eval.batch_size")
 # Keys a resumed run may change; anything else must match the checkpoint's config.
-RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_KEYS = SCHEDULE_KEYS + EVALUATION_ONLY_KEYS
 # Counts and sizes that are meaningless below 1 (a 0 would fail only deep inside a run).
-POSITIVE_INT_KEYS = RESUMABLE_KEYS + ("data.prefetch", "data.pairs.num_folds",
+POSITIVE_INT_KEYS = SCHEDULE_KEYS + ("data.prefetch", "data.pairs.num_folds",
                                       "data.pairs.pairs_per_fold", "eval.batch_size",
                                       "model.embedding_dim")
 # The uniform sampler reads P×K only as its batch size: each factor just has to be >= 1.

@@ -69,7 +69,6 @@ def _no_training(monkeypatch):
 
 def test_crossval_excludes_scores_summarises_and_resumes(lfw_like, tmp_path, monkeypatch):
     import facenet_jax.train
-    from facenet_jax.embed import load_encoder
 
     images, pairs = lfw_like
     config = _config(images)
@@ -101,20 +100,7 @@ def test_crossval_excludes_scores_summarises_and_resumes(lfw_like, tmp_path, mon
         assert result["fold"] == fold and result["num_pairs"] == 4
         assert result["threshold"] == validation["threshold"]
         assert "validation split" in result["threshold_source"]
-        lines = PAIRS.splitlines()[1 + 4 * (fold - 1):1 + 4 * fold]
-        encoder = load_encoder(run)
-        folder = data.load_image_folder(images, 16, min_images_per_identity=1)
-        row = {pathlib.Path(p).stem: i for i, p in enumerate(folder.paths)}
-        fields = [line.split("\t") for line in lines]
-        first = [row[f"{f[0]}_{int(f[1]):04d}"] for f in fields]
-        second = [row[f"{f[0]}_{int(f[2]):04d}"] if len(f) == 3 else
-                  row[f"{f[2]}_{int(f[3]):04d}"] for f in fields]
-        e = encoder.embed(np.asarray(folder.images))
-        d = np.sum((e[first] - e[second]) ** 2, axis=1)
-        same = np.array([len(f) == 3 for f in fields])
-        assert result["accuracy"] == pytest.approx(np.mean((d <= result["threshold"]) == same),
-                                                   abs=1e-9)
-        assert result["auc"] == pytest.approx(metrics.roc_auc(d, same), abs=1e-5)
+        _check_scored_by_the_run_encoder(result, run, images, fold)
     # The summary's mean ± std: a hand computation from the per-fold files.
     per_fold = [json.loads((out / f"fold_{k}" / crossval.FOLD_EVAL_FILE).read_text())
                 for k in (1, 2)]
@@ -132,6 +118,52 @@ def test_crossval_excludes_scores_summarises_and_resumes(lfw_like, tmp_path, mon
     trained.clear()
     again = crossval.run_crossval(config, pairs, out)
     assert trained == [] and again["mean"] == summary["mean"]
+
+
+def _check_scored_by_the_run_encoder(result, run, images, fold):
+    """The fold's accuracy and AUC, recomputed from the run's encoder (its recorded eval.flip
+    included) and the fold's pairs written above."""
+    from facenet_jax.embed import load_encoder
+
+    lines = PAIRS.splitlines()[1 + 4 * (fold - 1):1 + 4 * fold]
+    encoder = load_encoder(run)
+    folder = data.load_image_folder(images, 16, min_images_per_identity=1)
+    row = {pathlib.Path(p).stem: i for i, p in enumerate(folder.paths)}
+    fields = [line.split("\t") for line in lines]
+    first = [row[f"{f[0]}_{int(f[1]):04d}"] for f in fields]
+    second = [row[f"{f[0]}_{int(f[2]):04d}"] if len(f) == 3 else
+              row[f"{f[2]}_{int(f[3]):04d}"] for f in fields]
+    e = encoder.embed(np.asarray(folder.images))
+    d = np.sum((e[first] - e[second]) ** 2, axis=1)
+    same = np.array([len(f) == 3 for f in fields])
+    assert result["accuracy"] == pytest.approx(np.mean((d <= result["threshold"]) == same),
+                                               abs=1e-9)
+    assert result["auc"] == pytest.approx(metrics.roc_auc(d, same), abs=1e-5)
+
+
+def test_a_finished_fold_rescored_with_flip_trains_nothing(lfw_like, tmp_path):
+    """eval.flip is evaluation-only (config.EVALUATION_ONLY_KEYS): re-running a finished
+    cross-validation with it redoes the validation threshold and the fold's score with mirror
+    images added, from the same checkpoint, without a training step."""
+    images, pairs = lfw_like
+    out = tmp_path / "cv"
+    crossval.run_crossval(_config(images), pairs, out, folds="1")
+    run = out / "fold_1"
+    def trained_steps():
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [line for line in lines if '"loss"' in line]
+
+    logged = trained_steps()
+    plain = json.loads((run / crossval.FOLD_EVAL_FILE).read_text())
+    summary = crossval.run_crossval(_config(images, **{"eval.flip": True}), pairs, out,
+                                    folds="1")
+    assert trained_steps() == logged  # no step was trained again
+    result = json.loads((run / crossval.FOLD_EVAL_FILE).read_text())
+    validation = json.loads((run / "eval_validation.json").read_text())
+    assert result["config"]["eval"]["flip"] and not plain["config"]["eval"]["flip"]
+    assert result["threshold"] == validation["threshold"] != plain["threshold"]
+    _check_scored_by_the_run_encoder(result, run, images, 1)
+    assert summary["config"]["eval"]["flip"]
 
 
 @pytest.mark.parametrize("change, message", [
