@@ -2,6 +2,7 @@
 
     python -m facenet_jax.evaluate --workdir DIR [--data_root FOLDER --pairs PAIRS] [--output F]
         [--fold K] [--threshold T|run]
+    python -m facenet_jax.evaluate --workdir DIR --split train|validation|test
     python -m facenet_jax.evaluate --baseline pixels --config CONFIG [--config.KEY=VALUE ...]
     python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names lfw,...]
     python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC
@@ -131,18 +132,21 @@ def pixel_embeddings(images: np.ndarray) -> np.ndarray:
     return metrics.l2_normalize_rows(flat)
 
 
-def test_split_and_pairs(config: ml_collections.ConfigDict,
-                         split_record: pathlib.Path | None = None
-                         ) -> tuple[data.Dataset, data.Pairs]:
-    """The test split of a config's data and its generated pairs (deterministic from seeds).
+RUN_SPLITS = ("train", "validation", "test")
 
-    `split_record`: a run's split.json; the split recomputed from the data must match it.
+
+def split_and_pairs(config: ml_collections.ConfigDict,
+                    split_record: pathlib.Path | None = None, split: str = "test"
+                    ) -> tuple[data.Dataset, data.Pairs]:
+    """One split (RUN_SPLITS) of a config's data and its generated pairs (deterministic from
+    seeds). `split_record`: a run's split.json; the split recomputed from the data must match.
     """
+    if split not in RUN_SPLITS:
+        raise ValueError(f"split must be one of {RUN_SPLITS}, got {split!r}")
     splits = data.split_dataset(data.load_dataset(config.data), config.data)
     if split_record is not None:
         data.check_split_record(split_record, splits)
-    test = splits["test"]
-    return test, generated_pairs(config, test, "test")
+    return splits[split], generated_pairs(config, splits[split], split)
 
 
 def generated_pairs(config: ml_collections.ConfigDict, dataset: data.Dataset,
@@ -223,6 +227,12 @@ def _finish(result: dict[str, Any], embeddings: np.ndarray, pairs: data.Pairs,
     return write_evaluation(result, output, distances=distances, is_same=pairs.is_same)
 
 
+def run_split_eval_file(split: str) -> str:
+    """Where a run's evaluation of its own `split` goes in DIR: eval.json (test, which sweeps
+    read), eval_validation.json (the run's threshold), eval_train.json."""
+    return {"test": EVAL_FILE, "validation": VALIDATION_EVAL_FILE}.get(split, f"eval_{split}.json")
+
+
 def evaluate_run_test_split(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                             embed: Callable, variables: Any, test: data.Dataset, *, step: int,
                             write: bool = True, split: str = "test") -> dict[str, Any]:
@@ -231,7 +241,7 @@ def evaluate_run_test_split(config: ml_collections.ConfigDict, workdir: pathlib.
     pairs = generated_pairs(config, test, split)
     embeddings = embed(variables, test.images)
     result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
-    output = workdir / (EVAL_FILE if split == "test" else VALIDATION_EVAL_FILE)
+    output = workdir / run_split_eval_file(split)
     return _finish(result, embeddings, pairs, config, output if write else None,
                    distance=config.eval.distance,
                    extra={"step": step, "split": split, "model": config.model.name})
@@ -241,7 +251,7 @@ def evaluate_run_test_split(config: ml_collections.ConfigDict, workdir: pathlib.
 def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | None
                     ) -> dict[str, Any]:
     """The raw-pixel floor on exactly the pairs and images the config's run is evaluated on."""
-    test, pairs = test_split_and_pairs(config)
+    test, pairs = split_and_pairs(config)
     embeddings = pixel_embeddings(np.asarray(test.images))
     result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
@@ -253,8 +263,10 @@ BASELINES = BASELINE_EVALUATORS.names()  # as registered at import
 
 def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file: str | None,
                      output: pathlib.Path, threshold: float | str | None = None,
-                     fold: int | None = None) -> dict[str, Any]:
-    """Loads DIR's latest checkpoint; evaluates its test split or a folder + pairs file.
+                     fold: int | None = None, split: str = "test") -> dict[str, Any]:
+    """Loads DIR's latest checkpoint; evaluates one of its splits (RUN_SPLITS: "test", or
+    "train" / "validation", e.g. to see how much better the run separates the people it
+    trained on than unseen ones) or a folder + pairs file.
 
     fold: score only that fold (1-based) of the pairs. threshold: a number, "run" (the run's
     own, `run_threshold`) or None: k-fold thresholds, or "run" when only one fold is scored.
@@ -265,7 +277,12 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     if fold is not None and pairs_file is None:
         raise ValueError("--fold needs --pairs (and --data_root): it selects a fold of a pairs "
                          "file")
-    _check_output_holds_the_same_evaluation(output, data_root, pairs_file, fold)
+    if split not in RUN_SPLITS:
+        raise ValueError(f"--split {split!r}: choose one of the run's splits {RUN_SPLITS}")
+    if data_root is not None and split != "test":
+        raise ValueError(f"--split {split} evaluates one of the run's own splits; with "
+                         "--data_root the folder is evaluated instead: drop one of the two")
+    _check_output_holds_the_same_evaluation(output, data_root, pairs_file, fold, split)
     workdir = pathlib.Path(workdir)
     if (data_root is None and not (workdir / SPLIT_FILE).exists()
             and _is_imported(workdir)):
@@ -274,9 +291,9 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
             "its own. Pass --data_root FOLDER (and --pairs FILE) to evaluate it on your data")
     encoder = load_encoder(workdir)
     config = encoder.config
-    extra = evaluation_target(data_root, pairs_file, fold)
+    extra = evaluation_target(data_root, pairs_file, fold, split)
     if data_root is None:
-        test, pairs = test_split_and_pairs(config, workdir / SPLIT_FILE)
+        test, pairs = split_and_pairs(config, workdir / SPLIT_FILE, split)
     else:
         mismatch = alignment_mismatch(config.data.alignment, data_root)
         if mismatch:
@@ -317,11 +334,11 @@ def _is_imported(workdir: pathlib.Path) -> bool:
 
 
 def evaluation_target(data_root: str | None, pairs_file: str | None,
-                      fold: int | None = None) -> dict[str, Any]:
-    """What an evaluation JSON was computed on: the run's test split, or a folder (+ pairs,
+                      fold: int | None = None, split: str = "test") -> dict[str, Any]:
+    """What an evaluation JSON was computed on: one of the run's splits, or a folder (+ pairs,
     + the fold scored)."""
     if data_root is None:
-        return {"split": "test"}
+        return {"split": split}
     target = {"data_root": str(pathlib.Path(data_root).resolve()),
               "pairs": str(pathlib.Path(pairs_file).resolve()) if pairs_file else None}
     if fold is not None:
@@ -330,13 +347,13 @@ def evaluation_target(data_root: str | None, pairs_file: str | None,
 
 
 def _check_output_holds_the_same_evaluation(output: pathlib.Path, data_root: str | None,
-                                            pairs_file: str | None,
-                                            fold: int | None = None) -> None:
+                                            pairs_file: str | None, fold: int | None = None,
+                                            split: str = "test") -> None:
     """Refuses to replace an evaluation of something else (e.g. the run's test-split eval.json,
     which sweeps read, by an LFW evaluation), before loading anything."""
     if not output.exists():
         return
-    wanted = evaluation_target(data_root, pairs_file, fold)
+    wanted = evaluation_target(data_root, pairs_file, fold, split)
     saved = json.loads(output.read_text())
     held = {key: saved.get(key) for key in ("split", "data_root", "pairs", "fold")
             if saved.get(key)}
@@ -431,10 +448,11 @@ def main(argv: list[str]) -> None:
         if flags_.pairs is not None and flags_.data_root is None:
             raise ValueError("--pairs needs --data_root (the image folder it names)")
         workdir = pathlib.Path(flags_.workdir)
-        output = pathlib.Path(flags_.output) if flags_.output else workdir / EVAL_FILE
+        output = (pathlib.Path(flags_.output) if flags_.output
+                  else workdir / run_split_eval_file(flags_.split))
         result = evaluate_workdir(workdir, data_root=flags_.data_root, pairs_file=flags_.pairs,
                                   output=output, threshold=_threshold_flag(flags_.threshold),
-                                  fold=flags_.fold)
+                                  fold=flags_.fold, split=flags_.split)
     print(format_summary(result))
     print(f"wrote {output}")
 
@@ -469,6 +487,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("pairs", None, "LFW-format pairs file for --data_root")
     flags.DEFINE_string("output", None, "output JSON (default DIR/eval.json or "
                         "./eval_pixels.json)")
+    flags.DEFINE_enum("split", "test", list(RUN_SPLITS), "without --data_root: which of the "
+                      "run's splits to evaluate (train: how well it separates the people it "
+                      "trained on) → DIR/eval.json, eval_validation.json or eval_train.json")
     flags.DEFINE_integer("fold", None, "score only this fold (1-based) of --pairs, at a "
                          "threshold chosen elsewhere (--threshold)")
     flags.DEFINE_string("threshold", None, "score pairs at this threshold (a number in the "

@@ -349,7 +349,7 @@ def test_pairs_seed_defaults_to_seed_and_pins_the_pairs():
     from facenet_jax import data
     tiny = {"data.synthetic.num_identities": 20, "data.synthetic.images_per_identity": 4,
             "data.image_size": 8, "data.pairs.pairs_per_fold": 10}
-    test_split = evaluate.test_split_and_pairs(load_config(DEFAULT, tiny))[0]
+    test_split = evaluate.split_and_pairs(load_config(DEFAULT, tiny))[0]
 
     def pairs(**overrides):
         config = load_config(DEFAULT, {**tiny, **overrides})

@@ -128,6 +128,43 @@ def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
 
 
+def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
+    """--split train: the run's training people (split.json), their generated pairs, the
+    run's encoder; the validation split's numbers equal the run's own eval_validation.json;
+    a folder and a split together are refused."""
+    import shutil
+
+    from facenet_jax import data, metrics
+    from facenet_jax.embed import load_encoder
+
+    workdir, _ = straight_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    result = _python_m("facenet_jax.evaluate", "--workdir", copy, "--split", "train")
+    assert f"wrote {copy / 'eval_train.json'}" in result.stdout
+    train = json.loads((copy / "eval_train.json").read_text())
+    recorded = json.loads((copy / "split.json").read_text())
+    encoder = load_encoder(copy)
+    splits = data.split_dataset(data.load_dataset(encoder.config.data), encoder.config.data)
+    people = splits["train"]
+    assert sorted(people.identity_names) == sorted(recorded["train"])
+    pairs = data.generate_pairs(people, num_folds=10, pairs_per_fold=20, seed=0)
+    e = encoder.embed(np.asarray(people.images))
+    d = np.sum((e[pairs.first] - e[pairs.second]) ** 2, axis=1)
+    assert train["split"] == "train" and train["num_pairs"] == len(pairs)
+    assert train["auc"] == pytest.approx(metrics.roc_auc(d, pairs.is_same), abs=1e-6)
+    own = json.loads((copy / "eval_validation.json").read_text())
+    _python_m("facenet_jax.evaluate", "--workdir", copy, "--split", "validation")
+    again = json.loads((copy / "eval_validation.json").read_text())
+    for key in EVAL_KEYS:
+        assert again[key] == pytest.approx(own[key], abs=1e-6), key
+    refused = subprocess.run(
+        [sys.executable, "-m", "facenet_jax.evaluate", "--workdir", str(copy), "--split",
+         "train", "--data_root", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True,
+        text=True, timeout=240)
+    assert refused.returncode != 0 and "drop one of the two" in refused.stderr
+
+
 def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path):
     from facenet_jax import data, parallel
     from facenet_jax.embed import load_encoder
