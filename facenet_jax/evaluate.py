@@ -149,6 +149,13 @@ def split_and_pairs(config: ml_collections.ConfigDict,
     return splits[split], generated_pairs(config, splits[split], split)
 
 
+def test_split_and_pairs(config: ml_collections.ConfigDict,
+                         split_record: pathlib.Path | None = None
+                         ) -> tuple[data.Dataset, data.Pairs]:
+    """`split_and_pairs` of the test split (the name notebooks and user code call)."""
+    return split_and_pairs(config, split_record, "test")
+
+
 def generated_pairs(config: ml_collections.ConfigDict, dataset: data.Dataset,
                     split: str = "evaluation") -> data.Pairs:
     """The config's LFW-style pairs on `dataset` (the `split` named in the log line)."""

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import input_pipeline, train_step  # noqa: E402
+from benchmarks import input_pipeline, mining_breakdown, train_step  # noqa: E402
 
 
 def test_train_step_benchmark_writes_a_row_per_setting(tmp_path):
@@ -90,3 +90,10 @@ def test_heap_growth_measures_both_heaps_between_its_marks(tmp_path):
     assert result["top_python_growth"] and all(
         {"site", "growth_kib", "new_blocks"} <= set(site) for site in result["top_python_growth"])
     assert not any("heap_growth.py" in site["site"] for site in result["top_python_growth"])
+
+
+def test_mining_breakdown_times_each_part_of_each_size():
+    rows = mining_breakdown.main(["--sizes", "16x4,12x3", "--repeats", "2"])
+    assert [(r["batch"], r["per_identity"]) for r in rows] == [(16, 4)] * 3 + [(12, 3)] * 3
+    assert len({r["part"] for r in rows}) == 3
+    assert all(0 < r["min_ms"] <= r["median_ms"] for r in rows)

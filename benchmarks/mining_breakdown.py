@@ -1,0 +1,85 @@
+"""Where the default semi-hard call spends its time: forward + backward, forward alone, and the
+distance matrix's own forward + backward, in one process, minimum and median of --repeats
+calls after one warm-up (compile excluded).
+
+Inputs as benchmarks/mining.py: 128-d unit Gaussian embeddings, P×K labels, hinge loss,
+margin 0.2 on squared distance, `losses.triplet_loss(e, labels, margin=0.2, strategy=S)`.
+Forward + backward minus forward is the backward pass; the distance matrix's share of both is
+the third line. What is left of the forward is the mining and the term sums.
+
+    python benchmarks/mining_breakdown.py --sizes 1024x4,1800x40
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facenet_jax import losses
+from facenet_jax.losses import distances
+
+
+def timed_ms(function: Callable[[jax.Array], object], embeddings: jax.Array,
+             repeats: int) -> tuple[float, float]:
+    """(min, median) milliseconds of `repeats` calls after one warm-up call."""
+    jax.block_until_ready(function(embeddings))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(function(embeddings))
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.min(times)), 1000 * float(np.median(times))
+
+
+def unit_batch(identities: int, per_identity: int, seed: int = 0
+               ) -> tuple[jax.Array, jax.Array]:
+    """[P·K, 128] unit Gaussian embeddings and their P×K labels."""
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(identities * per_identity, 128)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(identities), per_identity).astype(np.int32)
+    return jnp.asarray(embeddings), jnp.asarray(labels)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    """Prints one line per (size, part) and returns them as rows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1024x4,1800x40",
+                        help="comma-separated B x K (B images, K per identity)")
+    parser.add_argument("--strategy", default="semihard")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    print(f"{jax.devices()[0].device_kind}, {args.strategy}, min / median of {args.repeats} "
+          "calls (ms)")
+    rows = []
+    for size in args.sizes.split(","):
+        batch, per_identity = (int(part) for part in size.split("x"))
+        embeddings, labels = unit_batch(batch // per_identity, per_identity)
+
+        def loss(e: jax.Array) -> jax.Array:
+            return losses.triplet_loss(e, labels, margin=0.2, strategy=args.strategy)[0]
+
+        def distance_only(e: jax.Array) -> jax.Array:
+            # A linear read of the whole matrix, so its backward is a dense [B,B] cotangent.
+            return jnp.sum(distances.pairwise_distances(e, "squared") * e[:, :1])
+
+        parts = {"loss forward + backward": jax.jit(jax.value_and_grad(loss)),
+                 "loss forward": jax.jit(loss),
+                 "distance matrix forward + backward": jax.jit(jax.value_and_grad(
+                     distance_only))}
+        for name, function in parts.items():
+            low, median = timed_ms(function, embeddings, args.repeats)
+            rows.append({"batch": batch, "per_identity": per_identity, "part": name,
+                         "min_ms": low, "median_ms": median})
+            print(f"B = {batch} ({batch // per_identity}×{per_identity})  {name:36s} "
+                  f"{low:7.1f} / {median:7.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
