@@ -60,7 +60,7 @@ def layout(size: int) -> tuple[int, int]:
     return size // per_identity, per_identity
 
 
-def _inputs(size: int, per_identity: int):
+def unit_inputs(size: int, per_identity: int):
     """[size, DIM] unit float32 embeddings and int32 labels, `per_identity` rows per label."""
     import numpy as np
 
@@ -88,7 +88,7 @@ def _ours(strategy: str, size: int, repeats: int) -> float:
     import jax
     from facenet_jax import losses
 
-    emb, labels = _inputs(size, layout(size)[1])
+    emb, labels = unit_inputs(size, layout(size)[1])
     key = jax.random.key(0)
     grad = jax.jit(jax.grad(lambda e: losses.triplet_loss(
         e, labels, margin=MARGIN, strategy=strategy, key=key)[0]))
@@ -99,7 +99,7 @@ def _ours_chunked(anchors: int, candidates: int, chunk: int | None, repeats: int
     import jax
     from facenet_jax import losses
 
-    emb, labels = _inputs(candidates, 4)
+    emb, labels = unit_inputs(candidates, 4)
     grad = jax.jit(jax.grad(lambda e: losses.triplet_loss_sums(
         e, labels, anchor_start=0, num_anchors=anchors, margin=MARGIN, strategy="semihard",
         anchor_chunk=chunk)["loss_sum"]))
@@ -136,7 +136,7 @@ def _load_tfa_triplet(anchor_path: str):
 
 def _tfa(strategy: str, size: int, repeats: int, anchor_path: str) -> float:
     tf, triplet = _load_tfa_triplet(anchor_path)
-    emb, labels = _inputs(size, layout(size)[1])
+    emb, labels = unit_inputs(size, layout(size)[1])
     emb, labels = tf.constant(emb), tf.constant(labels)
 
     @tf.function
@@ -154,7 +154,7 @@ def _pml(strategy: str, size: int, repeats: int) -> float:
     import torch
     from pytorch_metric_learning import distances, losses, miners
 
-    emb, labels = _inputs(size, layout(size)[1])
+    emb, labels = unit_inputs(size, layout(size)[1])
     emb, labels = torch.from_numpy(emb), torch.from_numpy(labels).long()
     distance = distances.LpDistance(power=2, normalize_embeddings=True)
     loss_fn = losses.TripletMarginLoss(margin=MARGIN, distance=distance)

@@ -13,6 +13,8 @@ the third line. What is left of the forward is the mining and the term sums.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 from collections.abc import Callable
 
@@ -22,6 +24,9 @@ import numpy as np
 
 from facenet_jax import losses
 from facenet_jax.losses import distances
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.mining import unit_inputs  # noqa: E402  (the same inputs as mining.py)
 
 
 def timed_ms(function: Callable[[jax.Array], object], embeddings: jax.Array,
@@ -34,16 +39,6 @@ def timed_ms(function: Callable[[jax.Array], object], embeddings: jax.Array,
         jax.block_until_ready(function(embeddings))
         times.append(time.perf_counter() - start)
     return 1000 * float(np.min(times)), 1000 * float(np.median(times))
-
-
-def unit_batch(identities: int, per_identity: int, seed: int = 0
-               ) -> tuple[jax.Array, jax.Array]:
-    """[P·K, 128] unit Gaussian embeddings and their P×K labels."""
-    rng = np.random.default_rng(seed)
-    embeddings = rng.normal(size=(identities * per_identity, 128)).astype(np.float32)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    labels = np.repeat(np.arange(identities), per_identity).astype(np.int32)
-    return jnp.asarray(embeddings), jnp.asarray(labels)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
@@ -59,7 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     rows = []
     for size in args.sizes.split(","):
         batch, per_identity = (int(part) for part in size.split("x"))
-        embeddings, labels = unit_batch(batch // per_identity, per_identity)
+        embeddings, labels = (jnp.asarray(x) for x in unit_inputs(batch, per_identity))
 
         def loss(e: jax.Array) -> jax.Array:
             return losses.triplet_loss(e, labels, margin=0.2, strategy=args.strategy)[0]
