@@ -70,19 +70,20 @@ def test_semihard_falls_back_to_the_sort_beyond_the_cap():
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def _both_paths(d, positive, negative, num_slots):
+def _every_path(d, positive, negative, num_slots):
+    """The sort, then the two sort-free paths with num_slots slots, in the pair layout."""
     return (mining.semihard_by_sort(d, positive, negative),
-            mining.slots_as_pairs(mining._semihard_by_buckets(d, positive, negative, num_slots),
-                                  positive, negative))
+            *(mining.slots_as_pairs(find(d, positive, negative, num_slots), positive, negative)
+              for find in (mining._semihard_by_buckets, mining._semihard_by_row_minima)))
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_both_semihard_branches_pick_identical_triplets(seed):
-    """The sort and the bucket path, called directly on the same batch (random labels, ties on
-    a dyadic grid, duplicated rows; then P×K), the bucket path with exactly as many slots as
-    the most positives, with spare slots, and with more slots than candidates: every field
-    equal where a term exists, the term masks equal, and the columns equal the brute-force
-    rule's, tie-breaks included."""
+def test_every_semihard_path_picks_identical_triplets(seed):
+    """The sort, the bucket path and the row-minima path, called directly on the same batch
+    (random labels, ties on a dyadic grid, duplicated rows; then P×K), the sort-free ones with
+    exactly as many slots as the most positives, with spare slots, and with more slots than
+    candidates: every field equal where a term exists, the term masks equal, and the columns
+    equal the brute-force rule's, tie-breaks included."""
     emb, labels = random_batch(seed)
     if seed >= 3:
         labels = np.asarray(_pk_labels(B // 4, 4))
@@ -91,15 +92,16 @@ def test_both_semihard_branches_pick_identical_triplets(seed):
     most = int(np.max(np.sum(positive, axis=1)))
     expected = _brute_force_semihard_columns(np.asarray(d), np.asarray(labels))
     for num_slots in (most, most + 3, B + 1):
-        by_sort, by_buckets = _both_paths(d, positive, negative, num_slots)
-        np.testing.assert_array_equal(by_buckets.has_term, by_sort.has_term)
-        for field in by_sort._fields:
-            np.testing.assert_array_equal(
-                np.where(by_sort.has_term, getattr(by_buckets, field), 0),
-                np.where(by_sort.has_term, getattr(by_sort, field), 0),
-                err_msg=f"{field}, {num_slots} slots")
-        assert {pair: int(by_buckets.column[pair]) for pair in expected} == expected
-        assert int(np.sum(by_buckets.has_term)) == len(expected)
+        by_sort, *sort_free = _every_path(d, positive, negative, num_slots)
+        for path, chosen in zip(("buckets", "row minima"), sort_free):
+            np.testing.assert_array_equal(chosen.has_term, by_sort.has_term)
+            for field in by_sort._fields:
+                np.testing.assert_array_equal(
+                    np.where(by_sort.has_term, getattr(chosen, field), 0),
+                    np.where(by_sort.has_term, getattr(by_sort, field), 0),
+                    err_msg=f"{path}: {field}, {num_slots} slots")
+            assert {pair: int(chosen.column[pair]) for pair in expected} == expected, path
+            assert int(np.sum(chosen.has_term)) == len(expected)
 
 
 def test_semihard_slot_tiers():
@@ -195,17 +197,33 @@ def test_anchor_chunk_gives_the_same_triplets_values_and_gradients(strategy, sof
         assert float(sums["count"]) > 0
 
 
-def test_default_chunks_only_above_auto_chunk_elements(monkeypatch):
-    """anchor_chunk=None is one block up to AUTO_CHUNK_ELEMENTS distance entries (every test
-    batch here), and blocks of AUTO_CHUNK_ELEMENTS // B anchors above: with the threshold
-    lowered to 5·B the default call is the chunk-5 program, bit for bit."""
+def test_auto_anchor_chunk_sizes():
+    """anchor_chunk=None's blocks, by hand: the fewest of at most AUTO_CHUNK_ELEMENTS (2^19)
+    entries, evened out to a divisor of the anchors within twice as many blocks, else equal
+    blocks and a shorter last one; one block for small batches."""
+    from facenet_jax.losses.triplet import AUTO_CHUNK_ELEMENTS, auto_anchor_chunk
+
+    assert AUTO_CHUNK_ELEMENTS == 2**19
+    assert auto_anchor_chunk(16, 20) == 16
+    assert auto_anchor_chunk(724, 724) == 724  # 524,176 entries: still one block
+    assert auto_anchor_chunk(1024, 1024) == 512  # 2 blocks
+    assert auto_anchor_chunk(1800, 1800) == 225  # 3.24 M: at least 7 blocks, 8 divide 1800
+    assert auto_anchor_chunk(1031, 1031) == 344  # prime: 3 blocks, the last of 343
+    assert auto_anchor_chunk(8192, 8192) == 64
+    assert auto_anchor_chunk(1024, 65536) == 8
+    assert auto_anchor_chunk(1, 10**7) == 1
+
+
+def test_default_call_is_the_auto_chunk_program(monkeypatch):
+    """anchor_chunk=None is the auto_anchor_chunk program, bit for bit: with the threshold
+    lowered to 5·B, 16 anchors go in 4 blocks of 4, and the counts equal one block's."""
     from facenet_jax.losses import triplet
 
-    assert triplet.AUTO_CHUNK_ELEMENTS >= 4096 * 4096
     emb, labels = random_batch(0)
-    chunked = _sums_and_grad("semihard", False, 5, 5, 16)(emb, labels)
+    chunked = _sums_and_grad("semihard", False, 4, 5, 16)(emb, labels)
     whole = _sums_and_grad("semihard", False, 16, 5, 16)(emb, labels)
     monkeypatch.setattr(triplet, "AUTO_CHUNK_ELEMENTS", 5 * B)
+    assert triplet.auto_anchor_chunk(16, B) == 4
     automatic = jax.jit(jax.value_and_grad(lambda e, l: (lambda s: (s["loss_sum"], s))(
         losses.triplet_loss_sums(e, l, anchor_start=5, num_anchors=16, margin=0.5,
                                  strategy="semihard")), has_aux=True))(emb, labels)
@@ -213,6 +231,32 @@ def test_default_chunks_only_above_auto_chunk_elements(monkeypatch):
         np.testing.assert_array_equal(a, b)
     (_, sums), _ = whole
     assert float(automatic[0][1]["count"]) == float(sums["count"]) > 0
+
+
+@pytest.mark.parametrize("anchor_chunk", [None, 5])
+@pytest.mark.parametrize("strategy", ["semihard", "hardest", "all"])
+def test_margin_gradient_and_vmap_over_margins(strategy, anchor_chunk):
+    """The hinge's ∂loss_sum/∂margin is the number of active terms (each adds
+    d_ap + α − d_an), in one block and in blocks of 5; and under vmap over margins, the
+    gradients with respect to the embeddings and the margin equal each margin's own call."""
+    emb, labels = random_batch(1)
+
+    def loss_sum(e, margin):
+        sums = losses.triplet_loss_sums(e, labels, anchor_start=0, num_anchors=B,
+                                        margin=margin, strategy=strategy,
+                                        anchor_chunk=anchor_chunk)
+        return sums["loss_sum"], sums
+
+    gradient = jax.jit(jax.value_and_grad(loss_sum, argnums=(0, 1), has_aux=True))
+    (_, sums), (_, by_margin) = gradient(emb, jnp.float32(0.5))
+    assert float(by_margin) == float(sums["num_active"]) > 0
+    margins = jnp.asarray([0.2, 0.5], jnp.float32)
+    batched = jax.jit(jax.vmap(gradient, in_axes=(None, 0)))(emb, margins)
+    for i, margin in enumerate(margins):
+        (value, _), grads = gradient(emb, margin)
+        np.testing.assert_allclose(batched[0][0][i], value, rtol=1e-6)
+        for got, want in zip(batched[1], grads):
+            np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-7)
 
 
 def test_anchor_chunk_is_checked():
@@ -241,7 +285,7 @@ def test_anchor_chunk_memory_is_chunk_times_candidates(strategy):
         return jax.jit(grad).lower(emb, labels).compile().memory_analysis().temp_size_in_bytes
 
     block = chunk * candidates * 4  # one [chunk, B] float32 array
-    chunked, whole = temp_bytes(chunk), temp_bytes(None)
+    chunked, whole = temp_bytes(chunk), temp_bytes(anchors)
     assert chunked <= 24 * block + 4 * candidates * dim * 4, chunked / block
     assert whole >= 8 * chunked, (whole, chunked)
 

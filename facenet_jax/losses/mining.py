@@ -9,12 +9,13 @@ silent index 0: every choice comes with a mask saying whether it exists.
 Memory stays O(A·B) (O(B²)) for every rule: the rules that depend on each positive's distance
 (TF-Addons semi-hard, FaceNet's band) sort each anchor's negative distances once and
 binary-search every positive's distance in that row (`jnp.searchsorted`, method "scan":
-O(B log B) per anchor, never a B×B comparison per anchor). Semi-hard, by default, instead
-buckets each anchor's negatives by how many of its positives are closer and takes one
-scatter-min per row, with no sort (XLA's CPU sort dominates the step at B = 1,800), whenever
-no anchor has more than a static cap of positives (`SEMIHARD_POSITIVES_CAP`, or the
-`max_positives` hint); a batch with more falls back to the sort inside the same compiled
-program, so the result never depends on the cap.
+O(B log B) per anchor, never a B×B comparison per anchor). Semi-hard, by default, takes no
+sort (XLA's CPU sort dominates the step at B = 1,800) whenever no anchor has more than a
+static cap of positives (`SEMIHARD_POSITIVES_CAP`, or the `max_positives` hint): with at
+most 4 positives per anchor, two masked row minima per positive; with more, it buckets each
+anchor's negatives by how many of its positives are closer and takes one scatter-min per row.
+A batch with more positives falls back to the sort inside the same compiled program, so the
+result never depends on the cap.
 Random and distance-weighted sampling draw one uniform per (anchor, candidate) pair and look it
 up in the anchor's cumulative-weight row (inverse CDF), with no sort at all.
 """
@@ -60,7 +61,7 @@ class PairNegatives(NamedTuple):
 
 
 class SlotNegatives(NamedTuple):
-    """The bucket path's answer in S slots per anchor (S static, at least its positive count).
+    """A sort-free path's answer in S slots per anchor (S static, at least its positive count).
 
     positive_column: [A,S] int32, the slot's positive; B where the slot holds none.
     column: [A,S] int32, the chosen negative (meaningless where the slot holds no positive).
@@ -148,11 +149,11 @@ def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
     negative. Pairs whose anchor has no negative at all get no term.
 
     Ties go to the lowest column for the closest negative and to the highest for the farthest
-    (a stable sort's order). Two paths pick exactly these triplets, chosen inside the compiled
+    (a stable sort's order). The paths pick exactly these triplets, chosen inside the compiled
     program by the batch's largest per-anchor positive count m (traced): while m ≤ the cap
-    (`max_positives`, default SEMIHARD_POSITIVES_CAP; static) the bucket path with the
-    smallest slot count ≥ m (`semihard_slot_tiers`), no sort, O(A·B·slots) elementwise work
-    and O(A·B) memory; otherwise the sort path. So the result never depends on the cap, only
+    (`max_positives`, default SEMIHARD_POSITIVES_CAP; static) a sort-free path with the
+    smallest slot count ≥ m (`semihard_slot_tiers`), O(A·B·slots) elementwise work and
+    O(A·B) memory; otherwise the sort path. So the result never depends on the cap, only
     the speed does.
     """
     branch, by_slots = semihard_paths(d, positive, negative, max_positives)
@@ -165,20 +166,26 @@ def semihard_paths(d: jax.Array, positive: jax.Array, negative: jax.Array,
                    ) -> tuple[jax.Array, list[Callable[[], SlotNegatives]]]:
     """The sort-free paths of `mine_semihard` and which one a batch takes.
 
-    Returns (branch, paths): paths[i]() runs the bucket path with tier i's slot count;
+    Returns (branch, paths): paths[i]() runs the sort-free path with tier i's slot count
+    (row minima up to 4 slots, buckets above);
     branch (traced int32) is the tier this batch needs, or len(paths) when an anchor has more
     positives than the cap (the sort). For `lax.switch` over these plus the sort.
     """
     tiers = semihard_slot_tiers(max_positives)
     branch = jnp.searchsorted(jnp.asarray(tiers, jnp.int32), _most_positives(positive),
                               side="left")
-    return branch, [functools.partial(_semihard_by_buckets, d, positive, negative, slots)
+    return branch, [functools.partial(_semihard_by_slots(slots), d, positive, negative, slots)
                     for slots in tiers]
+
+
+def _semihard_by_slots(num_slots: int) -> Callable[..., SlotNegatives]:
+    """The sort-free path for this many slots (static): row minima for few, else buckets."""
+    return _semihard_by_row_minima if num_slots <= _ROW_MINIMA_SLOTS else _semihard_by_buckets
 
 
 def slots_as_pairs(chosen: SlotNegatives, positive: jax.Array,
                    negative: jax.Array) -> PairNegatives:
-    """The bucket path's slots written into the [A,B] pair layout of PairNegatives."""
+    """A sort-free path's slots written into the [A,B] pair layout of PairNegatives."""
     num_candidates = positive.shape[1]
     column = slot_values_in_rows(chosen.column, chosen.positive_column, num_candidates)
     found = slot_values_in_rows(chosen.found, chosen.positive_column, num_candidates)
@@ -220,38 +227,92 @@ def semihard_by_sort(d: jax.Array, positive: jax.Array, negative: jax.Array) -> 
     return PairNegatives(_column_at_rank(negatives, rank), has_term, has_term & found, has_term)
 
 
+def _positive_slots(d: jax.Array, positive: jax.Array,
+                    num_slots: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each anchor's positives in `num_slots` slots, farthest first (top_k).
+
+    d, positive: [A,B] -> (slot_d [A,S] float, +inf where unused; slot_column [A,S] int32;
+    used [A,S] bool), S = min(num_slots, B).
+    """
+    slot_d, slot_column = lax.top_k(jnp.where(positive, d, -jnp.inf),
+                                    min(num_slots, d.shape[1]))
+    used = slot_d > -jnp.inf
+    return jnp.where(used, slot_d, jnp.inf), slot_column, used
+
+
+def _farthest_negative(d: jax.Array, negative: jax.Array) -> jax.Array:
+    """[A,B] -> [A,1] int32: the farthest negative, highest column among ties (two plain row
+    maxima: measured 2–3× faster than an argmax, a variadic reduce, on XLA's CPU backend)."""
+    far_d = jnp.where(negative, d, -jnp.inf)
+    farthest_d = jnp.max(far_d, axis=1, keepdims=True)
+    columns = jnp.arange(d.shape[1], dtype=jnp.int32)
+    return jnp.max(jnp.where(far_d == farthest_d, columns, -1), axis=1, keepdims=True)
+
+
+def _slot_negatives(slot_column: jax.Array, used: jax.Array, closest: jax.Array,
+                    closest_d: jax.Array, d: jax.Array, negative: jax.Array) -> SlotNegatives:
+    """Each slot's closest farther negative, or the farthest negative where it has none."""
+    found = closest_d < jnp.inf
+    return SlotNegatives(jnp.where(used, slot_column, d.shape[1]),
+                         jnp.where(found, closest, _farthest_negative(d, negative)), found)
+
+
+# Up to this many slots, `_semihard_by_row_minima` (two masked row minima per slot) beats the
+# buckets' two scatters; at 16 slots it is 3× slower (B = 1,024, the 2-core CPU).
+_ROW_MINIMA_SLOTS = 4
+
+
+def _semihard_by_row_minima(d: jax.Array, positive: jax.Array, negative: jax.Array,
+                            num_slots: int) -> SlotNegatives:
+    """The rule without a sort, for few slots: per slot, the smallest negative distance
+    strictly above the slot's positive, then the lowest column holding it. `num_slots`
+    (static) must be at least the largest positive count of any anchor.
+    Work: 2·slots masked row minima, O(A·B·slots), no scatter.
+    """
+    # The barrier keeps top_k XLA's TopK call: read slot by slot, its output otherwise turns
+    # into a full row sort (XLA 0.10, CPU).
+    slot_d, slot_column, used = lax.optimization_barrier(
+        _positive_slots(d, positive, num_slots))
+    negative_d = jnp.where(negative, d, jnp.inf)
+    columns = jnp.arange(d.shape[1], dtype=jnp.int32)
+    # One [A,B] pass per slot, each fused into its row minimum (an [A,S,B] form is
+    # materialised first).
+    closest_d = jnp.stack([jnp.min(jnp.where(negative_d > slot_d[:, s, None], negative_d,
+                                             jnp.inf), axis=1)
+                           for s in range(slot_d.shape[1])], axis=1)  # [A,S]
+    # Every negative at that distance is strictly farther than the positive.
+    closest = jnp.stack([jnp.min(jnp.where(negative_d == closest_d[:, s, None], columns,
+                                           d.shape[1]), axis=1)
+                         for s in range(slot_d.shape[1])], axis=1)
+    return _slot_negatives(slot_column, used, closest, closest_d, d, negative)
+
+
 def _semihard_by_buckets(d: jax.Array, positive: jax.Array, negative: jax.Array,
                          num_slots: int) -> SlotNegatives:
-    """The same rule without a sort. `num_slots` (static) must be at least the largest positive
-    count of any anchor; the caller guarantees it.
+    """The same rule without a sort, for many slots. `num_slots` (static) must be at least the
+    largest positive count of any anchor; the caller guarantees it.
 
-    Each anchor's positive distances go into `num_slots` slots (top_k). A negative's *bucket* is
-    the number of the anchor's positives strictly closer than it, so d(a,n) > d(a,p) exactly
-    when bucket(n) ≥ t(p) = #{positives q: d(a,q) ≤ d(a,p)}. One scatter-min per row gives
-    each bucket's closest negative (lowest column among ties: a second scatter-min), and a
-    suffix min over buckets answers every positive at once. Buckets hold disjoint distance
-    ranges, so the suffix's first minimal bucket holds the rule's lowest tied column.
-    Work: O(A·B·slots) fused compares plus two O(A·B) scatters.
+    A negative's *bucket* is the number of the anchor's positives strictly closer than it, so
+    d(a,n) > d(a,p) exactly when bucket(n) ≥ t(p) = #{positives q: d(a,q) ≤ d(a,p)}. One
+    scatter-min per row gives each bucket's closest negative (lowest column among ties: a
+    second scatter-min), and a suffix min over buckets answers every positive at once. Buckets
+    hold disjoint distance ranges, so the suffix's first minimal bucket holds the rule's lowest
+    tied column. Work: O(A·B·slots) fused compares plus two O(A·B) scatters.
     """
     num_anchors, num_candidates = d.shape
-    num_slots = min(num_slots, num_candidates)  # top_k's bound; no row has more positives
+    positive_d, slot_column, used = _positive_slots(d, positive, num_slots)
+    num_slots = positive_d.shape[1]
     rows = jnp.arange(num_anchors)[:, None]
     columns = jnp.arange(num_candidates, dtype=jnp.int32)
-    slot_d, slot_column = lax.top_k(jnp.where(positive, d, -jnp.inf), num_slots)  # [A,S]
-    slot_used = slot_d > -jnp.inf
-    positive_d = jnp.where(slot_used, slot_d, jnp.inf)
     negative_d = jnp.where(negative, d, jnp.inf)
     # A sum over static slots fuses into one elementwise pass (a reduce over a slot axis would
     # not vectorise on XLA's CPU backend).
     bucket = sum((positive_d[:, s, None] < negative_d).astype(jnp.int32)
                  for s in range(num_slots))  # [A,B] in [0, S]
     bucket_min = jnp.full((num_anchors, num_slots + 1), jnp.inf).at[rows, bucket].min(negative_d)
-    # Each negative's own bucket minimum, by a static select chain (fused; measured a little
-    # faster than an [A,B] gather from the [A,S+1] table on XLA's CPU backend).
-    own_bucket_min = bucket_min[:, :1]
-    for slot in range(1, num_slots + 1):
-        own_bucket_min = jnp.where(bucket == slot, bucket_min[:, slot, None], own_bucket_min)
-    is_bucket_min = negative_d == own_bucket_min
+    # Each negative's own bucket minimum: an [A,B] gather from the [A,S+1] table (4× faster
+    # than a select chain over the slots at 64 slots, B = 1,800, on XLA's CPU backend).
+    is_bucket_min = negative_d == jnp.take_along_axis(bucket_min, bucket, axis=1)
     bucket_column = jnp.full((num_anchors, num_slots + 1), num_candidates, jnp.int32).at[
         rows, bucket].min(jnp.where(is_bucket_min, columns, num_candidates))
     suffix_min = lax.cummin(bucket_min, axis=1, reverse=True)
@@ -263,18 +324,12 @@ def _semihard_by_buckets(d: jax.Array, positive: jax.Array, negative: jax.Array,
     starts_tie_group = jnp.concatenate(
         [jnp.ones((num_anchors, 1), bool), positive_d[:, 1:] != positive_d[:, :-1]], axis=1)
     tie_group_start = lax.cummax(jnp.where(starts_tie_group, slots, 0), axis=1)
-    threshold = jnp.sum(slot_used, axis=1, keepdims=True, dtype=jnp.int32) - tie_group_start
+    threshold = jnp.sum(used, axis=1, keepdims=True, dtype=jnp.int32) - tie_group_start
     threshold = jnp.clip(threshold, 0, num_slots)  # unused slots: garbage, never written
     closest_d = jnp.take_along_axis(suffix_min, threshold, axis=1)
     closest = jnp.take_along_axis(bucket_column, jnp.take_along_axis(first_minimal, threshold,
                                                                      axis=1), axis=1)
-    found = closest_d < jnp.inf
-    # The farthest negative, highest column among ties: argmax (first maximum) over the
-    # reversed row.
-    farthest = num_candidates - 1 - jnp.argmax(
-        jnp.where(negative, d, -jnp.inf)[:, ::-1], axis=1, keepdims=True).astype(jnp.int32)
-    return SlotNegatives(jnp.where(slot_used, slot_column, num_candidates),
-                         jnp.where(found, closest, farthest), found)
+    return _slot_negatives(slot_column, used, closest, closest_d, d, negative)
 
 
 def mine_semihard_facenet(d: jax.Array, positive: jax.Array, negative: jax.Array,

@@ -55,10 +55,12 @@ SUM_KEYS = ("loss_sum", "count", "num_triplets", "num_active", "d_ap_sum", "d_an
 STATS_KEYS = ("num_triplets", "num_active", "active_fraction", "mean_d_ap", "mean_d_an",
               "semihard_found_fraction", "embedding_spread")
 
-# With anchor_chunk=None, anchors are mined in blocks once the [anchors, B] distance rows would
-# exceed this many elements (64 MB of float32): B = 8192 then takes 4 blocks of 2,048 anchors
-# and peaks at well under 1.5 GB, while every batch up to 4,096 runs in one block, unchanged.
-AUTO_CHUNK_ELEMENTS = 1 << 24
+# With anchor_chunk=None, anchors are mined in blocks of at most this many [anchor, candidate]
+# entries (2 MB per [block, B] float32 array): a block's arrays stay in cache, and the
+# program's scratch memory under glibc's 32 MB ceiling for reusing freed memory, so a call
+# does not page-fault fresh buffers (on the 2-core CPU that halved the time at B = 1,024; see
+# docs/large_batch_mining.md). Every batch up to 724 runs in one block.
+AUTO_CHUNK_ELEMENTS = 1 << 19
 
 # Soft batch-all has no closed form, so it loops over anchor chunks holding at most about this
 # many elements per [chunk, B, B] intermediate.
@@ -180,30 +182,84 @@ def _pair_sums(d: jax.Array, chosen: mining.PairNegatives, margin: Any, soft: bo
             "semihard_pairs": jnp.sum(chosen.semihard_pairs, dtype=jnp.float32)}
 
 
+def _term_weights(d_ap: jax.Array, d_an: jax.Array, has_term: jax.Array, margin: Any,
+                  soft: bool) -> jax.Array:
+    """∂loss/∂d(a,p) of each term (= −∂loss/∂d(a,n)); 0 where there is no term."""
+    weight = (jax.nn.sigmoid(d_ap - d_an) if soft
+              else (d_an < d_ap + margin).astype(d_ap.dtype))
+    return jnp.where(has_term, weight, 0.0)
+
+
+def _fixed_pair_sums(d: jax.Array, positive_column: jax.Array | None,
+                     negative_column: jax.Array, has_term: jax.Array, found: jax.Array,
+                     margin: Any, soft: bool) -> tuple[TripletSums, jax.Array, jax.Array]:
+    """`_pair_sums` on fixed distances, with the gradient it would have.
+
+    d: [A,B] (stop-gradient); terms (a, positive_column[a,t], negative_column[a,t]) in any
+    term layout [A,T], or positive_column None for the pair layout (T = B, the positive is
+    the term's own column). Returns (sums, ∂loss_sum/∂d [A,B], ∂loss_sum/∂margin).
+    """
+    num_anchors, num_candidates = d.shape
+    d_ap = d if positive_column is None else jnp.take_along_axis(
+        d, jnp.minimum(positive_column, num_candidates - 1), axis=1)
+    d_an = jnp.take_along_axis(d, negative_column, axis=1)
+    weight = _term_weights(d_ap, d_an, has_term, margin, soft)
+    # Scatters into the flattened [A·B]: one index per update, not a (row, column) pair.
+    row_offset = num_candidates * jnp.arange(num_anchors, dtype=jnp.int32)[:, None]
+    d_cotangent = (jnp.zeros(num_anchors * num_candidates, d.dtype) if positive_column is None
+                   else jnp.zeros(num_anchors * num_candidates, d.dtype).at[
+                       (row_offset + positive_column).ravel()].add(weight.ravel(), mode="drop"))
+    d_cotangent = d_cotangent.at[(row_offset + negative_column).ravel()].add(-weight.ravel())
+    d_cotangent = d_cotangent.reshape(d.shape)
+    if positive_column is None:
+        d_cotangent = d_cotangent + weight
+    sums = {**_term_sums(d_ap, d_an, has_term, margin, soft),
+            "semihard_found": jnp.sum(has_term & found, dtype=jnp.float32),
+            "semihard_pairs": jnp.sum(has_term, dtype=jnp.float32)}
+    margin_cotangent = jnp.zeros((), d.dtype) if soft else jnp.sum(weight)
+    return sums, d_cotangent, margin_cotangent
+
+
+def _with_gradient(value: jax.Array, wrt: Any, cotangent: jax.Array) -> jax.Array:
+    """`value` (fixed) whose first derivative with respect to `wrt` is `cotangent`: adds
+    sum(cotangent · (wrt − stop_gradient(wrt))), exactly 0 in the forward pass."""
+    return value + jnp.sum(cotangent * (wrt - lax.stop_gradient(wrt)))
+
+
 def _semihard_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin: Any,
                    soft: bool, max_positives: int | None = None) -> TripletSums:
-    """`_pair_sums` of `mining.mine_semihard`'s triplets, the same values. On the bucket path
-    each term's d(a,n) is gathered at its slot ([A,S]) and placed in the pair layout, so the
-    backward pass scatters A·S values into d instead of A·B (the [A,B] gather's transpose)."""
-    d_fixed = lax.stop_gradient(d)
+    """`_pair_sums` of `mining.mine_semihard`'s triplets, the same values and gradient.
+
+    Each path sums its terms in its own layout, on stop-gradient distances: the sort-free
+    paths in their [A,S] slots (no [A,B] pair arrays: on the 2-core CPU they, and the page
+    faults of their buffers, cost as much as the mining at B = 1,024), the sort in the [A,B]
+    pair layout; each returns ∂loss_sum/∂d beside its sums, and `_with_gradient` carries it
+    back to d outside the switch. Derivatives are exact to first order (the hinge is piecewise
+    linear in d; for soft, second derivatives are not propagated).
+    """
+    d_fixed, margin_fixed = lax.stop_gradient(d), lax.stop_gradient(margin)
     branch, by_slots = mining.semihard_paths(d_fixed, positive, negative, max_positives)
-    Chosen = tuple[mining.PairNegatives, jax.Array]
+    has_negative = jnp.any(negative, axis=1, keepdims=True)
+    Sums = tuple[TripletSums, jax.Array, jax.Array]
 
-    def from_slots(find: Callable[[], mining.SlotNegatives]) -> Callable[[], Chosen]:
-        def chosen_and_d_an() -> Chosen:
+    def from_slots(find: Callable[[], mining.SlotNegatives]) -> Callable[[], Sums]:
+        def slot_sums() -> Sums:
             chosen = find()
-            d_an = mining.slot_values_in_rows(jnp.take_along_axis(d, chosen.column, axis=1),
-                                              chosen.positive_column, d.shape[1])
-            return mining.slots_as_pairs(chosen, positive, negative), d_an
-        return chosen_and_d_an
+            has_term = (chosen.positive_column < d.shape[1]) & has_negative
+            return _fixed_pair_sums(d_fixed, chosen.positive_column, chosen.column, has_term,
+                                    chosen.found, margin_fixed, soft)
+        return slot_sums
 
-    def by_sort() -> Chosen:
+    def by_sort() -> Sums:
         chosen = mining.semihard_by_sort(d_fixed, positive, negative)
-        return chosen, jnp.take_along_axis(d, chosen.column, axis=1)
+        return _fixed_pair_sums(d_fixed, None, chosen.column, chosen.has_term,
+                                chosen.semihard_found, margin_fixed, soft)
 
-    # The sums stay outside the switch, one program for every path (the same float order).
-    chosen, d_an = lax.switch(branch, [from_slots(find) for find in by_slots] + [by_sort])
-    return _pair_sums(d, chosen, margin, soft, d_an=d_an)
+    sums, d_cotangent, margin_cotangent = lax.switch(
+        branch, [from_slots(find) for find in by_slots] + [by_sort])
+    loss_sum = _with_gradient(sums["loss_sum"], d, d_cotangent)
+    return {**sums, "loss_sum": loss_sum + margin_cotangent * (
+        margin - lax.stop_gradient(margin))}
 
 
 def _hardest_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin: Any,
@@ -310,12 +366,14 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
     the strategies that draw (`Strategy.needs_key`) and ignored by the others. See the module docstring for the rules.
 
     anchor_chunk (static int): mine the anchors in blocks of this many rows, one after the
-    other (`lax.map`), each block under `jax.checkpoint` so its [chunk, B] distances are
-    recomputed in the backward pass instead of stored: memory O(chunk·B) forward and backward,
-    for B far above num_anchors (a memory bank, global mining over many devices). The same
-    triplets, counts and stats; values and gradients equal up to float summation order.
-    None (default): one block while num_anchors·B <= AUTO_CHUNK_ELEMENTS, else blocks of
-    AUTO_CHUNK_ELEMENTS // B anchors; pass num_anchors for one block always.
+    other; differentiated, each block's gradient is taken as soon as its forward pass is done
+    and only the [B,D] gradient is kept (`_sums_by_blocks`), so memory is O(chunk·B) forward
+    and backward and nothing is recomputed: for B far above num_anchors (a memory bank,
+    global mining over many devices) and, by default, for large batches. The same triplets,
+    counts and stats; values and gradients equal up to float summation order. More than one
+    block supports reverse-mode differentiation only (no jvp).
+    None (default): `auto_anchor_chunk`, blocks of at most AUTO_CHUNK_ELEMENTS entries (one
+    block for every batch up to 724); pass num_anchors for one block always.
     candidate_mask: optional bool [B]; columns where it is False are neither positives nor
     negatives of any anchor (nor in the spread), e.g. the empty slots of a memory bank.
     """
@@ -331,23 +389,89 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
         raise ValueError(f"candidate_mask has shape {candidate_mask.shape}; it must be "
                          f"({num_candidates},), one flag per candidate row")
 
-    def block_sums(start: jax.Array | int, rows: int) -> TripletSums:
+    def block_sums(embeddings: jax.Array, margin: Any, start: jax.Array | int,
+                   rows: int) -> TripletSums:
         return _anchor_block_sums(embeddings, labels, start, rows, margin=margin,
                                   spec=spec, distance=distance, soft=soft, key=key,
                                   candidate_mask=candidate_mask, settings=settings)
 
     if anchor_chunk is None:
-        anchor_chunk = max(1, AUTO_CHUNK_ELEMENTS // num_candidates)
+        anchor_chunk = auto_anchor_chunk(num_anchors, num_candidates)
     if anchor_chunk >= num_anchors:
-        return block_sums(anchor_start, num_anchors)
-    num_blocks, rest = divmod(num_anchors, anchor_chunk)
-    starts = anchor_start + anchor_chunk * jnp.arange(num_blocks)
-    per_block = lax.map(jax.checkpoint(lambda start: block_sums(start, anchor_chunk)), starts)
-    sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_block)
-    if rest:  # the last, shorter block (its own static shape)
-        tail = block_sums(anchor_start + num_blocks * anchor_chunk, rest)
-        sums = jax.tree.map(jnp.add, sums, tail)
-    return sums
+        return block_sums(embeddings, margin, anchor_start, num_anchors)
+    return _sums_by_blocks(block_sums, embeddings, jnp.asarray(margin, jnp.float32),
+                           anchor_start, num_anchors, anchor_chunk)
+
+
+def auto_anchor_chunk(num_anchors: int, num_candidates: int) -> int:
+    """anchor_chunk=None's block size: the fewest blocks of at most AUTO_CHUNK_ELEMENTS
+    [anchor, candidate] entries, evened out to a divisor of num_anchors when one lies within
+    twice that many blocks (a shorter last block is one more program to compile)."""
+    fewest = max(1, -(-num_anchors * num_candidates // AUTO_CHUNK_ELEMENTS))
+    for blocks in range(fewest, min(2 * fewest, num_anchors) + 1):
+        if num_anchors % blocks == 0:
+            return num_anchors // blocks
+    return -(-num_anchors // fewest)
+
+
+BlockSums = Callable[[jax.Array, Any, Any, int], TripletSums]
+
+
+def _sums_by_blocks(block_sums: BlockSums, embeddings: jax.Array, margin: jax.Array,
+                    anchor_start: jax.Array | int, num_anchors: int,
+                    chunk: int) -> TripletSums:
+    """The sums of anchors [anchor_start, +num_anchors) in blocks of `chunk` rows, one after
+    the other; block_sums(embeddings, margin, start, rows) -> one block's sums.
+
+    Under reverse-mode differentiation each block's gradient is taken right after its forward
+    pass (`jax.vjp`) and accumulated into the [B,D] gradient, so neither pass holds more than
+    one block's [chunk, B] arrays and nothing is recomputed. Only loss_sum carries a gradient,
+    to the embeddings and the margin (as without blocks); forward-mode (jvp) is not defined.
+    """
+    num_blocks, tail = divmod(num_anchors, chunk)
+    offsets = chunk * jnp.arange(num_blocks)
+    tail_start = anchor_start + num_blocks * chunk
+
+    def add(total: TripletSums, more: TripletSums) -> TripletSums:
+        return jax.tree.map(jnp.add, total, more)
+
+    def forward(embeddings: jax.Array, margin: jax.Array) -> TripletSums:
+        per_block = lax.map(lambda offset: block_sums(embeddings, margin, anchor_start + offset,
+                                                      chunk), offsets)
+        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_block)
+        return add(sums, block_sums(embeddings, margin, tail_start, tail)) if tail else sums
+
+    def with_gradient(embeddings: jax.Array, margin: jax.Array, start: Any, rows: int
+                      ) -> tuple[TripletSums, tuple[jax.Array, jax.Array]]:
+        sums, pullback = jax.vjp(lambda e, m: block_sums(e, m, start, rows), embeddings, margin)
+        seed = {name: jnp.ones_like(value) if name == "loss_sum" else jnp.zeros_like(value)
+                for name, value in sums.items()}
+        return sums, pullback(seed)
+
+    def forward_and_gradient(embeddings: jax.Array, margin: jax.Array
+                             ) -> tuple[TripletSums, tuple[jax.Array, jax.Array]]:
+        def step(gradient: tuple[jax.Array, jax.Array], offset: jax.Array
+                 ) -> tuple[tuple[jax.Array, jax.Array], TripletSums]:
+            sums, block_gradient = with_gradient(embeddings, margin, anchor_start + offset,
+                                                 chunk)
+            return jax.tree.map(jnp.add, gradient, block_gradient), sums
+
+        zero = (jnp.zeros_like(embeddings), jnp.zeros_like(margin))
+        gradient, per_block = lax.scan(step, zero, offsets)
+        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_block)
+        if tail:
+            tail_sums, tail_gradient = with_gradient(embeddings, margin, tail_start, tail)
+            sums, gradient = add(sums, tail_sums), jax.tree.map(jnp.add, gradient,
+                                                                  tail_gradient)
+        return sums, gradient
+
+    def backward(gradient: tuple[jax.Array, jax.Array],
+                 cotangent: TripletSums) -> tuple[jax.Array, jax.Array]:
+        return tuple(cotangent["loss_sum"] * g for g in gradient)
+
+    blocked = jax.custom_vjp(forward)
+    blocked.defvjp(forward_and_gradient, backward)
+    return blocked(embeddings, margin)
 
 
 def _anchor_block_sums(embeddings: jax.Array, labels: jax.Array, anchor_start: jax.Array | int,
