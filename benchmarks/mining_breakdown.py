@@ -4,8 +4,10 @@ calls after one warm-up (compile excluded).
 
 Inputs as benchmarks/mining.py: 128-d unit Gaussian embeddings, P×K labels, hinge loss,
 margin 0.2 on squared distance, `losses.triplet_loss(e, labels, margin=0.2, strategy=S)`.
-Forward + backward minus forward is the backward pass; the distance matrix's share of both is
-the third line. What is left of the forward is the mining and the term sums.
+Forward + backward minus forward is what differentiation adds (for B > 724 the default call
+mines in blocks and takes each block's gradient in its forward pass, see
+`triplet._sums_by_blocks`); the third line, the whole distance matrix's own forward + backward,
+is there for scale.
 
     python benchmarks/mining_breakdown.py --sizes 1024x4,1800x40
 """

@@ -19,12 +19,14 @@ from facenet_jax.losses.distances import (DISTANCES, pairwise_distances,
                                           pairwise_distances_between)
 from facenet_jax.losses.triplet import (MINING_STRATEGIES, STATS_KEYS, STRATEGIES,
                                         STRATEGY_OPTIONS, SUM_KEYS, MiningInputs, Strategy,
-                                        TripletSums, reduce_triplet_sums, triplet_loss,
+                                        TripletSums, auto_anchor_chunk, reduce_triplet_sums,
+                                        triplet_loss,
                                         triplet_loss_sums, validate_loss_args)
 
 __all__ = ["CLASSIFICATION_SUM_KEYS", "DEFAULT_MARGIN", "DEFAULT_SCALE", "DISTANCES",
            "HEADS", "MINING_STRATEGIES", "MiningInputs", "STATS_KEYS", "STRATEGIES",
-           "STRATEGY_OPTIONS", "SUM_KEYS", "Strategy", "TripletSums", "class_logits",
+           "STRATEGY_OPTIONS", "SUM_KEYS", "Strategy", "TripletSums", "auto_anchor_chunk",
+           "class_logits",
            "classification_loss", "classification_loss_sums", "pairwise_distances",
            "pairwise_distances_between", "partial_fc_mask", "partial_fc_num_active",
            "reduce_classification_sums", "reduce_triplet_sums", "resolve_head",
