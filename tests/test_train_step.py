@@ -89,6 +89,27 @@ GLOBAL_CASES = [(strategy, ()) for strategy in losses.STRATEGIES] + [
 @pytest.mark.parametrize("strategy,options", GLOBAL_CASES,
                          ids=[f"{s}{'-' + str(dict(o)) if o else ''}" for s, o in GLOBAL_CASES])
 def test_global_mining_matches_one_device(strategy, options):
+    _assert_global_step_matches_one_device(strategy, options)
+
+
+@pytest.mark.parametrize("strategy", ["semihard", "distance_weighted"])
+def test_global_mining_in_anchor_blocks_matches_one_device(strategy, monkeypatch):
+    """With the default blocks lowered to 64 entries, each device mines its 4 anchors against
+    the 32 gathered candidates in 2 blocks (the per-block gradient of
+    `triplet._sums_by_blocks`, a custom_vjp, inside shard_map with a traced anchor_start):
+    the same step as one device on the whole batch in one block."""
+    from facenet_jax.losses import triplet
+
+    def lower_the_blocks():
+        monkeypatch.setattr(triplet, "AUTO_CHUNK_ELEMENTS", 64)
+        assert triplet.auto_anchor_chunk(P_IDS * K // NUM_DEVICES, P_IDS * K) == 2
+
+    _assert_global_step_matches_one_device(strategy, (), before_step=lower_the_blocks)
+
+
+def _assert_global_step_matches_one_device(strategy, options, before_step=lambda: None):
+    """The 8-device global-mining step against `_reference_grads`; before_step runs between
+    the reference and the step."""
     tx = optax.sgd(1.0)
     loss = LossSpec(strategy=strategy, margin=0.5, distance="squared", soft=False,
                     options=options)
@@ -96,6 +117,7 @@ def test_global_mining_matches_one_device(strategy, options):
     state = _state(tx)
     ref_loss, ref_stats, ref_grads, ref_bn = _reference_grads(state, images, labels, loss)
 
+    before_step()
     mesh, step = _sharded_step(loss, "global", tx)
     new_state, metrics = step(parallel.put_replicated(state, mesh), images, labels)
 
