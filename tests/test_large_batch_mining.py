@@ -130,10 +130,11 @@ def test_default_semihard_on_every_slot_tier(per_identity):
 
 
 @pytest.mark.parametrize("per_identity, soft", [(4, False), (9, True), (70, False)])
-def test_semihard_loss_slot_gather_equals_the_pair_gather(per_identity, soft):
-    """The loss's semi-hard sums (d(a,n) gathered at the bucket path's slots; the sort past the
-    cap, K = 70) equal the generic pair sums of `mine_semihard`'s triplets: counts exactly,
-    values and gradients to float summation order (XLA may order the sums differently)."""
+def test_semihard_loss_sums_equal_the_differentiated_pair_sums(per_identity, soft):
+    """The loss's semi-hard sums (each path summing in its own layout and returning
+    ∂loss_sum/∂d: row minima at K = 4, buckets at K = 9, the sort past the cap at K = 70)
+    equal the generic pair sums of `mine_semihard`'s triplets, differentiated by JAX: counts
+    exactly, values and gradients to float summation order."""
     from facenet_jax.losses import triplet
 
     labels = jnp.asarray(_pk_labels(3, per_identity))
