@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
 from facenet_jax.logs import cli_logging, one_line_user_errors
-from facenet_jax.runfiles import load_run_config
+from facenet_jax.runfiles import atomic_write_with, load_run_config
 from facenet_jax.state import build_model
 
 FLIP_MODES = ("sum", "concat")
@@ -207,16 +207,20 @@ def main(argv: list[str]) -> None:
                                             min_images_per_identity=1)
     embeddings = encoder.embed(folder.images)
     output = pathlib.Path(flags_.output)
+    if output.suffix != ".npz":  # np.savez's own naming rule
+        output = output.with_name(output.name + ".npz")
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         chosen = encoder.threshold_info
     except FileNotFoundError:  # an unfinished run: embeddings without a threshold
         chosen = {"threshold": float("nan"), "split": "none"}
-    np.savez(output, embeddings=embeddings,
-             labels=folder.labels, identity_names=np.asarray(folder.identity_names),
-             paths=np.asarray(folder.paths if folder.paths is not None else []),
-             step=encoder.step, distance=encoder.config.eval.distance,
-             threshold=chosen["threshold"], threshold_split=chosen["split"])
+    # A cut-off write must not leave a truncated file where an earlier one was.
+    atomic_write_with(output, lambda f: np.savez(
+        f, embeddings=embeddings, labels=folder.labels,
+        identity_names=np.asarray(folder.identity_names),
+        paths=np.asarray(folder.paths if folder.paths is not None else []),
+        step=encoder.step, distance=encoder.config.eval.distance,
+        threshold=chosen["threshold"], threshold_split=chosen["split"]))
     print(f"wrote {len(embeddings)} embeddings of {folder.num_identities} identities "
           f"(step {encoder.step}) to {output}")
 

@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import ml_collections
 
@@ -68,19 +68,26 @@ class LockHeldError(RuntimeError):
     """Another process holds the lock; the message names it and what to do."""
 
 
-def atomic_write_bytes(path: str | pathlib.Path, payload: bytes) -> pathlib.Path:
-    """Writes `payload` to `path` via a per-writer temporary file and a rename."""
+def atomic_write_with(path: str | pathlib.Path,
+                      write: Callable[[BinaryIO], object]) -> pathlib.Path:
+    """Writes `path` by calling write(file) on a per-writer temporary file beside it, then a
+    rename: readers, and a crash, see the old file or the whole new one; if `write` raises,
+    the old file stays as it was."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the rename must not land before the data on a crash
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_bytes(path: str | pathlib.Path, payload: bytes) -> pathlib.Path:
+    return atomic_write_with(path, lambda f: f.write(payload))
 
 
 def atomic_write_text(path: str | pathlib.Path, text: str) -> pathlib.Path:

@@ -48,6 +48,26 @@ def _refuse(code):
     return flock
 
 
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path):
+    """atomic_write_with: a writer that raises midway (a cut-off np.savez) leaves the earlier
+    file byte for byte and no temporary file; a writer that finishes replaces it."""
+    import numpy as np
+
+    path = tmp_path / "embeddings.npz"
+    runfiles.atomic_write_with(path, lambda f: np.savez(f, x=np.arange(3)))
+    before = path.read_bytes()
+
+    def cut_off(f):
+        f.write(b"PK\x03\x04 half an archive")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        runfiles.atomic_write_with(path, cut_off)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+    runfiles.atomic_write_with(path, lambda f: np.savez(f, x=np.arange(5)))
+    assert list(np.load(path)["x"]) == [0, 1, 2, 3, 4]
+
+
 def test_flock_is_taken_where_the_filesystem_grants_it(tmp_path):
     with runfiles.exclusive_lock(tmp_path / ".lock", what="training in X") as kind:
         assert kind == "flock"

@@ -186,6 +186,12 @@ def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path)
     images = data.load_image_folder(folder, image_size=16, min_images_per_identity=1)
     assert list(saved["labels"]) == list(images.labels)
     np.testing.assert_allclose(saved["embeddings"], encoder.embed(images.images), atol=1e-5)
+    # np.savez's naming, kept through the atomic write: no suffix gets ".npz".
+    result = _python_m("facenet_jax.embed", "--workdir", workdir, "--data_root", folder,
+                       "--output", tmp_path / "out" / "again")
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "again.npz")["embeddings"],
+                                  saved["embeddings"])
+    assert sorted(p.name for p in output.parent.iterdir()) == ["again.npz", "embeddings.npz"]
 
 
 def test_resume_after_kill_gives_identical_parameters(straight_run, tmp_path):
