@@ -158,6 +158,10 @@ def test_a_finished_fold_rescored_with_flip_trains_nothing(lfw_like, tmp_path):
     summary = crossval.run_crossval(_config(images, **{"eval.flip": True}), pairs, out,
                                     folds="1")
     assert trained_steps() == logged  # no step was trained again
+    # The re-scored test numbers replace the first ones in the training log.
+    test_rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if '"test/' in line]
+    assert len(test_rows) == 1
     result = json.loads((run / crossval.FOLD_EVAL_FILE).read_text())
     validation = json.loads((run / "eval_validation.json").read_text())
     assert result["config"]["eval"]["flip"] and not plain["config"]["eval"]["flip"]

@@ -23,7 +23,7 @@ from facenet_jax import (checkpoints, data, evaluate, finetune, objectives, para
                          runfiles, verification_sets)
 from facenet_jax.config import validate_config
 from facenet_jax.embed import make_embedder
-from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
+from facenet_jax.logs import MetricsWriter, drop_metric_rows, read_metrics, truncate_metrics
 from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
                                create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
@@ -403,6 +403,7 @@ def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     result = evaluate.evaluate_run_test_split(config, workdir, embed, variables, splits["test"],
                                               step=step, write=is_writer)
     if is_writer:
+        drop_metric_rows(workdir, step, "test")
         writer.write(step, _logged_numbers("test", result))
         writer.write_images(step, {f"test/{name}": path
                                    for name, path in result["figures"].items()})
