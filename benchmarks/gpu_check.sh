@@ -3,7 +3,8 @@
 # orbax already installed). Installs whatever else is missing from wheels prepared beforehand
 # (benchmarks/prepare_gpu_wheels.sh, run on a machine with PyPI), runs the loss exactness tests on
 # the GPU at matmul precision "highest", then the train-step throughput of ResNet-50 at 112 px,
-# P×K = 45×40, in bfloat16 and float32. Everything is written to one folder. On the GPU the whole
+# P×K = 45×40, in bfloat16 and float32, and the semi-hard loss by anchor block size
+# (mining_breakdown.txt). Everything is written to one folder. On the GPU the whole
 # check stays within 8 minutes: the benchmark runs first (≤ 240 s; its JSON is rewritten after
 # every row, so a cut-off run keeps what it measured), the tests get the time left up to 470 s
 # (one line per test in tests.txt, so a cut-off run shows which passed).
@@ -49,10 +50,14 @@ if [[ "$MODE" == gpu ]]; then
   BENCH=(--models resnet50 --batches 45x40 --devices 1 --dtypes bfloat16,float32 --steps 10
          --rounds 2 --share alone)
   BENCH_TIMEOUT=240; TOTAL_BUDGET=470
+  # The semi-hard loss alone: the default blocks (one block up to B = 4,096 on accelerators)
+  # beside the CPU's small ones, to decide ACCELERATOR_CHUNK_ELEMENTS.
+  MINING=(--sizes 1024x4,1800x40 --anchor-chunks auto,512,225 --repeats 20); MINING_TIMEOUT=90
 else
   export JAX_PLATFORMS=cpu
   BENCH=(--models small_cnn --batches 8x4 --devices 1 --dtypes bfloat16,float32 --steps 2
          --rounds 1)
+  MINING=(--sizes 64x4 --anchor-chunks auto,16 --repeats 2); MINING_TIMEOUT=300
   BENCH_TIMEOUT=600; TOTAL_BUDGET=$((SECONDS + BENCH_TIMEOUT + 1200))
 fi
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$OUTDIR/devices.txt"
@@ -64,6 +69,10 @@ echo "== train-step throughput"
 timeout "$BENCH_TIMEOUT" $PY benchmarks/train_step.py "${BENCH[@]}" \
   --output "$OUTDIR/train_step.json"
 bench_rc=$?
+
+echo "== semi-hard loss by anchor block size (≤ ${MINING_TIMEOUT} s)"
+timeout "$MINING_TIMEOUT" $PY benchmarks/mining_breakdown.py "${MINING[@]}" \
+  | tee "$OUTDIR/mining_breakdown.txt"
 
 TEST_TIMEOUT=$((TOTAL_BUDGET - SECONDS)); (( TEST_TIMEOUT < 60 )) && TEST_TIMEOUT=60
 echo "== loss exactness tests (matmul precision highest, ≤ ${TEST_TIMEOUT} s)"

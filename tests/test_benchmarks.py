@@ -95,5 +95,14 @@ def test_heap_growth_measures_both_heaps_between_its_marks(tmp_path):
 def test_mining_breakdown_times_each_part_of_each_size():
     rows = mining_breakdown.main(["--sizes", "16x4,12x3", "--repeats", "2"])
     assert [(r["batch"], r["per_identity"]) for r in rows] == [(16, 4)] * 3 + [(12, 3)] * 3
-    assert len({r["part"] for r in rows}) == 3
+    assert [r["part"] for r in rows[3:]] == [
+        "loss forward + backward, 12 anchor rows per block",
+        "loss forward, 12 anchor rows per block", "distance matrix forward + backward"]
     assert all(0 < r["min_ms"] <= r["median_ms"] for r in rows)
+    chunked = mining_breakdown.main(["--sizes", "16x4", "--repeats", "1",
+                                     "--anchor-chunks", "auto,4"])
+    assert [r["part"] for r in chunked] == [
+        "loss forward + backward, 16 anchor rows per block",
+        "loss forward, 16 anchor rows per block",
+        "loss forward + backward, 4 anchor rows per block",
+        "loss forward, 4 anchor rows per block", "distance matrix forward + backward"]

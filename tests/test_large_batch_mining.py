@@ -200,8 +200,9 @@ def test_anchor_chunk_gives_the_same_triplets_values_and_gradients(strategy, sof
 
 def test_auto_anchor_chunk_sizes():
     """anchor_chunk=None's blocks, by hand: the fewest of at most AUTO_CHUNK_ELEMENTS (2^19)
-    entries, evened out to a divisor of the anchors within twice as many blocks, else equal
-    blocks and a shorter last one; one block for small batches."""
+    entries on the CPU, evened out to a divisor of the anchors within twice as many blocks,
+    else equal blocks and a shorter last one; one block for small batches; 2^24 entries on
+    accelerators."""
     from facenet_jax.losses.triplet import AUTO_CHUNK_ELEMENTS, auto_anchor_chunk
 
     assert AUTO_CHUNK_ELEMENTS == 2**19
@@ -213,6 +214,12 @@ def test_auto_anchor_chunk_sizes():
     assert auto_anchor_chunk(8192, 8192) == 64
     assert auto_anchor_chunk(1024, 65536) == 8
     assert auto_anchor_chunk(1, 10**7) == 1
+    # GPUs and TPUs: blocks of up to 2^24 entries, every batch up to 4,096 in one.
+    for backend in ("gpu", "tpu"):
+        assert auto_anchor_chunk(4096, 4096, backend) == 4096
+        assert auto_anchor_chunk(8192, 8192, backend) == 2048
+        assert auto_anchor_chunk(1024, 65536, backend) == 256
+    assert auto_anchor_chunk(1024, 1024, "cpu") == 512
 
 
 def test_default_call_is_the_auto_chunk_program(monkeypatch):

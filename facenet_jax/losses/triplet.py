@@ -55,12 +55,16 @@ SUM_KEYS = ("loss_sum", "count", "num_triplets", "num_active", "d_ap_sum", "d_an
 STATS_KEYS = ("num_triplets", "num_active", "active_fraction", "mean_d_ap", "mean_d_an",
               "semihard_found_fraction", "embedding_spread")
 
-# With anchor_chunk=None, anchors are mined in blocks of at most this many [anchor, candidate]
-# entries (2 MB per [block, B] float32 array): a block's arrays stay in cache, and the
-# program's scratch memory under glibc's 32 MB ceiling for reusing freed memory, so a call
-# does not page-fault fresh buffers (on the 2-core CPU that halved the time at B = 1,024; see
-# docs/large_batch_mining.md). Every batch up to 724 runs in one block.
+# With anchor_chunk=None on the CPU, anchors are mined in blocks of at most this many
+# [anchor, candidate] entries (2 MB per [block, B] float32 array): a block's arrays stay in
+# cache, and the program's scratch memory under glibc's 32 MB ceiling for reusing freed
+# memory, so a call does not page-fault fresh buffers (on the 2-core CPU that halved the time
+# at B = 1,024; see docs/large_batch_mining.md). Every batch up to 724 runs in one block.
 AUTO_CHUNK_ELEMENTS = 1 << 19
+# On GPUs and TPUs blocks only bound memory (64 MB per float32 array; every batch up to 4,096
+# in one block, as before the CPU's small blocks): blocks run one after the other, and small
+# ones would leave an accelerator waiting on kernel launches. Not yet measured on one.
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
 
 # Soft batch-all has no closed form, so it loops over anchor chunks holding at most about this
 # many elements per [chunk, B, B] intermediate.
@@ -372,8 +376,9 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
     global mining over many devices) and, by default, for large batches. The same triplets,
     counts and stats; values and gradients equal up to float summation order. More than one
     block supports reverse-mode differentiation only (no jvp).
-    None (default): `auto_anchor_chunk`, blocks of at most AUTO_CHUNK_ELEMENTS entries (one
-    block for every batch up to 724); pass num_anchors for one block always.
+    None (default): `auto_anchor_chunk`, blocks of at most AUTO_CHUNK_ELEMENTS entries on the
+    CPU (one block for every batch up to 724), ACCELERATOR_CHUNK_ELEMENTS on GPUs and TPUs
+    (up to 4,096); pass num_anchors for one block always.
     candidate_mask: optional bool [B]; columns where it is False are neither positives nor
     negatives of any anchor (nor in the spread), e.g. the empty slots of a memory bank.
     """
@@ -403,11 +408,15 @@ def triplet_loss_sums(embeddings: jax.Array, labels: jax.Array, *, anchor_start:
                            anchor_start, num_anchors, anchor_chunk)
 
 
-def auto_anchor_chunk(num_anchors: int, num_candidates: int) -> int:
+def auto_anchor_chunk(num_anchors: int, num_candidates: int,
+                      backend: str | None = None) -> int:
     """anchor_chunk=None's block size: the fewest blocks of at most AUTO_CHUNK_ELEMENTS
-    [anchor, candidate] entries, evened out to a divisor of num_anchors when one lies within
+    [anchor, candidate] entries on the CPU (ACCELERATOR_CHUNK_ELEMENTS on other backends;
+    None: JAX's default backend), evened out to a divisor of num_anchors when one lies within
     twice that many blocks (a shorter last block is one more program to compile)."""
-    fewest = max(1, -(-num_anchors * num_candidates // AUTO_CHUNK_ELEMENTS))
+    backend = jax.default_backend() if backend is None else backend
+    limit = AUTO_CHUNK_ELEMENTS if backend == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    fewest = max(1, -(-num_anchors * num_candidates // limit))
     for blocks in range(fewest, min(2 * fewest, num_anchors) + 1):
         if num_anchors % blocks == 0:
             return num_anchors // blocks
