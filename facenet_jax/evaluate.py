@@ -135,14 +135,19 @@ def pixel_embeddings(images: np.ndarray) -> np.ndarray:
 RUN_SPLITS = ("train", "validation", "test")
 
 
+def check_run_split(split: str) -> None:
+    """ValueError naming the run's splits when `split` (--split) is not one of them."""
+    if split not in RUN_SPLITS:
+        raise ValueError(f"--split {split!r}: choose one of the run's splits {RUN_SPLITS}")
+
+
 def split_and_pairs(config: ml_collections.ConfigDict,
                     split_record: pathlib.Path | None = None, split: str = "test"
                     ) -> tuple[data.Dataset, data.Pairs]:
     """One split (RUN_SPLITS) of a config's data and its generated pairs (deterministic from
     seeds). `split_record`: a run's split.json; the split recomputed from the data must match.
     """
-    if split not in RUN_SPLITS:
-        raise ValueError(f"split must be one of {RUN_SPLITS}, got {split!r}")
+    check_run_split(split)
     splits = data.split_dataset(data.load_dataset(config.data), config.data)
     if split_record is not None:
         data.check_split_record(split_record, splits)
@@ -284,8 +289,7 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     if fold is not None and pairs_file is None:
         raise ValueError("--fold needs --pairs (and --data_root): it selects a fold of a pairs "
                          "file")
-    if split not in RUN_SPLITS:
-        raise ValueError(f"--split {split!r}: choose one of the run's splits {RUN_SPLITS}")
+    check_run_split(split)  # before loading anything
     if data_root is not None and split != "test":
         raise ValueError(f"--split {split} evaluates one of the run's own splits; with "
                          "--data_root the folder is evaluated instead: drop one of the two")

@@ -66,24 +66,26 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _keep_metric_rows(workdir: str | pathlib.Path,
+                      keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrites DIR/metrics.jsonl with the rows `keep` accepts (a torn last line dropped)."""
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return
+    kept = [row for row in read_metrics(workdir) if keep(row)]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
 def drop_metric_rows(workdir: str | pathlib.Path, step: int, prefix: str) -> None:
     """Drops the rows at `step` holding PREFIX/ keys: an evaluation about to be logged again
     at that step (a finished run re-run to re-score it) replaces its earlier row."""
-    path = pathlib.Path(workdir) / METRICS_FILE
-    rows = read_metrics(workdir)
-    kept = [row for row in rows if not (row.get("step") == step and any(
-        key.startswith(f"{prefix}/") for key in row))]
-    if len(kept) < len(rows):
-        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    _keep_metric_rows(workdir, lambda row: not (row.get("step") == step and any(
+        key.startswith(f"{prefix}/") for key in row)))
 
 
 def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
     """Keeps only rows with step ≤ last_step (and drops a torn last line)."""
-    path = pathlib.Path(workdir) / METRICS_FILE
-    if not path.exists():
-        return
-    kept = [row for row in read_metrics(workdir) if row.get("step", 0) <= last_step]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    _keep_metric_rows(workdir, lambda row: row.get("step", 0) <= last_step)
 
 
 class MetricsWriter:

@@ -134,7 +134,7 @@ def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
     a folder and a split together are refused."""
     import shutil
 
-    from facenet_jax import data, metrics
+    from facenet_jax import data, evaluate, metrics
     from facenet_jax.embed import load_encoder
 
     workdir, _ = straight_run
@@ -163,6 +163,8 @@ def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
          "train", "--data_root", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True,
         text=True, timeout=240)
     assert refused.returncode != 0 and "drop one of the two" in refused.stderr
+    with pytest.raises(ValueError, match="choose one of the run's splits"):
+        evaluate.split_and_pairs(encoder.config, split="val")
 
 
 def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path):

@@ -208,15 +208,16 @@ def _fixed_pair_sums(d: jax.Array, positive_column: jax.Array | None,
         d, jnp.minimum(positive_column, num_candidates - 1), axis=1)
     d_an = jnp.take_along_axis(d, negative_column, axis=1)
     weight = _term_weights(d_ap, d_an, has_term, margin, soft)
-    # Scatters into the flattened [A·B]: one index per update, not a (row, column) pair.
+    # Scatters into the flattened [A·B]: one index per update, not a (row, column) pair. A
+    # column is never both a positive and a negative of an anchor, so the two parts add apart.
     row_offset = num_candidates * jnp.arange(num_anchors, dtype=jnp.int32)[:, None]
-    d_cotangent = (jnp.zeros(num_anchors * num_candidates, d.dtype) if positive_column is None
-                   else jnp.zeros(num_anchors * num_candidates, d.dtype).at[
-                       (row_offset + positive_column).ravel()].add(weight.ravel(), mode="drop"))
-    d_cotangent = d_cotangent.at[(row_offset + negative_column).ravel()].add(-weight.ravel())
-    d_cotangent = d_cotangent.reshape(d.shape)
+    d_cotangent = jnp.zeros(num_anchors * num_candidates, d.dtype).at[
+        (row_offset + negative_column).ravel()].add(-weight.ravel())
     if positive_column is None:
-        d_cotangent = d_cotangent + weight
+        d_cotangent = d_cotangent.reshape(d.shape) + weight
+    else:
+        d_cotangent = d_cotangent.at[(row_offset + positive_column).ravel()].add(
+            weight.ravel(), mode="drop").reshape(d.shape)
     sums = {**_term_sums(d_ap, d_an, has_term, margin, soft),
             "semihard_found": jnp.sum(has_term & found, dtype=jnp.float32),
             "semihard_pairs": jnp.sum(has_term, dtype=jnp.float32)}
@@ -262,8 +263,7 @@ def _semihard_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margi
     sums, d_cotangent, margin_cotangent = lax.switch(
         branch, [from_slots(find) for find in by_slots] + [by_sort])
     loss_sum = _with_gradient(sums["loss_sum"], d, d_cotangent)
-    return {**sums, "loss_sum": loss_sum + margin_cotangent * (
-        margin - lax.stop_gradient(margin))}
+    return {**sums, "loss_sum": _with_gradient(loss_sum, margin, margin_cotangent)}
 
 
 def _hardest_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margin: Any,
@@ -440,42 +440,42 @@ def _sums_by_blocks(block_sums: BlockSums, embeddings: jax.Array, margin: jax.Ar
     num_blocks, tail = divmod(num_anchors, chunk)
     offsets = chunk * jnp.arange(num_blocks)
     tail_start = anchor_start + num_blocks * chunk
+    Gradient = tuple[jax.Array, jax.Array]  # with respect to (embeddings, margin)
 
-    def add(total: TripletSums, more: TripletSums) -> TripletSums:
+    def add(total: Any, more: Any) -> Any:
         return jax.tree.map(jnp.add, total, more)
 
+    def over_blocks(per_block: TripletSums) -> TripletSums:
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_block)
+
     def forward(embeddings: jax.Array, margin: jax.Array) -> TripletSums:
-        per_block = lax.map(lambda offset: block_sums(embeddings, margin, anchor_start + offset,
-                                                      chunk), offsets)
-        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_block)
+        sums = over_blocks(lax.map(lambda offset: block_sums(
+            embeddings, margin, anchor_start + offset, chunk), offsets))
         return add(sums, block_sums(embeddings, margin, tail_start, tail)) if tail else sums
 
     def with_gradient(embeddings: jax.Array, margin: jax.Array, start: Any, rows: int
-                      ) -> tuple[TripletSums, tuple[jax.Array, jax.Array]]:
+                      ) -> tuple[TripletSums, Gradient]:
         sums, pullback = jax.vjp(lambda e, m: block_sums(e, m, start, rows), embeddings, margin)
         seed = {name: jnp.ones_like(value) if name == "loss_sum" else jnp.zeros_like(value)
                 for name, value in sums.items()}
         return sums, pullback(seed)
 
     def forward_and_gradient(embeddings: jax.Array, margin: jax.Array
-                             ) -> tuple[TripletSums, tuple[jax.Array, jax.Array]]:
-        def step(gradient: tuple[jax.Array, jax.Array], offset: jax.Array
-                 ) -> tuple[tuple[jax.Array, jax.Array], TripletSums]:
+                             ) -> tuple[TripletSums, Gradient]:
+        def step(gradient: Gradient, offset: jax.Array) -> tuple[Gradient, TripletSums]:
             sums, block_gradient = with_gradient(embeddings, margin, anchor_start + offset,
                                                  chunk)
-            return jax.tree.map(jnp.add, gradient, block_gradient), sums
+            return add(gradient, block_gradient), sums
 
         zero = (jnp.zeros_like(embeddings), jnp.zeros_like(margin))
         gradient, per_block = lax.scan(step, zero, offsets)
-        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_block)
+        sums = over_blocks(per_block)
         if tail:
             tail_sums, tail_gradient = with_gradient(embeddings, margin, tail_start, tail)
-            sums, gradient = add(sums, tail_sums), jax.tree.map(jnp.add, gradient,
-                                                                  tail_gradient)
+            sums, gradient = add(sums, tail_sums), add(gradient, tail_gradient)
         return sums, gradient
 
-    def backward(gradient: tuple[jax.Array, jax.Array],
-                 cotangent: TripletSums) -> tuple[jax.Array, jax.Array]:
+    def backward(gradient: Gradient, cotangent: TripletSums) -> Gradient:
         return tuple(cotangent["loss_sum"] * g for g in gradient)
 
     blocked = jax.custom_vjp(forward)
