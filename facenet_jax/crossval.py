@@ -23,8 +23,9 @@ the training people is the honest place to choose it.
 
 Re-running the command skips finished folds (their eval_crossval.json recorded with the same
 config), resumes unfinished ones from their checkpoints (each D/fold_k is a normal run folder)
-and rewrites the summary: D/crossval.json (per fold and mean ± std, population std over the
-folds), D/crossval.md (the table) and D/crossval.png (per-fold bars).
+and rewrites the summary: D/crossval.json (per fold, and mean ± sample std over the folds,
+ddof = 1: a spread across runs, see `reporting`; null for one fold), D/crossval.md (the table;
+"n=1" for one fold) and D/crossval.png (per-fold bars).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import data, plots, runfiles
+from facenet_jax import data, plots, reporting, runfiles
 from facenet_jax.config import (EXCLUDE_FOLD_KEY, changed_keys, json_safe, set_dotted,
                                 to_plain)
 from facenet_jax.data.folder import scan_folder
@@ -204,43 +205,46 @@ def fold_row(workdir: pathlib.Path, fold: int) -> dict[str, Any]:
     return row
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{"mean": {key: mean over folds}, "std": {key: population std (ddof=0)}} of the table's
-    columns and the training time."""
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{"mean": {key: mean over folds}, "std": {key: sample std over folds (ddof=1; None for
+    one fold)}, "n": {key: folds with a value}} of the table's columns and the training time
+    (a spread across runs: reporting.sample_std)."""
     keys = [key for key, _, _ in COLUMNS] + ["train_seconds"]
-    stats: dict[str, dict[str, float]] = {"mean": {}, "std": {}}
+    stats: dict[str, dict[str, Any]] = {"mean": {}, "std": {}, "n": {}}
     for key in keys:
-        values = np.array([row[key] for row in rows if row.get(key) is not None], np.float64)
-        if values.size:
-            stats["mean"][key], stats["std"][key] = float(values.mean()), float(values.std())
+        values = [float(row[key]) for row in rows if row.get(key) is not None]
+        if values:
+            stats["mean"][key] = float(np.mean(values))
+            stats["std"][key] = reporting.sample_std(values)
+            stats["n"][key] = len(values)
     return stats
 
 
 def format_table(rows: Sequence[dict[str, Any]], stats: dict[str, dict[str, float]]) -> str:
-    """The markdown table: one row per fold, then mean ± std."""
+    """The markdown table: one row per fold, then mean ± sample std (n=1 for one fold)."""
     head = ["fold"] + [name for _, name, _ in COLUMNS] + ["threshold", "training (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         val = f"{row['roc_val@far=1e-3']:.4f}" + (
-            "" if row["roc_val@far=1e-3_resolved"] else "*")
+            reporting.UNRESOLVED_MARK if reporting.unresolved(row, "roc_val@far=1e-3") else "")
         seconds = row["train_seconds"]
         lines.append(f"| {row['fold']} | {row['accuracy']:.4f} | {val} | {row['auc']:.4f} | "
                      f"{row['threshold']:.4f} | "
                      f"{'n/a' if seconds is None else f'{seconds:.0f}'} |")
-    mean, std = stats["mean"], stats["std"]
-
     def both(key: str, fmt: str) -> str:
-        return f"{mean[key]:{fmt}} ± {std[key]:{fmt}}" if key in mean else "n/a"
+        return reporting.format_spread(stats["mean"].get(key), stats["std"].get(key),
+                                       stats["n"].get(key, 0), fmt)
 
-    lines.append(f"| **mean ± std** | **{both('accuracy', '.4f')}** | "
+    lines.append(f"| **mean ± sample std** | **{both('accuracy', '.4f')}** | "
                  f"{both('roc_val@far=1e-3', '.4f')} | {both('auc', '.4f')} | | "
                  f"{both('train_seconds', '.0f')} |")
     notes = [f"- {name}: {rule}." for _, name, rule in COLUMNS]
-    if any(not row["roc_val@far=1e-3_resolved"] for row in rows):
-        notes.append("- \\* unresolved: the fold has fewer than 1,000 different pairs, so "
-                     "FAR ≤ 1e-3 means no different pair accepted.")
-    notes.append("- std: population std (ddof=0) over the folds; training (s): wall time of "
-                 "the attempt that finished the fold, data loading and compile included.")
+    if any(reporting.unresolved(row, "roc_val@far=1e-3") for row in rows):
+        notes.append("- " + reporting.unresolved_note("1e-3") + " Here that threshold is "
+                     "read off the fold's own pairs.")
+    notes.append("- sample std: the standard deviation over the folds with ddof=1 (n=1: one "
+                 "fold, no spread); training (s): wall time of the attempt that finished the "
+                 "fold, data loading and compile included.")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

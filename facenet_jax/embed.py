@@ -124,7 +124,9 @@ class Encoder:
     def threshold_info(self) -> dict[str, Any]:
         """The run's verification threshold: {"threshold", "distance", "split" (where it was
         chosen: "validation", or "test" for runs without a validation evaluation), "step",
-        "source" (the file)}; see evaluate.run_threshold."""
+        "source" (the file), "num_identities", "num_pairs", "num_different_pairs" (what it was
+        chosen on), "warning" (below 20 identities or 200 different pairs, else None)}; see
+        evaluate.run_threshold."""
         from facenet_jax import evaluate
 
         if self.workdir is None:

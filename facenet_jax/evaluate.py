@@ -4,8 +4,11 @@
         [--fold K] [--threshold T|run]
     python -m facenet_jax.evaluate --workdir DIR --split train|validation|test
     python -m facenet_jax.evaluate --baseline pixels --config CONFIG [--config.KEY=VALUE ...]
+        --output FILE
+    python -m facenet_jax.evaluate --baseline pixels --workdir DIR     # → DIR/eval_pixels.json
     python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names lfw,...]
-    python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC
+        [--output FILE]
+    python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC [--output FILE]
 
 Verification on LFW-style 10-fold pairs (accuracy ± std, VAL@FAR, ROC AUC, EER), retrieval
 (Recall@K, R-precision, MAP@R) and one-shot identification, written as JSON plus figures (ROC
@@ -33,11 +36,12 @@ import numpy as np
 
 # verification_sets and ijb register their benchmark evaluators on import, in the order the CLI
 # runs them.
-from facenet_jax import data, metrics, plots, runfiles, verification_sets, ijb  # noqa: F401,I001
+from facenet_jax import (data, metrics, plots, reporting, runfiles,  # noqa: F401,I001
+                         verification_sets, ijb)
 from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
 from facenet_jax.evaluators import (BASELINE_EVALUATORS, BENCHMARK_EVALUATORS,
                                     selected_benchmarks)
-from facenet_jax.data.alignment import alignment_mismatch
+from facenet_jax.data.alignment import alignment_mismatch, run_alignment
 from facenet_jax.logs import cli_logging, one_line_user_errors
 from facenet_jax.runfiles import EVAL_FILE, SPLIT_FILE, VALIDATION_EVAL_FILE
 
@@ -57,10 +61,12 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
     """All metrics from embeddings [N,D] and integer labels [N] (pairs index into them).
 
     threshold None: the k-fold protocol (metrics.evaluate_embeddings) plus, per VAL@FAR target,
-    `val@far=T_resolved` (False when the training folds hold fewer than 1/T different pairs,
-    see metrics.far_resolution). A threshold: verification at it (accuracy, tar, far), AUC, EER
+    `val@far=T_resolved` (metrics.val_resolution: False when the training folds hold fewer
+    than 1/T different pairs). A threshold: verification at it (accuracy, tar, far), AUC, EER
     and `roc_val@far=T` (metrics.val_on_roc, with `roc_val@far=T_resolved`).
-    identification: "all" images, only the identities the "pairs" use, or "none".
+    identification: "all" images, only the identities the "pairs" use, or "none". Both ways,
+    `num_pair_identities` and `num_different_pairs` (metrics.pair_counts): what a threshold
+    chosen on these pairs rests on.
     """
     if identification not in ("all", "pairs", "none"):
         raise ValueError(f"identification must be 'all', 'pairs' or 'none', got "
@@ -69,9 +75,7 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
         result = metrics.evaluate_embeddings(embeddings, labels, pairs.first, pairs.second,
                                              pairs.is_same, pairs.fold, distance=distance,
                                              include_identification=identification == "all")
-        resolution = metrics.far_resolution(pairs.is_same, pairs.fold)
-        result.update({f"val@far={name}_resolved": resolution * target >= 1
-                       for name, target in metrics.VAL_FAR_TARGETS.items()})
+        result.update(metrics.val_resolution(pairs.is_same, pairs.fold))
     else:
         d = metrics.pair_distances(embeddings, pairs.first, pairs.second, distance)
         result = metrics.verification_at_threshold(d, pairs.is_same, threshold)
@@ -86,6 +90,7 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
             result[f"roc_val@far={name}_resolved"] = different * target >= 1
         if identification == "all":
             result.update(metrics.identification_metrics(embeddings, labels, distance=distance))
+    result.update(metrics.pair_counts(labels, pairs.first, pairs.second, pairs.is_same))
     if identification == "pairs":
         used = np.isin(labels, labels[np.concatenate([pairs.first, pairs.second])])
         result.update(metrics.identification_metrics(embeddings[used], labels[used],
@@ -105,13 +110,36 @@ def select_fold(pairs: data.Pairs, fold: int) -> data.Pairs:
                       pairs.fold[keep])
 
 
+# Below these, a threshold says more about the few people it was chosen on than about the next
+# ones (an ORL run's came from 4 people and accepted a quarter of different pairs).
+MIN_THRESHOLD_IDENTITIES = 20
+MIN_THRESHOLD_DIFFERENT_PAIRS = 200
+
+
+def threshold_warning(num_identities: int | None, num_different_pairs: int | None
+                      ) -> str | None:
+    """A warning when a threshold was chosen on fewer than MIN_THRESHOLD_IDENTITIES identities
+    or MIN_THRESHOLD_DIFFERENT_PAIRS different pairs, else None (also when not recorded)."""
+    few = [f"{count} {what} (fewer than {minimum})" for count, what, minimum in (
+        (num_identities, "identities", MIN_THRESHOLD_IDENTITIES),
+        (num_different_pairs, "different pairs", MIN_THRESHOLD_DIFFERENT_PAIRS))
+        if count is not None and count < minimum]
+    if not few:
+        return None
+    return (f"the threshold was chosen on {' and '.join(few)}: its false-accept rate on other "
+            "people is barely estimated; give the run a larger validation split "
+            "(data.split.validation) or pass --threshold T")
+
+
 def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
     """The verification threshold a run chose, with what it was chosen on.
 
     From DIR/eval_validation.json (the k-fold threshold on the run's validation pairs at the
     last step), else DIR/eval.json (runs without a validation split, or older than that file:
     chosen on the test split, said so). Returns {"threshold", "distance", "split", "step",
-    "source"}; FileNotFoundError when the run has neither (it never finished).
+    "source", "num_identities", "num_pairs", "num_different_pairs" (None where the file does
+    not record them), "warning" (`threshold_warning`: logged too)}; FileNotFoundError when the
+    run has neither (it never finished).
     """
     workdir = pathlib.Path(workdir)
     for name in (VALIDATION_EVAL_FILE, EVAL_FILE):
@@ -119,8 +147,16 @@ def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("threshold") is not None and "split" in saved:
+                counts = {"num_identities": saved.get("num_pair_identities"),
+                          "num_pairs": saved.get("num_pairs"),
+                          "num_different_pairs": saved.get("num_different_pairs")}
+                warning = threshold_warning(counts["num_identities"],
+                                            counts["num_different_pairs"])
+                if warning:
+                    logging.warning("%s: %s", path, warning)
                 return {"threshold": float(saved["threshold"]), "distance": saved["distance"],
-                        "split": saved["split"], "step": saved.get("step"), "source": str(path)}
+                        "split": saved["split"], "step": saved.get("step"), "source": str(path),
+                        **counts, "warning": warning}
     raise FileNotFoundError(
         f"{workdir} holds no {VALIDATION_EVAL_FILE} or {EVAL_FILE} with a threshold (the run "
         "has not finished); pass a threshold explicitly (--threshold T)")
@@ -223,8 +259,11 @@ def figure_title(result: dict[str, Any], output: pathlib.Path) -> str:
 
 def val_operating_points(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """{"VAL@FAR=1e-3": (held-out FAR, VAL), ...} for the ROC figure (FAR > 0 only: a log
-    axis cannot show 0)."""
-    return {f"VAL@FAR={name}": (result[f"far@far={name}"], result[f"val@far={name}"])
+    axis cannot show 0); an unresolved target is labelled so (the legend also gives the point's
+    actual FAR, which then can be far above the target)."""
+    return {f"VAL@FAR={name}" + (" (unresolved)" if reporting.unresolved(
+                result, f"val@far={name}") else ""):
+            (result[f"far@far={name}"], result[f"val@far={name}"])
             for name in metrics.VAL_FAR_TARGETS if (result.get(f"far@far={name}") or 0) > 0}
 
 
@@ -306,10 +345,12 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
     if data_root is None:
         test, pairs = split_and_pairs(config, workdir / SPLIT_FILE, split)
     else:
-        mismatch = alignment_mismatch(config.data.alignment, data_root)
+        mismatch = alignment_mismatch(run_alignment(config.data), data_root,
+                                      config.data.center_crop)
         if mismatch:
             warnings.warn(mismatch, UserWarning, stacklevel=2)
             logging.warning(mismatch)
+        extra["alignment_mismatch"] = mismatch
         test = data.load_folder_as_configured(data_root, config.data, min_images_per_identity=1)
         pairs = (data.read_pairs(pairs_file, test) if pairs_file is not None
                  else generated_pairs(config, test, "folder"))
@@ -327,6 +368,7 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
         threshold = chosen["threshold"]
         extra["threshold_source"] = (f"the run's {chosen['split']} split at step "
                                      f"{chosen['step']} ({chosen['source']})")
+        extra["threshold_warning"] = chosen["warning"]
     elif threshold is not None:
         threshold = float(threshold)
         extra["threshold_source"] = "given (--threshold)"
@@ -359,14 +401,15 @@ def evaluation_target(data_root: str | None, pairs_file: str | None,
 
 def _check_output_holds_the_same_evaluation(output: pathlib.Path, data_root: str | None,
                                             pairs_file: str | None, fold: int | None = None,
-                                            split: str = "test") -> None:
+                                            split: str = "test", baseline: str | None = None
+                                            ) -> None:
     """Refuses to replace an evaluation of something else (e.g. the run's test-split eval.json,
-    which sweeps read, by an LFW evaluation), before loading anything."""
+    which sweeps read, by an LFW evaluation or a `baseline`), before loading anything."""
     if not output.exists():
         return
-    wanted = evaluation_target(data_root, pairs_file, fold, split)
+    wanted = {**evaluation_target(data_root, pairs_file, fold, split), "baseline": baseline}
     saved = json.loads(output.read_text())
-    held = {key: saved.get(key) for key in ("split", "data_root", "pairs", "fold")
+    held = {key: saved.get(key) for key in ("split", "data_root", "pairs", "fold", "baseline")
             if saved.get(key)}
     if held != {key: value for key, value in wanted.items() if value}:
         suggestion = output.with_name(f"eval_{pathlib.Path(data_root or 'test').name}.json")
@@ -376,6 +419,8 @@ def _check_output_holds_the_same_evaluation(output: pathlib.Path, data_root: str
 
 
 def _describe(target: dict[str, Any]) -> str:
+    if target.get("baseline"):
+        return f"the {target['baseline']} baseline of a config's test split"
     if target.get("split"):
         return f"the run's {target['split']} split"
     pairs = target.get("pairs")
@@ -395,8 +440,8 @@ def format_summary(result: dict[str, Any]) -> str:
                 else f"{value:.4f}")
 
     def resolved(name: str) -> str:
-        return ("" if result.get(f"val@far={name}_resolved", True) else
-                f" [unresolved: under 1/{name} different pairs in the training folds]")
+        return (f" [unresolved: under 1/{name} different pairs in the training folds]"
+                if reporting.unresolved(result, f"val@far={name}") else "")
 
     if "threshold_source" in result:
         lines = [
@@ -406,6 +451,8 @@ def format_summary(result: dict[str, Any]) -> str:
             f"{pct('tar')}  FAR {pct('far')}",
             f"AUC {result['auc']:.4f}  EER {pct('eer')}",
         ]
+        if result.get("threshold_warning"):
+            lines.append(f"warning: {result['threshold_warning']}")
     else:
         lines = [
             f"verification ({result['num_folds']}-fold, {result['num_pairs']} pairs, "
@@ -448,14 +495,14 @@ def main(argv: list[str]) -> None:
         _run_benchmarks(flags_)
         return
     if flags_.baseline is not None:
-        if flags_.config is None:
-            raise ValueError(f"--baseline {flags_.baseline} needs --config CONFIG (the run it "
-                             "floors)")
-        output = pathlib.Path(flags_.output or f"eval_{flags_.baseline}.json")
-        result = BASELINE_EVALUATORS.get(flags_.baseline)(flags_.config, output)
+        config, output = baseline_inputs(flags_.baseline, flags_.config, flags_.workdir,
+                                         flags_.output)
+        _check_output_holds_the_same_evaluation(output, None, None, baseline=flags_.baseline)
+        result = BASELINE_EVALUATORS.get(flags_.baseline)(config, output)
     else:
         if flags_.workdir is None:
-            raise ValueError("give --workdir DIR (a trained run) or --baseline pixels --config")
+            raise ValueError("give --workdir DIR (a trained run) or --baseline pixels "
+                             "--config CONFIG --output FILE")
         if flags_.pairs is not None and flags_.data_root is None:
             raise ValueError("--pairs needs --data_root (the image folder it names)")
         workdir = pathlib.Path(flags_.workdir)
@@ -468,22 +515,48 @@ def main(argv: list[str]) -> None:
     print(f"wrote {output}")
 
 
+def baseline_inputs(baseline: str, config: ml_collections.ConfigDict | None,
+                    workdir: str | None, output: str | None
+                    ) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
+    """The config a `--baseline` floors and where it writes, as the other modes: `--workdir
+    DIR` floors that run (its recorded config) → DIR/eval_<baseline>.json; `--config CONFIG`
+    needs `--output FILE` (no run folder to write under; never the current directory)."""
+    if (config is None) == (workdir is None):
+        raise ValueError(f"--baseline {baseline} floors one run: give --workdir DIR (a trained "
+                         "run, its config) or --config CONFIG with --output FILE, not "
+                         f"{'both' if config is not None else 'neither'}")
+    if workdir is not None:
+        return (runfiles.load_run_config(workdir),
+                pathlib.Path(output) if output else pathlib.Path(workdir) /
+                f"eval_{baseline}.json")
+    if output is None:
+        raise ValueError(f"--baseline {baseline} --config CONFIG writes a JSON and two figures: "
+                         f"give --output FILE (e.g. runs/NAME/eval_{baseline}.json), or "
+                         "--workdir DIR instead of --config to write under that run")
+    return config, pathlib.Path(output)
+
+
 def _run_benchmarks(flags_: Any) -> None:
     """The selected benchmark evaluators (e.g. --verification_sets FOLDER, --ijb ROOT) on DIR's
-    latest checkpoint, flip on unless --noflip (as the field evaluates them)."""
+    latest checkpoint, flip on unless --noflip (as the field evaluates them); --output when
+    only one runs."""
     benchmarks = [BENCHMARK_EVALUATORS.get(name) for name in BENCHMARK_EVALUATORS.names()]
     selected = " / ".join(f"--{evaluator.flag}" for evaluator in benchmarks)
     if flags_.workdir is None:
         raise ValueError(f"{selected} need --workdir DIR (a trained run)")
-    unused = [f"--{name}" for name in ("data_root", "pairs", "output", "baseline", "fold",
-                                       "threshold")
+    unused = [f"--{name}" for name in ("data_root", "pairs", "baseline", "fold", "threshold")
               if getattr(flags_, name) is not None]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used with {selected} (they write "
                          f"{', '.join(evaluator.writes for evaluator in benchmarks)}): "
                          "run them as a separate command")
+    chosen = selected_benchmarks(flags_)
+    if flags_.output is not None and len(chosen) > 1:
+        raise ValueError(f"--output names one file, but {len(chosen)} benchmarks run: give "
+                         f"{' and '.join(f'--{evaluator.flag}' for evaluator in chosen)} "
+                         "separate commands, each with its --output")
     flip = True if flags_.flip is None else flags_.flip
-    for evaluator in selected_benchmarks(flags_):
+    for evaluator in chosen:
         print(evaluator.run(flags_, flip))
 
 
@@ -496,8 +569,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "trained run folder")
     flags.DEFINE_string("data_root", None, "image folder to evaluate instead of the test split")
     flags.DEFINE_string("pairs", None, "LFW-format pairs file for --data_root")
-    flags.DEFINE_string("output", None, "output JSON (default DIR/eval.json or "
-                        "./eval_pixels.json)")
+    flags.DEFINE_string("output", None, "output JSON (default DIR/eval.json, "
+                        "DIR/eval_verification_sets.json, DIR/eval_<ijb>.json or, for "
+                        "--baseline with --workdir, DIR/eval_pixels.json)")
     flags.DEFINE_enum("split", "test", list(RUN_SPLITS), "without --data_root: which of the "
                       "run's splits to evaluate (train: how well it separates the people it "
                       "trained on) → DIR/eval.json, eval_validation.json or eval_train.json")

@@ -347,11 +347,15 @@ def output_path(workdir: str | pathlib.Path, name: str) -> pathlib.Path:
 
 
 def _run_from_flags(flags: Any, flip: bool) -> str:
-    """`python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC`."""
+    """`python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC
+    [--output FILE]`."""
+    output = pathlib.Path(flags.output) if flags.output else output_path(flags.workdir,
+                                                                         flags.ijb_name)
     result = evaluate_workdir_ijb(flags.workdir, flags.ijb, flags.ijb_name, flip=flip,
-                                  use_detector_score=flags.ijb_detector_score)
-    return f"{format_ijb_summary(result)}\nwrote {output_path(flags.workdir, flags.ijb_name)}"
+                                  use_detector_score=flags.ijb_detector_score, output=output)
+    return f"{format_ijb_summary(result)}\nwrote {output}"
 
 
-BENCHMARK_EVALUATORS.add("ijb", BenchmarkEvaluator(flag="ijb", writes="DIR/eval_<ijb>.json",
+BENCHMARK_EVALUATORS.add("ijb", BenchmarkEvaluator(flag="ijb",
+                                                   writes="--output or DIR/eval_<ijb>.json",
                                                    run=_run_from_flags))

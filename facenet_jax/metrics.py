@@ -341,6 +341,25 @@ def far_resolution(is_same: Any, folds: Any) -> int:
     return min(int(np.sum(~same[folds != fold])) for fold in np.unique(folds))
 
 
+def val_resolution(is_same: Any, folds: Any) -> dict[str, bool]:
+    """{"val@far=T_resolved": ...} per VAL_FAR_TARGETS: False when some fold's training folds
+    hold fewer than 1/T different pairs (`far_resolution`), so that VAL@FAR=T is the TAR at
+    which no training different pair is accepted and its held-out FAR can be far above T."""
+    resolution = far_resolution(is_same, folds)
+    return {f"val@far={name}_resolved": resolution * target >= 1
+            for name, target in VAL_FAR_TARGETS.items()}
+
+
+def pair_counts(labels: Any, first: Any, second: Any, is_same: Any) -> dict[str, int]:
+    """What a threshold chosen on these pairs rests on: {"num_pair_identities": identities
+    among the paired images, "num_different_pairs"} (labels [N], first/second [M] row
+    indices, is_same [M])."""
+    labels = np.asarray(labels)
+    paired = labels[np.concatenate([np.asarray(first), np.asarray(second)])]
+    return {"num_pair_identities": int(len(np.unique(paired))),
+            "num_different_pairs": int(np.sum(~_bool_vector(is_same, "is_same")))}
+
+
 def roc_curve(distances: Any, is_same: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC over all pairs at every achievable threshold.
 

@@ -56,7 +56,8 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
     log_far: FAR on a log axis (points with FAR = 0 cannot be drawn there and are left out),
     the view that shows VAL at FAR = 1e-3 / 1e-2; far_min: its left end (default: the smallest
     FAR > 0 on the curve). points: operating points {label: (far, tar)} marked on the curve
-    (e.g. VAL@FAR=1e-3, TAR@FAR=1e-4).
+    (e.g. VAL@FAR=1e-3, TAR@FAR=1e-4), each labelled with its TAR and its actual FAR (a point
+    named for a FAR target can sit elsewhere: an unresolved VAL@FAR).
     """
     far, tar = np.asarray(far, dtype=np.float64), np.asarray(tar, dtype=np.float64)
     if far.ndim != 1 or far.shape != tar.shape:
@@ -71,7 +72,7 @@ def roc_figure(far: Any, tar: Any, *, label: str | None = None, auc: float | Non
         ax.plot([eer], [1 - eer], "o", color="C3", ms=6, label="equal error rate")
     for i, (name, (point_far, point_tar)) in enumerate((points or {}).items()):
         ax.plot([point_far], [point_tar], "sD^v<>"[i % 6], color=f"C{(i + 4) % 10}", ms=6,
-                label=f"{name}: TAR {point_tar:.4f}")
+                label=f"{name}: TAR {point_tar:.4f} at FAR {point_far:.1e}")
     if log_far:
         ax.set_xscale("log")
         positive = far[far > 0]

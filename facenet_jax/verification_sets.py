@@ -6,7 +6,12 @@
 
 A `.bin` file is a pickle written by Python 2: a tuple (list of encoded images, list of
 is-same flags), images 2i and 2i + 1 forming pair i, 112×112 aligned crops. It is read with the
-restricted unpickler of `safe_pickle` (a crafted file cannot run code). Pairs fall into 10
+restricted unpickler of `safe_pickle` (a crafted file cannot run code). Each image is then
+preprocessed exactly as the run's folder loader preprocesses files (`data.center_crop`, then
+`data.image_size`: `data.folder.resize_array`). A `.bin` records no alignment: the five known
+sets are insightface's 5-landmark 112 px crops, any other is "unknown"; where that differs from
+the crops the run expects (`data.alignment.run_alignment`), it is logged and recorded
+(`alignment_mismatch`). Pairs fall into 10
 folds of contiguous pairs (as sklearn's KFold(10, shuffle=False) in insightface's
 `verification.py`); each set is scored with `metrics.evaluate_embeddings` (10-fold accuracy ±
 std, VAL@FAR, AUC, EER). The field embeds each image and its mirror image and adds the two
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -25,14 +31,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from facenet_jax import metrics, runfiles
+from facenet_jax import metrics, reporting, runfiles
 from facenet_jax.evaluators import BENCHMARK_EVALUATORS, BenchmarkEvaluator
 from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax.data.alignment import crops_mismatch, run_alignment
 from facenet_jax.data.folder import resize_array
 from facenet_jax.data.pairs import Pairs
 from facenet_jax.safe_pickle import load_data_pickle
 
 SET_NAMES = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")  # the column order papers use
+# What the known sets hold (insightface's crops); any other .bin records nothing: unknown.
+KNOWN_SET_ALIGNMENT = {"mode": "landmarks", "image_size": 112}
 NUM_FOLDS = 10
 OUTPUT_FILE = "eval_verification_sets.json"
 TABLE_FILE = "eval_verification_sets.md"
@@ -42,12 +51,14 @@ ImageEmbedder = Callable[[np.ndarray], np.ndarray]  # uint8 [N,S,S,3] -> float [
 @dataclasses.dataclass
 class VerificationSet:
     """One `.bin` set: images uint8 [2M, S, S, 3] (pair i = rows 2i, 2i + 1), is_same bool [M],
-    source_size: the side of the images as stored (before any resize)."""
+    source_size: the side of the images as stored (before any resize), center_crop: the
+    fraction of the shorter side kept before resizing (the run's data.center_crop)."""
 
     name: str
     images: np.ndarray
     is_same: np.ndarray
     source_size: int
+    center_crop: float | None = None
 
     def pairs(self, num_folds: int = NUM_FOLDS) -> Pairs:
         """Pairs (2i, 2i + 1) in NUM_FOLDS folds of contiguous pairs, the first M mod k folds
@@ -70,10 +81,13 @@ def _decode(encoded: bytes, index: int, source: str) -> np.ndarray:
                          f"({error}); the file is corrupt: download it again") from None
 
 
-def read_bin(path: str | pathlib.Path, image_size: int) -> VerificationSet:
+def read_bin(path: str | pathlib.Path, image_size: int, center_crop: float | None = None
+             ) -> VerificationSet:
     """Reads an insightface `.bin` file into a VerificationSet at image_size × image_size.
 
-    Images of another size are resized (bilinear, as the folder loader does) with one log line.
+    Each image is preprocessed as the folder loader preprocesses a file (`resize_array`: the
+    central square of `center_crop` × the shorter side, then a bilinear resize), said in one
+    log line whenever that changes the stored images.
     Errors name the problem: not a data pickle (refused, nothing run), wrong structure, a flag
     count that is not half the image count, a corrupt image (its index).
     """
@@ -93,13 +107,15 @@ def read_bin(path: str | pathlib.Path, image_size: int) -> VerificationSet:
                          "2 images per pair and at least one pair")
     decoded = [_decode(b, i, str(path)) for i, b in enumerate(encoded)]
     shapes = {image.shape[:2] for image in decoded}
-    if shapes != {(image_size, image_size)}:
-        logging.info("%s: images of %s px resized to %d px (the model's data.image_size)",
-                     path.name, sorted(shapes), image_size)
-        decoded = [resize_array(image, image_size) if image.shape[:2] != (image_size,) * 2
-                   else image for image in decoded]
+    if center_crop is not None or shapes != {(image_size, image_size)}:
+        cropped = ("" if center_crop is None else
+                   f"the central {center_crop:g} kept (the run's data.center_crop), ")
+        logging.info("%s: images of %s px: %sresized to %d px (data.image_size), as the run's "
+                     "folder loader does", path.name, sorted(shapes), cropped, image_size)
+        decoded = [resize_array(image, image_size, center_crop) for image in decoded]
     source_size = max(max(shape) for shape in shapes)
-    return VerificationSet(path.stem, np.stack(decoded), is_same.astype(bool), source_size)
+    return VerificationSet(path.stem, np.stack(decoded), is_same.astype(bool), source_size,
+                           center_crop)
 
 
 def find_sets(folder: str | pathlib.Path, names: Sequence[str] | None = None
@@ -135,21 +151,43 @@ def parse_names(names: str | Sequence[str] | None) -> list[str] | None:
     return [part.strip() for part in parts if part.strip()]
 
 
-def load_sets(folder: str | pathlib.Path, names: str | Sequence[str] | None, image_size: int
-              ) -> list[VerificationSet]:
-    """Every requested set of `folder`, decoded at image_size (see `read_bin`)."""
-    return [read_bin(path, image_size) for path in find_sets(folder, parse_names(names)).values()]
+def load_sets(folder: str | pathlib.Path, names: str | Sequence[str] | None, image_size: int,
+              center_crop: float | None = None) -> list[VerificationSet]:
+    """Every requested set of `folder`, preprocessed as the run's files (see `read_bin`)."""
+    return [read_bin(path, image_size, center_crop)
+            for path in find_sets(folder, parse_names(names)).values()]
+
+
+def set_alignment(name: str) -> dict[str, Any] | None:
+    """What a set's crops are: KNOWN_SET_ALIGNMENT for the five known names, None (unknown)
+    for any other `.bin`."""
+    return dict(KNOWN_SET_ALIGNMENT) if name in SET_NAMES else None
+
+
+def alignment_facts(name: str, data_config: Any) -> dict[str, Any]:
+    """{"alignment": "landmarks, 112 px" | "unknown", "alignment_mismatch": text | None} of set
+    `name` against the crops a run of `data_config` expects; a mismatch is logged."""
+    record = set_alignment(name)
+    mismatch = crops_mismatch(run_alignment(data_config), record, f"{name}.bin",
+                              data_config.get("center_crop"))
+    if mismatch:
+        logging.warning(mismatch)
+    described = "unknown" if record is None else f"{record['mode']}, {record['image_size']} px"
+    return {"alignment": described, "alignment_mismatch": mismatch}
 
 
 def evaluate_set(embed_images: ImageEmbedder, vset: VerificationSet, *, distance: str
                  ) -> dict[str, Any]:
-    """The eval.json verification keys of one set (no identities: no retrieval metrics)."""
+    """The eval.json verification keys of one set, with the VAL@FAR resolution flags
+    (metrics.val_resolution), as the folder path; no identities: no retrieval metrics."""
     embeddings = embed_images(vset.images)
     pairs = vset.pairs()
     result = metrics.evaluate_embeddings(
         embeddings, np.arange(len(embeddings)), pairs.first, pairs.second, pairs.is_same,
         pairs.fold, distance=distance, include_identification=False)
-    return {**result, "num_images": int(len(vset.images)), "source_image_size": vset.source_size}
+    result.update(metrics.val_resolution(pairs.is_same, pairs.fold))
+    return {**result, "num_images": int(len(vset.images)), "source_image_size": vset.source_size,
+            "center_crop": vset.center_crop}
 
 
 def training_metrics(embed_images: ImageEmbedder, sets: Sequence[VerificationSet], *,
@@ -160,9 +198,11 @@ def training_metrics(embed_images: ImageEmbedder, sets: Sequence[VerificationSet
             for vset in sets}
 
 
-def configured_sets(eval_config: Any, image_size: int) -> list[VerificationSet]:
+def configured_sets(eval_config: Any, image_size: int, data_config: Any = None
+                    ) -> list[VerificationSet]:
     """The sets `config.eval.verification_sets` (a folder; None: none) names, loaded once at the
-    start of training so a bad folder or file fails before anything compiles."""
+    start of training so a bad folder or file fails before anything compiles. data_config
+    (`config.data`): preprocess them as its files (center_crop) and log alignment mismatches."""
     folder = eval_config.get("verification_sets")
     if not folder:
         if eval_config.get("verification_set_names"):
@@ -170,17 +210,27 @@ def configured_sets(eval_config: Any, image_size: int) -> list[VerificationSet]:
                              "eval.verification_sets (the folder of .bin files) is not; pass "
                              "--config.eval.verification_sets=FOLDER")
         return []
+    center_crop = None if data_config is None else data_config.get("center_crop")
     try:
-        return load_sets(folder, eval_config.get("verification_set_names"), image_size)
+        sets = load_sets(folder, eval_config.get("verification_set_names"), image_size,
+                         center_crop)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"config.eval.verification_sets: {error}") from None
+    if data_config is not None:
+        for vset in sets:
+            alignment_facts(vset.name, data_config)
+    return sets
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """The papers' row (accuracy % per set) and one row per set with the other numbers."""
+    """The papers' row (accuracy % per set) and one row per set with the other numbers; an
+    unresolved VAL@FAR carries reporting.UNRESOLVED_MARK and its note."""
     names = list(results)
     def pct(value: Any) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}"
+
+    def val(r: Mapping[str, Any], key: str) -> str:
+        return pct(r[key]) + (reporting.UNRESOLVED_MARK if reporting.unresolved(r, key) else "")
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
              "| " + " | ".join(pct(results[n]["accuracy"]) for n in names) + " |", "",
              "| set | pairs | accuracy % | ± std | VAL@FAR=1e-3 % | VAL@FAR=1e-2 % | AUC | EER % "
@@ -188,9 +238,16 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     for name in names:
         r = results[name]
         lines.append(f"| {name} | {r['num_pairs']} | {pct(r['accuracy'])} | "
-                     f"{pct(r['accuracy_std'])} | {pct(r['val@far=1e-3'])} | "
-                     f"{pct(r['val@far=1e-2'])} | {r['auc']:.4f} | {pct(r['eer'])} | "
+                     f"{pct(r['accuracy_std'])} | {val(r, 'val@far=1e-3')} | "
+                     f"{val(r, 'val@far=1e-2')} | {r['auc']:.4f} | {pct(r['eer'])} | "
                      f"{r.get('flip')} |")
+    if any(reporting.unresolved(results[n], f"val@far={t}") for n in names
+           for t in metrics.VAL_FAR_TARGETS):
+        lines += ["", reporting.unresolved_note()]
+    mismatched = [n for n in names if results[n].get("alignment_mismatch")]
+    if mismatched:
+        lines += ["", f"Alignment: {', '.join(mismatched)} may not hold the crops the model "
+                      "expects (alignment_mismatch in the JSON)."]
     return "\n".join(lines) + "\n"
 
 
@@ -201,15 +258,43 @@ def write_results(results: Mapping[str, Mapping[str, Any]], output: pathlib.Path
     return runfiles.atomic_write_text(output.with_suffix(".md"), markdown_table(results))
 
 
+def output_path(workdir: str | pathlib.Path, output: str | pathlib.Path | None = None
+                ) -> pathlib.Path:
+    """Where the sets' JSON goes: `output`, else DIR/eval_verification_sets.json."""
+    return pathlib.Path(output) if output else pathlib.Path(workdir) / OUTPUT_FILE
+
+
+def check_output(output: pathlib.Path, paths: Mapping[str, pathlib.Path]) -> None:
+    """Refuses to replace an evaluation of other sets (another folder, other names) at
+    `output`, before anything is loaded; the same sets' evaluation is replaced (re-scored)."""
+    if not output.exists():
+        return
+    wanted = {name: str(path.resolve()) for name, path in paths.items()}
+    try:
+        held = {name: entry.get("path") for name, entry in json.loads(output.read_text()).items()}
+    except (ValueError, AttributeError):  # not this mode's JSON
+        held = None
+    if held != wanted:
+        folder = next(iter(paths.values())).parent.resolve()
+        what = (f"the sets {', '.join(f'{n} ({p})' for n, p in held.items())}" if held
+                else "another evaluation")
+        raise FileExistsError(
+            f"{output} holds {what}; evaluating {', '.join(wanted)} of {folder} would replace "
+            f"it. Pass --output FILE (e.g. {output.with_name(f'{output.stem}_{folder.name}.json')})")
+
+
 def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Path, *,
                           names: str | Sequence[str] | None = None, flip: bool = True,
                           output: pathlib.Path | None = None) -> dict[str, dict[str, Any]]:
-    """The CLI's work: DIR's latest checkpoint on every requested set →
-    DIR/eval_verification_sets.json ({set name: eval.json keys + flip, path, step, ...}) and
-    the markdown table beside it."""
+    """The CLI's work: DIR's latest checkpoint on every requested set, each preprocessed as the
+    run's files → `output` (default DIR/eval_verification_sets.json; {set name: eval.json keys
+    + flip, path, step, center_crop, alignment, alignment_mismatch, ...}) and the markdown
+    table beside it. An output holding other sets is refused (`check_output`)."""
     from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
 
     paths = find_sets(folder, parse_names(names))  # before loading the model: fail fast
+    output = output_path(workdir, output)
+    check_output(output, paths)
     encoder = load_encoder(workdir, flip=flip)
     config = encoder.config
     run_facts = {"flip": flip, "flip_mode": "sum", "distance": config.eval.distance,
@@ -218,21 +303,23 @@ def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Pat
                  "provenance": provenance()}
     results = {}
     for name, path in paths.items():
-        vset = read_bin(path, config.data.image_size)
+        vset = read_bin(path, config.data.image_size, config.data.center_crop)
         result = evaluate_set(encoder.embed, vset, distance=config.eval.distance)
-        results[name] = {**result, "path": str(path.resolve()), **run_facts}
+        results[name] = {**result, "path": str(path.resolve()),
+                         **alignment_facts(name, config.data), **run_facts}
         logging.info("%s: accuracy %.4f ± %.4f (%d pairs)", name, result["accuracy"],
                      result["accuracy_std"], result["num_pairs"])
-    write_results(results, output or pathlib.Path(workdir) / OUTPUT_FILE)
+    write_results(results, output)
     return results
 
 
 def _run_from_flags(flags: Any, flip: bool) -> str:
-    """`python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names]`."""
+    """`python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names]
+    [--output FILE]`."""
     results = evaluate_workdir_sets(flags.workdir, flags.verification_sets, names=flags.names,
-                                    flip=flip)
-    return f"{markdown_table(results)}\nwrote {pathlib.Path(flags.workdir) / OUTPUT_FILE}"
+                                    flip=flip, output=output_path(flags.workdir, flags.output))
+    return f"{markdown_table(results)}\nwrote {output_path(flags.workdir, flags.output)}"
 
 
 BENCHMARK_EVALUATORS.add("verification_sets", BenchmarkEvaluator(
-    flag="verification_sets", writes=f"DIR/{OUTPUT_FILE}", run=_run_from_flags))
+    flag="verification_sets", writes=f"--output or DIR/{OUTPUT_FILE}", run=_run_from_flags))

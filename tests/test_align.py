@@ -55,10 +55,35 @@ def test_align_by_box_crops_the_grown_box_and_resizes():
 
 def test_alignment_mismatch_warns_only_on_a_recorded_difference(tmp_path):
     assert alignment.alignment_mismatch("box", tmp_path) is None
+    assert alignment.alignment_mismatch(None, tmp_path, 0.5) is None  # raw photos, unrecorded
     (tmp_path / alignment.ALIGNMENT_RECORD).write_text(json.dumps({"mode": "landmarks"}))
-    assert alignment.alignment_mismatch(None, tmp_path) is None
     assert alignment.alignment_mismatch("landmarks", tmp_path) is None
     assert "expects 'box' crops" in alignment.alignment_mismatch("box", tmp_path)
+
+
+def test_a_run_without_alignment_expects_raw_photos_and_is_warned_of_aligned_crops(tmp_path):
+    """An lfw.py run (no data.alignment, centre crop 0.5 of raw photos) on aligned crops: the
+    0.5 crop is cut a second time; the warning says so (it stayed silent before)."""
+    (tmp_path / alignment.ALIGNMENT_RECORD).write_text(json.dumps({"mode": "box"}))
+    message = alignment.alignment_mismatch(None, tmp_path, 0.5)
+    assert "holds 'box'-aligned crops" in message and "raw, unaligned photos" in message
+    assert "data.center_crop=0.5 is cut from these crops a second time" in message
+    whole = alignment.alignment_mismatch(None, tmp_path, None)
+    assert "whole image" in whole and "second time" not in whole
+
+
+def test_run_alignment_reads_the_key_then_the_training_folder_record(tmp_path):
+    import ml_collections
+
+    data = ml_collections.ConfigDict({"alignment": None, "source": "folder",
+                                      "root": str(tmp_path), "center_crop": None})
+    assert alignment.run_alignment(data) is None  # raw photos
+    (tmp_path / alignment.ALIGNMENT_RECORD).write_text(json.dumps({"mode": "box"}))
+    assert alignment.run_alignment(data) == "box"  # trained on aligned crops, key unset
+    data.alignment = "landmarks"
+    assert alignment.run_alignment(data) == "landmarks"
+    data.alignment, data.source = None, "synthetic"
+    assert alignment.run_alignment(data) is None
 
 
 def test_choose_face_largest_or_central():

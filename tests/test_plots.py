@@ -71,7 +71,23 @@ def test_roc_figure_marks_operating_points_on_a_log_far_axis():
     assert ax.get_xlim()[0] == pytest.approx(1e-6)
     marker = ax.lines[1]
     assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (1e-3, 0.9)
-    assert marker.get_label() == "VAL@FAR=1e-3: TAR 0.9000"
+    assert marker.get_label() == "VAL@FAR=1e-3: TAR 0.9000 at FAR 1.0e-03"
+
+
+def test_an_unresolved_val_point_is_labelled_so_with_its_actual_far():
+    """A VAL@FAR=1e-3 whose held-out FAR is 0.04 (chosen on too few different pairs) was
+    labelled plainly "VAL@FAR=1e-3" on the ROC."""
+    from facenet_jax import evaluate
+
+    result = {"far@far=1e-3": 0.04, "val@far=1e-3": 0.02, "val@far=1e-3_resolved": False,
+              "far@far=1e-2": 0.04, "val@far=1e-2": 0.02, "val@far=1e-2_resolved": True}
+    points = evaluate.val_operating_points(result)
+    assert points == {"VAL@FAR=1e-3 (unresolved)": (0.04, 0.02), "VAL@FAR=1e-2": (0.04, 0.02)}
+    far, tar = np.array([0.0, 0.04, 1.0]), np.array([0.0, 0.02, 1.0])
+    labels = [line.get_label() for line in
+              plots.roc_figure(far, tar, log_far=True, points=points).axes[0].lines[1:]]
+    assert labels == ["VAL@FAR=1e-3 (unresolved): TAR 0.0200 at FAR 4.0e-02",
+                      "VAL@FAR=1e-2: TAR 0.0200 at FAR 4.0e-02"]
 
 
 def test_run_roc_is_log_far_with_the_val_points(tmp_path):

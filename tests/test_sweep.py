@@ -545,7 +545,8 @@ def test_collapse_rule_without_rows_is_unknown():
 # Aggregation from faked cells.
 
 
-def _fake_cell(cell_dir, *, accuracy=None, losses=(), spreads=(), active=(), status=None):
+def _fake_cell(cell_dir, *, accuracy=None, losses=(), spreads=(), active=(), status=None,
+               resolved=True):
     cell_dir.mkdir(parents=True)
     rows = [{"step": 25 * (i + 1), "loss": l, "embedding_spread": s, "active_fraction": a}
             for i, (l, s, a) in enumerate(zip(losses, spreads, active))]
@@ -554,7 +555,7 @@ def _fake_cell(cell_dir, *, accuracy=None, losses=(), spreads=(), active=(), sta
     if accuracy is not None:
         (cell_dir / "eval.json").write_text(json.dumps(
             {"accuracy": accuracy, "accuracy_std": 0.01, "val@far=1e-3": accuracy / 2,
-             "auc": accuracy + 0.01}))
+             "val@far=1e-3_resolved": resolved, "auc": accuracy + 0.01}))
     if status is not None:
         (cell_dir / sweep.STATUS_FILE).write_text(json.dumps(status))
 
@@ -573,7 +574,7 @@ def faked_sweep(tmp_path):
                spreads=(1.5, 1.3, 1.2, 1.1), active=(0.9, 0.7, 0.6, 0.5))
     _fake_cell(workdir / names[2], accuracy=0.5, losses=(0.1, 0.1, 0.1, 0.1),  # collapsed
                spreads=(0.3, 1e-4, 1e-5, 1e-6), active=(1.0, 1.0, 1.0, 1.0),
-               status={"status": "ok", "error": None, "wall_s": 40.0})
+               status={"status": "ok", "error": None, "wall_s": 40.0}, resolved=False)
     _fake_cell(workdir / names[3], losses=(0.6,), spreads=(1.0,), active=(0.9,),
                status={"status": "crashed", "error": "RuntimeError: out of memory",
                        "wall_s": 5.0})
@@ -604,6 +605,9 @@ def test_aggregate_rows_columns_and_statuses(faked_sweep):
     assert "4 cells: 3 finished, 1 crashed, 0 diverged, 0 not run" in md
     assert "| 0.9000 ± 0.0100 |" in md and "**yes**" in md and "out of memory" in md
     assert "Pixel baseline" in md and "0.6100 ± 0.0200" in md
+    # eval.json's unresolved VAL@FAR keeps its flag (it was dropped from the table)
+    assert [r["val@far=1e-3_resolved"] for r in table] == ["True", "True", "False", ""]
+    assert "| 0.2500* |" in md and "| 0.4500 |" in md and "\\* unresolved" in md
     for plot in (sweep.ACCURACY_PLOT, sweep.ACTIVE_PLOT):
         assert (workdir / plot).stat().st_size > 10_000
 

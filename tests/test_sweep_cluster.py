@@ -288,7 +288,26 @@ def test_over_seeds_mean_sample_std_n_and_collapsed_count():
                                                     "accuracy_std", "val@far=1e-3",
                                                     "val@far=1e-3_std", "collapsed"])
     assert table.splitlines()[2:] == ["| 0.1 | 3 | 0.8500 ± 0.0500 | 0.6000 ± 0.1414 | **1/3** |",
-                                      "| 0.5 | 1 | 0.7000 | — | 0/1 |"]
+                                      "| 0.5 | 1 | 0.7000 (n=1) | — | 0/1 |"]  # not "± 0"
+
+
+def test_an_unresolved_val_over_seeds_keeps_its_flag_in_the_table():
+    """results.md showed VAL@FAR=1e-3 without the "unresolved" flag eval.json carries."""
+    keys = ["loss.margin", "seed", "loss.distance", "loss.strategy"]
+    rows = [{**_run(0, 0.8, val=0.02), "val@far=1e-3_resolved": False},
+            {**_run(1, 0.9, val=0.04), "val@far=1e-3_resolved": False},
+            {**_run(0, 0.7, margin=0.5, val=0.5), "val@far=1e-3_resolved": True}]
+    first, second = sweep.over_seeds(rows, keys)
+    assert first["val@far=1e-3_resolved"] is False and second["val@far=1e-3_resolved"] is True
+    table = report.markdown_table([first, second], ["loss.margin", "n", "val@far=1e-3",
+                                                    "val@far=1e-3_std",
+                                                    "val@far=1e-3_resolved"])
+    assert table.splitlines()[2:] == ["| 0.1 | 2 | 0.0300 ± 0.0141* |",
+                                      "| 0.5 | 1 | 0.5000 (n=1) |"]
+    per_run = report.markdown_table(rows, ["loss.margin", "val@far=1e-3",
+                                           "val@far=1e-3_resolved"])
+    assert per_run.splitlines()[2:] == ["| 0.1 | 0.0200* |", "| 0.1 | 0.0400* |",
+                                        "| 0.5 | 0.5000 |"]
 
 
 def test_aggregate_with_seeds_keeps_per_seed_rows_and_tabulates_cells(tmp_path):
@@ -322,7 +341,7 @@ def test_aggregate_with_seeds_keeps_per_seed_rows_and_tabulates_cells(tmp_path):
     assert float(cells[0]["accuracy_std"]) == pytest.approx(math.sqrt(0.005))
     md = (workdir / sweep.RESULTS_MD).read_text()
     assert "4 runs (2 cells × seeds): 3 finished" in md
-    assert "| 0.8500 ± 0.0707 |" in md and "mean ± std over those seeds" in md
+    assert "| 0.8500 ± 0.0707 |" in md and "mean ± sample std (ddof=1) over those seeds" in md
     assert (workdir / sweep.ACCURACY_PLOT).stat().st_size > 10_000
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -146,13 +147,52 @@ def read_alignment_record(folder: str | pathlib.Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def alignment_mismatch(expected: str | None, folder: str | pathlib.Path) -> str | None:
-    """A warning text when `folder`'s recorded alignment differs from the one a model expects
-    (`config.data.alignment`), else None (also when either side is not recorded)."""
-    record = read_alignment_record(folder)
-    if expected is None or record is None or record.get("mode") == expected:
+def run_alignment(data_config: Any) -> str | None:
+    """The crops a run's encoder expects: `data.alignment`; else the mode its training folder
+    records (DATA_ROOT/alignment.json); else None: raw photos, of which it keeps the central
+    `data.center_crop` (or all)."""
+    if data_config.get("alignment"):
+        return data_config.alignment
+    root = data_config.get("root") if data_config.get("source") == "folder" else None
+    record = read_alignment_record(root) if root else None
+    return record.get("mode") if record else None
+
+
+def describe_expected(expected: str | None, center_crop: float | None) -> str:
+    """"'box' crops" or, for a run without alignment, the raw photos it cuts its centre crop
+    from."""
+    if expected is not None:
+        return f"{expected!r} crops"
+    kept = (f"the central square of {center_crop:g} × the shorter side (data.center_crop)"
+            if center_crop is not None else "the whole image (no data.center_crop)")
+    return f"raw, unaligned photos of which it keeps {kept}: data.alignment is not set"
+
+
+def crops_mismatch(expected: str | None, record: dict | None, source: str,
+                   center_crop: float | None = None) -> str | None:
+    """A warning text when crops recorded as `record` ({"mode": ...}; None: unknown) differ from
+    what a model expects (`expected`: its alignment, None for raw photos, see
+    `run_alignment`), else None."""
+    mode = None if record is None else record.get("mode")
+    if record is not None and mode == expected:
         return None
-    return (f"{folder} holds {record.get('mode')!r}-aligned crops but the model expects "
-            f"{expected!r} crops (config.data.alignment): embeddings of another alignment lose "
-            f"accuracy; re-align the raw photos with python -m facenet_jax.align --mode "
-            f"{expected}")
+    wanted = describe_expected(expected, center_crop)
+    if record is None:
+        return (f"{source} records no alignment: whether its crops match the model's "
+                f"({wanted}) is unknown")
+    second_crop = (f"; its data.center_crop={center_crop:g} is cut from these crops a second "
+                   "time" if expected is None and center_crop not in (None, 1.0) else "")
+    fix = (f"re-align the raw photos with python -m facenet_jax.align --mode {expected}"
+           if expected is not None else "evaluate it on raw photos like its training data")
+    return (f"{source} holds {mode!r}-aligned crops but the model expects {wanted}"
+            f"{second_crop}; embeddings of another alignment lose accuracy: {fix}")
+
+
+def alignment_mismatch(expected: str | None, folder: str | pathlib.Path,
+                       center_crop: float | None = None) -> str | None:
+    """A warning text when `folder`'s recorded alignment differs from the crops a model expects
+    (`run_alignment`: None means raw photos cut by `center_crop`), else None (also when the
+    folder records none: nothing to compare)."""
+    record = read_alignment_record(folder)
+    return None if record is None else crops_mismatch(expected, record, str(folder),
+                                                      center_crop)

@@ -2,9 +2,11 @@
 
 DIR/results.csv keeps one row per run (cell × seed); DIR/results.md shows one row per cell:
 with several seeds, each metric is the mean over the cell's finished seeds, accuracy shown as
-mean ± std over seeds with n, and the collapse flag as "k/n" seeds collapsed (those rows are
-also in DIR/results_over_seeds.csv). With one seed per cell the table is the per-run one, its
-accuracy shown ± the std over the 10 folds. Every file is written atomically.
+mean ± sample std over seeds ("(n=1)" for one seed: `reporting.format_spread`), and the
+collapse flag as "k/n" seeds collapsed (those rows are also in DIR/results_over_seeds.csv).
+With one seed per cell the table is the per-run one, its accuracy shown ± the std over the 10
+folds. An unresolved VAL@FAR carries `reporting.UNRESOLVED_MARK`. Every file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import math
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from facenet_jax import reporting
 from facenet_jax.config import (flatten, pairs_seed, to_plain, with_added_keys,
                                 without_unchanged_added_keys)
 from facenet_jax.logs import read_metrics
@@ -43,14 +45,15 @@ ACCURACY_PLOT = "accuracy_vs_margin.png"
 ACTIVE_PLOT = "active_fraction.png"
 ACCURACY_BY_CELL_PLOT = "accuracy_by_cell.png"  # sweeps with classification rows
 ALWAYS_COLUMNS = ("loss.margin", "loss.distance", "loss.strategy")
-METRIC_COLUMNS = ("accuracy", "accuracy_std", "val@far=1e-3", "auc", "final_loss",
+METRIC_COLUMNS = ("accuracy", "accuracy_std", "val@far=1e-3", "val@far=1e-3_resolved", "auc",
+                  "final_loss",
                   "final_active_fraction", "final_embedding_spread", "collapsed", "wall_s",
                   "status", "error", "pixel_accuracy")
 # Per-cell columns over seeds: metrics averaged, with the std over seeds of the scores.
 MEANED = ("accuracy", "val@far=1e-3", "auc", "final_loss", "final_active_fraction",
           "final_embedding_spread", "wall_s", *OBJECTIVE_METRICS)
 SEED_COLUMNS = ("n", "runs", "accuracy", "accuracy_std", "val@far=1e-3", "val@far=1e-3_std",
-                "auc", "auc_std", "final_loss", "final_active_fraction",
+                "val@far=1e-3_resolved", "auc", "auc_std", "final_loss", "final_active_fraction",
                 "final_embedding_spread", "collapsed", "wall_s", "status", "pixel_accuracy")
 
 
@@ -83,6 +86,7 @@ def result_row(keys: Sequence[str], config: Mapping[str, Any],
         "accuracy": evaluation.get("accuracy"),
         "accuracy_std": evaluation.get("accuracy_std"),
         "val@far=1e-3": evaluation.get("val@far=1e-3"),
+        "val@far=1e-3_resolved": evaluation.get("val@far=1e-3_resolved"),
         "auc": evaluation.get("auc"),
         "final_loss": last.get("loss"),
         "final_active_fraction": last.get("active_fraction"),
@@ -114,7 +118,8 @@ def over_seeds(rows: Sequence[Mapping[str, Any]], config_keys: Sequence[str]
     Each: the config keys but seed; "runs" (how many seeds the sweep gives the cell); "n" (how
     many finished, status "ok"); per MEANED metric its mean over the finished seeds (None if
     none has it); "accuracy_std", "val@far=1e-3_std", "auc_std": the sample std over those
-    seeds (None below 2); "collapsed": how many finished seeds collapsed (None when no finished
+    seeds (None below 2), "<metric>_n" how many seeds have it; "val@far=1e-3_resolved": False
+    when some finished seed's is (None when none says); "collapsed": how many finished seeds collapsed (None when no finished
     seed could be judged); "status": "ok" when every run is, else the counts ("2 ok, 1
     crashed"); "pixel_accuracy" (shared by the seeds when data.pairs.seed is pinned).
     """
@@ -130,7 +135,11 @@ def over_seeds(rows: Sequence[Mapping[str, Any]], config_keys: Sequence[str]
         for metric in MEANED:
             cell[metric] = _mean([r[metric] for r in done if r.get(metric) is not None])
         for metric in ("accuracy", "val@far=1e-3", "auc"):
-            cell[f"{metric}_std"] = _std([r[metric] for r in done if r.get(metric) is not None])
+            values = [r[metric] for r in done if r.get(metric) is not None]
+            cell[f"{metric}_std"], cell[f"{metric}_n"] = reporting.sample_std(values), len(values)
+        flags = [r["val@far=1e-3_resolved"] for r in done
+                 if r.get("val@far=1e-3_resolved") is not None]
+        cell["val@far=1e-3_resolved"] = all(flags) if flags else None
         judged = [r["collapsed"] for r in done if r.get("collapsed") is not None]
         cell["collapsed"] = sum(judged) if judged else None
         statuses = _in_order(r["status"] for r in runs)
@@ -146,14 +155,6 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _std(values: Sequence[float]) -> float | None:
-    """Sample standard deviation (ddof = 1): the spread one more seed would show."""
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def _in_order(values: Any) -> list[Any]:
     return list(dict.fromkeys(values))
 
@@ -163,8 +164,15 @@ def _in_order(values: Any) -> list[Any]:
 
 
 def _format_cell(column: str, row: Mapping[str, Any]) -> str:
+    mark = reporting.UNRESOLVED_MARK if reporting.unresolved(row, column) else ""
+    return _format_value(column, row) + mark
+
+
+def _format_value(column: str, row: Mapping[str, Any]) -> str:
     value = row.get(column)
-    if value is not None and row.get(f"{column}_std") is not None:  # over folds or seeds
+    if value is not None and f"{column}_n" in row:  # over seeds: a spread across runs
+        return reporting.format_spread(value, row.get(f"{column}_std"), row[f"{column}_n"])
+    if value is not None and row.get(f"{column}_std") is not None:  # over the 10 folds
         return f"{value:.4f} ± {row[f'{column}_std']:.4f}"
     if value is None:
         return "—" if column != "error" else ""
@@ -195,8 +203,10 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as a markdown table (accuracy shown as mean ± std; the std column folded in)."""
-    shown = [c for c in columns if c not in ("accuracy_std", "val@far=1e-3_std", "auc_std")]
+    """Rows as a markdown table (accuracy shown as mean ± std; the std column and the
+    resolution flag folded in)."""
+    shown = [c for c in columns if c not in ("accuracy_std", "val@far=1e-3_std", "auc_std",
+                                             "val@far=1e-3_resolved")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_format_cell(c, row) for c in shown) + " |" for row in rows]
     return "\n".join(lines)
@@ -225,10 +235,10 @@ def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
     what = (f"{len(rows)} runs ({len(cells)} cells × seeds)" if cells is not None
             else f"{len(rows)} cells")
     accuracy = (
-        "n: finished seeds of the cell; accuracy: mean ± std over those seeds of each seed's "
-        "10-fold verification accuracy on held-out identities (val@far=1e-3, auc and final_* "
-        "are means over the seeds too; per-seed rows in results.csv); collapsed: how many "
-        "seeds collapsed. " if cells is not None else
+        "n: finished seeds of the cell; accuracy: mean ± sample std (ddof=1) over those seeds "
+        "of each seed's 10-fold verification accuracy on held-out identities, (n=1) for a "
+        "single seed (val@far=1e-3, auc and final_* are means over the seeds too; per-seed "
+        "rows in results.csv); collapsed: how many seeds collapsed. " if cells is not None else
         "accuracy: 10-fold verification accuracy ± std over folds on held-out identities; ")
     lines = [
         f"# Sweep `{sweep['name']}`", "",
@@ -257,6 +267,8 @@ def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
             + objective_metrics(SEED_COLUMNS, classification)),
         "",
     ]
+    if any(reporting.unresolved(row, "val@far=1e-3") for row in rows):
+        lines += [reporting.unresolved_note("1e-3"), ""]
     for key, baseline in baselines.items():
         if baseline is not None:
             lines.append(f"Pixel baseline `{key}`: accuracy {baseline['accuracy']:.4f} ± "
