@@ -107,7 +107,7 @@ def test_crossval_excludes_scores_summarises_and_resumes(lfw_like, tmp_path, mon
     for key in ("accuracy", "roc_val@far=1e-3", "auc"):
         a, b = (r[key] for r in per_fold)
         assert summary["mean"][key] == pytest.approx((a + b) / 2)
-        assert summary["std"][key] == pytest.approx(abs(a - b) / 2)  # ddof=0 over 2 folds
+        assert summary["std"][key] == pytest.approx(abs(a - b) / np.sqrt(2))  # ddof=1
     saved = json.loads((out / crossval.SUMMARY_FILE).read_text())
     assert [r["fold"] for r in saved["rows"]] == [1, 2] and saved["num_folds"] == 2
     assert all(r["train_seconds"] > 0 for r in saved["rows"])
@@ -118,6 +118,34 @@ def test_crossval_excludes_scores_summarises_and_resumes(lfw_like, tmp_path, mon
     trained.clear()
     again = crossval.run_crossval(config, pairs, out)
     assert trained == [] and again["mean"] == summary["mean"]
+
+
+def _row(fold, accuracy, val=0.5, auc=0.8, resolved=True, seconds=10.0):
+    return {"fold": fold, "accuracy": accuracy, "roc_val@far=1e-3": val, "auc": auc,
+            "roc_val@far=1e-3_resolved": resolved, "threshold": 0.7, "train_seconds": seconds}
+
+
+def test_one_fold_prints_n1_not_a_zero_spread():
+    """`crossval --folds 1` printed "0.7400 ± 0.0000": one fold has no spread."""
+    stats = crossval.summarize([_row(1, 0.74)])
+    assert stats["mean"]["accuracy"] == 0.74 and stats["std"]["accuracy"] is None
+    assert stats["n"]["accuracy"] == 1
+    table = crossval.format_table([_row(1, 0.74)], stats)
+    assert "**0.7400 (n=1)**" in table and "± 0.0000" not in table
+
+
+def test_spread_over_folds_is_the_sample_std():
+    """Folds are separate runs: their spread is the sample std (ddof=1), labelled so."""
+    rows = [_row(1, 0.70, seconds=10.0), _row(2, 0.80, resolved=False, seconds=None),
+            _row(3, 0.90)]
+    stats = crossval.summarize(rows)
+    assert stats["std"]["accuracy"] == pytest.approx(np.std([0.7, 0.8, 0.9], ddof=1))
+    assert stats["std"]["accuracy"] == pytest.approx(0.1)  # by hand: sqrt((.01 + 0 + .01) / 2)
+    assert stats["n"]["train_seconds"] == 2 and stats["std"]["train_seconds"] == 0.0
+    table = crossval.format_table(rows, stats)
+    assert "| **mean ± sample std** | **0.8000 ± 0.1000** |" in table
+    assert "| 2 | 0.8000 | 0.5000* |" in table and "\\* unresolved" in table
+    assert "ddof=1" in table
 
 
 def _check_scored_by_the_run_encoder(result, run, images, fold):

@@ -2,7 +2,9 @@
 checked against a brute-force computation of the protocol."""
 
 import io
+import json
 import logging
+import pathlib
 import pickle
 import pickletools
 
@@ -219,3 +221,165 @@ def test_configured_sets_off_by_default_and_names_need_a_folder(py2_bin):
         verification_sets.configured_sets(config, 32)
     config.verification_sets = str(path.parent)
     assert [s.name for s in verification_sets.configured_sets(config, 32)] == ["lfw"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's preprocessing, alignment and output (issue 29): a .bin of the same photos as a
+# folder + pairs file scores as the folder does.
+
+NAMES = [f"Person_{chr(65 + i)}{chr(65 + i)}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def photos_two_ways(tmp_path_factory):
+    """The same PNG photos (40 px, 6 per person) as an image folder with an LFW pairs file and
+    as an unknown-alignment .bin and a known-name one holding those pairs in file order."""
+    from facenet_jax import data
+
+    root = tmp_path_factory.mktemp("two_ways")
+    faces = data.load_synthetic(len(NAMES), 6, 40, 1.0, seed=3)
+    for row, (image, label) in enumerate(zip(faces.images, faces.labels)):
+        (root / "folder" / NAMES[label]).mkdir(parents=True, exist_ok=True)
+        (root / "folder" / NAMES[label] / f"{NAMES[label]}_{row % 6 + 1:04d}.png").write_bytes(
+            png(np.asarray(image)))
+    folder = data.load_image_folder(root / "folder", 40, cache_dir=root / "cache")
+    data.write_pairs(root / "pairs.txt", data.generate_pairs(folder, num_folds=10,
+                                                             pairs_per_fold=2, seed=0), folder)
+    pairs = data.read_pairs(root / "pairs.txt", folder)  # file order: the .bin's order
+    rows = np.stack([pairs.first, pairs.second], axis=1).ravel()
+    encoded = [pathlib.Path(folder.paths[i]).read_bytes() for i in rows]
+    (root / "sets").mkdir()
+    for name in ("lfw", "home"):
+        (root / "sets" / f"{name}.bin").write_bytes(python2_pickle(encoded,
+                                                                   pairs.is_same.tolist()))
+    return root
+
+
+class _PixelEncoder:
+    """What load_encoder returns, embedding raw pixels: the folder and .bin paths then differ
+    only in the images they hand it."""
+
+    def __init__(self, config):
+        self.config, self.step = config, 8
+
+    def embed(self, images):
+        return pixel_embeddings(images)
+
+
+@pytest.fixture
+def pixel_run(photos_two_ways, tmp_path, monkeypatch):
+    """An lfw.py-like run (raw photos, data.center_crop 0.5, no data.alignment), its encoder
+    replaced by raw pixels; `loads` counts the encoder loads."""
+    import facenet_jax.embed
+    from facenet_jax.config import load_config
+
+    config = load_config(pathlib.Path(__file__).resolve().parents[1] / "experiments" /
+                         "default.py", {"data.image_size": 16, "data.center_crop": 0.5,
+                                        "data.cache_dir": str(tmp_path / "cache")})
+    loads = []
+
+    def load_encoder(workdir, **kwargs):
+        loads.append(workdir)
+        return _PixelEncoder(config)
+
+    monkeypatch.setattr(facenet_jax.embed, "load_encoder", load_encoder)
+    (tmp_path / "run").mkdir()
+    return tmp_path / "run", config, loads
+
+
+def test_bin_images_are_preprocessed_exactly_as_the_folder_files(photos_two_ways):
+    """read_bin skipped data.center_crop: an lfw.py run scored 61 % on a .bin of the photos
+    it scores 77 % on from the folder."""
+    from facenet_jax import data
+
+    folder = data.load_image_folder(photos_two_ways / "folder", 16, center_crop=0.5,
+                                    cache_dir=photos_two_ways / "cache")
+    pairs = data.read_pairs(photos_two_ways / "pairs.txt", folder)
+    vset = verification_sets.read_bin(photos_two_ways / "sets" / "lfw.bin", 16, center_crop=0.5)
+    rows = np.stack([pairs.first, pairs.second], axis=1).ravel()
+    np.testing.assert_array_equal(vset.images, np.asarray(folder.images)[rows])
+    assert vset.center_crop == 0.5 and vset.source_size == 40
+    uncropped = verification_sets.read_bin(photos_two_ways / "sets" / "lfw.bin", 16)
+    assert not np.array_equal(uncropped.images, vset.images)
+
+
+def test_bin_scores_as_the_folder_with_its_pairs_and_records_alignment(photos_two_ways,
+                                                                       pixel_run, caplog):
+    from facenet_jax import evaluate
+
+    workdir, _, _ = pixel_run
+    folder_result = evaluate.evaluate_workdir(
+        workdir, data_root=str(photos_two_ways / "folder"),
+        pairs_file=str(photos_two_ways / "pairs.txt"), output=workdir / "eval_folder.json")
+    with caplog.at_level(logging.WARNING):
+        results = verification_sets.evaluate_workdir_sets(workdir, photos_two_ways / "sets")
+    for name in ("lfw", "home"):
+        result = results[name]
+        for key in ("accuracy", "accuracy_std", "threshold", "val@far=1e-3", "val@far=1e-2",
+                    "far@far=1e-3", "auc", "eer", "num_pairs", "val@far=1e-3_resolved",
+                    "val@far=1e-2_resolved"):
+            assert result[key] == folder_result[key], (name, key)
+        assert result["center_crop"] == 0.5
+    # The run keeps the centre of raw photos: the known set's landmark crops do not match it,
+    # the home-made set's crops are unknown; both said in the JSON and the log.
+    lfw, home = results["lfw"], results["home"]
+    assert lfw["alignment"] == "landmarks, 112 px" and home["alignment"] == "unknown"
+    assert "holds 'landmarks'-aligned crops" in lfw["alignment_mismatch"]
+    assert "raw, unaligned photos" in lfw["alignment_mismatch"]
+    assert "records no alignment" in home["alignment_mismatch"]
+    assert lfw["alignment_mismatch"] in caplog.text and home["alignment_mismatch"] in caplog.text
+    saved = json.loads((workdir / verification_sets.OUTPUT_FILE).read_text())
+    assert saved["lfw"]["alignment_mismatch"] == lfw["alignment_mismatch"]
+    # 36 training different pairs per fold: FAR 1e-3 is not resolved, and the table says so.
+    assert saved["lfw"]["val@far=1e-3_resolved"] is False
+    table = (workdir / "eval_verification_sets.md").read_text()
+    assert f"| {100 * lfw['val@far=1e-3']:.2f}* |" in table and "\\* unresolved" in table
+
+
+def test_a_landmark_run_on_a_known_set_is_not_warned(pixel_run):
+    import ml_collections
+
+    data_config = ml_collections.ConfigDict({"alignment": "landmarks", "center_crop": None,
+                                             "source": "folder", "root": None})
+    assert verification_sets.alignment_facts("cfp_fp", data_config) == {
+        "alignment": "landmarks, 112 px", "alignment_mismatch": None}
+    data_config.alignment = "box"
+    assert "expects 'box' crops" in verification_sets.alignment_facts(
+        "cfp_fp", data_config)["alignment_mismatch"]
+
+
+def test_sets_output_is_refused_when_it_holds_another_folder(photos_two_ways, pixel_run,
+                                                              tmp_path):
+    """eval_verification_sets.json was overwritten by an evaluation of another folder, and
+    --output was refused for this mode."""
+    import shutil
+    import types
+
+    from facenet_jax import evaluate
+
+    workdir, _, loads = pixel_run
+    verification_sets.evaluate_workdir_sets(workdir, photos_two_ways / "sets", names="lfw")
+    before = (workdir / verification_sets.OUTPUT_FILE).read_text()
+    other = tmp_path / "other_sets"
+    other.mkdir()
+    shutil.copy(photos_two_ways / "sets" / "lfw.bin", other / "lfw.bin")
+    loads.clear()
+    with pytest.raises(FileExistsError, match=r"holds the sets lfw \(.*two_ways.*\).*--output"):
+        verification_sets.evaluate_workdir_sets(workdir, other, names="lfw")
+    assert loads == [] and (workdir / verification_sets.OUTPUT_FILE).read_text() == before
+    # The same sets again: re-scored in place. Other names of the same folder: refused.
+    verification_sets.evaluate_workdir_sets(workdir, photos_two_ways / "sets", names="lfw")
+    with pytest.raises(FileExistsError):
+        verification_sets.evaluate_workdir_sets(workdir, photos_two_ways / "sets")
+    # Through the CLI's path, --output is taken (alone) and refused beside a second benchmark.
+    flags = types.SimpleNamespace(
+        workdir=str(workdir), verification_sets=str(other), names="lfw", ijb=None,
+        output=str(workdir / "eval_other.json"), data_root=None, pairs=None, baseline=None,
+        fold=None, threshold=None, flip=False)
+    evaluate._run_benchmarks(flags)
+    assert list(json.loads((workdir / "eval_other.json").read_text())) == ["lfw"]
+    assert (workdir / "eval_other.md").exists()
+    assert (workdir / verification_sets.OUTPUT_FILE).read_text() == before
+    flags.ijb = str(tmp_path)
+    with pytest.raises(ValueError, match="--output names one file"):
+        evaluate._run_benchmarks(flags)
