@@ -210,3 +210,100 @@ def test_a_run_that_excluded_pairs_people_before_the_new_rule_is_not_resumed_sil
 def test_lfw_config_finds_the_shared_lfw_half_folder(shared_data):
     config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py", "experiments/lfw.py"))
     assert config.data.root == str(shared_data / "lfw_half")
+
+
+# ----------------------------------------------------------------------------------------------
+# How solid a threshold is; where the pixel baseline writes (issue 29).
+
+
+def test_pair_counts_say_what_a_threshold_rests_on():
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    pairs = data.Pairs(np.array([0, 2, 0, 4, 1, 2]), np.array([1, 3, 2, 6, 5, 4]),
+                       np.array([True, True, False, False, False, False]),
+                       np.array([0, 0, 0, 1, 1, 1]))
+    # identities among the paired images: 0, 1, 2, 3 (row 6 is identity 3); 4 different pairs
+    assert metrics.pair_counts(labels, pairs.first, pairs.second, pairs.is_same) == {
+        "num_pair_identities": 4, "num_different_pairs": 4}
+    emb = np.eye(8)
+    result = evaluate.evaluate_embedded(emb, labels, pairs, distance="squared",
+                                        identification="none")
+    assert (result["num_pair_identities"], result["num_different_pairs"]) == (4, 4)
+
+
+def _validation_file(workdir, **counts):
+    (workdir / "eval_validation.json").write_text(json.dumps(
+        {"threshold": 0.7, "distance": "squared", "split": "validation", "step": 8,
+         "num_pairs": 2 * counts.get("num_different_pairs", 0), **counts}))
+
+
+def test_threshold_info_says_what_it_was_chosen_on_and_warns_when_thin(tmp_path, caplog):
+    """An ORL run's threshold came from 4 people, without a word."""
+    from facenet_jax.embed import Encoder
+
+    _validation_file(tmp_path, num_pair_identities=4, num_different_pairs=30)
+    encoder = Encoder(config=None, variables=None, step=8, embedder=None, workdir=tmp_path)
+    with caplog.at_level("WARNING"):
+        info = encoder.threshold_info
+    assert (info["num_identities"], info["num_pairs"], info["num_different_pairs"]) == (4, 60, 30)
+    assert ("4 identities (fewer than 20) and 30 different pairs (fewer than 200)"
+            in info["warning"]) and info["warning"] in caplog.text
+    _validation_file(tmp_path, num_pair_identities=20, num_different_pairs=199)
+    assert "199 different pairs" in evaluate.run_threshold(tmp_path)["warning"]
+    assert "identities" not in evaluate.run_threshold(tmp_path)["warning"]
+    _validation_file(tmp_path, num_pair_identities=20, num_different_pairs=200)
+    assert evaluate.run_threshold(tmp_path)["warning"] is None
+    # a file that does not record the counts: nothing to judge
+    (tmp_path / "eval_validation.json").write_text(json.dumps(
+        {"threshold": 0.7, "distance": "squared", "split": "validation", "step": 8}))
+    info = evaluate.run_threshold(tmp_path)
+    assert info["num_identities"] is None and info["warning"] is None
+    summary = evaluate.format_summary({
+        "threshold": 0.7, "threshold_source": "the run's validation split", "num_pairs": 4,
+        "accuracy": 0.5, "tar": 0.5, "far": 0.5, "auc": 0.5, "eer": 0.5,
+        "threshold_warning": evaluate.threshold_warning(4, 30)})
+    assert summary.splitlines()[-1].startswith("warning: the threshold was chosen on 4 ")
+
+
+def test_pixel_baseline_writes_under_the_run_or_an_explicit_path_never_the_cwd(tmp_path):
+    """`evaluate --baseline pixels` without --output wrote its JSON and figures into the
+    current directory."""
+    config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py",
+                                                  "experiments/default.py"))
+    with pytest.raises(ValueError, match="give --output FILE"):
+        evaluate.baseline_inputs("pixels", config, None, None)
+    with pytest.raises(ValueError, match="not neither"):
+        evaluate.baseline_inputs("pixels", None, None, None)
+    with pytest.raises(ValueError, match="not both"):
+        evaluate.baseline_inputs("pixels", config, str(tmp_path), None)
+    chosen, output = evaluate.baseline_inputs("pixels", config, None, str(tmp_path / "p.json"))
+    assert chosen is config and output == tmp_path / "p.json"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": cfg.to_plain(config)}))
+    chosen, output = evaluate.baseline_inputs("pixels", None, str(run), None)
+    assert output == run / "eval_pixels.json" and cfg.to_plain(chosen) == cfg.to_plain(config)
+    # Never over the run's own evaluation (which sweeps read).
+    (run / "eval.json").write_text(json.dumps({"split": "test", "accuracy": 0.9}))
+    with pytest.raises(FileExistsError, match="holds the evaluation of the run's test split"):
+        evaluate._check_output_holds_the_same_evaluation(run / "eval.json", None, None,
+                                                         baseline="pixels")
+    (run / "eval_pixels.json").write_text(json.dumps({"split": "test", "baseline": "pixels"}))
+    evaluate._check_output_holds_the_same_evaluation(run / "eval_pixels.json", None, None,
+                                                     baseline="pixels")  # re-scored in place
+    with pytest.raises(FileExistsError, match="pixels baseline"):
+        evaluate._check_output_holds_the_same_evaluation(run / "eval_pixels.json", None, None)
+
+
+def test_pixel_baseline_cli_without_output_is_one_line_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from test_train_cli import REPO, _env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "facenet_jax.evaluate", "--baseline", "pixels", "--config",
+         str(REPO / "experiments" / "default.py")],
+        cwd=tmp_path, env=_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2 and "give --output FILE" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
