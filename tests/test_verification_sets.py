@@ -383,3 +383,18 @@ def test_sets_output_is_refused_when_it_holds_another_folder(photos_two_ways, pi
     flags.ijb = str(tmp_path)
     with pytest.raises(ValueError, match="--output names one file"):
         evaluate._run_benchmarks(flags)
+
+
+def test_training_sets_take_the_runs_crop_and_log_a_mismatch(py2_bin, caplog):
+    """The sets logged during training are preprocessed as the run's files too."""
+    import ml_collections
+
+    path, _, _ = py2_bin
+    eval_config = ml_collections.ConfigDict({"verification_sets": str(path.parent),
+                                             "verification_set_names": "lfw"})
+    data_config = ml_collections.ConfigDict({"alignment": None, "center_crop": 0.5,
+                                             "source": "synthetic", "root": None})
+    with caplog.at_level(logging.WARNING):
+        (vset,) = verification_sets.configured_sets(eval_config, 32, data_config)
+    np.testing.assert_array_equal(vset.images, verification_sets.read_bin(path, 32, 0.5).images)
+    assert "lfw.bin holds 'landmarks'-aligned crops" in caplog.text

@@ -225,7 +225,8 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         splits=splits,
         validation_pairs=(evaluate.generated_pairs(config, validation, "validation")
                           if validation.num_identities >= 2 else None),
-        benchmark_sets=verification_sets.configured_sets(config.eval, config.data.image_size),
+        benchmark_sets=verification_sets.configured_sets(config.eval, config.data.image_size,
+                                                         config.data),
         sampler=data.make_sampler(splits["train"], config, num_shards=mesh.size))
 
 
