@@ -278,9 +278,10 @@ def check_output(output: pathlib.Path, paths: Mapping[str, pathlib.Path]) -> Non
         folder = next(iter(paths.values())).parent.resolve()
         what = (f"the sets {', '.join(f'{n} ({p})' for n, p in held.items())}" if held
                 else "another evaluation")
+        suggestion = output.with_name(f"{output.stem}_{folder.name}.json")
         raise FileExistsError(
             f"{output} holds {what}; evaluating {', '.join(wanted)} of {folder} would replace "
-            f"it. Pass --output FILE (e.g. {output.with_name(f'{output.stem}_{folder.name}.json')})")
+            f"it. Pass --output FILE (e.g. {suggestion})")
 
 
 def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Path, *,

@@ -398,3 +398,25 @@ def test_training_sets_take_the_runs_crop_and_log_a_mismatch(py2_bin, caplog):
         (vset,) = verification_sets.configured_sets(eval_config, 32, data_config)
     np.testing.assert_array_equal(vset.images, verification_sets.read_bin(path, 32, 0.5).images)
     assert "lfw.bin holds 'landmarks'-aligned crops" in caplog.text
+
+
+def test_a_raw_photo_run_on_a_box_aligned_folder_is_warned(photos_two_ways, pixel_run,
+                                                            tmp_path):
+    """An lfw.py run (no data.alignment) on box-aligned crops cut its 0.5 centre crop a second
+    time without a word: the warning fired only for runs that set data.alignment."""
+    import shutil
+
+    from facenet_jax import evaluate
+    from facenet_jax.data.alignment import ALIGNMENT_RECORD
+
+    workdir, _, _ = pixel_run
+    aligned = tmp_path / "aligned"
+    shutil.copytree(photos_two_ways / "folder", aligned)
+    (aligned / ALIGNMENT_RECORD).write_text(json.dumps({"mode": "box", "image_size": 40}))
+    with pytest.warns(UserWarning, match="cut from these crops a second time"):
+        result = evaluate.evaluate_workdir(
+            workdir, data_root=str(aligned), pairs_file=str(photos_two_ways / "pairs.txt"),
+            output=workdir / "eval_aligned.json")
+    saved = json.loads((workdir / "eval_aligned.json").read_text())
+    assert saved["alignment_mismatch"] == result["alignment_mismatch"]
+    assert "holds 'box'-aligned crops" in saved["alignment_mismatch"]

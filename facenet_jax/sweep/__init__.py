@@ -22,8 +22,8 @@ A run whose `eval.json` exists is finished and skipped; one recorded as crashed 
 not re-run unless `--rerun_failed` is given (re-running resumes from its last checkpoint); a
 preempted one is resumed by the next plain run. SIGTERM to the sweep reaches every running
 cell (each saves a checkpoint and is recorded as preempted) and no further cell starts.
-Results go to DIR/results.csv (a row per run), DIR/results.md (a row per cell, mean ± std over
-seeds when there are several) and the PNG plots.
+Results go to DIR/results.csv (a row per run), DIR/results.md (a row per cell, mean ± sample
+std over seeds when there are several) and the PNG plots.
 """
 
 from __future__ import annotations

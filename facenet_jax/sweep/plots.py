@@ -34,8 +34,8 @@ def series_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
 
 def accuracy_figure(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[str]) -> Figure:
     """Accuracy against α (log x), one line per strategy, one panel per distance; each point a
-    cell's mean over its finished seeds with ± std over seeds as an error bar (n ≥ 2); cells
-    where a seed collapsed marked ×; the pixel baseline dashed."""
+    cell's mean over its finished seeds with ± sample std over seeds as an error bar (n ≥ 2);
+    cells where a seed collapsed marked ×; the pixel baseline dashed."""
     done = [r for r in cells if r["n"] and r["accuracy"] is not None]
     distances = _in_order(r["loss.distance"] for r in cells)
     keys = series_keys(config_keys)
@@ -71,7 +71,7 @@ def accuracy_figure(cells: Sequence[Mapping[str, Any]], config_keys: Sequence[st
         ax.grid(alpha=0.3)
     seeded = max(r["runs"] for r in cells) > 1
     axes[0].set_ylabel("10-fold verification accuracy" + (
-        "\n(mean ± std over seeds)" if seeded else ""))
+        "\n(mean ± sample std over seeds)" if seeded else ""))
     handles, names = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
         for h, n in zip(*ax.get_legend_handles_labels()):

@@ -119,9 +119,10 @@ def over_seeds(rows: Sequence[Mapping[str, Any]], config_keys: Sequence[str]
     many finished, status "ok"); per MEANED metric its mean over the finished seeds (None if
     none has it); "accuracy_std", "val@far=1e-3_std", "auc_std": the sample std over those
     seeds (None below 2), "<metric>_n" how many seeds have it; "val@far=1e-3_resolved": False
-    when some finished seed's is (None when none says); "collapsed": how many finished seeds collapsed (None when no finished
-    seed could be judged); "status": "ok" when every run is, else the counts ("2 ok, 1
-    crashed"); "pixel_accuracy" (shared by the seeds when data.pairs.seed is pinned).
+    when some finished seed's is (None when none says); "collapsed": how many finished seeds
+    collapsed (None when no finished seed could be judged); "status": "ok" when every run is,
+    else the counts ("2 ok, 1 crashed"); "pixel_accuracy" (shared by the seeds when
+    data.pairs.seed is pinned).
     """
     keys = [k for k in config_keys if k != SEED_KEY]
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
