@@ -2,7 +2,7 @@
 `.bin` format, evaluated with this project's protocol.
 
     python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER
-        [--names lfw,cfp_fp,agedb_30,calfw,cplfw] [--flip|--noflip]
+        [--names lfw,cfp_fp,agedb_30,calfw,cplfw] [--flip|--noflip] [--output FILE]
 
 A `.bin` file is a pickle written by Python 2: a tuple (list of encoded images, list of
 is-same flags), images 2i and 2i + 1 forming pair i, 112×112 aligned crops. It is read with the
@@ -11,10 +11,10 @@ preprocessed exactly as the run's folder loader preprocesses files (`data.center
 `data.image_size`: `data.folder.resize_array`). A `.bin` records no alignment: the five known
 sets are insightface's 5-landmark 112 px crops, any other is "unknown"; where that differs from
 the crops the run expects (`data.alignment.run_alignment`), it is logged and recorded
-(`alignment_mismatch`). Pairs fall into 10
-folds of contiguous pairs (as sklearn's KFold(10, shuffle=False) in insightface's
-`verification.py`); each set is scored with `metrics.evaluate_embeddings` (10-fold accuracy ±
-std, VAL@FAR, AUC, EER). The field embeds each image and its mirror image and adds the two
+(`alignment_mismatch`). Pairs fall into 10 folds of contiguous pairs (as sklearn's
+KFold(10, shuffle=False) in insightface's `verification.py`); each set is scored with
+`metrics.evaluate_embeddings` (10-fold accuracy ± std, VAL@FAR with its resolution flag, AUC,
+EER). The field embeds each image and its mirror image and adds the two
 (`embed.make_embedder(flip=True)`, the default here; recorded as "flip").
 """
 
@@ -317,9 +317,10 @@ def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Pat
 def _run_from_flags(flags: Any, flip: bool) -> str:
     """`python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names]
     [--output FILE]`."""
+    output = output_path(flags.workdir, flags.output)
     results = evaluate_workdir_sets(flags.workdir, flags.verification_sets, names=flags.names,
-                                    flip=flip, output=output_path(flags.workdir, flags.output))
-    return f"{markdown_table(results)}\nwrote {output_path(flags.workdir, flags.output)}"
+                                    flip=flip, output=output)
+    return f"{markdown_table(results)}\nwrote {output}"
 
 
 BENCHMARK_EVALUATORS.add("verification_sets", BenchmarkEvaluator(
