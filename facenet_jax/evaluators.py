@@ -24,7 +24,8 @@ from facenet_jax.registry import Registry
 class BenchmarkEvaluator:
     """flag: the evaluate CLI flag holding the benchmark's data (given: it runs); writes: what
     it writes, for messages ("DIR/eval_<name>.json"); run(flags, flip) -> the text the CLI
-    prints (its summary and the file written)."""
+    prints (its summary and the file written), writing to flags.output when given (the CLI
+    takes --output only when one benchmark runs)."""
 
     flag: str
     writes: str

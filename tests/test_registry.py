@@ -194,9 +194,20 @@ def test_a_registered_benchmark_runs_from_its_flag(capsys):
         assert evaluators.selected_benchmarks(flags) == [toy]
         evaluate._run_benchmarks(flags)
         assert calls == [("DATA", True)] and capsys.readouterr().out == "toy summary\n"
-        flags.output = "x.json"
-        with pytest.raises(ValueError, match="--output: not used with --verification_sets / "
+        flags.pairs = "pairs.txt"
+        with pytest.raises(ValueError, match="--pairs: not used with --verification_sets / "
                                              "--ijb / --toy .*DIR/eval_toy.json"):
+            evaluate._run_benchmarks(flags)
+    # --output goes to the one benchmark that runs; with two it would name two files.
+    flags.pairs, flags.output = None, "x.json"
+    seen = evaluators.BenchmarkEvaluator(
+        flag="toy", writes="DIR/eval_toy.json",
+        run=lambda flags, flip: calls.append(flags.output) or "toy summary")
+    with evaluators.BENCHMARK_EVALUATORS.temporary("toy", seen):
+        evaluate._run_benchmarks(flags)
+        assert calls[-1] == "x.json"
+        flags.verification_sets = "SETS"
+        with pytest.raises(ValueError, match="--output names one file, but 2 benchmarks run"):
             evaluate._run_benchmarks(flags)
 
 
