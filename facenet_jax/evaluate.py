@@ -128,7 +128,8 @@ def threshold_warning(num_identities: int | None, num_different_pairs: int | Non
         return None
     return (f"the threshold was chosen on {' and '.join(few)}: its false-accept rate on other "
             "people is barely estimated; give the run a larger validation split "
-            "(data.split.validation) or pass --threshold T")
+            "(data.split.validation) or choose one yourself (--threshold T; "
+            "verify(a, b, threshold=t))")
 
 
 def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
