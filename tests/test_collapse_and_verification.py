@@ -307,3 +307,18 @@ def test_pixel_baseline_cli_without_output_is_one_line_and_writes_nothing(tmp_pa
         timeout=120)
     assert result.returncode == 2 and "give --output FILE" in result.stderr
     assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_orls_validation_threshold_is_warned_as_thin(shared_data):
+    """The issue's case: experiments/orl.py chooses its threshold on 4 validation people."""
+    config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py",
+                                                  "experiments/orl.py"))
+    validation, pairs = evaluate.split_and_pairs(config, split="validation")
+    result = evaluate.evaluate_embedded(evaluate.pixel_embeddings(np.asarray(validation.images)),
+                                        validation.labels, pairs, distance="squared",
+                                        identification="none")
+    assert result["num_pair_identities"] == 4 == validation.num_identities
+    assert result["num_different_pairs"] == int(np.sum(~pairs.is_same))
+    warning = evaluate.threshold_warning(result["num_pair_identities"],
+                                         result["num_different_pairs"])
+    assert "4 identities (fewer than 20)" in warning
