@@ -84,3 +84,25 @@ def test_configs_recorded_without_the_new_keys_are_unchanged():
     del recorded["eval"]["verification_sets"], recorded["eval"]["verification_set_names"]
     assert changed_keys(recorded, current) == []
     assert changed_keys(recorded, current, allowed=()) == []  # the sweep's stale check
+
+
+@pytest.mark.slow
+def test_sets_cli_takes_output_and_records_flags_and_alignment(benchmark_run, tmp_path):
+    """--output was refused for --verification_sets; the JSON now carries the VAL@FAR flags
+    and the sets' alignment against the run's (synthetic data: no data.alignment)."""
+    workdir, sets, _ = benchmark_run
+    default = workdir / "eval_verification_sets.json"
+    before = default.read_text() if default.exists() else None
+    output = tmp_path / "sets.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "facenet_jax.evaluate", "--workdir", str(workdir),
+         "--verification_sets", str(sets), "--names", "cfp_fp", "--output", str(output)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {output}" in result.stdout and "\\* unresolved" in result.stdout
+    cfp_fp = json.loads(output.read_text())["cfp_fp"]
+    assert cfp_fp["val@far=1e-3_resolved"] is False  # 40 pairs: under 1,000 different
+    assert cfp_fp["alignment"] == "landmarks, 112 px" and cfp_fp["center_crop"] is None
+    assert "raw, unaligned photos" in cfp_fp["alignment_mismatch"]
+    assert (tmp_path / "sets.md").exists()
+    assert (default.read_text() if default.exists() else None) == before
