@@ -1,7 +1,10 @@
 """The same LFW photos as a folder + pairs file and as a .bin, scored with raw-pixel embeddings
 under an lfw.py-like preprocessing (center_crop 0.5, 64 px): AUC is fold-free, so the two paths
 must agree exactly once the .bin takes the run's crop."""
-import pathlib, pickle, sys, tempfile, time
+import pathlib
+import pickle
+import sys
+import tempfile
 
 import numpy as np
 
