@@ -164,3 +164,22 @@ def test_scoring_benchmark_runs_at_a_tiny_size(tmp_path):
                                "--dim", "8", "--output", str(tmp_path / "out.json")])
     assert json.loads((tmp_path / "out.json").read_text())["pairs"] == 500
     assert result["pair_scores_s"] >= 0
+
+
+def test_ijb_cli_path_writes_to_output_when_given(monkeypatch, tmp_path):
+    """--output is taken by a benchmark run alone (it was refused for every benchmark)."""
+    import types
+
+    from facenet_jax import ijb
+
+    written = []
+    summary = {"ijb_name": "IJBC", "num_pairs": 1, "tar@far": {"1e-4": 0.5},
+               "tar@far_conservative": {"1e-4": {"tar": 0.4, "far": 1e-4}}}
+    monkeypatch.setattr(ijb, "evaluate_workdir_ijb",
+                        lambda *args, output, **kwargs: written.append(output) or summary)
+    flags = types.SimpleNamespace(workdir=str(tmp_path), ijb="ROOT", ijb_name="IJBC",
+                                  ijb_detector_score=True, output=None)
+    assert ijb._run_from_flags(flags, True).endswith(f"wrote {tmp_path / 'eval_ijbc.json'}")
+    flags.output = str(tmp_path / "mine.json")
+    assert ijb._run_from_flags(flags, True).endswith(f"wrote {tmp_path / 'mine.json'}")
+    assert written == [tmp_path / "eval_ijbc.json", tmp_path / "mine.json"]
