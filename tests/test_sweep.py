@@ -336,7 +336,7 @@ def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fa
     assert runs() == {name: 1 for name in names}  # nothing ran
     assert {name: (workdir / name / "eval.json").read_bytes() for name in names} == evals
 
-    with pytest.raises(SystemExit, match="Nothing was run"):
+    with pytest.raises(sweep.StaleCellsError, match="Nothing was run"):
         sweep.main(["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(workdir)])
     rows = sweep.aggregate(changed, workdir)
     assert [row["status"] for row in rows] == ["stale", "stale"]
@@ -700,6 +700,6 @@ def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
     assert "2 already finished or failed (skipped), 0 to run" in capsys.readouterr().out
     # The records the real cells left catch a changed common before anything runs.
     path.write_text(path.read_text().replace("'num_steps': 6", "'num_steps': 8"))
-    with pytest.raises(SystemExit, match="strategy-hardest, source-folder: num_steps was 6, "
-                                         "now 8"):
+    with pytest.raises(sweep.StaleCellsError,
+                       match="strategy-hardest, source-folder: num_steps was 6, now 8"):
         sweep.main(["--sweep", str(path), "--workdir", str(workdir)])
