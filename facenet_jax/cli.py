@@ -87,7 +87,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         if tracebacks_wanted():
             raise
         _exit_if_config_file_missing(argv)
-        exit_with_user_error(error, _flag_error_text(error, argv))
+        exit_with_user_error(error, flag_error_text(error, argv))
     _exit_if_config_file_missing(argv)
     return left
 
@@ -107,8 +107,9 @@ def _innermost_text(error: BaseException) -> str:
     return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
-def _flag_error_text(error: BaseException, argv: Sequence[str]) -> str:
-    """One line for a flag parsing error; an unknown config key names the override it is in."""
+def flag_error_text(error: BaseException, argv: Sequence[str]) -> str:
+    """One line for a flag parsing error of `argv`; an unknown config key names the override it
+    is in (`--config.loss.stratgy: unknown config key 'stratgy'; Did you mean ...`)."""
     lines = [line.strip() for line in _innermost_text(error).splitlines() if line.strip()]
     if isinstance(error, (AttributeError, KeyError)) and lines:
         key = lines[0].strip("'\"")

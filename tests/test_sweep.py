@@ -369,6 +369,68 @@ def test_cells_finished_before_records_were_kept_are_assumed_to_match(tmp_path, 
     assert [row["status"] for row in sweep.aggregate(spec, workdir)] == ["ok", "ok"]
 
 
+def test_command_line_overrides_reach_every_cell_and_a_changed_one_makes_them_stale(
+        tmp_path, fake_train, capsys):
+    """`--config.KEY=VALUE` on the sweep CLI: in every cell's record and train command (parsed
+    as the train CLI parses it), replacing the file's common value; changing or dropping it
+    later stops the sweep naming the stale cells, running nothing."""
+    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
+    spec = _sweep_with(tmp_path, DEFAULT, {"num_steps": 4}, cells)
+    workdir = tmp_path / "runs"
+    names = sweep.cell_names(cells)
+    runs = fake_train(workdir, {name: ["ok"] for name in names})
+    _cached_baseline(spec, workdir)
+    argv = ["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(workdir)]
+    short = ["--config.num_steps=6", "--config.optimizer.decay_boundaries=(0.3,0.6)"]
+    sweep.main([*argv, *short])
+    assert runs() == {name: 1 for name in names}
+    recorded = json.loads((workdir / names[1] / sweep.CELL_FILE).read_text())
+    assert recorded["overrides"] == {"num_steps": 6, "optimizer.decay_boundaries": [0.3, 0.6],
+                                     "loss.margin": 0.3}
+    assert recorded["config"] == to_plain(load_config(DEFAULT, {
+        "num_steps": 6, "optimizer.decay_boundaries": (0.3, 0.6), "loss.margin": 0.3}))
+    capsys.readouterr()
+    sweep.main([*argv, *short])  # the same overrides: both cells are done
+    assert "2 already finished or failed (skipped), 0 to run" in capsys.readouterr().out
+    with pytest.raises(sweep.StaleCellsError,
+                       match=f"{names[0]}, {names[1]}: num_steps was 6, now 7"):
+        sweep.main([*argv, "--config.num_steps=7", short[1]])
+    with pytest.raises(sweep.StaleCellsError, match="num_steps was 6, now 4; optimizer"):
+        sweep.main(argv)  # dropped: the file's common num_steps=4 again
+    assert runs() == {name: 1 for name in names}  # nothing ran
+
+
+def test_command_line_overrides_are_on_every_printed_train_command(tmp_path, capsys):
+    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
+    _sweep_with(tmp_path, DEFAULT, {"num_steps": 4}, cells)
+    sweep.main(["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(tmp_path / "runs"),
+                "--print_commands", "--config.num_steps=6",
+                "--config.optimizer.decay_boundaries=(0.3,0.6)"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, cell in zip(lines, cells):
+        parsed, _ = _parse_train_command(line)
+        assert to_plain(parsed) == to_plain(load_config(DEFAULT, {
+            "num_steps": 6, "optimizer.decay_boundaries": (0.3, 0.6), **cell}))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.loss.margin=0.5", "--config.loss.margin: the sweep's cells set loss.margin "
+                                 "themselves"),
+    ("--config.num_stpes=6", '--config.num_stpes: unknown config key \'num_stpes\'; Did you '
+                             'mean "num_steps"'),
+    ("--config.num_steps=six", "flag --config.num_steps=six: invalid literal for int()"),
+    ("--num_steps=6", "unrecognized arguments: --num_steps=6"),
+])
+def test_bad_command_line_overrides_are_refused_before_anything_runs(tmp_path, override,
+                                                                     message):
+    path = _tiny_sweep_file(tmp_path, [{"loss.margin": 0.1}, {"loss.margin": 0.3}])
+    with pytest.raises(ValueError) as error:
+        sweep.main(["--sweep", str(path), "--workdir", str(tmp_path / "runs"), override])
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_record_changes_compare_resolved_configs(tmp_path):
     moved = tmp_path / "moved.py"
     moved.write_text(DEFAULT.read_text())
