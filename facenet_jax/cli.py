@@ -109,8 +109,13 @@ def _innermost_text(error: BaseException) -> str:
 
 def flag_error_text(error: BaseException, argv: Sequence[str]) -> str:
     """One line for a flag parsing error of `argv`; an unknown config key names the override it
-    is in (`--config.loss.stratgy: unknown config key 'stratgy'; Did you mean ...`)."""
-    lines = [line.strip() for line in _innermost_text(error).splitlines() if line.strip()]
+    is in (`--config.loss.stratgy: unknown config key 'stratgy'; Did you mean ...`). A config
+    file that raised keeps its own traceback (ml_collections puts it in the message): that
+    traceback is the config file's, the only place its error shows."""
+    text = _innermost_text(error)
+    if "Traceback (most recent call last)" in text:
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(error, (AttributeError, KeyError)) and lines:
         key = lines[0].strip("'\"")
         overrides = [arg.lstrip("-").split("=", 1)[0] for arg in argv

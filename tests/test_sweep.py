@@ -299,6 +299,19 @@ def _sweep_with(folder, base, common, cells):
     """))
 
 
+def _two_cells_faked(folder, base, fake_train):
+    """A sweep file in `folder` of two margin cells over `base` with num_steps=4 in common, to
+    run by the fake train (each once, "ok") in folder/runs, its baseline cached: returns
+    (cells, spec, workdir, names, runs)."""
+    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
+    spec = _sweep_with(folder, base, {"num_steps": 4}, cells)
+    workdir = folder / "runs"
+    names = sweep.cell_names(cells)
+    runs = fake_train(workdir, {name: ["ok"] for name in names})
+    _cached_baseline(spec, workdir)
+    return cells, spec, workdir, names, runs
+
+
 @pytest.mark.parametrize("change", ["common", "base file"])
 def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fake_train,
                                                                     change):
@@ -307,12 +320,7 @@ def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fa
     as stale, not as results of the changed sweep. Restoring the sweep makes them count."""
     base = tmp_path / "base.py"
     base.write_text(DEFAULT.read_text())
-    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
-    spec = _sweep_with(tmp_path, base, {"num_steps": 4}, cells)
-    workdir = tmp_path / "runs"
-    names = sweep.cell_names(cells)
-    runs = fake_train(workdir, {name: ["ok"] for name in names})
-    _cached_baseline(spec, workdir)
+    cells, spec, workdir, names, runs = _two_cells_faked(tmp_path, base, fake_train)
     sweep.run_sweep(spec, workdir, out=io.StringIO())
     assert runs() == {name: 1 for name in names}
     recorded = json.loads((workdir / names[0] / sweep.CELL_FILE).read_text())
@@ -374,12 +382,7 @@ def test_command_line_overrides_reach_every_cell_and_a_changed_one_makes_them_st
     """`--config.KEY=VALUE` on the sweep CLI: in every cell's record and train command (parsed
     as the train CLI parses it), replacing the file's common value; changing or dropping it
     later stops the sweep naming the stale cells, running nothing."""
-    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
-    spec = _sweep_with(tmp_path, DEFAULT, {"num_steps": 4}, cells)
-    workdir = tmp_path / "runs"
-    names = sweep.cell_names(cells)
-    runs = fake_train(workdir, {name: ["ok"] for name in names})
-    _cached_baseline(spec, workdir)
+    _, _, workdir, names, runs = _two_cells_faked(tmp_path, DEFAULT, fake_train)
     argv = ["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(workdir)]
     short = ["--config.num_steps=6", "--config.optimizer.decay_boundaries=(0.3,0.6)"]
     sweep.main([*argv, *short])
