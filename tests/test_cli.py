@@ -286,6 +286,23 @@ def test_alignment_note_only_for_runs_trained_on_aligned_crops():
     assert "must be such crops" in note
 
 
+@pytest.mark.slow
+def test_verify_of_a_run_on_aligned_crops_says_the_inputs_must_be_such_crops(
+        run, encoder, faces, monkeypatch):
+    import dataclasses
+
+    from facenet_jax import embed, verify
+
+    config = encoder.config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.alignment = "box"
+    aligned = dataclasses.replace(encoder, config=config)
+    monkeypatch.setattr(embed, "load_encoder", lambda workdir: aligned)
+    lines = verify.verify_pair(run, faces[1][0], faces[1][1])
+    assert lines[0] == verify.alignment_note(config) and "'box'-aligned crops" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["distance", "threshold", "verdict"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Quiet loads.
 
