@@ -67,7 +67,7 @@ git rev-parse HEAD > "$OUTDIR/commit.txt" 2>/dev/null || true
 
 echo "== train-step throughput"
 timeout "$BENCH_TIMEOUT" $PY benchmarks/train_step.py "${BENCH[@]}" \
-  --output "$OUTDIR/train_step.json"
+  --output "$OUTDIR/train_step.json" --overwrite  # OUTDIR is this check's own folder
 bench_rc=$?
 
 echo "== semi-hard loss by anchor block size (≤ ${MINING_TIMEOUT} s)"

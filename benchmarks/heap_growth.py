@@ -28,6 +28,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from kill_resume import REPO, TINY  # noqa: E402
 from long_run import memory_mib  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
+
 TOP_SITES = 8
 
 
@@ -89,13 +92,13 @@ def measure(num_steps: int, first: int, workdir: pathlib.Path) -> dict[str, Any]
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-steps", type=int, default=4000)
     parser.add_argument("--first", type=int, default=1000, help="step of the first snapshot")
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" /
-                                                "heap_growth.json"))
-    args = parser.parse_args()
+    add_output_arguments(parser, REPO / "benchmarks" / "results" / "heap_growth.json")
+    args = parser.parse_args(argv)
+    refuse_existing(parser, [args.output], args.overwrite)
     if not 0 < args.first < args.num_steps:
         parser.error("--first must lie between 0 and --num-steps")
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")

@@ -18,11 +18,15 @@ import os
 import pathlib
 import platform
 import resource
+import sys
 import time
 
 import numpy as np
 
 from facenet_jax import ijb, metrics
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "ijb_scoring.json"
 
@@ -33,8 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--templates", type=int, default=23_124)
     parser.add_argument("--pairs", type=int, default=15_658_489)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--output", type=pathlib.Path, default=RESULTS)
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
+    refuse_existing(parser, [args.output], args.overwrite)
     rng = np.random.default_rng(0)
     features = rng.normal(size=(args.images, args.dim)).astype(np.float32)
     features = metrics.l2_normalize_rows(features)
@@ -54,11 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     ijb.tar_at_far(scores, is_same)
     timings["tar_at_far_s"] = time.perf_counter() - start
-    result = {**{k: v for k, v in vars(args).items() if k != "output"}, **{k: round(v, 2) for k, v in timings.items()},
+    result = {**{k: v for k, v in vars(args).items() if k not in ("output", "overwrite")}, **{k: round(v, 2) for k, v in timings.items()},
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "load_average": os.getloadavg()[0]}
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    pathlib.Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
 

@@ -24,11 +24,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import train_step as train_step_benchmark  # noqa: E402
+from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
 from facenet_jax import data, evaluate, metrics  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -133,7 +133,7 @@ def save_grid(path: pathlib.Path, identities: int = 8, per_identity: int = 8) ->
                                  Image.Resampling.NEAREST).save(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=pathlib.Path, default=None,
                         help="an image folder to time (default: ORL if present) besides a "
@@ -144,14 +144,20 @@ def main() -> None:
                         "batch (writes input_pipeline_train_step.json)")
     parser.add_argument("--overhead_steps", type=int, default=10,
                         help="train steps per timing round of --train_step_overhead")
-    args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
+    add_output_arguments(parser, RESULTS, flag="--output_dir",
+                         what="folder of input_pipeline.json and synthetic_faces.png (or "
+                              "input_pipeline_train_step.json)")
+    args = parser.parse_args(argv)
+    output_dir = pathlib.Path(args.output_dir)
+    outputs = ([output_dir / "input_pipeline_train_step.json"] if args.train_step_overhead
+               else [output_dir / "input_pipeline.json", output_dir / "synthetic_faces.png"])
+    refuse_existing(parser, outputs, args.overwrite, flag="--output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
     if args.train_step_overhead:
         rows = measure_train_step_input_overhead(steps=args.overhead_steps)
         report = {"python": platform.python_version(),
                   "host": train_step_benchmark.host_description(), "rows": rows}
-        (RESULTS / "input_pipeline_train_step.json").write_text(
-            json.dumps(report, indent=2) + "\n")
+        outputs[0].write_text(json.dumps(report, indent=2) + "\n")
         return
     results: dict = {"python": platform.python_version(), "image_size": IMAGE_SIZE,
                      "augment": {"crop_padding": 2, "flip": True}, "steps": args.steps}
@@ -194,8 +200,8 @@ def main() -> None:
                                           for d in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)}
     print("pixel baseline by difficulty:", results["pixel_baseline_accuracy"])
     print(f"synthetic generation: {results['synthetic_generation_images_per_s']:.0f} images/s")
-    save_grid(RESULTS / "synthetic_faces.png")
-    (RESULTS / "input_pipeline.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_grid(outputs[1])
+    outputs[0].write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

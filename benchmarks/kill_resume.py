@@ -42,6 +42,9 @@ from collections.abc import Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
+
 TORN = ".orbax-checkpoint-tmp"
 MOMENTS = ("mid_save", "after_save", "in_loop", "from_start")
 # A tiny run whose loop is dominated by checkpoint writes, so random kills often land mid-save.
@@ -269,14 +272,14 @@ def check(result: dict[str, Any], workdir: pathlib.Path, reference: pathlib.Path
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=24)
     parser.add_argument("--num-steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" /
-                                                 "kill_resume.json"))
-    args = parser.parse_args()
+    add_output_arguments(parser, REPO / "benchmarks" / "results" / "kill_resume.json")
+    args = parser.parse_args(argv)
+    refuse_existing(parser, [args.output], args.overwrite)
     rng = random.Random(args.seed)
     moments = rng.choices(MOMENTS, weights=(0.3, 0.2, 0.3, 0.2), k=args.kills)
     with tempfile.TemporaryDirectory(prefix="kill_resume_") as scratch:

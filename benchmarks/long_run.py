@@ -32,6 +32,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from kill_resume import REPO, logged_steps, train_command, train_env  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
+
 BATCH = 8 * 2  # kill_resume.TINY: P = 8 identities × K = 2 images
 
 
@@ -124,7 +127,7 @@ def summarise(samples: list[dict[str, float]], times: list[tuple[int, float]],
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-steps", type=int, default=20000)
     parser.add_argument("--log-every", type=int, default=50)
@@ -132,9 +135,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1000,
                         help="RSS growth is measured from here (after the first checkpoint)")
     parser.add_argument("--interval", type=float, default=0.5)
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" /
-                                                 "long_run.json"))
-    args = parser.parse_args()
+    add_output_arguments(parser, REPO / "benchmarks" / "results" / "long_run.json")
+    args = parser.parse_args(argv)
+    refuse_existing(parser, [args.output], args.overwrite)
     with tempfile.TemporaryDirectory(prefix="long_run_") as scratch:
         scratch = pathlib.Path(scratch)
         workdir = scratch / "run"

@@ -45,6 +45,9 @@ import time
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
+
 MARGIN = 0.2
 DIM = 128
 STRATEGIES = ("semihard", "semihard_facenet", "all", "distance_weighted")
@@ -294,12 +297,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="TF-Addons at 1024 was killed for memory on a 24 GB machine")
     parser.add_argument("--pml-all-max-batch", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mining.json"))
+    add_output_arguments(parser, REPO / "benchmarks" / "results" / "mining.json", flag="--out")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return
+    refuse_existing(parser, [args.out], args.overwrite, flag="--out")
     strategies = args.strategies.split(",")
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:

@@ -35,6 +35,9 @@ from typing import Any
 from unittest import mock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
+
 # Peak dense FLOP/s by device kind substring: (float32 via TF32 tensor cores, bfloat16).
 PEAK_FLOPS = {
     "H200": (494e12, 989e12), "H100": (494e12, 989e12), "A100": (156e12, 312e12),
@@ -65,8 +68,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3,
                         help="timing rounds (variants alternate; the fastest round counts)")
     parser.add_argument("--image_size", type=int, default=None, help="override every model's")
-    parser.add_argument("--output", default="benchmarks/results/train_step.json")
+    add_output_arguments(parser, "benchmarks/results/train_step.json",
+                         what="output JSON, rewritten after every row")
     args = parser.parse_args(argv)
+    refuse_existing(parser, [args.output], args.overwrite)
     args.models = args.models.split(",")
     args.layouts = [parse_layout(text) for text in args.batches.split(",")]
     args.device_counts = [int(d) for d in args.devices.split(",")]
@@ -335,5 +340,4 @@ def markdown_table(rows: list[dict], device_kind: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main(sys.argv[1:])

@@ -191,7 +191,8 @@ def align_folder(src: str | pathlib.Path, dst: str | pathlib.Path, *, mode: str 
         raise ValueError(f"need image_size >= 16, margin >= 0 and workers >= 1, got "
                          f"{image_size}, {margin}, {workers}")
     src, dst = pathlib.Path(src).resolve(), pathlib.Path(dst).resolve()
-    relative, _ = scan_folder(src)  # a missing or empty SRC fails here, naming the layout
+    # A missing or empty SRC fails here, naming the layout.
+    relative, _ = scan_folder(src, role="source folder (SRC)", fix="give as SRC")
     record = _settings_record(mode, image_size, margin, face_rule)
     dst.mkdir(parents=True, exist_ok=True)
     _check_settings(dst, record)
@@ -248,11 +249,11 @@ def _rewrite_report(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from facenet_jax.logs import cli_logging
+    from facenet_jax.cli import cli_logging
 
     cli_logging()
     if len(argv) != 3:
-        raise SystemExit("usage: python -m facenet_jax.align SRC DST [--mode box|landmarks] "
+        raise ValueError("usage: python -m facenet_jax.align SRC DST [--mode box|landmarks] "
                          "[--image_size S] [--margin M] [--face largest|central] [--workers N]")
     flags_ = flags.FLAGS
     counts = align_folder(argv[1], argv[2], mode=flags_.mode,
@@ -266,7 +267,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from facenet_jax import cli
 
     flags.DEFINE_enum("mode", "box", list(ALIGNMENT_MODES),
                       "box: FaceNet's margin crop; landmarks: ArcFace's 5-point alignment")
@@ -275,4 +278,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("margin", 32, "box mode: margin in source pixels, split around the box")
     flags.DEFINE_enum("face", "largest", list(FACE_RULES), "which face of a photo to keep")
     flags.DEFINE_integer("workers", 4, "threads decoding, cropping and writing images")
-    app.run(main)
+    cli.run(main)

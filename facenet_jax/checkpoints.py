@@ -9,6 +9,7 @@ DIR/unreadable_checkpoints/ (kept for inspection, never deleted) before the new 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import pathlib
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -40,10 +41,47 @@ def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
 
 def make_manager(workdir: str | pathlib.Path, *, max_to_keep: int,
                  read_only: bool = False) -> ocp.CheckpointManager:
+    """An orbax manager of DIR/checkpoints. read_only=True (every load: evaluate, embed,
+    verify) writes and prunes nothing, and says nothing about it: orbax warns three times per
+    manager that a read-only one saves nothing, which is what was asked."""
+    # A read-only manager keeps every step and saves at no interval; saying so up front avoids
+    # orbax's two warnings that it changed these options.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        max_to_keep=None if read_only else max_to_keep,
+        save_interval_steps=0 if read_only else 1, create=not read_only, read_only=read_only,
         enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    with _dropping_log_records("absl", _READ_ONLY_NOTICE if read_only else None):
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+# The start of the warning orbax's CheckpointManager logs (through absl) for every read-only one.
+_READ_ONLY_NOTICE = "Given directory is read only"
+
+
+class _MessagePrefixFilter(logging.Filter):
+    """Drops the records whose unformatted message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _dropping_log_records(logger: str, prefix: str | None) -> Iterator[None]:
+    """Within the block, `logger` drops records starting with `prefix` (None: drops none);
+    every other record, and everything after the block, is logged as usual."""
+    if prefix is None:
+        yield
+        return
+    dropped = _MessagePrefixFilter(prefix)
+    logging.getLogger(logger).addFilter(dropped)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(dropped)
 
 
 def latest_step(workdir: str | pathlib.Path) -> int | None:

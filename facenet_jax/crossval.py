@@ -42,11 +42,11 @@ import ml_collections
 import numpy as np
 
 from facenet_jax import data, plots, reporting, runfiles
+from facenet_jax.cli import cli_logging
 from facenet_jax.config import (EXCLUDE_FOLD_KEY, changed_keys, json_safe, set_dotted,
                                 to_plain)
 from facenet_jax.data.folder import scan_folder
 from facenet_jax.data.pairs import parse_pairs_file
-from facenet_jax.logs import cli_logging, one_line_user_errors
 
 FOLD_EVAL_FILE = "eval_crossval.json"  # in D/fold_k: fold k's pairs at the run's threshold
 FOLD_TIME_FILE = "crossval_time.json"  # in D/fold_k: the wall time of the attempt that finished
@@ -310,8 +310,10 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from facenet_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     flags.DEFINE_string("pairs", None, "LFW-format pairs file with at least 2 folds")
@@ -319,4 +321,4 @@ if __name__ == "__main__":
                         "re-use to resume)")
     flags.DEFINE_string("folds", None, "comma-separated folds to run (1-based; default all)")
     flags.mark_flags_as_required(["config", "pairs", "workdir"])
-    app.run(one_line_user_errors(main))
+    cli.run(main)

@@ -4,8 +4,9 @@
 
 Public API: `make_embedder` (jitted, sharded over the devices, fixed batch shape so the last
 partial batch never recompiles), `load_encoder(workdir)` → `Encoder` with `.embed(images)`,
-`.embed_files(paths)`, `.distance(a, b)` and `.verify(a, b)` (the run's eval.distance and its
-chosen threshold, `.threshold_info` says where it was chosen). The notebooks, the evaluation
+`.embed_files(paths)`, `.distance(a, b)` and `.verify(a, b)` (images or embeddings; the run's
+eval.distance and its chosen threshold, `.threshold_info` says where it was chosen) and
+`.verify_files(a, b)` (image files; the CLI `python -m facenet_jax.verify` prints its verdict). The notebooks, the evaluation
 and training all use it.
 
 The CLI's .npz holds: embeddings float32 [N,D], labels int [N] (index into identity_names),
@@ -30,7 +31,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
-from facenet_jax.logs import cli_logging, one_line_user_errors
+from facenet_jax.cli import cli_logging
 from facenet_jax.runfiles import atomic_write_with, load_run_config
 from facenet_jax.state import build_model
 
@@ -134,31 +135,58 @@ class Encoder:
         return evaluate.run_threshold(self.workdir)
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Distances [N] between images a[i] and b[i] (uint8 [N,H,W,3] each, or one image
-        [H,W,3] each) in the run's eval.distance, the distance its threshold is in."""
-        a, b = _image_batch(a), _image_batch(b)
+        """Distances [N] between a[i] and b[i] in the run's eval.distance, the distance its
+        threshold is in. Each of a and b is images (uint8 [N,H,W,3], or one image [H,W,3]) or
+        embeddings (float [N,D], or one [D]; D the run's model.embedding_dim), see
+        `as_embeddings`."""
+        a, b = self.as_embeddings(a), self.as_embeddings(b)
         if len(a) != len(b):
-            raise ValueError(f"a and b must hold as many images, got {len(a)} and {len(b)}")
+            raise ValueError(f"a and b must hold as many images or embeddings, got {len(a)} "
+                             f"and {len(b)}")
         from facenet_jax import metrics
 
-        embeddings = self.embed(np.concatenate([a, b]))
         index = np.arange(len(a))
-        return metrics.pair_distances(embeddings, index, index + len(a),
+        return metrics.pair_distances(np.concatenate([a, b]), index, index + len(a),
                                       self.config.eval.distance)
 
     def verify(self, a: np.ndarray, b: np.ndarray, threshold: float | None = None
                ) -> np.ndarray:
         """bool [N]: is a[i] the same person as b[i]? True iff distance(a, b) ≤ threshold,
-        by default the run's (`threshold_info`: chosen on its validation split)."""
+        by default the run's (`threshold_info`: chosen on its validation split). a, b: images
+        or embeddings, as `distance` takes them."""
         if threshold is None:
             threshold = self.threshold_info["threshold"]
         return self.distance(a, b) <= threshold
 
+    def verify_files(self, a: str | pathlib.Path | Sequence[str | pathlib.Path],
+                     b: str | pathlib.Path | Sequence[str | pathlib.Path],
+                     threshold: float | None = None) -> np.ndarray:
+        """bool [N]: is the face in file a[i] the same person as in file b[i]? (one path or a
+        list each). The files are decoded and preprocessed as the run's data config says
+        (`embed_files`), then compared as `verify` does."""
+        return self.verify(self.embed_files(_path_list(a)), self.embed_files(_path_list(b)),
+                           threshold)
 
-def _image_batch(images: np.ndarray) -> np.ndarray:
-    """One image [H,W,3] → [1,H,W,3]; a batch unchanged."""
-    images = np.asarray(images)
-    return images[None] if images.ndim == 3 else images
+    def as_embeddings(self, x: np.ndarray) -> np.ndarray:
+        """float32 [N,D] embeddings from images or embeddings: uint8 [H,W,3] or [N,H,W,3] are
+        images (embedded); float [D] or [N,D], D the run's model.embedding_dim, are embeddings
+        (returned as they are). Anything else is a ValueError naming both forms."""
+        x = np.asarray(x)
+        dim = self.config.model.embedding_dim
+        if x.dtype == np.uint8 and x.ndim in (3, 4) and x.shape[-1] == 3:
+            return self.embed(x[None] if x.ndim == 3 else x)
+        if np.issubdtype(x.dtype, np.floating) and x.ndim in (1, 2) and x.shape[-1] == dim:
+            return np.atleast_2d(x).astype(np.float32)
+        size = self.config.data.image_size
+        raise ValueError(f"expected images (uint8 [H,W,3] or [N,H,W,3], {size}x{size} for this "
+                         f"run) or embeddings (float [{dim}] or [N,{dim}]), got {x.dtype} of "
+                         f"shape {x.shape}")
+
+
+def _path_list(paths: str | pathlib.Path | Sequence[str | pathlib.Path]
+               ) -> list[str | pathlib.Path]:
+    """One path → [path]; a sequence of paths unchanged."""
+    return [paths] if isinstance(paths, (str, pathlib.Path)) else list(paths)
 
 
 def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
@@ -228,11 +256,13 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from facenet_jax import cli
 
     flags.DEFINE_string("workdir", None, "trained run folder")
     flags.DEFINE_string("data_root", None, "image folder root/<identity>/<image>")
     flags.DEFINE_string("output", None, "output .npz")
     flags.DEFINE_bool("flip", None, "also embed mirrored images (default: the run's eval.flip)")
     flags.mark_flags_as_required(["workdir", "data_root", "output"])
-    app.run(one_line_user_errors(main))
+    cli.run(main)

@@ -42,7 +42,7 @@ from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
 from facenet_jax.evaluators import (BASELINE_EVALUATORS, BENCHMARK_EVALUATORS,
                                     selected_benchmarks)
 from facenet_jax.data.alignment import alignment_mismatch, run_alignment
-from facenet_jax.logs import cli_logging, one_line_user_errors
+from facenet_jax.cli import cli_logging
 from facenet_jax.runfiles import EVAL_FILE, SPLIT_FILE, VALIDATION_EVAL_FILE
 
 
@@ -562,8 +562,10 @@ def _run_benchmarks(flags_: Any) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from facenet_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "config file (for --baseline)",
                                     lock_config=True)
@@ -592,4 +594,4 @@ if __name__ == "__main__":
     flags.DEFINE_enum("ijb_name", "IJBC", list(ijb.IJB_NAMES), "which IJB protocol --ijb holds")
     flags.DEFINE_bool("ijb_detector_score", True, "weight IJB images by their detector score "
                       "(insightface's default)")
-    app.run(one_line_user_errors(main))
+    cli.run(main)

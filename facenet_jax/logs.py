@@ -6,50 +6,16 @@ step are dropped first (atomically: write aside, rename), so each step appears o
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import os
 import pathlib
 import re
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+# The command lines' shared edges live in facenet_jax.cli; these names stay importable here.
+from facenet_jax.cli import TRACEBACK_ENV, USER_ERRORS, cli_logging, one_line_user_errors  # noqa: F401
 from facenet_jax.config import json_safe
 from facenet_jax.runfiles import METRICS_FILE, TENSORBOARD_DIR, atomic_write_text
-
-# Errors the command lines report as one line (bad flags, config values, missing files, an
-# output that would be overwritten); anything else keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, OSError)
-TRACEBACK_ENV = "FACENET_JAX_TRACEBACK"  # set to 1: user errors show their traceback too
-
-
-def cli_logging() -> None:
-    """The command lines' logging: this package's INFO lines, orbax's warnings only.
-
-    orbax logs each save or restore in ~20 INFO lines through absl's logger, which would bury
-    the progress lines (this package logs through the root logger).
-    """
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-
-
-def one_line_user_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-    """Wraps a CLI's main: a USER_ERRORS exception prints `error (Type): message` on stderr and
-    exits with status 2, without a traceback (unless FACENET_JAX_TRACEBACK=1)."""
-    @functools.wraps(main)
-    def wrapped(argv: list[str]) -> Any:
-        try:
-            return main(argv)
-        except USER_ERRORS as error:
-            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-                raise
-            message = error.args[0] if isinstance(error, KeyError) and error.args else error
-            print(f"error ({type(error).__name__}): {message} [{TRACEBACK_ENV}=1 shows the "
-                  "traceback]", file=sys.stderr, flush=True)
-            sys.exit(2)
-    return wrapped
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:

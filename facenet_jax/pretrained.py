@@ -283,7 +283,7 @@ def import_weights(weights: str | pathlib.Path, workdir: str | pathlib.Path, *,
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from facenet_jax.logs import cli_logging
+    from facenet_jax.cli import cli_logging
 
     del argv
     cli_logging()
@@ -296,10 +296,12 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from facenet_jax import cli
 
     flags.DEFINE_enum("source", "facenet-pytorch", list(SOURCES), "where the weights come from")
     flags.DEFINE_string("weights", None, "state_dict file (.pt)")
     flags.DEFINE_string("workdir", None, "run folder to write")
     flags.mark_flags_as_required(["weights", "workdir"])
-    app.run(main)
+    cli.run(main)

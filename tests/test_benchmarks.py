@@ -106,3 +106,56 @@ def test_mining_breakdown_times_each_part_of_each_size():
         "loss forward, 16 anchor rows per block",
         "loss forward + backward, 4 anchor rows per block",
         "loss forward, 4 anchor rows per block", "distance matrix forward + backward"]
+
+
+# Each script's output flag and arguments that keep a run (if one started) tiny.
+OUTPUT_FLAGS = {
+    "heap_growth": ("--output", ["--num-steps", "4", "--first", "2"]),
+    "ijb_scoring": ("--output", ["--images", "40", "--templates", "4", "--pairs", "50"]),
+    "input_pipeline": ("--output_dir", ["--steps", "1"]),
+    "kill_resume": ("--output", ["--kills", "1", "--num-steps", "4"]),
+    "long_run": ("--output", ["--num-steps", "4", "--warmup-steps", "2"]),
+    "mining": ("--out", ["--sizes", "16", "--strategies", "semihard", "--chunked", "none"]),
+    "train_step": ("--output", ["--models", "small_cnn", "--batches", "4x2", "--devices", "1",
+                                "--steps", "1", "--rounds", "1"]),
+}
+
+
+@pytest.mark.parametrize("script", list(OUTPUT_FLAGS))
+def test_benchmarks_refuse_an_existing_output_unless_overwrite(script, tmp_path, capsys):
+    """A benchmark run never replaces a results file (the committed benchmarks/results/ by
+    default) unless asked: refused before anything is measured, the file left as it was."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    flag, tiny = OUTPUT_FLAGS[script]
+    existing = tmp_path / "result.json"
+    existing.write_text('{"committed": true}\n')
+    target = tmp_path if flag == "--output_dir" else existing
+    if flag == "--output_dir":  # a folder whose first output file is there already
+        (tmp_path / "input_pipeline.json").write_text('{"committed": true}\n')
+    with pytest.raises(SystemExit) as ended:
+        module.main([*tiny, flag, str(target)])
+    assert ended.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "already exists" in error and "--overwrite" in error and flag in error
+    assert existing.read_text() == '{"committed": true}\n'
+
+
+def test_output_check_passes_a_new_path_and_an_overwrite(tmp_path):
+    import argparse
+
+    from benchmarks import ijb_scoring
+    from benchmarks.output_file import add_output_arguments, refuse_existing
+
+    parser = argparse.ArgumentParser()
+    add_output_arguments(parser, tmp_path / "default.json")
+    args = parser.parse_args([])
+    assert (args.output, args.overwrite) == (str(tmp_path / "default.json"), False)
+    refuse_existing(parser, [tmp_path / "new.json"], overwrite=False)  # nothing there
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    refuse_existing(parser, [existing], overwrite=True)
+    result = ijb_scoring.main(["--images", "40", "--templates", "4", "--pairs", "20000",
+                               "--output", str(existing), "--overwrite"])
+    assert json.loads(existing.read_text()) == result and "overwrite" not in result

@@ -299,6 +299,19 @@ def _sweep_with(folder, base, common, cells):
     """))
 
 
+def _two_cells_faked(folder, base, fake_train):
+    """A sweep file in `folder` of two margin cells over `base` with num_steps=4 in common, to
+    run by the fake train (each once, "ok") in folder/runs, its baseline cached: returns
+    (cells, spec, workdir, names, runs)."""
+    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
+    spec = _sweep_with(folder, base, {"num_steps": 4}, cells)
+    workdir = folder / "runs"
+    names = sweep.cell_names(cells)
+    runs = fake_train(workdir, {name: ["ok"] for name in names})
+    _cached_baseline(spec, workdir)
+    return cells, spec, workdir, names, runs
+
+
 @pytest.mark.parametrize("change", ["common", "base file"])
 def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fake_train,
                                                                     change):
@@ -307,12 +320,7 @@ def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fa
     as stale, not as results of the changed sweep. Restoring the sweep makes them count."""
     base = tmp_path / "base.py"
     base.write_text(DEFAULT.read_text())
-    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
-    spec = _sweep_with(tmp_path, base, {"num_steps": 4}, cells)
-    workdir = tmp_path / "runs"
-    names = sweep.cell_names(cells)
-    runs = fake_train(workdir, {name: ["ok"] for name in names})
-    _cached_baseline(spec, workdir)
+    cells, spec, workdir, names, runs = _two_cells_faked(tmp_path, base, fake_train)
     sweep.run_sweep(spec, workdir, out=io.StringIO())
     assert runs() == {name: 1 for name in names}
     recorded = json.loads((workdir / names[0] / sweep.CELL_FILE).read_text())
@@ -336,7 +344,7 @@ def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fa
     assert runs() == {name: 1 for name in names}  # nothing ran
     assert {name: (workdir / name / "eval.json").read_bytes() for name in names} == evals
 
-    with pytest.raises(SystemExit, match="Nothing was run"):
+    with pytest.raises(sweep.StaleCellsError, match="Nothing was run"):
         sweep.main(["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(workdir)])
     rows = sweep.aggregate(changed, workdir)
     assert [row["status"] for row in rows] == ["stale", "stale"]
@@ -367,6 +375,63 @@ def test_cells_finished_before_records_were_kept_are_assumed_to_match(tmp_path, 
             ) in out.getvalue()
     assert runs() == {names[1]: 1} and not (workdir / names[0] / sweep.CELL_FILE).exists()
     assert [row["status"] for row in sweep.aggregate(spec, workdir)] == ["ok", "ok"]
+
+
+def test_command_line_overrides_reach_every_cell_and_a_changed_one_makes_them_stale(
+        tmp_path, fake_train, capsys):
+    """`--config.KEY=VALUE` on the sweep CLI: in every cell's record and train command (parsed
+    as the train CLI parses it), replacing the file's common value; changing or dropping it
+    later stops the sweep naming the stale cells, running nothing."""
+    _, _, workdir, names, runs = _two_cells_faked(tmp_path, DEFAULT, fake_train)
+    argv = ["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(workdir)]
+    short = ["--config.num_steps=6", "--config.optimizer.decay_boundaries=(0.3,0.6)"]
+    sweep.main([*argv, *short])
+    assert runs() == {name: 1 for name in names}
+    recorded = json.loads((workdir / names[1] / sweep.CELL_FILE).read_text())
+    assert recorded["overrides"] == {"num_steps": 6, "optimizer.decay_boundaries": [0.3, 0.6],
+                                     "loss.margin": 0.3}
+    assert recorded["config"] == to_plain(load_config(DEFAULT, {
+        "num_steps": 6, "optimizer.decay_boundaries": (0.3, 0.6), "loss.margin": 0.3}))
+    capsys.readouterr()
+    sweep.main([*argv, *short])  # the same overrides: both cells are done
+    assert "2 already finished or failed (skipped), 0 to run" in capsys.readouterr().out
+    with pytest.raises(sweep.StaleCellsError,
+                       match=f"{names[0]}, {names[1]}: num_steps was 6, now 7"):
+        sweep.main([*argv, "--config.num_steps=7", short[1]])
+    with pytest.raises(sweep.StaleCellsError, match="num_steps was 6, now 4; optimizer"):
+        sweep.main(argv)  # dropped: the file's common num_steps=4 again
+    assert runs() == {name: 1 for name in names}  # nothing ran
+
+
+def test_command_line_overrides_are_on_every_printed_train_command(tmp_path, capsys):
+    cells = [{"loss.margin": 0.1}, {"loss.margin": 0.3}]
+    _sweep_with(tmp_path, DEFAULT, {"num_steps": 4}, cells)
+    sweep.main(["--sweep", str(tmp_path / "my_sweep.py"), "--workdir", str(tmp_path / "runs"),
+                "--print_commands", "--config.num_steps=6",
+                "--config.optimizer.decay_boundaries=(0.3,0.6)"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, cell in zip(lines, cells):
+        parsed, _ = _parse_train_command(line)
+        assert to_plain(parsed) == to_plain(load_config(DEFAULT, {
+            "num_steps": 6, "optimizer.decay_boundaries": (0.3, 0.6), **cell}))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.loss.margin=0.5", "--config.loss.margin: the sweep's cells set loss.margin "
+                                 "themselves"),
+    ("--config.num_stpes=6", '--config.num_stpes: unknown config key \'num_stpes\'; Did you '
+                             'mean "num_steps"'),
+    ("--config.num_steps=six", "flag --config.num_steps=six: invalid literal for int()"),
+    ("--num_steps=6", "unrecognized arguments: --num_steps=6"),
+])
+def test_bad_command_line_overrides_are_refused_before_anything_runs(tmp_path, override,
+                                                                     message):
+    path = _tiny_sweep_file(tmp_path, [{"loss.margin": 0.1}, {"loss.margin": 0.3}])
+    with pytest.raises(ValueError) as error:
+        sweep.main(["--sweep", str(path), "--workdir", str(tmp_path / "runs"), override])
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_record_changes_compare_resolved_configs(tmp_path):
@@ -704,6 +769,6 @@ def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
     assert "2 already finished or failed (skipped), 0 to run" in capsys.readouterr().out
     # The records the real cells left catch a changed common before anything runs.
     path.write_text(path.read_text().replace("'num_steps': 6", "'num_steps': 8"))
-    with pytest.raises(SystemExit, match="strategy-hardest, source-folder: num_steps was 6, "
-                                         "now 8"):
+    with pytest.raises(sweep.StaleCellsError,
+                       match="strategy-hardest, source-folder: num_steps was 6, now 8"):
         sweep.main(["--sweep", str(path), "--workdir", str(workdir)])

@@ -164,8 +164,8 @@ def test_cell_before_its_source_is_a_clear_error_then_runs(tmp_path, fake):
     names = sweep.cell_names(sweep.load_sweep(path)["cells"])
     runs = fake(workdir, {})
     argv = ["--sweep", str(path), "--workdir", str(workdir)]
-    with pytest.raises(SystemExit, match=r"run 1 .* starts from run 0 .* Run --cell 0 first"
-                                         r".*--dependency=afterok"):
+    with pytest.raises(sweep.DependencyError, match=r"run 1 .* starts from run 0 .* Run "
+                                                    r"--cell 0 first.*--dependency=afterok"):
         sweep.main([*argv, "--cell", "1"])
     assert runs() == {} and not (workdir / names[1]).exists()
     for index in (0, 1):

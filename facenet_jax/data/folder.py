@@ -82,15 +82,18 @@ def load_images(paths: Sequence[str | pathlib.Path], image_size: int,
     return images
 
 
-def scan_folder(root: str | pathlib.Path) -> tuple[list[str], list[str]]:
+def scan_folder(root: str | pathlib.Path, *, role: str = "data root",
+                fix: str = "set data.root to") -> tuple[list[str], list[str]]:
     """Identity folders and image files under root, sorted; hidden and non-image files ignored.
 
     Returns (relative paths `identity/file`, identity names of the folders that hold images).
+    A missing root is a FileNotFoundError saying "ROLE ROOT does not exist ...; FIX a folder
+    laid out as root/<identity>/<image>" (the caller names its own setting).
     """
     root = pathlib.Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist or is not a folder; set "
-                                "data.root to a folder laid out as root/<identity>/<image>")
+        raise FileNotFoundError(f"{role} {root} does not exist or is not a folder; {fix} a "
+                                "folder laid out as root/<identity>/<image>")
     paths, names = [], []
     for identity in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p)):
         files = sorted(f.name for f in identity.iterdir()

@@ -2,7 +2,11 @@
 
     python -m facenet_jax.sweep --sweep experiments/sweeps/FILE.py --workdir DIR
         [--list | --print_commands | --aggregate_only | --cell I] [--parallel N]
-        [--rerun_failed]
+        [--rerun_failed] [--config.KEY=VALUE ...]
+
+`--config.KEY=VALUE` overrides apply to every cell (e.g. a shorter `num_steps`): they join the
+sweep file's `common` overrides (replacing a key it sets there) and with them each cell's
+resolved config, so a cell run with other overrides is stale (see `records`).
 
 The parts, one module each: `spec` (sweep files, runs, names, commands), `records` (what each
 cell folder records, written atomically; stale checks), `runner` (train processes, their logs
@@ -53,7 +57,8 @@ from facenet_jax.sweep.runner import (ATTEMPT_MARK, CellRunner, Slot,  # noqa: F
                                       run_cell, start_cell, visible_gpus)
 from facenet_jax.sweep.spec import (REPO_ROOT, cell_config, cell_name,  # noqa: F401
                                     cell_names, format_value, grid, list_lines, load_sweep,
-                                    train_command, unpinned_pairs_warning)
+                                    parse_config_overrides, train_command,
+                                    unpinned_pairs_warning, with_overrides)
 from facenet_jax.sweep.stages import (SOURCE_RECORD_KEY, DependencyError,  # noqa: F401
                                       dependency_error, from_cell, resolved, run_sources,
                                       source_identity, source_record)
@@ -249,7 +254,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m facenet_jax.sweep",
                                      description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="--config.KEY=VALUE (any number): a config "
+                                            "override for every cell, e.g. "
+                                            "--config.num_steps=200")
     parser.add_argument("--sweep", required=True, help="sweep file with get_sweep()")
     parser.add_argument("--workdir", required=True, help="folder of the cells and results")
     mode = parser.add_mutually_exclusive_group()
@@ -266,8 +274,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "(CUDA_VISIBLE_DEVICES) or CPU cores")
     parser.add_argument("--rerun_failed", action="store_true",
                         help="also re-run cells recorded as crashed or diverged")
-    args = parser.parse_args(argv)
+    args, config_args = parser.parse_known_args(argv)
     sweep = load_sweep(args.sweep)
+    if config_args:
+        sweep = with_overrides(sweep, parse_config_overrides(sweep["base"], config_args))
     workdir = pathlib.Path(args.workdir).resolve()
     runs = len(sweep["cells"])
     if args.cell is not None and not 0 <= args.cell < runs:
@@ -285,12 +295,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(shlex.join(command))
         return
     if not args.aggregate_only:
-        try:
-            records = run_sweep(sweep, workdir, rerun_failed=args.rerun_failed,
-                                only=None if args.cell is None else [args.cell],
-                                parallel=args.parallel)
-        except (StaleCellsError, DependencyError) as error:
-            sys.exit(f"sweep {sweep['name']}: {error}")
+        records = run_sweep(sweep, workdir, rerun_failed=args.rerun_failed,
+                            only=None if args.cell is None else [args.cell],
+                            parallel=args.parallel)
         if args.cell is not None:
             failed = [r for r in records.values() if r["status"] in FAILED_STATUSES]
             print(f"run {args.cell} done; once every run is, tabulate with --aggregate_only")

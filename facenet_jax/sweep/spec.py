@@ -187,6 +187,43 @@ def train_command(base: pathlib.Path, workdir: pathlib.Path, overrides: Mapping[
             str(workdir), *(f"--config.{k}={format_value(v)}" for k, v in overrides.items())]
 
 
+def parse_config_overrides(base: pathlib.Path, args: Sequence[str]) -> dict[str, Any]:
+    """Command-line `--config.KEY=VALUE` arguments → {KEY: value}, each value parsed as the
+    train CLI parses it (ml_collections' config flag over `base`: by the field's type), so a
+    cell's record and its train command agree. ValueError names an argument of another form,
+    an unknown key (with ml_collections' "did you mean") or a value of the wrong type."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from facenet_jax.cli import flag_error_text
+
+    others = [arg for arg in args if not re.match(r"^--config\.[^=]+=", arg)]
+    if others:
+        raise ValueError(f"unrecognized arguments: {' '.join(others)} (besides its own flags "
+                         "the sweep takes config overrides only, as --config.KEY=VALUE)")
+    argv = ["sweep", "--config", str(base), *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "the sweep's base config",
+                                    flag_values=values, sys_argv=argv)
+    try:
+        values(argv)
+    except (flags.Error, AttributeError, KeyError) as error:
+        raise ValueError(flag_error_text(error, argv)) from None
+    return dict(config_flags.get_override_values(values["config"]))
+
+
+def with_overrides(sweep: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The sweep with `overrides` (e.g. from the command line) added to its common overrides,
+    replacing the file's value of a key it sets; they enter every cell's resolved config (and
+    so its record: changing one makes the cells it reaches stale). A key some cell sets itself
+    is a ValueError: the cell's value would win, or the cells would no longer differ."""
+    varied = sorted({key for cell in sweep["cells"] for key in cell} & set(overrides))
+    if varied:
+        raise ValueError(f"--config.{varied[0]}: the sweep's cells set {', '.join(varied)} "
+                         "themselves; change the cells in the sweep file instead")
+    return {**sweep, "common": {**sweep["common"], **overrides}}
+
+
 def cell_config(base: pathlib.Path, common: Mapping[str, Any], cell: Mapping[str, Any]
                 ) -> ml_collections.ConfigDict:
     """The config a cell trains with (raises naming an unknown key or a wrong type)."""

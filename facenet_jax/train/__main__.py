@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from facenet_jax import evaluate, runfiles
-from facenet_jax.logs import cli_logging, one_line_user_errors
+from facenet_jax import cli, evaluate, runfiles
 from facenet_jax.train.loop import train_and_evaluate
 
 
 def main(argv: list[str]) -> None:
     del argv
-    cli_logging()
+    cli.cli_logging()
     flags_ = flags.FLAGS
     result = train_and_evaluate(flags_.config, flags_.workdir)
     if result.get("preempted"):
@@ -37,4 +36,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     flags.DEFINE_string("workdir", None, "run folder (created; re-use to resume)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(one_line_user_errors(main))
+    cli.run(main)
