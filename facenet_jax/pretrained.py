@@ -259,11 +259,12 @@ def sha256(path: str | pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def imported_config(*, bn_scale: bool = True, repeats: tuple[int, int, int] = (5, 10, 5)):
+def imported_config(*, bn_scale: bool = True, repeats: tuple[int, int, int] = (5, 10, 5),
+                    image_size: int = IMAGE_SIZE):
     """The run config of an imported model: the default config with FaceNet's encoder
     (512-d, fixed standardisation; affine BNs for facenet-pytorch's files, `bn_scale=False`
-    for davidsandberg's TF files; `repeats` of block35, block17, block8), 160 px crops of
-    FaceNet's box alignment."""
+    for davidsandberg's TF files; `repeats` of block35, block17, block8), crops of FaceNet's
+    box alignment (160 px unless the file says otherwise)."""
     from facenet_jax.config import load_config
 
     default = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
@@ -273,7 +274,7 @@ def imported_config(*, bn_scale: bool = True, repeats: tuple[int, int, int] = (5
         "model.bn_scale": bn_scale, "model.input_norm": "fixed_standardization",
         f"{blocks}.block35_repeats": repeats[0], f"{blocks}.block17_repeats": repeats[1],
         f"{blocks}.block8_repeats": repeats[2],
-        "data.source": "folder", "data.image_size": IMAGE_SIZE, "data.alignment": "box",
+        "data.source": "folder", "data.image_size": image_size, "data.alignment": "box",
         "eval.batch_size": 64})
 
 

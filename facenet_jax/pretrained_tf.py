@@ -368,6 +368,9 @@ def import_facenet_tf(weights: str | pathlib.Path, workdir: str | pathlib.Path
             "format": read.kind, "sha256": pretrained.sha256(read.files[0]),
             "files": {p.name: pretrained.sha256(p) for p in read.files}, **details,
             "input_shape": None if read.input_shape is None else list(read.input_shape)}
-    config = pretrained.imported_config(bn_scale=False, repeats=tuple(details["repeats"]))
+    # A graph's input placeholder fixes its image size (20180408-102900's: [1, 160, 160, 3]).
+    size = read.input_shape[1] if read.input_shape and len(read.input_shape) == 4 else None
+    config = pretrained.imported_config(bn_scale=False, repeats=tuple(details["repeats"]),
+                                        image_size=size or pretrained.IMAGE_SIZE)
     pretrained.write_run(workdir, variables, source_info=info, config=config)
     return info

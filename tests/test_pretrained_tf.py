@@ -355,6 +355,7 @@ def test_import_writes_a_run_with_provenance_that_embeds_like_tensorflow(tf_file
     assert imported["bn_layout"] == "folded" and imported["format"] == "frozen graph"
     model = record["config"]["model"]
     assert model["bn_scale"] is False and model["input_norm"] == "fixed_standardization"
+    assert record["config"]["data"]["image_size"] == SIZE  # the graph's input placeholder
     assert [model["inception_resnet_v1"][f"{s}_repeats"] for s in pretrained_tf.STAGES] == \
         list(REPEATS)
     encoder = embed.load_encoder(tmp_path / "graph_run", flip=False)
@@ -367,9 +368,14 @@ def test_import_writes_a_run_with_provenance_that_embeds_like_tensorflow(tf_file
     assert info["bn_layout"] == "unfolded" and info["format"] == "checkpoint"
     assert info["sha256"] == pretrained.sha256(data_file)
     assert set(info["files"]) == {data_file.name, pathlib.Path(prefix + ".index").name}
-    assert info["logits_classes"] == CLASSES
+    assert info["logits_classes"] == CLASSES and info["input_shape"] is None
+    # A checkpoint says nothing of the image size: FaceNet's 160 px; the run restores exactly
+    # the converted variables (whose embeddings the checkpoint test compares with TensorFlow).
     encoder = embed.load_encoder(tmp_path / "ckpt_run", flip=False)
-    assert np.abs(encoder.embed(crops) - expected).max() <= TOLERANCE
+    assert encoder.config.data.image_size == pretrained.IMAGE_SIZE
+    converted, _ = pretrained_tf.convert_facenet_tf(pretrained_tf.read_facenet_tf(prefix).arrays)
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.tree.map(np.asarray, dict(encoder.variables)), converted)
 
 
 def test_bad_files_are_named(tmp_path):
