@@ -111,6 +111,34 @@ def layer_names(block35: int, block17: int, block8: int,
     yield names.last_bn, "bn", "EmbeddingHead_0/embedding_bn"
 
 
+class ArrayReader:
+    """A converter's access to a weight file's arrays by name: `take` notes what was used and
+    every problem (a missing name, a wrong number of dimensions) in `problems`."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = arrays
+        self.used: set[str] = set()
+        self.problems: list[str] = []
+
+    def take(self, key: str, ndim: int) -> np.ndarray | None:
+        if key not in self.arrays:
+            self.problems.append(f"missing {key}")
+            return None
+        self.used.add(key)
+        if self.arrays[key].ndim != ndim:
+            self.problems.append(f"{key} has shape {self.arrays[key].shape}, expected {ndim} "
+                                 "dimensions")
+            return None
+        return self.arrays[key]
+
+    def raise_problems(self, what: str) -> None:
+        """ValueError "the file is not WHAT: problem; problem; ..." (20 listed), if any."""
+        if self.problems:
+            more = len(self.problems) - 20
+            raise ValueError(f"{what}: " + "; ".join(self.problems[:20])
+                             + (f"; ... {more} more" if more > 0 else ""))
+
+
 def set_path(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
     *parents, leaf = path.split("/")
     for part in parents:
@@ -131,18 +159,8 @@ def convert_facenet_pytorch(state_dict: Mapping[str, Any], *, block35_repeats: i
     arrays = {k: np.asarray(_to_numpy(v), dtype=np.float32) for k, v in state_dict.items()}
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
-    used: set[str] = set()
-    problems: list[str] = []
-
-    def take(key: str, ndim: int) -> np.ndarray | None:
-        if key not in arrays:
-            problems.append(f"missing {key}")
-            return None
-        used.add(key)
-        if arrays[key].ndim != ndim:
-            problems.append(f"{key} has shape {arrays[key].shape}, expected {ndim} dimensions")
-            return None
-        return arrays[key]
+    reader = ArrayReader(arrays)
+    take = reader.take
 
     def bn(torch_name: str, path: str) -> None:
         for field, tree, name in (("weight", params, "scale"), ("bias", params, "bias"),
@@ -175,18 +193,15 @@ def convert_facenet_pytorch(state_dict: Mapping[str, Any], *, block35_repeats: i
             bn(torch_name, path)
 
     ignored = sorted(k for k in arrays if k.startswith(_IGNORED_PREFIX))
-    unexpected = sorted(k for k in arrays if k not in used and k not in ignored
+    unexpected = sorted(k for k in arrays if k not in reader.used and k not in ignored
                         and not k.endswith(_IGNORED_SUFFIX))
-    problems += [f"unexpected {k}" for k in unexpected]
+    reader.problems += [f"unexpected {k}" for k in unexpected]
     variables = {"params": params, "batch_stats": stats}
-    if not problems:
-        problems += shape_problems(variables, (block35_repeats, block17_repeats,
-                                               block8_repeats))
-    if problems:
-        raise ValueError(
-            "the state_dict is not facenet-pytorch's InceptionResnetV1 (embedding 512): "
-            + "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more"
-                                          if len(problems) > 20 else ""))
+    if not reader.problems:
+        reader.problems += shape_problems(variables, (block35_repeats, block17_repeats,
+                                                      block8_repeats))
+    reader.raise_problems(
+        "the state_dict is not facenet-pytorch's InceptionResnetV1 (embedding 512)")
     return variables, ignored
 
 

@@ -268,18 +268,8 @@ def convert_facenet_tf(arrays: Mapping[str, Any], *,
     names = dataclasses.replace(FACENET_TF_NAMES, repeat=lambda stage, i: scopes[stage][i])
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
-    used: set[str] = set()
-    problems: list[str] = []
-
-    def take(key: str, ndim: int) -> np.ndarray | None:
-        if key not in arrays:
-            problems.append(f"missing {key}")
-            return None
-        used.add(key)
-        if arrays[key].ndim != ndim:
-            problems.append(f"{key} has shape {arrays[key].shape}, expected {ndim} dimensions")
-            return None
-        return arrays[key]
+    reader = pretrained.ArrayReader(arrays)
+    take = reader.take
 
     def unfolded_bn(scope: str, path: str) -> None:
         for field, tree, name in (("beta", params, "bias"), ("moving_mean", stats, "mean"),
@@ -316,18 +306,16 @@ def convert_facenet_tf(arrays: Mapping[str, Any], *,
         else:
             unfolded_bn(name, path)
 
-    parameters = [k for k in arrays if k not in used and k.rpartition("/")[2] in PARAMETER_NAMES]
-    problems += [f"unexpected {k}" for k in sorted(parameters) if k.startswith(f"{SCOPE}/")]
-    problems += _scale_problems(residual_scales or {}, scopes, names.last_block)
+    parameters = [k for k in arrays
+                  if k not in reader.used and k.rpartition("/")[2] in PARAMETER_NAMES]
+    reader.problems += [f"unexpected {k}" for k in sorted(parameters)
+                        if k.startswith(f"{SCOPE}/")]
+    reader.problems += _scale_problems(residual_scales or {}, scopes, names.last_block)
     variables = {"params": params, "batch_stats": stats}
-    if not problems:
-        problems += pretrained.shape_problems(variables, repeats, bn_scale=False,
-                                              source="the TensorFlow file")
-    if problems:
-        raise ValueError(
-            "the file is not davidsandberg's Inception-ResNet-v1 (bottleneck 512): "
-            + "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more"
-                                          if len(problems) > 20 else ""))
+    if not reader.problems:
+        reader.problems += pretrained.shape_problems(variables, repeats, bn_scale=False,
+                                                     source="the TensorFlow file")
+    reader.raise_problems("the file is not davidsandberg's Inception-ResNet-v1 (bottleneck 512)")
     logits = arrays.get("Logits/weights")
     details = {"bn_layout": layout, "repeats": list(repeats),
                "ignored_keys": sorted(k for k in parameters if not k.startswith(f"{SCOPE}/")),
