@@ -113,9 +113,9 @@ def _node_name(tensor: str) -> str:
 def read_frozen_graph(path: str | pathlib.Path) -> TFWeights:
     """A frozen GraphDef (.pb) -> TFWeights. Parsing runs no graph code; ValueError for a file
     that is not a GraphDef or whose BatchNorms use another epsilon than 1e-3."""
-    from google.protobuf.message import DecodeError
-
     tf = _tensorflow()
+    from google.protobuf.message import DecodeError  # protobuf comes with TensorFlow
+
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file {path} does not exist")

@@ -323,7 +323,8 @@ def test_folded_graph_and_checkpoint_match_tensorflow(tf_files):
 @pytest.mark.slow
 def test_older_tensorflow_folding_names_convert_the_same(tf_files):
     """TensorFlow 1.x's optimize_for_inference kept each folded kernel under `<conv>/weights`
-    (as in the real file); newer versions add `<conv>/Conv2D_weights`: both read alike."""
+    (as in the real file); newer versions add `<conv>/Conv2D_weights`: both read alike. A
+    BatchNorm of another epsilon is refused."""
     folded_path = tf_files[3]
     graph_def = tf.compat.v1.GraphDef.FromString(folded_path.read_bytes())
     renamed = 0
@@ -341,6 +342,15 @@ def test_older_tensorflow_folding_names_convert_the_same(tf_files):
     renamed_variables, _ = pretrained_tf.convert_facenet_tf(
         pretrained_tf.read_facenet_tf(old).arrays)
     jax.tree.map(np.testing.assert_array_equal, renamed_variables, new)
+
+    # The kept bottleneck BatchNorm must be slim's: epsilon 1e-3, scale 1.
+    for node in graph_def.node:
+        if node.op.startswith("FusedBatchNorm"):
+            node.attr["epsilon"].f = 1e-5
+    old.write_bytes(graph_def.SerializeToString())
+    with pytest.raises(ValueError, match=r"Bottleneck/BatchNorm/\S+ has epsilon 1e-05, "
+                       "expected 0.001"):
+        pretrained_tf.read_facenet_tf(old)
 
 
 @pytest.mark.slow
