@@ -76,7 +76,7 @@ FACENET_PYTORCH_NAMES = LayerNames(
 
 
 def layer_names(block35: int, block17: int, block8: int,
-                 names: LayerNames = FACENET_PYTORCH_NAMES) -> Iterator[tuple[str, str, str]]:
+                names: LayerNames = FACENET_PYTORCH_NAMES) -> Iterator[tuple[str, str, str]]:
     """(the file's layer name, kind, our module path) for every layer with weights.
 
     kind: "conv_bn" (conv + BN), "conv" (a residual up-projection with bias), "dense" (the
