@@ -12,6 +12,8 @@ functions:
   pair, one identity, duplicates, collapsed), all of which training must survive;
 - `oneshot_predictions`: per-probe results of one-shot identification (enrol one image per
   identity), the per-image view of `metrics.oneshot_identification`;
+- `nearest_neighbours`: each query image's nearest other images, for looking at a model's
+  errors on real faces (`notebooks/reproduce_facenet.ipynb`);
 - figure builders for all of these (matplotlib `Figure`, no pyplot state, as in `plots`).
 
 Small batches only: `mined_triplets("all")` and `triplet_gaps` list every valid triplet
@@ -37,6 +39,9 @@ from facenet_jax.losses import mining
 from facenet_jax.losses.distances import anchor_distance_rows
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
+# The shared real-face data beside a checkout (`../shared/data` from the repository root, as
+# the tests look for it); the notebooks use it when present.
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 DEGENERATE_CASES = ("as sampled", "no positive pair", "one identity (no negative)",
                     "duplicates (K copies of one image)", "collapsed (all equal)")
 # Listing every triplet is O(B³): refuse batches where that stops being a quick look.
@@ -306,6 +311,25 @@ def oneshot_predictions(embeddings: Any, labels: Any, *, distance: str = "square
     return OneShot(gallery, probes, predicted, predicted == labels[probes])
 
 
+def nearest_neighbours(embeddings: Any, queries: Sequence[int], *, k: int = 3,
+                       distance: str = "squared") -> tuple[np.ndarray, np.ndarray]:
+    """The k rows nearest each query row, the query itself left out: (indices int [Q, k],
+    distances float [Q, k]), nearest first (ties: the lower index first)."""
+    emb = np.asarray(embeddings, np.float32)
+    queries = np.asarray(queries, np.int64)
+    if emb.ndim != 2 or not np.all(np.isfinite(emb)):
+        raise ValueError(f"embeddings must be a finite [N, D] array, got shape {emb.shape}")
+    if queries.ndim != 1 or np.any((queries < 0) | (queries >= len(emb))):
+        raise ValueError(f"queries must be row indices in [0, {len(emb)}), got {queries}")
+    if not 1 <= k < len(emb):
+        raise ValueError(f"k must be in [1, {len(emb) - 1}] (N - 1 other rows), got {k}")
+    d = np.array(losses.pairwise_distances_between(jnp.asarray(emb[queries]), jnp.asarray(emb),
+                                                   distance))
+    d[np.arange(len(queries)), queries] = np.inf
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(d, order, axis=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Figures.
 
@@ -474,5 +498,54 @@ def oneshot_figure(images: np.ndarray, labels: np.ndarray, result: OneShot, *,
             ax.axis("off")
     fig.suptitle(f"One-shot identification: {int(result.hit.sum())}/{len(result.hit)} probes "
                  "matched their identity", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def neighbours_figure(images: np.ndarray, names: Sequence[str], queries: Sequence[int],
+                      neighbours: np.ndarray, distances: np.ndarray) -> Figure:
+    """Per row a query image (`images[q]`, `names[q]`) and its neighbours (from
+    `nearest_neighbours`), each titled with its name and distance: green when it is the
+    query's person, red otherwise."""
+    queries = list(queries)
+    if not queries or len(neighbours) != len(queries) or len(distances) != len(queries):
+        raise ValueError("queries, neighbours and distances need one row per query (>= 1)")
+    columns = 1 + neighbours.shape[1]
+    fig = Figure(figsize=(1.7 * columns, 1.9 * len(queries)))
+    for row, query in enumerate(queries):
+        shown = [(query, f"query\n{names[query]}", "k")]
+        shown += [(int(n), f"{names[n]}\nd = {d:.3f}",
+                   "green" if names[n] == names[query] else "red")
+                  for n, d in zip(neighbours[row], distances[row])]
+        for column, (index, title, colour) in enumerate(shown):
+            ax = fig.add_subplot(len(queries), columns, row * columns + column + 1)
+            ax.imshow(images[index], interpolation="nearest")
+            ax.set_title(title, fontsize=7, color=colour)
+            ax.axis("off")
+    fig.suptitle("Nearest neighbours (green: same person)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def verification_figure(first: np.ndarray, second: np.ndarray, distances: Any, is_same: Any,
+                        threshold: float) -> Figure:
+    """Per row a pair of images [N, H, W, 3] each: the distance, the verdict (same person
+    when distance <= threshold, as `Encoder.verify`) and the truth; green right, red wrong."""
+    distances, is_same = np.asarray(distances), np.asarray(is_same, bool)
+    if not len(first) or not (len(first) == len(second) == len(distances) == len(is_same)):
+        raise ValueError("first, second, distances and is_same need the same length (>= 1)")
+    fig = Figure(figsize=(3.6, 1.9 * len(first)))
+    for row, (a, b, d, same) in enumerate(zip(first, second, distances, is_same)):
+        verdict = bool(d <= threshold)
+        title = (f"d = {d:.3f}: {'same' if verdict else 'different'} "
+                 f"({'right' if verdict == same else 'wrong'})")
+        for column, image in enumerate((a, b)):
+            ax = fig.add_subplot(len(first), 2, 2 * row + column + 1)
+            ax.imshow(image, interpolation="nearest")
+            ax.axis("off")
+            if column == 0:
+                ax.set_title(title, fontsize=8, loc="left",
+                             color="green" if verdict == same else "red")
+    fig.suptitle(f"verify at threshold {threshold:.3f}", fontsize=10)
     fig.tight_layout()
     return fig

@@ -1,6 +1,9 @@
-"""Published FaceNet weights in Flax: facenet-pytorch's Inception-ResNet-v1 `state_dict` files.
+"""Published FaceNet weights in Flax: facenet-pytorch's Inception-ResNet-v1 `state_dict` files
+and davidsandberg/facenet's own TensorFlow files (`facenet_jax.pretrained_tf`).
 
     python -m facenet_jax.pretrained --source facenet-pytorch --weights FILE.pt --workdir DIR
+    python -m facenet_jax.pretrained --source facenet-tf --weights FILE.pb --workdir DIR
+    python -m facenet_jax.pretrained --source facenet-tf --weights model-DATE.ckpt-N --workdir DIR
 
 writes a run folder (config.json with provenance, including the weight file's SHA-256, and an
 orbax checkpoint at step 0) that `embed --workdir`, `evaluate --workdir DIR --data_root ...`
@@ -17,14 +20,15 @@ extra: `pip install 'facenet_jax[pretrained]'`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-SOURCES = ("facenet-pytorch",)
+SOURCES = ("facenet-pytorch", "facenet-tf")
 TORCH_HINT = ("reading facenet-pytorch's .pt files needs torch, an optional extra: "
               "pip install 'facenet_jax[pretrained]' (or pip install torch; a CPU wheel is "
               "enough)")
@@ -35,50 +39,107 @@ IMAGE_SIZE = 160
 _IGNORED_PREFIX = "logits."
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
-# facenet-pytorch's module names, in the order our `InceptionResNetV1` creates the matching
-# ConvBN inside its own scope (Flax numbers modules by creation; in the reductions the outer conv
-# of a nested call is created before the ones it is applied to).
-_STEM = ("conv2d_1a", "conv2d_2a", "conv2d_2b", "conv2d_3b", "conv2d_4a", "conv2d_4b")
-_BLOCK35 = ("branch0", "branch1.0", "branch1.1", "branch2.0", "branch2.1", "branch2.2")
+@dataclasses.dataclass(frozen=True)
+class LayerNames:
+    """One file format's names of Inception-ResNet-v1's layers, in the order our
+    `InceptionResNetV1` creates the matching modules inside each scope (Flax numbers modules by
+    creation; in the reductions the outer conv of a nested call is created before the ones it
+    is applied to). `repeat(stage, i)` names the i-th block (0-based) of stage "block35",
+    "block17" or "block8"; `join` puts a block's name and a layer's together."""
+
+    stem: tuple[str, ...]
+    block35: tuple[str, ...]
+    block17: tuple[str, ...]
+    block8: tuple[str, ...]
+    mixed_6a: tuple[str, ...]
+    mixed_7a: tuple[str, ...]
+    repeat: Callable[[str, int], str]
+    last_block: str
+    up: str
+    bottleneck: str
+    last_bn: str
+    join: str
+
+
 _BLOCK17_8 = ("branch0", "branch1.0", "branch1.1", "branch1.2")
-_MIXED_6A = ("mixed_6a.branch0", "mixed_6a.branch1.2", "mixed_6a.branch1.1",
-             "mixed_6a.branch1.0")
-_MIXED_7A = ("mixed_7a.branch0.1", "mixed_7a.branch0.0", "mixed_7a.branch1.1",
-             "mixed_7a.branch1.0", "mixed_7a.branch2.2", "mixed_7a.branch2.1",
-             "mixed_7a.branch2.0")
+FACENET_PYTORCH_NAMES = LayerNames(
+    stem=("conv2d_1a", "conv2d_2a", "conv2d_2b", "conv2d_3b", "conv2d_4a", "conv2d_4b"),
+    block35=("branch0", "branch1.0", "branch1.1", "branch2.0", "branch2.1", "branch2.2"),
+    block17=_BLOCK17_8, block8=_BLOCK17_8,
+    mixed_6a=("mixed_6a.branch0", "mixed_6a.branch1.2", "mixed_6a.branch1.1",
+              "mixed_6a.branch1.0"),
+    mixed_7a=("mixed_7a.branch0.1", "mixed_7a.branch0.0", "mixed_7a.branch1.1",
+              "mixed_7a.branch1.0", "mixed_7a.branch2.2", "mixed_7a.branch2.1",
+              "mixed_7a.branch2.0"),
+    repeat=lambda stage, i: f"repeat_{('block35', 'block17', 'block8').index(stage) + 1}.{i}",
+    last_block="block8", up="conv2d", bottleneck="last_linear", last_bn="last_bn", join=".")
 
 
-def _layer_names(block35: int, block17: int, block8: int) -> Iterator[tuple[str, str, str]]:
-    """(facenet-pytorch module, kind, our module path) for every layer with weights.
+def layer_names(block35: int, block17: int, block8: int,
+                names: LayerNames = FACENET_PYTORCH_NAMES) -> Iterator[tuple[str, str, str]]:
+    """(the file's layer name, kind, our module path) for every layer with weights.
 
-    kind: "conv_bn" (BasicConv2d: conv + affine BN), "conv" (a residual up-projection with
-    bias), "dense" (the 1792 -> 512 bottleneck, no bias) or "bn" (its BatchNorm1d).
+    kind: "conv_bn" (conv + BN), "conv" (a residual up-projection with bias), "dense" (the
+    1792 -> 512 bottleneck, no bias) or "bn" (its BatchNorm).
     """
-    for i, name in enumerate(_STEM):
+    for i, name in enumerate(names.stem):
         yield name, "conv_bn", f"ConvBN_{i}"
     residual = 0
+
+    def block(prefix: str, layers: tuple[str, ...]) -> Iterator[tuple[str, str, str]]:
+        for j, layer in enumerate(layers):
+            yield (f"{prefix}{names.join}{layer}", "conv_bn",
+                   f"InceptionResidual_{residual}/ConvBN_{j}")
+        yield f"{prefix}{names.join}{names.up}", "conv", f"InceptionResidual_{residual}/up"
+
     for i in range(block35):
-        for j, branch in enumerate(_BLOCK35):
-            yield f"repeat_1.{i}.{branch}", "conv_bn", f"InceptionResidual_{residual}/ConvBN_{j}"
-        yield f"repeat_1.{i}.conv2d", "conv", f"InceptionResidual_{residual}/up"
+        yield from block(names.repeat("block35", i), names.block35)
         residual += 1
-    for j, name in enumerate(_MIXED_6A, start=len(_STEM)):
+    for j, name in enumerate(names.mixed_6a, start=len(names.stem)):
         yield name, "conv_bn", f"ConvBN_{j}"
-    later = [f"repeat_2.{i}" for i in range(block17)] + [f"repeat_3.{i}" for i in range(block8)]
-    mixed_7a_at = block17
-    for k, prefix in enumerate(later + ["block8"]):
-        if k == mixed_7a_at:
-            for j, name in enumerate(_MIXED_7A, start=len(_STEM) + len(_MIXED_6A)):
+    later = ([(names.repeat("block17", i), names.block17) for i in range(block17)]
+             + [(names.repeat("block8", i), names.block8) for i in range(block8)]
+             + [(names.last_block, names.block8)])
+    for k, (prefix, layers) in enumerate(later):
+        if k == block17:
+            for j, name in enumerate(names.mixed_7a,
+                                     start=len(names.stem) + len(names.mixed_6a)):
                 yield name, "conv_bn", f"ConvBN_{j}"
-        for j, branch in enumerate(_BLOCK17_8):
-            yield f"{prefix}.{branch}", "conv_bn", f"InceptionResidual_{residual}/ConvBN_{j}"
-        yield f"{prefix}.conv2d", "conv", f"InceptionResidual_{residual}/up"
+        yield from block(prefix, layers)
         residual += 1
-    yield "last_linear", "dense", "EmbeddingHead_0/embedding"
-    yield "last_bn", "bn", "EmbeddingHead_0/embedding_bn"
+    yield names.bottleneck, "dense", "EmbeddingHead_0/embedding"
+    yield names.last_bn, "bn", "EmbeddingHead_0/embedding_bn"
 
 
-def _set(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
+class ArrayReader:
+    """A converter's access to a weight file's arrays by name: `take` notes what was used and
+    every problem (a missing name, a wrong number of dimensions) in `problems`."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = arrays
+        self.used: set[str] = set()
+        self.problems: list[str] = []
+
+    def take(self, key: str, ndim: int) -> np.ndarray | None:
+        if key not in self.arrays:
+            self.problems.append(f"missing {key}")
+            return None
+        self.used.add(key)
+        if self.arrays[key].ndim != ndim:
+            self.problems.append(f"{key} has shape {self.arrays[key].shape}, expected {ndim} "
+                                 "dimensions")
+            return None
+        return self.arrays[key]
+
+    def raise_problems(self, what: str) -> None:
+        """ValueError "the file is not WHAT: problem; problem; ..." (20 listed), if any."""
+        if self.problems:
+            more = len(self.problems) - 20
+            raise ValueError(f"{what}: " + "; ".join(self.problems[:20])
+                             + (f"; ... {more} more" if more > 0 else ""))
+
+
+def set_path(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
     *parents, leaf = path.split("/")
     for part in parents:
         tree = tree.setdefault(part, {})
@@ -98,18 +159,8 @@ def convert_facenet_pytorch(state_dict: Mapping[str, Any], *, block35_repeats: i
     arrays = {k: np.asarray(_to_numpy(v), dtype=np.float32) for k, v in state_dict.items()}
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
-    used: set[str] = set()
-    problems: list[str] = []
-
-    def take(key: str, ndim: int) -> np.ndarray | None:
-        if key not in arrays:
-            problems.append(f"missing {key}")
-            return None
-        used.add(key)
-        if arrays[key].ndim != ndim:
-            problems.append(f"{key} has shape {arrays[key].shape}, expected {ndim} dimensions")
-            return None
-        return arrays[key]
+    reader = ArrayReader(arrays)
+    take = reader.take
 
     def bn(torch_name: str, path: str) -> None:
         for field, tree, name in (("weight", params, "scale"), ("bias", params, "bias"),
@@ -117,9 +168,9 @@ def convert_facenet_pytorch(state_dict: Mapping[str, Any], *, block35_repeats: i
                                   ("running_var", stats, "var")):
             value = take(f"{torch_name}.{field}", 1)
             if value is not None:
-                _set(tree, f"{path}/{name}", value)
+                set_path(tree, f"{path}/{name}", value)
 
-    for torch_name, kind, path in _layer_names(block35_repeats, block17_repeats,
+    for torch_name, kind, path in layer_names(block35_repeats, block17_repeats,
                                                block8_repeats):
         if kind in ("conv_bn", "conv"):
             weight_key = f"{torch_name}.conv.weight" if kind == "conv_bn" else (
@@ -127,33 +178,30 @@ def convert_facenet_pytorch(state_dict: Mapping[str, Any], *, block35_repeats: i
             conv_path = f"{path}/Conv_0" if kind == "conv_bn" else path
             weight = take(weight_key, 4)
             if weight is not None:
-                _set(params, f"{conv_path}/kernel", weight.transpose(2, 3, 1, 0))
+                set_path(params, f"{conv_path}/kernel", weight.transpose(2, 3, 1, 0))
             if kind == "conv_bn":
                 bn(f"{torch_name}.bn", f"{path}/BatchNorm_0")
             else:
                 bias = take(f"{torch_name}.bias", 1)
                 if bias is not None:
-                    _set(params, f"{path}/bias", bias)
+                    set_path(params, f"{path}/bias", bias)
         elif kind == "dense":
             weight = take(f"{torch_name}.weight", 2)
             if weight is not None:
-                _set(params, f"{path}/kernel", weight.T)
+                set_path(params, f"{path}/kernel", weight.T)
         else:
             bn(torch_name, path)
 
     ignored = sorted(k for k in arrays if k.startswith(_IGNORED_PREFIX))
-    unexpected = sorted(k for k in arrays if k not in used and k not in ignored
+    unexpected = sorted(k for k in arrays if k not in reader.used and k not in ignored
                         and not k.endswith(_IGNORED_SUFFIX))
-    problems += [f"unexpected {k}" for k in unexpected]
+    reader.problems += [f"unexpected {k}" for k in unexpected]
     variables = {"params": params, "batch_stats": stats}
-    if not problems:
-        problems += _shape_problems(variables, block35_repeats, block17_repeats,
-                                    block8_repeats)
-    if problems:
-        raise ValueError(
-            "the state_dict is not facenet-pytorch's InceptionResnetV1 (embedding 512): "
-            + "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more"
-                                          if len(problems) > 20 else ""))
+    if not reader.problems:
+        reader.problems += shape_problems(variables, (block35_repeats, block17_repeats,
+                                                      block8_repeats))
+    reader.raise_problems(
+        "the state_dict is not facenet-pytorch's InceptionResnetV1 (embedding 512)")
     return variables, ignored
 
 
@@ -165,18 +213,21 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def build_model(*, block35_repeats: int = 5, block17_repeats: int = 10,
-                block8_repeats: int = 5):
-    """Our encoder with facenet-pytorch's layout (eval only: no BN axis)."""
+                block8_repeats: int = 5, bn_scale: bool = True):
+    """Our encoder with facenet-pytorch's layout (eval only: no BN axis); bn_scale=False is
+    davidsandberg's TF layout (BNs with an offset and no scale)."""
     from facenet_jax import models
 
     return models.create_model(
-        "inception_resnet_v1", embedding_dim=EMBEDDING_DIM, bn_scale=True,
+        "inception_resnet_v1", embedding_dim=EMBEDDING_DIM, bn_scale=bn_scale,
         input_norm="fixed_standardization", block35_repeats=block35_repeats,
         block17_repeats=block17_repeats, block8_repeats=block8_repeats)
 
 
-def _shape_problems(variables: dict[str, Any], *repeats: int) -> list[str]:
-    """Each converted array against the shape our encoder creates (named by its path)."""
+def shape_problems(variables: dict[str, Any], repeats: tuple[int, int, int], *,
+                   bn_scale: bool = True, source: str = "the state_dict") -> list[str]:
+    """Each converted array against the shape our encoder (block repeats `repeats`) creates,
+    named by its path; [] when all match."""
     import jax
     import jax.numpy as jnp
 
@@ -184,10 +235,10 @@ def _shape_problems(variables: dict[str, Any], *repeats: int) -> list[str]:
 
     block35, block17, block8 = repeats
     model = build_model(block35_repeats=block35, block17_repeats=block17,
-                        block8_repeats=block8)
+                        block8_repeats=block8, bn_scale=bn_scale)
     expected = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False))
-    return structure_problems(dict(expected), variables, source="the state_dict")
+    return structure_problems(dict(expected), variables, source=source)
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -223,16 +274,22 @@ def sha256(path: str | pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def imported_config():
-    """The run config of an imported model: the default config with facenet-pytorch's encoder
-    (512-d, affine BNs, fixed standardisation), 160 px crops of FaceNet's box alignment."""
+def imported_config(*, bn_scale: bool = True, repeats: tuple[int, int, int] = (5, 10, 5),
+                    image_size: int = IMAGE_SIZE):
+    """The run config of an imported model: the default config with FaceNet's encoder
+    (512-d, fixed standardisation; affine BNs for facenet-pytorch's files, `bn_scale=False`
+    for davidsandberg's TF files; `repeats` of block35, block17, block8), crops of FaceNet's
+    box alignment (160 px unless the file says otherwise)."""
     from facenet_jax.config import load_config
 
     default = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
+    blocks = "model.inception_resnet_v1"
     return load_config(default, {
         "model.name": "inception_resnet_v1", "model.embedding_dim": EMBEDDING_DIM,
-        "model.bn_scale": True, "model.input_norm": "fixed_standardization",
-        "data.source": "folder", "data.image_size": IMAGE_SIZE, "data.alignment": "box",
+        "model.bn_scale": bn_scale, "model.input_norm": "fixed_standardization",
+        f"{blocks}.block35_repeats": repeats[0], f"{blocks}.block17_repeats": repeats[1],
+        f"{blocks}.block8_repeats": repeats[2],
+        "data.source": "folder", "data.image_size": image_size, "data.alignment": "box",
         "eval.batch_size": 64})
 
 
@@ -270,6 +327,10 @@ def import_weights(weights: str | pathlib.Path, workdir: str | pathlib.Path, *,
     """The CLI's work: converts `weights` and writes the run folder; returns the provenance."""
     if source not in SOURCES:
         raise ValueError(f"unknown --source {source!r}; valid: {', '.join(SOURCES)}")
+    if source == "facenet-tf":
+        from facenet_jax import pretrained_tf
+
+        return pretrained_tf.import_facenet_tf(weights, workdir)
     state_dict = read_state_dict(weights)
     variables, ignored = convert_facenet_pytorch(state_dict)
     logits = state_dict.get("logits.weight")
@@ -291,7 +352,8 @@ def main(argv: list[str]) -> None:
     info = import_weights(flags_.weights, flags_.workdir, source=flags_.source)
     logits = (f"; ignored the {info['logits_classes']}-class logits layer"
               if info["logits_classes"] else "")
-    print(f"wrote {flags_.workdir} (step-0 checkpoint of inception_resnet_v1, 512-d, "
+    layout = f", {info['bn_layout']} BatchNorms" if "bn_layout" in info else ""
+    print(f"wrote {flags_.workdir} (step-0 checkpoint of inception_resnet_v1, 512-d{layout}, "
           f"sha256 {info['sha256'][:12]}...{logits})")
 
 
@@ -301,7 +363,9 @@ if __name__ == "__main__":
     from facenet_jax import cli
 
     flags.DEFINE_enum("source", "facenet-pytorch", list(SOURCES), "where the weights come from")
-    flags.DEFINE_string("weights", None, "state_dict file (.pt)")
+    flags.DEFINE_string("weights", None, "facenet-pytorch: a state_dict file (.pt); "
+                        "facenet-tf: a frozen graph (.pb) or a checkpoint prefix "
+                        "(model-DATE.ckpt-N)")
     flags.DEFINE_string("workdir", None, "run folder to write")
     flags.mark_flags_as_required(["weights", "workdir"])
     cli.run(main)

@@ -20,8 +20,10 @@ from matplotlib.figure import Figure
 from facenet_jax import explore, losses, metrics
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Figures each notebook must show: 4 kinds x 2 batches; curves, 2 ROC, histogram, 2 maps, one-shot.
-NOTEBOOKS = {"mining_strategies": 4 * 2, "train_and_evaluate": 1 + 3 + 2 + 1}
+# Figures each notebook must show: 4 kinds x 2 batches; curves, 2 ROC, histogram, 2 maps, one-shot;
+# ROC, histogram, nearest neighbours, verify.
+NOTEBOOKS = {"mining_strategies": 4 * 2, "train_and_evaluate": 1 + 3 + 2 + 1,
+             "reproduce_facenet": 1 + 1 + 1 + 1}
 B_P, B_K, DIM = 6, 4, 8  # one batch shape for the explore tests: each jitted function compiles once
 
 
@@ -237,6 +239,28 @@ def test_oneshot_predictions_match_metrics_and_brute_force():
     assert len(result.probes) == reference["num_probes"]
 
 
+def test_nearest_neighbours_brute_force_and_bad_input():
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((12, 4)).astype(np.float32)
+    emb[7] = emb[3]  # a duplicate of a query: distance 0, found first
+    emb[9] = emb[8]  # equally near every query: the lower index first
+    queries = [3, 0, 11]
+    neighbours, distances = explore.nearest_neighbours(emb, queries, k=4, distance="euclidean")
+    d = numpy_distances(emb, "euclidean")
+    for row, query in enumerate(queries):
+        others = sorted((j for j in range(12) if j != query), key=lambda j: (d[query, j], j))
+        np.testing.assert_array_equal(neighbours[row], others[:4])
+        np.testing.assert_allclose(distances[row], d[query, others[:4]], atol=2e-5)
+    assert neighbours[0, 0] == 7
+    assert not np.any(neighbours == np.asarray(queries)[:, None])
+    for bad, match in (({"queries": [12]}, "row indices"), ({"k": 12}, "k must be"),
+                       ({"k": 0}, "k must be")):
+        with pytest.raises(ValueError, match=match):
+            explore.nearest_neighbours(emb, **{"queries": [0], "k": 2, **bad})
+    with pytest.raises(ValueError, match="finite"):
+        explore.nearest_neighbours(np.full_like(emb, np.nan), [0])
+
+
 def test_figures(batch):
     emb, labels = batch
     anchors = [0, B_K]
@@ -262,6 +286,21 @@ def test_figures(batch):
     fig = explore.oneshot_figure(images, labels, oneshot, examples=2)
     hits, misses = min(2, oneshot.hit.sum()), min(2, (~oneshot.hit).sum())
     assert len(fig.axes) == 2 * hits + 3 * misses
+    neighbours, distances = explore.nearest_neighbours(emb, [0, 5], k=3)
+    names = [f"person_{label}" for label in labels]
+    fig = explore.neighbours_figure(images, names, [0, 5], neighbours, distances)
+    assert len(fig.axes) == 2 * 4
+    colours = [ax.title.get_color() for ax in fig.axes[1:4]]
+    assert colours == ["green" if labels[n] == labels[0] else "red" for n in neighbours[0]]
+    fig = explore.verification_figure(images[:3], images[3:6], [0.1, 0.5, 0.9],
+                                      [True, True, False], threshold=0.6)
+    assert len(fig.axes) == 3 * 2
+    assert [fig.axes[i].get_title(loc="left").endswith("(right)") for i in (0, 2, 4)] == [
+        True, True, True]
+    fig = explore.verification_figure(images[:1], images[1:2], [0.7], [True], threshold=0.6)
+    assert fig.axes[0].get_title(loc="left") == "d = 0.700: different (wrong)"
+    with pytest.raises(ValueError, match="same length"):
+        explore.verification_figure(images[:2], images[2:3], [0.1], [True], threshold=0.6)
 
 
 # ----------------------------------------------------------------------------------------------
