@@ -1,4 +1,4 @@
-"""Host-side data: sources (synthetic faces, image folders, tfds) → identity-disjoint splits →
+"""Host-side data: sources (synthetic faces, image folders, tfds, RecordIO packs) → identity-disjoint splits →
 verification pairs and a batch sampler (P×K or uniform: `make_sampler`) → background
 prefetch."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# The sources register in the order they are listed: synthetic, folder, tfds.
+# The sources register in the order they are listed: synthetic, folder, tfds, rec.
 from facenet_jax.data.synthetic import load_synthetic  # noqa: I001
 from facenet_jax.data.augment import Augment
 from facenet_jax.data.dataset import DATA_SOURCES, Dataset, RowSubset
@@ -18,6 +18,7 @@ from facenet_jax.data.sampler import PKSampler, RowSampler
 from facenet_jax.data.splits import (check_split_record, split_dataset, split_identities,
                                      write_split_record)
 from facenet_jax.data.tfds_source import load_tfds
+from facenet_jax.data.rec import PackImages, load_pack
 from facenet_jax.data.uniform_sampler import UniformSampler
 from facenet_jax.registry import Registry
 
@@ -36,7 +37,7 @@ __all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "IMAGE_EXTENSI
            "PKSampler", "Pairs", "RowSampler", "RowSubset", "SAMPLERS", "SAMPLERS_REGISTRY",
            "SOURCES", "UniformSampler", "check_split_record", "decode_image", "generate_pairs",
            "load_dataset", "load_folder_as_configured", "load_image_folder", "load_images",
-           "load_synthetic", "load_tfds", "make_sampler", "prefetch", "read_pairs",
+           "load_pack", "load_synthetic", "load_tfds", "PackImages", "make_sampler", "prefetch", "read_pairs",
            "split_dataset", "split_identities", "validate_sampler", "write_pairs",
            "write_split_record"]
 

@@ -50,7 +50,7 @@ class RowSubset:
 
 @dataclasses.dataclass
 class Dataset:
-    """images uint8 [N,H,W,3] (array, memmap or RowSubset), labels int32 [N] in
+    """images uint8 [N,H,W,3] (array, memmap, RowSubset or a lazily decoded pack), labels int32 [N] in
     0..num_identities-1, identity_names [num_identities], paths [N] (None for generated data)."""
 
     images: Any
@@ -113,12 +113,12 @@ def _take_rows(images: Any, rows: np.ndarray) -> Any:
         return images
     if isinstance(images, RowSubset):
         return RowSubset(images.base, images.rows[rows])
-    if isinstance(images, np.memmap):
-        return RowSubset(images, rows)
+    if isinstance(images, np.memmap) or not isinstance(images, np.ndarray):
+        return RowSubset(images, rows)  # on disk (a memmap, a lazily decoded pack) stays there
     return images[rows]
 
 
 # `config.data.source` → builder(config.data) -> Dataset, registered where each source is
-# defined (synthetic.py, folder.py, tfds_source.py).
+# defined (synthetic.py, folder.py, tfds_source.py, rec.py).
 DATA_SOURCES: Registry[Callable[[Any], Dataset]] = Registry("data source",
                                                             valid="valid sources")

@@ -119,8 +119,10 @@ class _TrainingLog:
 
     def __init__(self, *, workdir: pathlib.Path, writer: MetricsWriter, progress: _Progress,
                  objective: objectives.Objective, batch_size: int, num_steps: int,
-                 last_checkpoint: int | None, is_writer: bool):
+                 last_checkpoint: int | None, is_writer: bool,
+                 replaced_images: Callable[[], int | None] = lambda: None):
         self.workdir, self.writer, self.progress = workdir, writer, progress
+        self.replaced_images = replaced_images
         self.objective, self.batch_size, self.num_steps = objective, batch_size, num_steps
         self.last_checkpoint, self.is_writer = last_checkpoint, is_writer
         self.keys = objective.stats_keys + STEP_STATS
@@ -143,6 +145,9 @@ class _TrainingLog:
         elapsed = time.perf_counter() - self.window_start
         row = {k: v for k, v in _mean_rows(rows).items() if k in self.keys}
         row["images_per_second"] = self.batch_size * len(rows) / max(elapsed, 1e-9)
+        replaced = self.replaced_images()
+        if replaced is not None:  # packs: unreadable images replaced so far (this process)
+            row["replaced_images"] = replaced
         self.writer.write(step, row)
         self.progress.update(step, row, len(rows), self.num_steps, elapsed / len(rows))
         self.pending.clear()
@@ -294,7 +299,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         workdir=workdir, writer=writer, progress=progress, objective=objective,
         batch_size=config.batch.identities * config.batch.images_per_identity,
         num_steps=config.num_steps,
-        last_checkpoint=start_step if restored is not None else None, is_writer=is_writer)
+        last_checkpoint=start_step if restored is not None else None, is_writer=is_writer,
+        replaced_images=lambda: run_data.sampler.replaced_images)
     if (config.model.init_from is not None and restored is None
             and run_data.validation_pairs is not None):
         # The fine-tune's baseline: the imported encoder on the validation split, at step 0.
