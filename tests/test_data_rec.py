@@ -302,3 +302,27 @@ def test_converter_cli_writes_a_pack_and_lists_it(tmp_path, faces, capsys):
     rec.main(["convert", str(folder), str(tmp_path / "flat"), "--image_size", "32",
               "--no_identity_records"])
     assert not rec.describe_pack(tmp_path / "flat")["identity_records"]
+
+
+@pytest.mark.slow
+def test_training_and_evaluating_on_a_pack(tmp_path):
+    """--config.data.source=rec --config.data.root=PACK trains, evaluates its test split, and
+    `python -m facenet_jax.evaluate` re-scores it from the pack."""
+    from test_train_cli import _python_m, _train
+
+    faces = data.load_synthetic(num_identities=40, images_per_identity=6, image_size=16, seed=0)
+    payloads = [rec.encode_jpeg(image) for image in faces.images]
+    payloads[1] = b"broken"
+    pack = tmp_path / "pack"
+    rec.write_pack(pack, payloads, faces.labels, image_size=16, identity_records=True)
+    workdir = tmp_path / "run"
+    _train(workdir, "--config.data.source=rec", f"--config.data.root={pack}",
+           "--config.data.alignment=landmarks")
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if "loss" in row]
+    assert train_rows and all(row["replaced_images"] >= 0 for row in train_rows)
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["num_pairs"] > 0 and 0 <= result["accuracy"] <= 1
+    _python_m("facenet_jax.evaluate", "--workdir", workdir, "--output", tmp_path / "again.json")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["accuracy"] == result["accuracy"] and again["num_pairs"] == result["num_pairs"]
