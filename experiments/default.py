@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     config.data = data = ml_collections.ConfigDict()
-    data.source = "synthetic"  # synthetic | folder | tfds
+    data.source = "synthetic"  # synthetic | folder | tfds | rec
     data.root = placeholder(str)
     data.name = placeholder(str)
     data.image_size = 32
