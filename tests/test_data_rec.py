@@ -326,3 +326,31 @@ def test_training_and_evaluating_on_a_pack(tmp_path):
     _python_m("facenet_jax.evaluate", "--workdir", workdir, "--output", tmp_path / "again.json")
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["accuracy"] == result["accuracy"] and again["num_pairs"] == result["num_pairs"]
+
+
+def _jpeg_holding_the_magic(image):
+    """A valid JPEG whose bytes hold the magic twice at offsets that are 4-aligned in its
+    record (after the 24-byte header): a COM segment right after SOI carries them."""
+    jpeg = rec.encode_jpeg(image)
+    comment = b"xx" + MAGIC_LE + MAGIC_LE + b"yy"  # starts at 24 + 2 + 4: the magic at 32, 36
+    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", 2 + len(comment)) + comment + jpeg[2:]
+
+
+@pytest.mark.parametrize("identity_records", [True, False])
+def test_images_whose_bytes_hold_the_magic_are_multi_part_records_read_whole(
+        tmp_path, faces, identity_records):
+    payloads = [rec.encode_jpeg(image) for image in faces.images]
+    payloads[6] = _jpeg_holding_the_magic(faces.images[6])
+    root = _pack(tmp_path / "pack", faces, identity_records, payloads=payloads)
+    ids, offsets = recordio.read_index(root / "train.idx")
+    record_id = 6 + (1 if identity_records else 0)
+    offset = int(offsets[ids.tolist().index(record_id)])
+    raw = (root / "train.rec").read_bytes()
+    # Three frames flagged 1, 2, 3: 32 bytes before the first magic, none between, the rest.
+    assert struct.unpack_from("<II", raw, offset) == (recordio.MAGIC, 1 << 29 | 32)
+    assert struct.unpack_from("<II", raw, offset + 8 + 32) == (recordio.MAGIC, 2 << 29 | 0)
+    assert struct.unpack_from("<I", raw, offset + 8 + 32 + 8 + 4)[0] >> 29 == 3
+    dataset = rec.load_pack(root, image_size=32)
+    assert dataset.counts().tolist() == [4] * 5  # its label read through the parts
+    np.testing.assert_array_equal(dataset.images[6], _jpeg_round_trip(faces.images[6]))
+    assert dataset.images.replaced == 0
