@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     # is then only the batch size). See docs/data.md.
     data.sampler = "pk"
     data.prefetch = 4
+    # "cache" (decode once: folder, synthetic, tfds) or "stream" (decode each batch in
+    # data.workers processes: rec, always); unset: the source's own. data.workers unset: the
+    # host's cores less one (at most 16) with the stream extra installed, else 0 (a thread).
+    data.pipeline = placeholder(str)
+    data.workers = placeholder(int)
     # The crops a model expects ("box": FaceNet-style margin crop, "landmarks": ArcFace-style
     # 5-point alignment; see `python -m facenet_jax.align`); None: not recorded.
     data.alignment = placeholder(str)

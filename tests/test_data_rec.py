@@ -354,3 +354,21 @@ def test_images_whose_bytes_hold_the_magic_are_multi_part_records_read_whole(
     assert dataset.counts().tolist() == [4] * 5  # its label read through the parts
     np.testing.assert_array_equal(dataset.images[6], _jpeg_round_trip(faces.images[6]))
     assert dataset.images.replaced == 0
+
+
+def test_the_fast_jpeg_decoder_gives_pils_pixels(faces, monkeypatch):
+    """simplejpeg (the stream extra) and PIL decode a pack's JPEGs to the same pixels, so a
+    run's batches do not depend on which is installed."""
+    pytest.importorskip("simplejpeg")
+    from PIL import Image
+
+    for image in faces.images:
+        for encoded in (rec.encode_jpeg(image), rec.encode_jpeg(image, quality=60),
+                        _jpeg_holding_the_magic(image)):
+            pil = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+            np.testing.assert_array_equal(rec._decode_jpeg_fast(encoded), pil)
+    gray_jpeg = io.BytesIO()
+    Image.fromarray(faces.images[0][..., 0]).save(gray_jpeg, format="JPEG")
+    pil = np.asarray(Image.open(io.BytesIO(gray_jpeg.getvalue())).convert("RGB"))
+    np.testing.assert_array_equal(rec._decode_jpeg_fast(gray_jpeg.getvalue()), pil)
+    assert rec._decode_jpeg_fast(b"\x89PNG....") is None

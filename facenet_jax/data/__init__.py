@@ -1,6 +1,6 @@
-"""Host-side data: sources (synthetic faces, image folders, tfds, RecordIO packs) → identity-disjoint splits →
-verification pairs and a batch sampler (P×K or uniform: `make_sampler`) → background
-prefetch."""
+"""Host-side data: sources (synthetic faces, image folders, tfds, RecordIO packs) →
+identity-disjoint splits → verification pairs and a batch sampler (P×K or uniform:
+`make_sampler`) → background prefetch, or worker processes (`stream_host_batches`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from facenet_jax.data.splits import (check_split_record, split_dataset, split_id
                                      write_split_record)
 from facenet_jax.data.tfds_source import load_tfds
 from facenet_jax.data.rec import PackImages, load_pack
+from facenet_jax.data.stream import (PIPELINES, InputWorkerError, pipeline_of,
+                                     stream_host_batches, worker_count)
 from facenet_jax.data.uniform_sampler import UniformSampler
 from facenet_jax.registry import Registry
 
@@ -34,6 +36,7 @@ SAMPLERS_REGISTRY.add("uniform", lambda dataset, config, common: UniformSampler(
 SAMPLERS = SAMPLERS_REGISTRY.names()
 
 __all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "IMAGE_EXTENSIONS",
+           "InputWorkerError", "PIPELINES", "pipeline_of", "stream_host_batches", "worker_count",
            "PKSampler", "Pairs", "RowSampler", "RowSubset", "SAMPLERS", "SAMPLERS_REGISTRY",
            "SOURCES", "UniformSampler", "check_split_record", "decode_image", "generate_pairs",
            "load_dataset", "load_folder_as_configured", "load_image_folder", "load_images",

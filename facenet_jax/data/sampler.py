@@ -43,9 +43,16 @@ class RowSampler(abc.ABC):
         """How many unreadable images the batches read so far had replaced by another image
         of their identity (sources decoded on access: packs); None for sources decoded up
         front, whose bad files fail or are skipped before training."""
+        return getattr(self._decoded_on_access(), "replaced", None)
+
+    def count_replaced(self, count: int) -> None:
+        """Adds replacements made by copies of this sampler (input worker processes)."""
+        if count:
+            self._decoded_on_access().replaced += count
+
+    def _decoded_on_access(self) -> Any:
         images = self.dataset.images
-        return getattr(images.base if isinstance(images, RowSubset) else images, "replaced",
-                       None)
+        return images.base if isinstance(images, RowSubset) else images
 
     def host_batch(self, step: int, process_index: int, process_count: int
                    ) -> tuple[np.ndarray, np.ndarray]:

@@ -66,10 +66,12 @@ def _check_enough_identities(dataset: data.Dataset) -> None:
 
 
 def device_batches(sampler: data.RowSampler, mesh: jax.sharding.Mesh, steps: range,
-                   prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """Host batches built ahead in a background thread, put on the devices one step early."""
+                   prefetch: int, workers: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Host batches built `prefetch` ahead, in a background thread (workers=0) or in
+    `workers` processes (data.stream), put on the devices one step early."""
     process, count = jax.process_index(), jax.process_count()
-    host = data.prefetch((sampler.host_batch(s, process, count) for s in steps), prefetch)
+    host = data.stream_host_batches(sampler, steps, process, count, workers=workers,
+                                    buffer_size=prefetch)
     pending = None
     for images, labels in host:
         batch = parallel.put_global_batch((images, labels), mesh)
@@ -212,6 +214,7 @@ class _Data:
     validation_pairs: Any  # None when the validation split has fewer than 2 identities
     benchmark_sets: Any
     sampler: data.RowSampler
+    workers: int  # input worker processes (0: a background thread)
 
 
 def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -219,6 +222,7 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     """Loads and splits the data; a resumed run must see the same people. Every check that
     needs the data (enough identities, a test split big enough for its pairs) runs here,
     before compiling."""
+    workers = data.worker_count(config.data) if data.pipeline_of(config.data) == "stream" else 0
     dataset = data.load_dataset(config.data)
     _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
@@ -231,7 +235,8 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         validation_pairs=(evaluate.generated_pairs(config, validation, "validation")
                           if validation.num_identities >= 2 else None),
         benchmark_sets=verification_sets.configured_sets(config.eval, config.data.image_size),
-        sampler=data.make_sampler(splits["train"], config, num_shards=mesh.size))
+        sampler=data.make_sampler(splits["train"], config, num_shards=mesh.size),
+        workers=workers)
 
 
 def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
@@ -311,7 +316,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                                     preemption)
         steps = range(start_step, config.num_steps)
         for step, (images, labels) in zip(steps, device_batches(
-                run_data.sampler, mesh, steps, config.data.prefetch)):
+                run_data.sampler, mesh, steps, config.data.prefetch, run_data.workers)):
             state, metrics = (warmup_fn if step < warmup_steps else step_fn)(state, images,
                                                                              labels)
             log.add(metrics)
