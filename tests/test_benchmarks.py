@@ -106,3 +106,24 @@ def test_mining_breakdown_times_each_part_of_each_size():
         "loss forward, 16 anchor rows per block",
         "loss forward + backward, 4 anchor rows per block",
         "loss forward, 4 anchor rows per block", "distance matrix forward + backward"]
+
+
+def test_stream_benchmark_times_every_path_on_a_pack(tmp_path):
+    """The --stream rows (decoders, the cached folder, the thread, workers) on a tiny pack."""
+    from facenet_jax import data
+    from facenet_jax.data import rec
+
+    faces = data.load_synthetic(num_identities=40, images_per_identity=4, image_size=112)
+    folder = tmp_path / "faces"
+    for i, (image, label) in enumerate(zip(faces.images, faces.labels)):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        (folder / str(label) / f"{i}.png").write_bytes(rec.encode_jpeg(image))
+    rec.convert_folder(folder, tmp_path / "pack", image_size=112)
+    report = input_pipeline.measure_stream(tmp_path / "pack", folder, [], steps=3,
+                                           cache_dir=tmp_path / "cache", decode_seconds=0.1)
+    paths = [row["path"] for row in report["rows"]]
+    assert paths[0] == "decode only, pil (1 thread)"
+    assert paths[-2:] == ["folder cache + prefetch thread (today)", "pack, prefetch thread"]
+    for row in report["rows"]:
+        assert row["images_per_s"] > 0 and row["after"]["load_1min"] >= 0
+    assert report["projection"] is None  # no worker row measured

@@ -80,8 +80,9 @@ def test_the_pipeline_follows_the_source_and_refuses_what_cannot_work():
     assert data.pipeline_of(_data_config(source="synthetic", pipeline="cache")) == "cache"
     with pytest.raises(ValueError, match="always streams"):
         data.pipeline_of(_data_config(pipeline="cache"))
+    assert data.pipeline_of(_data_config(source="folder", pipeline="stream")) == "stream"
     with pytest.raises(ValueError, match="decoded once"):
-        data.pipeline_of(_data_config(source="folder", pipeline="stream"))
+        data.pipeline_of(_data_config(source="synthetic", pipeline="stream"))
     with pytest.raises(ValueError, match="must be one of"):
         data.pipeline_of(_data_config(pipeline="fast"))
 
@@ -94,3 +95,35 @@ def test_worker_count_is_given_or_the_hosts_cores_less_one():
     expected = (max(1, min(16, (os.cpu_count() or 2) - 1))
                 if data.stream.grain_installed() else 0)
     assert data.worker_count(_data_config()) == expected
+
+
+def test_a_streamed_folder_is_its_cache_decoded_per_batch(tmp_path):
+    """data.pipeline="stream" on a folder: the same names, labels, paths and pixels as the
+    cache, nothing written to the cache folder; an unreadable file is replaced, not fatal."""
+    from PIL import Image
+
+    faces = data.load_synthetic(num_identities=4, images_per_identity=3, image_size=20, seed=1)
+    root = tmp_path / "faces"
+    for i, (image, label) in enumerate(zip(faces.images, faces.labels)):
+        (root / f"p{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / f"p{label}" / f"{i}.png")
+    (root / "p9").mkdir()
+    Image.fromarray(faces.images[0]).save(root / "p9" / "alone.png")  # 1 image: excluded
+    config = ml_collections.ConfigDict(dict(
+        source="folder", root=str(root), image_size=16, center_crop=0.8,
+        cache_dir=str(tmp_path / "cache"), skip_bad_files=False, min_images_per_identity=2,
+        pipeline="stream"))
+    streamed = data.load_dataset(config)
+    assert isinstance(streamed.images.base, data.FolderImages)  # p9 left out: a RowSubset
+    assert not (tmp_path / "cache").exists()
+    config.pipeline = None
+    cached = data.load_dataset(config)
+    assert streamed.identity_names == cached.identity_names == ["p0", "p1", "p2", "p3"]
+    assert streamed.paths == cached.paths
+    np.testing.assert_array_equal(streamed.labels, cached.labels)
+    np.testing.assert_array_equal(np.asarray(streamed.images), np.asarray(cached.images))
+    (root / "p1" / "4.png").write_bytes(b"broken")  # p1's 2nd image
+    config.pipeline = "stream"
+    damaged = data.load_dataset(config).images
+    np.testing.assert_array_equal(damaged[4], damaged[5])
+    assert damaged.base.replaced == 1

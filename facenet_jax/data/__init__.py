@@ -10,8 +10,9 @@ from typing import Any
 from facenet_jax.data.synthetic import load_synthetic  # noqa: I001
 from facenet_jax.data.augment import Augment
 from facenet_jax.data.dataset import DATA_SOURCES, Dataset, RowSubset
-from facenet_jax.data.folder import (IMAGE_EXTENSIONS, BadImageError, decode_image,
-                                     load_folder_as_configured, load_image_folder, load_images)
+from facenet_jax.data.folder import (IMAGE_EXTENSIONS, BadImageError, FolderImages,
+                                     decode_image, load_folder_as_configured, load_image_folder,
+                                     load_images)
 from facenet_jax.data.pairs import Pairs, generate_pairs, read_pairs, write_pairs
 from facenet_jax.data.prefetch import prefetch
 from facenet_jax.data.sampler import PKSampler, RowSampler
@@ -36,7 +37,7 @@ SAMPLERS_REGISTRY.add("uniform", lambda dataset, config, common: UniformSampler(
 SAMPLERS = SAMPLERS_REGISTRY.names()
 
 __all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "IMAGE_EXTENSIONS",
-           "InputWorkerError", "PIPELINES", "pipeline_of", "stream_host_batches", "worker_count",
+           "FolderImages", "InputWorkerError", "PIPELINES", "pipeline_of", "stream_host_batches", "worker_count",
            "PKSampler", "Pairs", "RowSampler", "RowSubset", "SAMPLERS", "SAMPLERS_REGISTRY",
            "SOURCES", "UniformSampler", "check_split_record", "decode_image", "generate_pairs",
            "load_dataset", "load_folder_as_configured", "load_image_folder", "load_images",

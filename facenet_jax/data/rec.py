@@ -36,9 +36,9 @@ except ImportError:
     simplejpeg = None
 
 from facenet_jax.data.alignment import ALIGNMENT_RECORD, read_alignment_record
-from facenet_jax.data.dataset import DATA_SOURCES, Dataset
-from facenet_jax.data.folder import (BadImageError, _check_preprocessing, _preprocess,
-                                     decode_image, scan_folder)
+from facenet_jax.data.dataset import DATA_SOURCES, Dataset, DecodedOnAccess
+from facenet_jax.data.folder import (BadImageError, _check_preprocessing, _decode_all,
+                                     _preprocess, scan_folder)
 from facenet_jax.data.recordio import (PackWriter, RecordFile, RecordHeader, RecordIOError,
                                        pack_record, read_index, unpack_record)
 from facenet_jax.runfiles import atomic_write_with
@@ -210,85 +210,25 @@ def _read_label_cache(path: pathlib.Path, key: str, count: int) -> np.ndarray | 
     return None
 
 
-class PackImages:
-    """A pack's images as a read-only uint8 [N,S,S,3] array decoded on access (`len`,
-    `shape`, integer, slice and fancy indexing, `np.asarray`), preprocessed as image folders
-    are (`data.image_size`, `data.center_crop`).
-
-    An image that fails to decode is replaced by the next readable image of its identity (the
-    rows after it, wrapping around): the same replacement every time, counted in `replaced`
-    and logged. An identity none of whose images decodes is a BadImageError.
-    """
+class PackImages(DecodedOnAccess):
+    """A pack's images as a read-only uint8 [N,S,S,3] array decoded on access (see
+    DecodedOnAccess: an unreadable image is replaced by its identity's next readable one),
+    preprocessed as image folders are (`data.image_size`, `data.center_crop`)."""
 
     def __init__(self, rec: str | pathlib.Path, index: PackIndex, image_size: int,
                  center_crop: float | None = None):
         _check_preprocessing(image_size, center_crop)
+        super().__init__(index.labels, index.identity_names, image_size)
         self.records = RecordFile(rec)
         self.record_ids, self.offsets = index.record_ids, index.offsets
-        self.identity_names = index.identity_names
-        self.labels = index.labels
-        bounds = np.searchsorted(index.labels, np.arange(len(index.identity_labels) + 1))
-        self._first, self._end = bounds[index.labels], bounds[index.labels + 1]
-        self.image_size, self.center_crop = image_size, center_crop
-        self.dtype = np.dtype(np.uint8)
-        self.replaced = 0
+        self.center_crop = center_crop
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.offsets), self.image_size, self.image_size, 3)
+    def describe(self, row: int) -> str:
+        return f"{self.records.path}: record {self.record_ids[row]}"
 
-    @property
-    def ndim(self) -> int:
-        return 4
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if isinstance(index, (int, np.integer)):
-            return self.decode_row(range(len(self))[index])
-        if isinstance(index, slice):
-            rows = np.arange(*index.indices(len(self)))
-        else:
-            rows = np.asarray(index)
-            rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
-            if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
-                raise IndexError(f"rows outside [0, {len(self)})")
-            rows = rows % max(len(self), 1)
-        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
-        for i, row in enumerate(rows.tolist()):
-            out[i] = self.decode_row(row)
-        return out
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
-
-    def decode_row(self, row: int) -> np.ndarray:
-        """uint8 [S,S,3] of `row`, or of its replacement when it does not decode."""
-        first, end = int(self._first[row]), int(self._end[row])
-        for step in range(end - first):
-            candidate = first + (row - first + step) % (end - first)
-            try:
-                image = self._decode(candidate)
-            except BadImageError as error:
-                logging.warning("%s", error)
-                continue
-            if step:
-                self.replaced += 1
-                logging.warning("%s: image record %d of identity %s replaced by record %d "
-                                "(its identity's next readable image)", self.records.path,
-                                self.record_ids[row], self.identity_names[self.labels[row]],
-                                self.record_ids[candidate])
-            return image
-        raise BadImageError(f"{self.records.path}: no image of identity "
-                            f"{self.identity_names[self.labels[row]]} decodes (records "
-                            f"{self.record_ids[first]}..{self.record_ids[end - 1]}); the pack "
-                            "is damaged: re-download or rebuild it")
-
-    def _decode(self, row: int) -> np.ndarray:
+    def decode(self, row: int) -> np.ndarray:
         offset = int(self.offsets[row])
-        where = f"{self.records.path}: record {self.record_ids[row]} at offset {offset}"
+        where = f"{self.describe(row)} at offset {offset}"
         _, payload = unpack_record(self.records.read(offset), where)
         pixels = _decode_jpeg_fast(payload)
         if pixels is not None and pixels.shape[0] == pixels.shape[1] == self.image_size \
@@ -371,7 +311,7 @@ def convert_folder(folder: str | pathlib.Path, pack_dir: str | pathlib.Path, *,
                    image_size: int, quality: int = 95, identity_records: bool = True) -> int:
     """root/<identity>/<image> → PACK_DIR/{train.rec, train.idx, property, labels.tsv}
     (+ alignment.json when the folder has one). Images are decoded and resized as image
-    folders are, then JPEG-encoded; identity k (folders sorted) gets label k, and labels.tsv
+    folders are (in parallel threads), then JPEG-encoded; identity k (folders sorted) gets label k, and labels.tsv
     maps each label to its folder's name. Returns the image count."""
     folder, pack_dir = pathlib.Path(folder), pathlib.Path(pack_dir)
     if not 1 <= quality <= 100:
@@ -379,8 +319,9 @@ def convert_folder(folder: str | pathlib.Path, pack_dir: str | pathlib.Path, *,
     relative, names = scan_folder(folder)
     label_of = {name: k for k, name in enumerate(names)}
     labels = [label_of[r.split("/", 1)[0]] for r in relative]
-    encoded = (encode_jpeg(decode_image(folder / path, image_size), quality)
-               for path in relative)
+    encoded = (_encoded(image, quality) for _, image in
+               _decode_all([folder / path for path in relative], image_size, None,
+                           progress=True))
     write_pack(pack_dir, encoded, labels, image_size=image_size,
                identity_records=identity_records)
     (pack_dir / LABELS_FILE).write_text("".join(f"{k:07d}\t{name}\n"
@@ -388,6 +329,12 @@ def convert_folder(folder: str | pathlib.Path, pack_dir: str | pathlib.Path, *,
     if (folder / ALIGNMENT_RECORD).is_file():
         shutil.copyfile(folder / ALIGNMENT_RECORD, pack_dir / ALIGNMENT_RECORD)
     return len(relative)
+
+
+def _encoded(image: np.ndarray | BadImageError, quality: int) -> bytes:
+    if isinstance(image, BadImageError):
+        raise image
+    return encode_jpeg(image, quality)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -6,7 +6,8 @@ The batch of a step is a pure function of (seed, step), so the stream is the sam
 worker count and a resumed run (which streams from its restored step) draws what an
 uninterrupted one would. With 0 workers the batches are built by the background thread of
 `prefetch`, as for cached sources. Sources decoded up front (synthetic, tfds, a folder's
-memory-mapped cache) never stream: there is nothing left for workers to do.
+memory-mapped cache) never stream: there is nothing left for workers to do; a folder streams
+when asked (data.pipeline="stream": its files decoded per batch, no cache).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from facenet_jax.data.prefetch import prefetch
 from facenet_jax.data.sampler import RowSampler
 
 PIPELINES = ("cache", "stream")
+STREAMING_SOURCES = ("rec", "folder")  # sources that can decode as batches read them
 MAX_DEFAULT_WORKERS = 16
 _INSTALL = "pip install '.[stream]'  (grain, simplejpeg)"
 
@@ -32,8 +34,9 @@ class InputWorkerError(RuntimeError):
 
 def pipeline_of(data_config: Any) -> str:
     """config.data.pipeline, or the source's own: "stream" for packs (decoded per batch),
-    "cache" for everything else (decoded once, as before the key existed). ValueError for an
-    unknown pipeline or a pack asked to cache."""
+    "cache" for everything else (decoded once, as before the key existed); folders do both.
+    ValueError for an unknown pipeline, a pack asked to cache, or a source decoded up front
+    (synthetic, tfds) asked to stream."""
     pipeline = data_config.get("pipeline")
     if pipeline is None:
         return "stream" if data_config.source == "rec" else "cache"
@@ -43,10 +46,10 @@ def pipeline_of(data_config: Any) -> str:
     if data_config.source == "rec" and pipeline != "stream":
         raise ValueError("data.source='rec' always streams (a decoded cache of a pack is "
                          "hundreds of GB): drop data.pipeline or set it to 'stream'")
-    if data_config.source != "rec" and pipeline == "stream":
-        raise ValueError(f"data.pipeline='stream' needs a source decoded per batch (rec); "
-                         f"data.source={data_config.source!r} is decoded once: drop "
-                         "data.pipeline")
+    if data_config.source not in STREAMING_SOURCES and pipeline == "stream":
+        raise ValueError(f"data.pipeline='stream' needs a source decoded per batch "
+                         f"({', '.join(STREAMING_SOURCES)}); data.source="
+                         f"{data_config.source!r} is decoded once: drop data.pipeline")
     return pipeline
 
 
