@@ -130,22 +130,37 @@ def _load() -> dict[str, float]:
     return {"load_1min": one, "load_5min": five, "load_15min": fifteen}
 
 
-def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its live children (input workers): on a
-    loaded host, images per CPU-second is what a dedicated core would deliver, where images
-    per wall-second is what this host's share of its cores delivered."""
-    try:
-        import psutil
-    except ImportError:  # without the stream extra: this process alone (no workers then)
-        return time.process_time()
-    me, total = psutil.Process(), 0.0
-    for process in [me, *me.children(recursive=True)]:
+class _CpuMeter:
+    """CPU time (user + system) of this process and its children (input workers) since it
+    was made. On a loaded host, images per CPU-second is what dedicated cores would deliver,
+    where images per wall-second is what this host's share of its cores delivered. `sample`
+    between batches: a worker that exits before the end keeps its last reading."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+        self.last = dict(self.start)
+
+    @staticmethod
+    def _read() -> dict[int, float]:
         try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+            import psutil
+        except ImportError:  # without the stream extra: this process alone (no workers then)
+            return {os.getpid(): time.process_time()}
+        me, seconds = psutil.Process(), {}
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            seconds[process.pid] = times.user + times.system
+        return seconds
+
+    def sample(self) -> None:
+        self.last.update(self._read())
+
+    def seconds(self) -> float:
+        self.sample()
+        return sum(value - self.start.get(pid, 0.0) for pid, value in self.last.items())
 
 
 def _images_per_s(batches, images_per_batch: int, warmup: int = 2
@@ -153,18 +168,18 @@ def _images_per_s(batches, images_per_batch: int, warmup: int = 2
     """(images per wall-second and per CPU-second after the first `warmup` batches, seconds
     until the first batch)."""
     start = time.perf_counter()
-    first = None
+    first = meter = None
     count = 0
     for i, _ in enumerate(batches):
         if i == 0:
             first = time.perf_counter() - start
         if i == warmup - 1:
-            steady, steady_cpu = time.perf_counter(), _cpu_seconds()
+            steady, meter = time.perf_counter(), _CpuMeter()
         if i >= warmup:
             count += 1
+            meter.sample()
     images = count * images_per_batch
-    return (images / (time.perf_counter() - steady), images / (_cpu_seconds() - steady_cpu),
-            first)
+    return images / (time.perf_counter() - steady), images / meter.seconds(), first
 
 
 def decode_rates(payloads: list[bytes], seconds: float = 3.0

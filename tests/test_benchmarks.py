@@ -127,3 +127,18 @@ def test_stream_benchmark_times_every_path_on_a_pack(tmp_path):
     for row in report["rows"]:
         assert row["images_per_s"] > 0 and row["after"]["load_1min"] >= 0
     assert report["projection"] is None  # no worker row measured
+
+
+def test_scale_run_renders_load_synthetics_faces_chunk_by_chunk(monkeypatch, tmp_path):
+    """The scale run's pack holds exactly load_synthetic's faces (as JPEGs), whatever the
+    chunk size, and its pack reads back as that many identities."""
+    from benchmarks import scale_run
+    from facenet_jax import data
+    from facenet_jax.data import rec
+
+    monkeypatch.setattr(scale_run, "CHUNK", 5)  # chunks that cut identities
+    faces = data.load_synthetic(num_identities=3, images_per_identity=4, image_size=112)
+    assert list(scale_run.rendered_jpegs(3, 4)) == [rec.encode_jpeg(im) for im in faces.images]
+    summary = scale_run.make_pack(tmp_path / "pack", 3, 4)
+    assert (summary["identities"], summary["images"]) == (3, 12)
+    assert rec.load_pack(tmp_path / "pack", 112).counts().tolist() == [4, 4, 4]
