@@ -9,7 +9,7 @@ from typing import Any
 # The sources register in the order they are listed: synthetic, folder, tfds, rec.
 from facenet_jax.data.synthetic import load_synthetic  # noqa: I001
 from facenet_jax.data.augment import Augment
-from facenet_jax.data.dataset import DATA_SOURCES, Dataset, RowSubset
+from facenet_jax.data.dataset import DATA_SOURCES, Dataset, DecodedOnAccess, RowSubset
 from facenet_jax.data.folder import (IMAGE_EXTENSIONS, BadImageError, FolderImages,
                                      decode_image, load_folder_as_configured, load_image_folder,
                                      load_images)
@@ -36,7 +36,8 @@ SAMPLERS_REGISTRY.add("uniform", lambda dataset, config, common: UniformSampler(
     dataset, batch_size=config.batch.identities * config.batch.images_per_identity, **common))
 SAMPLERS = SAMPLERS_REGISTRY.names()
 
-__all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "IMAGE_EXTENSIONS",
+__all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "DecodedOnAccess",
+           "IMAGE_EXTENSIONS",
            "FolderImages", "InputWorkerError", "PIPELINES", "pipeline_of", "stream_host_batches", "worker_count",
            "PKSampler", "Pairs", "RowSampler", "RowSubset", "SAMPLERS", "SAMPLERS_REGISTRY",
            "SOURCES", "UniformSampler", "check_split_record", "decode_image", "generate_pairs",
