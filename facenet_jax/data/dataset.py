@@ -71,8 +71,9 @@ class DecodedOnAccess(abc.ABC):
             raise ValueError("DecodedOnAccess: an identity's rows must be contiguous (labels "
                              "non-decreasing)")
         self.identity_names = list(identity_names)
-        bounds = np.searchsorted(self.labels, np.arange(len(self.identity_names) + 1))
-        self._first, self._end = bounds[self.labels], bounds[self.labels + 1]
+        # Identity i's rows: [bounds[i], bounds[i+1]) (C+1 numbers, not 2 per image: a copy
+        # of this object goes to each input worker).
+        self._bounds = np.searchsorted(self.labels, np.arange(len(self.identity_names) + 1))
         self.image_size = image_size
         self.dtype = np.dtype(np.uint8)
         self.replaced = 0
@@ -118,7 +119,8 @@ class DecodedOnAccess(abc.ABC):
 
     def decode_row(self, row: int) -> np.ndarray:
         """uint8 [S,S,3] of `row`, or of its replacement when it does not decode."""
-        first, end = int(self._first[row]), int(self._end[row])
+        label = int(self.labels[row])
+        first, end = int(self._bounds[label]), int(self._bounds[label + 1])
         for step in range(end - first):
             candidate = first + (row - first + step) % (end - first)
             try:
