@@ -38,7 +38,7 @@ except ImportError:
 from facenet_jax.data.alignment import ALIGNMENT_RECORD, read_alignment_record
 from facenet_jax.data.dataset import DATA_SOURCES, Dataset, DecodedOnAccess
 from facenet_jax.data.folder import (BadImageError, _check_preprocessing, _decode_all,
-                                     _preprocess, scan_folder)
+                                     _preprocess, _with_min_images, scan_folder)
 from facenet_jax.data.recordio import (PackWriter, RecordFile, RecordHeader, RecordIOError,
                                        pack_record, read_index, unpack_record)
 from facenet_jax.runfiles import atomic_write_with
@@ -252,7 +252,9 @@ def _decode_jpeg_fast(payload: bytes) -> np.ndarray | None:
     if simplejpeg is None or not payload.startswith(b"\xff\xd8"):
         return None
     try:
-        return simplejpeg.decode_jpeg(payload, colorspace="RGB")
+        # strict: a truncated or damaged JPEG fails here as it fails in PIL (libjpeg-turbo
+        # would otherwise fill the missing part grey), whichever decoder is installed
+        return simplejpeg.decode_jpeg(payload, colorspace="RGB", strict=True)
     except ValueError:
         return None
 
@@ -276,13 +278,7 @@ def load_pack(root: str | pathlib.Path, image_size: int, *, center_crop: float |
     logging.info("%s: %d images of %d identities (%s)", rec, len(dataset.labels),
                  dataset.num_identities,
                  "identity records" if index.identity_records else "header labels")
-    dataset, dropped = dataset.with_min_images(max(min_images_per_identity, 1))
-    if dropped:
-        logging.info("%s: excluded %d identities with fewer than %d images", rec, dropped,
-                     min_images_per_identity)
-    if dataset.num_identities == 0:
-        raise ValueError(f"no identity of {rec} has {min_images_per_identity} or more images")
-    return dataset
+    return _with_min_images(dataset, rec, min_images_per_identity)
 
 
 def pack_alignment(root: str | pathlib.Path) -> str:
