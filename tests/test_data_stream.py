@@ -97,6 +97,13 @@ def test_worker_count_is_given_or_the_hosts_cores_less_one():
     assert data.worker_count(_data_config()) == expected
 
 
+def test_workers_without_grain_fail_before_training_saying_what_to_install(monkeypatch):
+    monkeypatch.setattr(data.stream, "grain_installed", lambda: False)
+    assert data.worker_count(_data_config()) == 0  # the default falls back to a thread
+    with pytest.raises(ImportError, match=r"pip install '\.\[stream\]'.*data.workers=0"):
+        data.worker_count(_data_config(workers=2))
+
+
 def test_a_streamed_folder_is_its_cache_decoded_per_batch(tmp_path):
     """data.pipeline="stream" on a folder: the same names, labels, paths and pixels as the
     cache, nothing written to the cache folder; an unreadable file is replaced, not fatal."""

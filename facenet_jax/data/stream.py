@@ -55,11 +55,15 @@ def pipeline_of(data_config: Any) -> str:
 
 def worker_count(data_config: Any) -> int:
     """config.data.workers, or by default the host's cores less one (the training process),
-    at most 16, when grain is installed, else 0 (batches in a thread, a logged hint)."""
+    at most 16, when grain is installed, else 0 (batches in a thread, a logged hint).
+    ImportError for workers asked for without grain."""
     workers = data_config.get("workers")
     if workers is not None:
         if not isinstance(workers, int) or workers < 0:
             raise ValueError(f"data.workers must be an integer >= 0, got {workers!r}")
+        if workers and not grain_installed():  # now, not after the step has compiled
+            raise ImportError(f"data.workers={workers} needs grain: {_INSTALL}, or set "
+                              "data.workers=0 (batches built in a thread)")
         return workers
     if not grain_installed():
         logging.warning("data.pipeline='stream' builds batches in a thread: install the stream "
