@@ -70,10 +70,14 @@ def rendered_jpegs(identities: int, per_identity: int, seed: int = 0, quality: i
 
 
 def make_pack(root: pathlib.Path, identities: int, per_identity: int) -> dict:
+    """Renders and writes the pack, or reuses the one a run with the same --scratch made."""
     start = time.perf_counter()
     labels = np.repeat(np.arange(identities), per_identity)
-    rec.write_pack(root, rendered_jpegs(identities, per_identity), labels,
-                   image_size=IMAGE_SIZE)
+    if not (root / rec.REC_FILE).exists():
+        rec.write_pack(root, rendered_jpegs(identities, per_identity), labels,
+                       image_size=IMAGE_SIZE)
+    elif rec.describe_pack(root)["images"] != len(labels):
+        raise SystemExit(f"{root} holds another pack; remove it or choose another --scratch")
     return {"identities": identities, "images": int(len(labels)),
             "rec_mib": (root / rec.REC_FILE).stat().st_size / 2**20,
             "idx_mib": (root / rec.IDX_FILE).stat().st_size / 2**20,
@@ -111,16 +115,18 @@ def _absl_seconds(line: str, year: int) -> float | None:
     return stamp.timestamp()
 
 
-def train(pack: pathlib.Path, workdir: pathlib.Path, args: argparse.Namespace,
-          cache: pathlib.Path) -> dict:
+def train(pack: pathlib.Path, identities: int, workdir: pathlib.Path,
+          args: argparse.Namespace, cache: pathlib.Path) -> dict:
     batch = 64
+    test = min(100, identities // 4) / identities  # 100 test people (fewer for rehearsals)
     overrides = [
         f"--config.data.root={pack}", f"--config.num_steps={args.steps}",
         "--config.batch.identities=16", "--config.batch.images_per_identity=4",
         "--config.loss.classification.sample_fraction=0.1", f"--config.model.name={args.model}",
         f"--config.log_every={args.log_every}", f"--config.checkpoint_every={args.steps}",
         f"--config.eval_every={args.steps}", "--config.eval.batch_size=64",
-        "--config.data.split.validation=0.0", "--config.data.split.test=0.005",
+        f"--config.data.split.train={1 - test}", "--config.data.split.validation=0.0",
+        f"--config.data.split.test={test}",
         "--config.data.pairs.pairs_per_fold=30"]
     if args.workers is not None:
         overrides.append(f"--config.data.workers={args.workers}")
@@ -176,8 +182,8 @@ def main() -> None:
             pack = scratch / f"pack_{name}"
             report["packs"][name] = {"pack": make_pack(pack, identities, args.images)}
             print(name, report["packs"][name]["pack"], flush=True)
-            report["packs"][name]["run"] = train(pack, scratch / f"run_{name}", args,
-                                                 scratch / "compile_cache")
+            report["packs"][name]["run"] = train(pack, identities, scratch / f"run_{name}",
+                                                 args, scratch / "compile_cache")
             print(name, report["packs"][name]["run"], flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
