@@ -27,6 +27,16 @@ with a 44 px margin (davidsandberg/facenet's `align_dataset_mtcnn.py --image_siz
             --config.data.root=/data/casia_webface_182 --config.data.cache_dir=/scratch/cache
         python -m facenet_jax.evaluate --workdir runs/casia --data_root /data/lfw_182 \
             --pairs /data/lfw/pairs.txt --output runs/casia/eval_lfw.json
+
+insightface's CASIA-WebFace pack (faces_webface_112x112: train.rec, train.idx, property) is a
+different variant: 112 px crops aligned by 5 landmarks, not this recipe's 182 px box crops, so
+the recipe's crop size and alignment change with it (a separate run, not comparable with the
+one above):
+
+        python -m facenet_jax.train --config experiments/casia_webface.py --workdir runs/casia112 \
+            --config.data.source=rec --config.data.root=/data/faces_webface_112x112 \
+            --config.data.image_size=112 --config.data.center_crop=1.0 \
+            --config.data.alignment=landmarks --config.data.augment.crop_padding=4
 """
 
 import pathlib

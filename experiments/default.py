@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     config.data = data = ml_collections.ConfigDict()
-    data.source = "synthetic"  # synthetic | folder | tfds
+    data.source = "synthetic"  # synthetic | folder | tfds | rec
     data.root = placeholder(str)
     data.name = placeholder(str)
     data.image_size = 32
@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     # is then only the batch size). See docs/data.md.
     data.sampler = "pk"
     data.prefetch = 4
+    # "cache" (decode once: folder, synthetic, tfds) or "stream" (decode each batch in
+    # data.workers processes: rec, always); unset: the source's own. data.workers unset: the
+    # host's cores less one (at most 16) with the stream extra installed, else 0 (a thread).
+    data.pipeline = placeholder(str)
+    data.workers = placeholder(int)
     # The crops a model expects ("box": FaceNet-style margin crop, "landmarks": ArcFace-style
     # 5-point alignment; see `python -m facenet_jax.align`); None: not recorded.
     data.alignment = placeholder(str)

@@ -26,14 +26,18 @@ momentum) are sharded over the devices along the classes; loss.classification.sa
 < 1 turns on Partial FC for larger identity counts. --config.model.dtype=bfloat16 roughly halves
 the step time where supported (the paper trained in fp32, arcface_torch in fp16).
 
-Data: one folder per person of 112×112 aligned crops (MS1MV2 ships as an MXNet .rec: unpack it
-to images first, e.g. with insightface's rec2image script); decoded once into a memory-mapped
-uint8 cache (~220 GB for MS1MV2 at 112 px) under data.cache_dir. Evaluate on the insightface .bin
-sets with eval.verification_sets (docs/benchmarks_evaluation.md).
+Data: insightface's MS1MV2 pack as it is downloaded (the folder holding train.rec, train.idx
+and property; data.source="rec", read natively, no mxnet, images decoded as batches read them:
+no cache). Evaluate on the insightface .bin sets shipped beside it with eval.verification_sets
+(docs/benchmarks_evaluation.md).
 
         python -m facenet_jax.train --config experiments/ms1mv2_arcface.py --workdir runs/ms1mv2 \
-            --config.data.root=/data/ms1mv2_112 --config.data.cache_dir=/scratch/cache \
-            --config.eval.verification_sets=/data/ms1mv2_bins
+            --config.data.root=/data/faces_emore --config.eval.verification_sets=/data/faces_emore
+
+A folder of 112×112 aligned crops instead (one folder per person; decoded once into a
+memory-mapped uint8 cache, ~220 GB for MS1MV2, under data.cache_dir):
+--config.data.source=folder --config.data.root=/data/ms1mv2_112
+--config.data.cache_dir=/scratch/cache.
 """
 
 import pathlib
@@ -51,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every = 10_000
     config.checkpoint_every = 5_000
     data = config.data
-    data.source = "folder"  # pass --config.data.root=PATH
+    data.source = "rec"  # pass --config.data.root=PACK_DIR (train.rec, train.idx, property)
     data.image_size = 112
     data.alignment = "landmarks"
     data.sampler = "uniform"

@@ -26,8 +26,11 @@ SCHEDULE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "ke
 # resumed run may change them too; they apply to the evaluations made after the resume (a
 # finished run resumed with eval.flip=True re-does its final evaluations with flip).
 EVALUATION_ONLY_KEYS = ("eval.flip", "eval.batch_size")
+# How many processes build the batches: each batch is a pure function of (seed, step) whatever
+# the count, so a resumed run may change it.
+INPUT_ONLY_KEYS = ("data.workers",)
 # Keys a resumed run may change; anything else must match the checkpoint's config.
-RESUMABLE_KEYS = SCHEDULE_KEYS + EVALUATION_ONLY_KEYS
+RESUMABLE_KEYS = SCHEDULE_KEYS + EVALUATION_ONLY_KEYS + INPUT_ONLY_KEYS
 # Counts and sizes that are meaningless below 1 (a 0 would fail only deep inside a run).
 POSITIVE_INT_KEYS = SCHEDULE_KEYS + ("data.prefetch", "data.pairs.num_folds",
                                       "data.pairs.pairs_per_fold", "eval.batch_size",
@@ -56,6 +59,7 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "optimizer.backbone_lr_multiplier": 1.0,
     "data.alignment": None,
     "data.sampler": "pk",  # P×K batches
+    "data.pipeline": None, "data.workers": None,  # the source's own pipeline, default workers
     "loss.warmup_strategy": None, "loss.warmup_steps": 0,  # no warm-up: one strategy throughout
     "loss.memory.size": 0, "loss.memory.start_step": 0, "loss.memory.weight": 1.0,  # no memory
     "loss.kind": "triplet", "loss.triplet_weight": 1.0,  # the triplet loss alone

@@ -159,3 +159,39 @@ def test_output_check_passes_a_new_path_and_an_overwrite(tmp_path):
     result = ijb_scoring.main(["--images", "40", "--templates", "4", "--pairs", "20000",
                                "--output", str(existing), "--overwrite"])
     assert json.loads(existing.read_text()) == result and "overwrite" not in result
+
+
+def test_stream_benchmark_times_every_path_on_a_pack(tmp_path):
+    """The --stream rows (decoders, the cached folder, the thread, workers) on a tiny pack."""
+    from facenet_jax import data
+    from facenet_jax.data import rec
+
+    faces = data.load_synthetic(num_identities=40, images_per_identity=4, image_size=112)
+    folder = tmp_path / "faces"
+    for i, (image, label) in enumerate(zip(faces.images, faces.labels)):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        (folder / str(label) / f"{i}.png").write_bytes(rec.encode_jpeg(image))
+    rec.convert_folder(folder, tmp_path / "pack", image_size=112)
+    report = input_pipeline.measure_stream(tmp_path / "pack", folder, [], steps=3,
+                                           cache_dir=tmp_path / "cache", decode_seconds=0.1)
+    paths = [row["path"] for row in report["rows"]]
+    assert paths[0] == "decode only, pil (1 thread)"
+    assert paths[-2:] == ["folder cache + prefetch thread (today)", "pack, prefetch thread"]
+    for row in report["rows"]:
+        assert row["images_per_s"] > 0 and row["after"]["load_1min"] >= 0
+    assert report["projection"] is None  # no worker row measured
+
+
+def test_scale_run_renders_load_synthetics_faces_chunk_by_chunk(monkeypatch, tmp_path):
+    """The scale run's pack holds exactly load_synthetic's faces (as JPEGs), whatever the
+    chunk size, and its pack reads back as that many identities."""
+    from benchmarks import scale_run
+    from facenet_jax import data
+    from facenet_jax.data import rec
+
+    monkeypatch.setattr(scale_run, "CHUNK", 5)  # chunks that cut identities
+    faces = data.load_synthetic(num_identities=3, images_per_identity=4, image_size=112)
+    assert list(scale_run.rendered_jpegs(3, 4)) == [rec.encode_jpeg(im) for im in faces.images]
+    summary = scale_run.make_pack(tmp_path / "pack", 3, 4)
+    assert (summary["identities"], summary["images"]) == (3, 12)
+    assert rec.load_pack(tmp_path / "pack", 112).counts().tolist() == [4, 4, 4]

@@ -71,6 +71,7 @@ def test_at_scale_arcface_recipe_holds_the_published_values():
     assert (config.loss.classification.scale, config.loss.classification.margin) == (64.0, 0.5)
     assert (config.data.sampler, config.data.alignment, config.data.image_size) == (
         "uniform", "landmarks", 112)
+    assert config.data.source == "rec"  # insightface's pack, read as downloaded
     assert config.data.augment.flip and config.data.augment.crop_padding == 0
     assert config.batch.identities * config.batch.images_per_identity == 512
     opt = config.optimizer

@@ -67,7 +67,7 @@ def test_the_old_name_constants_are_the_registered_names_in_their_old_order():
     assert models.MODEL_NAMES == models.ENCODERS.names() == (
         "small_cnn", "resnet18", "resnet34", "resnet50", "inception_resnet_v1", "iresnet50",
         "iresnet100", "mobilefacenet")
-    assert data.SOURCES == data.DATA_SOURCES.names() == ("synthetic", "folder", "tfds")
+    assert data.SOURCES == data.DATA_SOURCES.names() == ("synthetic", "folder", "tfds", "rec")
     assert losses.STRATEGIES == losses.MINING_STRATEGIES.names() == (
         "semihard", "semihard_facenet", "hardest", "all", "random", "distance_weighted")
     assert losses.STRATEGY_OPTIONS == {

@@ -1,23 +1,27 @@
-"""Host-side data: sources (synthetic faces, image folders, tfds) → identity-disjoint splits →
-verification pairs and a batch sampler (P×K or uniform: `make_sampler`) → background
-prefetch."""
+"""Host-side data: sources (synthetic faces, image folders, tfds, RecordIO packs) →
+identity-disjoint splits → verification pairs and a batch sampler (P×K or uniform:
+`make_sampler`) → background prefetch, or worker processes (`stream_host_batches`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-# The sources register in the order they are listed: synthetic, folder, tfds.
+# The sources register in the order they are listed: synthetic, folder, tfds, rec.
 from facenet_jax.data.synthetic import load_synthetic  # noqa: I001
 from facenet_jax.data.augment import Augment
-from facenet_jax.data.dataset import DATA_SOURCES, Dataset, RowSubset
-from facenet_jax.data.folder import (IMAGE_EXTENSIONS, BadImageError, decode_image,
-                                     load_folder_as_configured, load_image_folder, load_images)
+from facenet_jax.data.dataset import DATA_SOURCES, Dataset, DecodedOnAccess, RowSubset
+from facenet_jax.data.folder import (IMAGE_EXTENSIONS, BadImageError, FolderImages,
+                                     decode_image, load_folder_as_configured, load_image_folder,
+                                     load_images)
 from facenet_jax.data.pairs import Pairs, generate_pairs, read_pairs, write_pairs
 from facenet_jax.data.prefetch import prefetch
 from facenet_jax.data.sampler import PKSampler, RowSampler
 from facenet_jax.data.splits import (check_split_record, split_dataset, split_identities,
                                      write_split_record)
 from facenet_jax.data.tfds_source import load_tfds
+from facenet_jax.data.rec import PackImages, load_pack
+from facenet_jax.data.stream import (PIPELINES, InputWorkerError, pipeline_of,
+                                     stream_host_batches, worker_count)
 from facenet_jax.data.uniform_sampler import UniformSampler
 from facenet_jax.registry import Registry
 
@@ -32,11 +36,13 @@ SAMPLERS_REGISTRY.add("uniform", lambda dataset, config, common: UniformSampler(
     dataset, batch_size=config.batch.identities * config.batch.images_per_identity, **common))
 SAMPLERS = SAMPLERS_REGISTRY.names()
 
-__all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "IMAGE_EXTENSIONS",
+__all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "DecodedOnAccess",
+           "IMAGE_EXTENSIONS",
+           "FolderImages", "InputWorkerError", "PIPELINES", "pipeline_of", "stream_host_batches", "worker_count",
            "PKSampler", "Pairs", "RowSampler", "RowSubset", "SAMPLERS", "SAMPLERS_REGISTRY",
            "SOURCES", "UniformSampler", "check_split_record", "decode_image", "generate_pairs",
            "load_dataset", "load_folder_as_configured", "load_image_folder", "load_images",
-           "load_synthetic", "load_tfds", "make_sampler", "prefetch", "read_pairs",
+           "load_pack", "load_synthetic", "load_tfds", "PackImages", "make_sampler", "prefetch", "read_pairs",
            "split_dataset", "split_identities", "validate_sampler", "write_pairs",
            "write_split_record"]
 

@@ -3,7 +3,9 @@ and the registry of sources (`config.data.source` → a builder from `config.dat
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,9 +50,98 @@ class RowSubset:
         return out if dtype is None else out.astype(dtype)
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+class DecodedOnAccess(abc.ABC):
+    """Images decoded when read (packs, streamed folders): a read-only uint8 [N,S,S,3] array
+    for `len`, `shape`, integer, slice and fancy indexing and `np.asarray`.
+
+    An image that fails to decode is replaced by the next readable image of its identity (the
+    rows after it, wrapping around; identities are contiguous runs of rows): the same
+    replacement every time, counted in `replaced` and logged. An identity none of whose
+    images decodes is a BadImageError. Subclasses pickle by their file paths (worker
+    processes open their own handles).
+    """
+
+    def __init__(self, labels: np.ndarray, identity_names: Sequence[str], image_size: int):
+        self.labels = np.asarray(labels, np.int32)
+        if np.any(np.diff(self.labels) < 0):
+            raise ValueError("DecodedOnAccess: an identity's rows must be contiguous (labels "
+                             "non-decreasing)")
+        self.identity_names = list(identity_names)
+        # Identity i's rows: [bounds[i], bounds[i+1]) (C+1 numbers, not 2 per image: a copy
+        # of this object goes to each input worker).
+        self._bounds = np.searchsorted(self.labels, np.arange(len(self.identity_names) + 1))
+        self.image_size = image_size
+        self.dtype = np.dtype(np.uint8)
+        self.replaced = 0
+
+    @abc.abstractmethod
+    def decode(self, row: int) -> np.ndarray:
+        """uint8 [S,S,3] of `row`; BadImageError when it cannot be decoded."""
+
+    @abc.abstractmethod
+    def describe(self, row: int) -> str:
+        """Where `row` comes from, for log lines (a file, a pack's record)."""
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.labels), self.image_size, self.image_size, 3)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self.decode_row(range(len(self))[index])
+        if isinstance(index, slice):
+            rows = np.arange(*index.indices(len(self)))
+        else:
+            rows = np.asarray(index)
+            rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+            if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
+                raise IndexError(f"rows outside [0, {len(self)})")
+            rows = rows % max(len(self), 1)
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        for i, row in enumerate(rows.tolist()):
+            out[i] = self.decode_row(row)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def decode_row(self, row: int) -> np.ndarray:
+        """uint8 [S,S,3] of `row`, or of its replacement when it does not decode."""
+        label = int(self.labels[row])
+        first, end = int(self._bounds[label]), int(self._bounds[label + 1])
+        for step in range(end - first):
+            candidate = first + (row - first + step) % (end - first)
+            try:
+                image = self.decode(candidate)
+            except BadImageError as error:
+                logging.warning("%s", error)
+                continue
+            if step:
+                self.replaced += 1
+                logging.warning("%s of identity %s replaced by %s (its identity's next "
+                                "readable image)", self.describe(row),
+                                self.identity_names[self.labels[row]], self.describe(candidate))
+            return image
+        raise BadImageError(f"no image of identity {self.identity_names[self.labels[row]]} "
+                            f"decodes ({self.describe(first)} to {self.describe(end - 1)}): "
+                            "the data is damaged; re-download or rebuild it")
+
+
 @dataclasses.dataclass
 class Dataset:
-    """images uint8 [N,H,W,3] (array, memmap or RowSubset), labels int32 [N] in
+    """images uint8 [N,H,W,3] (array, memmap, RowSubset or a lazily decoded pack), labels int32 [N] in
     0..num_identities-1, identity_names [num_identities], paths [N] (None for generated data)."""
 
     images: Any
@@ -113,12 +204,12 @@ def _take_rows(images: Any, rows: np.ndarray) -> Any:
         return images
     if isinstance(images, RowSubset):
         return RowSubset(images.base, images.rows[rows])
-    if isinstance(images, np.memmap):
-        return RowSubset(images, rows)
+    if isinstance(images, np.memmap) or not isinstance(images, np.ndarray):
+        return RowSubset(images, rows)  # on disk (a memmap, a lazily decoded pack) stays there
     return images[rows]
 
 
 # `config.data.source` → builder(config.data) -> Dataset, registered where each source is
-# defined (synthetic.py, folder.py, tfds_source.py).
+# defined (synthetic.py, folder.py, tfds_source.py, rec.py).
 DATA_SOURCES: Registry[Callable[[Any], Dataset]] = Registry("data source",
                                                             valid="valid sources")

@@ -1,4 +1,5 @@
-"""Image folders `root/<identity>/<image>`, decoded once into a memory-mapped cache on disk.
+"""Image folders `root/<identity>/<image>`, decoded once into a memory-mapped cache on disk
+(or, with data.pipeline="stream", decoded as batches read them: FolderImages).
 
 The cache is keyed by the folder's contents (relative paths, sizes, modification times) and the
 preprocessing, built aside and renamed into place under a file lock, so concurrent processes
@@ -21,16 +22,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from facenet_jax.data.dataset import DATA_SOURCES, Dataset, RowSubset
+from facenet_jax.data.dataset import (DATA_SOURCES, BadImageError, Dataset, DecodedOnAccess,
+                                      RowSubset)
 from facenet_jax.runfiles import blocking_lock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".pbm", ".bmp")
 _CACHE_VERSION = 1  # bump when decoding or the cache layout changes
 _DEFAULT_CACHE = pathlib.Path("~/.cache/facenet_jax").expanduser()
-
-
-class BadImageError(ValueError):
-    """An image file that cannot be decoded."""
 
 
 def decode_image(path: str | pathlib.Path, image_size: int,
@@ -108,19 +106,40 @@ def scan_folder(root: str | pathlib.Path, *, role: str = "data root",
     return paths, names
 
 
+class FolderImages(DecodedOnAccess):
+    """An image folder's files as a read-only uint8 [N,S,S,3] array decoded on access (see
+    DecodedOnAccess: an unreadable file is replaced by its identity's next readable one)."""
+
+    def __init__(self, root: pathlib.Path, relative: Sequence[str], labels: np.ndarray,
+                 identity_names: Sequence[str], image_size: int, center_crop: float | None):
+        super().__init__(labels, identity_names, image_size)
+        self.root, self.relative, self.center_crop = root, list(relative), center_crop
+
+    def describe(self, row: int) -> str:
+        return str(self.root / self.relative[row])
+
+    def decode(self, row: int) -> np.ndarray:
+        return decode_image(self.root / self.relative[row], self.image_size, self.center_crop)
+
+
 def load_image_folder(root: str | pathlib.Path, image_size: int, *,
                       center_crop: float | None = None,
                       cache_dir: str | pathlib.Path | None = None,
                       skip_bad_files: bool = False,
-                      min_images_per_identity: int = 2) -> Dataset:
+                      min_images_per_identity: int = 2, stream: bool = False) -> Dataset:
     """root/<identity>/<image> → Dataset whose images are a read-only memory map of the cache.
 
     Identities with fewer than `min_images_per_identity` decodable images are excluded (logged
     count). A corrupt file is a BadImageError naming it, unless `skip_bad_files` (each logged).
+    stream: no cache; the images are FolderImages, decoded as batches read them (identities
+    counted by their files; an unreadable file is replaced by its identity's next image).
     """
     _check_preprocessing(image_size, center_crop)
     root = pathlib.Path(root).expanduser().resolve()
     relative, _ = scan_folder(root)
+    if stream:
+        return _with_min_images(_stream_folder(root, relative, image_size, center_crop), root,
+                                min_images_per_identity)
     cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir else _DEFAULT_CACHE
     key = _cache_key(root, relative, image_size, center_crop, skip_bad_files)
     entry = cache_dir / f"{root.name}-{image_size}px-{key[:20]}"
@@ -129,7 +148,11 @@ def load_image_folder(root: str | pathlib.Path, image_size: int, *,
         with blocking_lock(cache_dir / f"{entry.name}.lock"):
             if not (entry / "meta.json").exists():  # another process may have built it
                 _build_cache(root, relative, entry, image_size, center_crop, skip_bad_files)
-    dataset = _open_cache(root, entry)
+    return _with_min_images(_open_cache(root, entry), root, min_images_per_identity)
+
+
+def _with_min_images(dataset: Dataset, root: pathlib.Path, min_images_per_identity: int
+                     ) -> Dataset:
     dataset, dropped = dataset.with_min_images(max(min_images_per_identity, 1))
     if dropped:
         logging.info("%s: excluded %d identities with fewer than %d images", root, dropped,
@@ -138,6 +161,16 @@ def load_image_folder(root: str | pathlib.Path, image_size: int, *,
         raise ValueError(f"no identity under {root} has {min_images_per_identity} or more "
                          "readable images")
     return dataset
+
+
+def _stream_folder(root: pathlib.Path, relative: list[str], image_size: int,
+                   center_crop: float | None) -> Dataset:
+    identity = [p.split("/", 1)[0] for p in relative]
+    names = sorted(set(identity))
+    index = {name: i for i, name in enumerate(names)}
+    labels = np.array([index[n] for n in identity], np.int32)  # sorted: identity-major
+    return Dataset(images=FolderImages(root, relative, labels, names, image_size, center_crop),
+                   labels=labels, identity_names=names, paths=[str(root / p) for p in relative])
 
 
 def _check_preprocessing(image_size: int, center_crop: float | None) -> None:
@@ -260,6 +293,10 @@ def folder_as_configured(data_config: Any) -> Dataset:
     if not data_config.root:
         raise ValueError("data.source='folder' needs data.root: a folder laid out as "
                          "root/<identity>/<image>; pass --config.data.root=PATH")
-    return load_folder_as_configured(
-        data_config.root, data_config,
-        min_images_per_identity=data_config.get("min_images_per_identity", 2))
+    if data_config.get("pipeline") != "stream":
+        return load_folder_as_configured(
+            data_config.root, data_config,
+            min_images_per_identity=data_config.get("min_images_per_identity", 2))
+    return load_image_folder(
+        data_config.root, data_config.image_size, center_crop=data_config.center_crop,
+        min_images_per_identity=data_config.get("min_images_per_identity", 2), stream=True)

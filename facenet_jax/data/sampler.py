@@ -14,7 +14,7 @@ import numpy as np
 
 from facenet_jax.config import validate_batch_layout
 from facenet_jax.data.augment import Augment
-from facenet_jax.data.dataset import Dataset
+from facenet_jax.data.dataset import Dataset, RowSubset
 
 
 class RowSampler(abc.ABC):
@@ -37,6 +37,22 @@ class RowSampler(abc.ABC):
     @abc.abstractmethod
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Dataset rows int [B], crop offsets int [B,2], flips bool [B] of the global batch."""
+
+    @property
+    def replaced_images(self) -> int | None:
+        """How many unreadable images the batches read so far had replaced by another image
+        of their identity (sources decoded on access: packs); None for sources decoded up
+        front, whose bad files fail or are skipped before training."""
+        return getattr(self._decoded_on_access(), "replaced", None)
+
+    def count_replaced(self, count: int) -> None:
+        """Adds replacements made by copies of this sampler (input worker processes)."""
+        if count:
+            self._decoded_on_access().replaced += count
+
+    def _decoded_on_access(self) -> Any:
+        images = self.dataset.images
+        return images.base if isinstance(images, RowSubset) else images
 
     def host_batch(self, step: int, process_index: int, process_count: int
                    ) -> tuple[np.ndarray, np.ndarray]:

@@ -66,10 +66,12 @@ def _check_enough_identities(dataset: data.Dataset) -> None:
 
 
 def device_batches(sampler: data.RowSampler, mesh: jax.sharding.Mesh, steps: range,
-                   prefetch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """Host batches built ahead in a background thread, put on the devices one step early."""
+                   prefetch: int, workers: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Host batches built `prefetch` ahead, in a background thread (workers=0) or in
+    `workers` processes (data.stream), put on the devices one step early."""
     process, count = jax.process_index(), jax.process_count()
-    host = data.prefetch((sampler.host_batch(s, process, count) for s in steps), prefetch)
+    host = data.stream_host_batches(sampler, steps, process, count, workers=workers,
+                                    buffer_size=prefetch)
     pending = None
     for images, labels in host:
         batch = parallel.put_global_batch((images, labels), mesh)
@@ -119,8 +121,10 @@ class _TrainingLog:
 
     def __init__(self, *, workdir: pathlib.Path, writer: MetricsWriter, progress: _Progress,
                  objective: objectives.Objective, batch_size: int, num_steps: int,
-                 last_checkpoint: int | None, is_writer: bool):
+                 last_checkpoint: int | None, is_writer: bool,
+                 replaced_images: Callable[[], int | None] = lambda: None):
         self.workdir, self.writer, self.progress = workdir, writer, progress
+        self.replaced_images = replaced_images
         self.objective, self.batch_size, self.num_steps = objective, batch_size, num_steps
         self.last_checkpoint, self.is_writer = last_checkpoint, is_writer
         self.keys = objective.stats_keys + STEP_STATS
@@ -143,6 +147,9 @@ class _TrainingLog:
         elapsed = time.perf_counter() - self.window_start
         row = {k: v for k, v in _mean_rows(rows).items() if k in self.keys}
         row["images_per_second"] = self.batch_size * len(rows) / max(elapsed, 1e-9)
+        replaced = self.replaced_images()
+        if replaced is not None:  # packs: unreadable images replaced so far (this process)
+            row["replaced_images"] = replaced
         self.writer.write(step, row)
         self.progress.update(step, row, len(rows), self.num_steps, elapsed / len(rows))
         self.pending.clear()
@@ -207,6 +214,7 @@ class _Data:
     validation_pairs: Any  # None when the validation split has fewer than 2 identities
     benchmark_sets: Any
     sampler: data.RowSampler
+    workers: int  # input worker processes (0: a background thread)
 
 
 def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -214,6 +222,7 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     """Loads and splits the data; a resumed run must see the same people. Every check that
     needs the data (enough identities, a test split big enough for its pairs) runs here,
     before compiling."""
+    workers = data.worker_count(config.data) if data.pipeline_of(config.data) == "stream" else 0
     dataset = data.load_dataset(config.data)
     _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
@@ -227,7 +236,8 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                           if validation.num_identities >= 2 else None),
         benchmark_sets=verification_sets.configured_sets(config.eval, config.data.image_size,
                                                          config.data),
-        sampler=data.make_sampler(splits["train"], config, num_shards=mesh.size))
+        sampler=data.make_sampler(splits["train"], config, num_shards=mesh.size),
+        workers=workers)
 
 
 def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
@@ -295,7 +305,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         workdir=workdir, writer=writer, progress=progress, objective=objective,
         batch_size=config.batch.identities * config.batch.images_per_identity,
         num_steps=config.num_steps,
-        last_checkpoint=start_step if restored is not None else None, is_writer=is_writer)
+        last_checkpoint=start_step if restored is not None else None, is_writer=is_writer,
+        replaced_images=lambda: run_data.sampler.replaced_images)
     if (config.model.init_from is not None and restored is None
             and run_data.validation_pairs is not None):
         # The fine-tune's baseline: the imported encoder on the validation split, at step 0.
@@ -306,7 +317,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                                     preemption)
         steps = range(start_step, config.num_steps)
         for step, (images, labels) in zip(steps, device_batches(
-                run_data.sampler, mesh, steps, config.data.prefetch)):
+                run_data.sampler, mesh, steps, config.data.prefetch, run_data.workers)):
             state, metrics = (warmup_fn if step < warmup_steps else step_fn)(state, images,
                                                                              labels)
             log.add(metrics)
