@@ -99,7 +99,6 @@ def fold_config(config: ml_collections.ConfigDict, pairs_file: str | pathlib.Pat
     config = copy.deepcopy(config)
     set_dotted(config, "data.split.exclude_pairs_file", str(pathlib.Path(pairs_file).resolve()))
     set_dotted(config, EXCLUDE_FOLD_KEY, fold)
-    set_dotted(config, "data.split.exclude_pairs_from", "train_and_validation")
     return config
 
 
@@ -152,7 +151,9 @@ def _check_pairs_in_folder(pairs_file: pathlib.Path, root: str) -> None:
 
 
 def fold_is_done(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
-    """Whether DIR's fold evaluation exists and was computed by a run of this very config."""
+    """Whether DIR's fold evaluation exists and was computed by a run of this very config; a
+    fold folder of another layout is refused (runfiles.check_layout)."""
+    runfiles.read_run_record(workdir)
     path = workdir / FOLD_EVAL_FILE
     if not path.exists():
         return False

@@ -340,8 +340,8 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
 
 def _is_imported(workdir: pathlib.Path) -> bool:
     """Whether DIR was written by `python -m facenet_jax.pretrained` (not by training)."""
-    record = runfiles.read_config_record(workdir)
-    return record is not None and "imported" in record.get("provenance", {})
+    record = runfiles.read_run_record(workdir)
+    return record is not None and "imported" in record["provenance"]
 
 
 def evaluation_target(data_root: str | None, pairs_file: str | None,

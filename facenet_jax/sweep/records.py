@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from facenet_jax.config import changed_keys, flatten, json_safe, to_plain
-from facenet_jax.runfiles import EVAL_FILE, atomic_write_json
+from facenet_jax.runfiles import EVAL_FILE, atomic_write_json, read_run_record
 from facenet_jax.sweep.spec import cell_config, cell_names
 from facenet_jax.sweep.stages import run_sources, source_changes
 
@@ -95,15 +95,17 @@ def check_records(sweep: Mapping[str, Any], workdir: pathlib.Path,
                   only: Sequence[int] | None = None
                   ) -> tuple[dict[str, list[str]], list[str]]:
     """(stale: cell name → what changed since its folder's run was started (record_changes),
-    unrecorded: cells with a result or status but no record, from before records were kept);
-    `only`: the run indices to check (all when None). A run started from another run
-    (stages.from_cell) is also stale once that run was re-run (stages.source_changes)."""
+    unrecorded: cells with a result or status but no record); `only`: the run indices to check
+    (all when None). A run started from another run (stages.from_cell) is also stale once
+    that run was re-run (stages.source_changes). A cell folder holding a run of another layout
+    is refused (runfiles.check_layout)."""
     stale, unrecorded = {}, []
     names = cell_names(sweep["cells"])
     sources = run_sources(sweep["cells"])
     runs = list(zip(names, sweep["cells"], sources))
     for name, cell, source in (runs if only is None else [runs[i] for i in only]):
         cell_dir = workdir / name
+        read_run_record(cell_dir)  # a run folder of another layout: refused (check_layout)
         recorded = read_json(cell_dir / CELL_FILE)
         if recorded is None:
             if (cell_dir / EVAL_FILE).exists() or (cell_dir / STATUS_FILE).exists():
