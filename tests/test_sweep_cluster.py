@@ -296,8 +296,10 @@ def test_aggregate_with_seeds_keeps_per_seed_rows_and_tabulates_cells(tmp_path):
     loaded = sweep.load_sweep(path)
     workdir = tmp_path / "runs"
     names = sweep.cell_names(loaded["cells"])
-    for name, accuracy in zip(names, (0.8, 0.9, 0.7, None)):
+    for name, cell, accuracy in zip(names, loaded["cells"], (0.8, 0.9, 0.7, None)):
         (workdir / name).mkdir(parents=True)
+        (workdir / name / sweep.CELL_FILE).write_text(json.dumps(  # as run_sweep records it
+            sweep.cell_record(loaded["base"], loaded["common"], cell)))
         (workdir / name / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "loss": 0.3, "embedding_spread": 1.0,
                         "active_fraction": 0.5}) + "\n" for s in (1, 2, 3)))

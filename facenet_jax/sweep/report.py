@@ -308,7 +308,7 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
          for cell in sweep["cells"]])
     columns = objective_columns(table_columns(sweep["cells"]), classification)
     config_keys = [c for c in columns if c not in METRIC_COLUMNS and c not in OBJECTIVE_METRICS]
-    stale, _ = check_records(sweep, workdir)
+    stale = check_records(sweep, workdir)
     for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
         cell_dir = workdir / name
         config = cell_config(sweep["base"], sweep["common"], cell)
