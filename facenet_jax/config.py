@@ -186,7 +186,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     else:
         validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
                               num_devices)
-    memory.validate_memory_config(config.loss.get("memory", None),
+    memory.validate_memory_config(config.loss.memory,
                                   config.batch.identities * config.batch.images_per_identity)
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
@@ -196,7 +196,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 def validate_exclude_fold(split_config: ml_collections.ConfigDict) -> None:
     """data.split.exclude_pairs_fold: None, or an integer >= 1 with an exclude_pairs_file (its
     upper bound, the file's fold count, is checked where the file is read)."""
-    fold = split_config.get("exclude_pairs_fold")
+    fold = split_config.exclude_pairs_fold
     if fold is None:
         return
     if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
@@ -212,8 +212,8 @@ def validate_warmup(loss_config: ml_collections.ConfigDict, num_steps: int) -> N
     """loss.warmup_steps: an int in [0, num_steps]; > 0 needs a known loss.warmup_strategy."""
     from facenet_jax import losses
 
-    steps = loss_config.get("warmup_steps", 0)
-    strategy = loss_config.get("warmup_strategy")
+    steps = loss_config.warmup_steps
+    strategy = loss_config.warmup_strategy
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_steps:
         raise ValueError(f"loss.warmup_steps must be an integer in [0, num_steps={num_steps}], "
                          f"got {steps!r}")

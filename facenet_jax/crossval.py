@@ -119,7 +119,7 @@ def check_inputs(config: ml_collections.ConfigDict, pairs_file: str | pathlib.Pa
         raise ValueError(f"the config sets data.split.exclude_pairs_file="
                          f"{split.exclude_pairs_file}; crossval excludes each fold of --pairs "
                          f"{pairs_file} itself: leave the key unset")
-    if split.get("exclude_pairs_fold") is not None:
+    if split.exclude_pairs_fold is not None:
         raise ValueError(f"the config sets {EXCLUDE_FOLD_KEY}={split.exclude_pairs_fold}; "
                          "crossval sets it per fold: leave it unset (--folds selects folds)")
     if split.identity_files is None and not split.validation > 0:

@@ -4,10 +4,12 @@ A run folder DIR (the train CLI's --workdir, a sweep cell, one written by
 `python -m facenet_jax.pretrained`) holds:
 
 - CONFIG_FILE (config.json): {"config": the resolved config, "provenance": versions, commit,
-  devices, and "imported" for imported weights}; written at every start (`write_config`), read
-  back with keys added to the project since as their old behaviour (`load_run_config`);
-- SPLIT_FILE (split.json): each split's identity names, so a resume checks it sees the same
-  people; METRICS_FILE (metrics.jsonl) and TENSORBOARD_DIR: the training log;
+  LAYOUT_VERSION, devices, "imported" for imported weights, "init_from" for a fine-tune};
+  written at every start (`write_config`); every reader goes through `read_run_record`, which
+  refuses a folder of another layout version (`check_layout`) rather than convert it;
+- SPLIT_FILE (split.json): each split's identity names and each identity's image count, so a
+  resume checks it sees the same data (also from a moved data.root); METRICS_FILE
+  (metrics.jsonl) and TENSORBOARD_DIR: the training log;
 - CHECKPOINT_DIR (checkpoints/STEP): orbax checkpoints; EVAL_FILE (eval.json) and
   VALIDATION_EVAL_FILE (eval_validation.json): the final evaluations, with their figures;
   TRAINING_CURVES_FILE; LOCK_FILE (.lock): held by the training process.
@@ -25,8 +27,9 @@ holder's host and pid; it is removed when the holder ends normally. One left by 
 process is stale: on the holder's own host the pid is checked and a dead holder's file is taken
 over; from another host it cannot be checked, and the error says how to remove it by hand.
 
-A resumed run (DIR holds a checkpoint) may change only config.RESUMABLE_KEYS
-(`check_resume_config`) and may not ask for fewer steps than it reached (`check_num_steps`).
+A resumed run (DIR holds a checkpoint) may change only config.RESUMABLE_KEYS, and
+RELOCATABLE_KEYS when split.json proves the data the same (`check_resume_config`), and may not
+ask for fewer steps than it reached (`check_num_steps`).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def split_dataset(dataset: Dataset, data_config: Any) -> dict[str, Dataset]:
     return split_identities(
         dataset, fractions=(split.train, split.validation, split.test), seed=split.seed,
         identity_files=split.identity_files, exclude_pairs_file=split.exclude_pairs_file,
-        exclude_pairs_fold=split.get("exclude_pairs_fold"))
+        exclude_pairs_fold=split.exclude_pairs_fold)
 
 
 def split_names(splits: dict[str, Dataset]) -> dict[str, list[str]]:
