@@ -175,6 +175,19 @@ def test_cell_before_its_source_is_a_clear_error_then_runs(tmp_path, fake):
     assert runs() == {names[0]: 1, names[1]: 1}
 
 
+def test_a_dependent_whose_record_names_no_source_is_stale(tmp_path):
+    source_eval = tmp_path / "source" / "eval.json"
+    record = {"config": {}}  # a dependent's sweep_cell.json without its "source" entry
+    assert stages.source_changes(record, "source", source_eval) == []  # source not complete
+    source_eval.parent.mkdir()
+    source_eval.write_text('{"accuracy": 0.9}')
+    assert stages.source_changes(record, "source", source_eval) == [
+        "its record names no model.init_from source run (source) to check it by"]
+    record[sweep.SOURCE_RECORD_KEY] = sweep.source_record("source", source_eval)
+    assert stages.source_changes(record, "source", source_eval) == []
+    assert stages.source_changes(None, "source", source_eval) == []  # not started
+
+
 def test_a_dependent_is_stale_once_its_source_is_re_run(tmp_path, fake):
     spec = sweep.load_sweep(_sweep_file(tmp_path, [ARCFACE, FINETUNE], seeds=(0,)))
     workdir = tmp_path / "runs"
