@@ -109,8 +109,8 @@ def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
     """The verification threshold a run chose, with what it was chosen on.
 
     From DIR/eval_validation.json (the k-fold threshold on the run's validation pairs at the
-    last step), else DIR/eval.json (runs without a validation split, or older than that file:
-    chosen on the test split, said so). Returns {"threshold", "distance", "split", "step",
+    last step), else DIR/eval.json (runs without a validation split: chosen on the test split,
+    said so). Returns {"threshold", "distance", "split", "step",
     "source"}; FileNotFoundError when the run has neither (it never finished).
     """
     workdir = pathlib.Path(workdir)
