@@ -39,15 +39,15 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic = ml_collections.ConfigDict(
         dict(num_identities=500, images_per_identity=20, difficulty=1.0, seed=0))
     # exclude_pairs_file: people named in that pairs file go to the test split, taken from
-    # train and validation (exclude_pairs_from="train": from train only, as runs before it did);
+    # train and validation;
     # exclude_pairs_fold=k: only the people of that file's fold k (1-based), as the LFW
     # cross-validation (python -m facenet_jax.crossval) trains fold k.
     data.split = ml_collections.ConfigDict(dict(
         train=0.8, validation=0.1, test=0.1, seed=0,
         identity_files=placeholder(str), exclude_pairs_file=placeholder(str),
-        exclude_pairs_from="train_and_validation", exclude_pairs_fold=placeholder(int)))
-    # pairs.seed: the evaluation pairs' seed; unset, it follows `seed` (as before the key
-    # existed). Pin it to vary `seed` (training) while scoring every seed on the same pairs.
+        exclude_pairs_fold=placeholder(int)))
+    # pairs.seed: the evaluation pairs' seed; unset, it follows `seed`. Pin it to vary `seed`
+    # (training) while scoring every seed on the same pairs.
     data.pairs = ml_collections.ConfigDict(dict(num_folds=10, pairs_per_fold=300,
                                                 seed=placeholder(int)))
     data.augment = ml_collections.ConfigDict(dict(crop_padding=2, flip=True))

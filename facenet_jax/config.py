@@ -38,60 +38,9 @@ POSITIVE_INT_KEYS = SCHEDULE_KEYS + ("data.prefetch", "data.pairs.num_folds",
 # The uniform sampler reads P×K only as its batch size: each factor just has to be >= 1.
 UNIFORM_BATCH_KEYS = ("batch.identities", "batch.images_per_identity")
 PAIRS_SEED_KEY = "data.pairs.seed"
-EXCLUDE_FROM_KEY = "data.split.exclude_pairs_from"
-# Where data.split.exclude_pairs_file's people come from (they go to the test split): "train"
-# (runs recorded before the key) or "train_and_validation" (the default: no choice is made on
-# the scored people either).
-EXCLUDE_FROM = ("train_and_validation", "train")
 # Only this fold (1-based, as LFW numbers them) of data.split.exclude_pairs_file is excluded:
 # cross-validation over the folds (facenet_jax.crossval); None: all its folds.
 EXCLUDE_FOLD_KEY = "data.split.exclude_pairs_fold"
-# Keys added after runs were first recorded, each with the value that reproduces the behaviour
-# before it existed (also its default in experiments/default.py). A record without such a key
-# reads as this value, so adding a key never makes an old run "changed" or an old cell "stale".
-ADDED_KEY_DEFAULTS: dict[str, Any] = {
-    PAIRS_SEED_KEY: None,  # unset: the pairs follow `seed`, as before the key
-    EXCLUDE_FROM_KEY: "train",  # the split such runs were trained with (see _effective_values)
-    EXCLUDE_FOLD_KEY: None,  # every fold of data.split.exclude_pairs_file is excluded
-    "model.input_norm": "symmetric",
-    "model.bn_scale": False,
-    "model.init_from": None,
-    "optimizer.backbone_lr_multiplier": 1.0,
-    "data.alignment": None,
-    "data.sampler": "pk",  # P×K batches
-    "data.pipeline": None, "data.workers": None,  # the source's own pipeline, default workers
-    "loss.warmup_strategy": None, "loss.warmup_steps": 0,  # no warm-up: one strategy throughout
-    "loss.memory.size": 0, "loss.memory.start_step": 0, "loss.memory.weight": 1.0,  # no memory
-    "loss.kind": "triplet", "loss.triplet_weight": 1.0,  # the triplet loss alone
-    "loss.classification.head": "arcface", "loss.classification.scale": None,
-    "loss.classification.margin": None, "loss.classification.sample_fraction": 1.0,
-}
-# The encoder blocks `model.<name>.<field>` came after runs were recorded: a record without a
-# block reads as these values, the modules' defaults when the blocks came. Frozen here (JSON
-# form), so a later change of a module default cannot change what an old record means;
-# tests/test_encoder_fields.py checks they still equal the modules' defaults. An encoder
-# registered later has its block in every record.
-ENCODER_BLOCK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "small_cnn": {"widths": [16, 32, 64, 128], "convs_per_stage": 1, "first_stride": 2,
-                  "bn_momentum": 0.9, "dropout_rate": 0.0},
-    "resnet18": {"stage_sizes": [2, 2, 2, 2], "bn_momentum": 0.9, "head_bn": True,
-                 "dropout_rate": 0.0},
-    "resnet34": {"stage_sizes": [3, 4, 6, 3], "bn_momentum": 0.9, "head_bn": True,
-                 "dropout_rate": 0.0},
-    "resnet50": {"stage_sizes": [3, 4, 6, 3], "bn_momentum": 0.9, "head_bn": True,
-                 "dropout_rate": 0.0},
-    "inception_resnet_v1": {"bn_momentum": 0.995, "dropout_rate": 0.0, "block35_repeats": 5,
-                            "block17_repeats": 10, "block8_repeats": 5},
-    **{name: {"stage_sizes": list(stages), "widths": [64, 128, 256, 512], "stem_width": 64,
-              "bn_momentum": 0.9, "bn_epsilon": 1e-05, "prelu_init": 0.25,
-              "fixed_embedding_scale": True, "dropout_rate": 0.0}
-       for name, stages in (("iresnet50", (3, 4, 14, 3)), ("iresnet100", (3, 13, 30, 3)))},
-    "mobilefacenet": {"scale": 2, "stage_sizes": [1, 4, 6, 2], "widths": [64, 64, 128, 128],
-                      "down_inner_widths": [128, 256, 512],
-                      "residual_inner_widths": [128, 128, 256, 256], "stem_groups": 64,
-                      "feature_width": 512, "bn_momentum": 0.9, "bn_epsilon": 1e-05,
-                      "prelu_init": 0.25, "dropout_rate": 0.0},
-}
 MINING_SCOPES = ("global", "local")
 DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
@@ -155,78 +104,31 @@ def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def with_added_keys(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A nested plain config recorded before some keys existed, with each missing key of
-    ADDED_KEY_DEFAULTS filled in (what a run folder's config.json is read as)."""
-    filled = json.loads(json.dumps(saved))  # a deep copy
-    for key, value in added_key_defaults().items():
-        *parents, leaf = key.split(".")
-        node = filled
-        for part in parents:
-            node = node.setdefault(part, {})
-        node.setdefault(leaf, value)
-    return filled
-
-
 def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
                  allowed: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ between a recorded plain config and the current one,
-    except the allowed ones; keys added to the project since the record read as their
-    ADDED_KEY_DEFAULTS (so old runs resume and old sweep cells are not stale).
-    Keys are compared by their effective values (`_effective_values`)."""
-    a = _effective_values(flatten(with_added_keys(saved)))
+    except the allowed ones. Keys are compared by their effective values (`_effective_values`);
+    a key only one of them holds differs (read as None on the other side)."""
+    a = _effective_values(flatten(saved))
     b = _effective_values(flatten(current))
-    allowed, added = set(allowed), added_key_defaults()
-    return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k)
-                  and (k in b or k not in added))
-
-
-def without_unchanged_added_keys(plain: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain config as a record from before ADDED_KEY_DEFAULTS' keys would hold it: each
-    added key whose effective value is the one a record without it means is dropped (so what
-    is keyed by a config, e.g. the sweeps' pixel-baseline cache, keeps its old key)."""
-    added = added_key_defaults()
-    raw = flatten(plain)
-    flat = _effective_values(dict(raw))
-    old = _effective_values({**flat, **{k: v for k, v in added.items() if k in flat}})
-    kept = json.loads(json.dumps(plain))  # a deep copy
-    emptied = set()
-    for key in added:
-        # Absent from `flat` but in `raw`: a key that changes nothing (an unused encoder block).
-        if key in raw and flat.get(key) == old.get(key):
-            *parents, leaf = key.split(".")
-            node = get_dotted(kept, ".".join(parents))
-            node.pop(leaf)
-            if not node:
-                emptied.add(tuple(parents))
-    for parents in sorted(emptied, key=len, reverse=True):  # blocks emptied here (not loss.options)
-        *above, leaf = parents
-        get_dotted(kept, ".".join(above)).pop(leaf)
-    return kept
-
-
-def added_key_defaults() -> dict[str, Any]:
-    """ADDED_KEY_DEFAULTS and the encoder blocks' fields `model.<name>.<field>`
-    (ENCODER_BLOCK_DEFAULTS): every key a record may lack, with the value it reads as."""
-    return {**flatten(ENCODER_BLOCK_DEFAULTS, "model."), **ADDED_KEY_DEFAULTS}
+    allowed = set(allowed)
+    return sorted(k for k in a.keys() | b.keys()
+                  if k not in allowed and (k not in a or k not in b or a[k] != b[k]))
 
 
 def pairs_seed(config: Mapping[str, Any]) -> int:
     """The seed of a config's generated evaluation pairs: data.pairs.seed, or `seed` when it
-    is unset (so runs from before the key existed draw the same pairs)."""
+    is unset (the pairs then follow the training seed)."""
     seed = config["data"]["pairs"].get("seed")
     return config["seed"] if seed is None else seed
 
 
 def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened config with keys that change nothing read as one value: an unset
-    data.pairs.seed as its `seed` (see pairs_seed), so unset, absent and equal to `seed` are
-    one config; data.split.exclude_pairs_from (and _fold) as None without an
-    exclude_pairs_file, so only runs that excluded people can differ by it (a run recorded
-    before the key, which moved
-    them from training only, resumes with --config.data.split.exclude_pairs_from=train); the
-    blocks of encoders other than model.name are dropped (only model.name's block is used);
-    loss.classification.* and loss.triplet_weight as None when loss.kind is "triplet"."""
+    data.pairs.seed as its `seed` (see pairs_seed), so unset and equal to `seed` are one
+    config; the blocks of encoders other than model.name are dropped (only model.name's block
+    is used); loss.classification.* and loss.triplet_weight as None when loss.kind is
+    "triplet"."""
     # model.<block>.<field>: the blocks are the only keys three deep under model.
     unused = [k for k in flat if k.startswith("model.") and k.count(".") >= 2
               and k.split(".")[1] != flat.get("model.name")]
@@ -234,11 +136,7 @@ def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
         del flat[key]
     if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
         flat[PAIRS_SEED_KEY] = flat["seed"]
-    if flat.get("data.split.exclude_pairs_file") is None:
-        for key in (EXCLUDE_FROM_KEY, EXCLUDE_FOLD_KEY):
-            if key in flat:
-                flat[key] = None
-    if flat.get("loss.kind", "triplet") == "triplet":  # the classification keys do nothing
+    if flat.get("loss.kind") == "triplet":  # the classification keys do nothing
         for key in flat:
             if key.startswith("loss.classification.") or key == "loss.triplet_weight":
                 flat[key] = None
@@ -280,9 +178,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         raise ValueError(f"model.bn_scale=True is an option of {', '.join(with_bn_scale)} only "
                          f"(model.name is {config.model.name!r}); leave it False")
     optim.validate_optimizer_config(config.optimizer, config.num_steps)
-    if config.data.split.exclude_pairs_from not in EXCLUDE_FROM:
-        raise ValueError(f"data.split.exclude_pairs_from must be one of {EXCLUDE_FROM}, got "
-                         f"{config.data.split.exclude_pairs_from!r}")
     validate_exclude_fold(config.data.split)
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
@@ -294,7 +189,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     else:
         validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
                               num_devices)
-    memory.validate_memory_config(config.loss.get("memory", None),
+    memory.validate_memory_config(config.loss.memory,
                                   config.batch.identities * config.batch.images_per_identity)
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
@@ -304,7 +199,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 def validate_exclude_fold(split_config: ml_collections.ConfigDict) -> None:
     """data.split.exclude_pairs_fold: None, or an integer >= 1 with an exclude_pairs_file (its
     upper bound, the file's fold count, is checked where the file is read)."""
-    fold = split_config.get("exclude_pairs_fold")
+    fold = split_config.exclude_pairs_fold
     if fold is None:
         return
     if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
@@ -320,8 +215,8 @@ def validate_warmup(loss_config: ml_collections.ConfigDict, num_steps: int) -> N
     """loss.warmup_steps: an int in [0, num_steps]; > 0 needs a known loss.warmup_strategy."""
     from facenet_jax import losses
 
-    steps = loss_config.get("warmup_steps", 0)
-    strategy = loss_config.get("warmup_strategy")
+    steps = loss_config.warmup_steps
+    strategy = loss_config.warmup_strategy
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_steps:
         raise ValueError(f"loss.warmup_steps must be an integer in [0, num_steps={num_steps}], "
                          f"got {steps!r}")

@@ -100,7 +100,6 @@ def fold_config(config: ml_collections.ConfigDict, pairs_file: str | pathlib.Pat
     config = copy.deepcopy(config)
     set_dotted(config, "data.split.exclude_pairs_file", str(pathlib.Path(pairs_file).resolve()))
     set_dotted(config, EXCLUDE_FOLD_KEY, fold)
-    set_dotted(config, "data.split.exclude_pairs_from", "train_and_validation")
     return config
 
 
@@ -121,7 +120,7 @@ def check_inputs(config: ml_collections.ConfigDict, pairs_file: str | pathlib.Pa
         raise ValueError(f"the config sets data.split.exclude_pairs_file="
                          f"{split.exclude_pairs_file}; crossval excludes each fold of --pairs "
                          f"{pairs_file} itself: leave the key unset")
-    if split.get("exclude_pairs_fold") is not None:
+    if split.exclude_pairs_fold is not None:
         raise ValueError(f"the config sets {EXCLUDE_FOLD_KEY}={split.exclude_pairs_fold}; "
                          "crossval sets it per fold: leave it unset (--folds selects folds)")
     if split.identity_files is None and not split.validation > 0:
@@ -153,7 +152,9 @@ def _check_pairs_in_folder(pairs_file: pathlib.Path, root: str) -> None:
 
 
 def fold_is_done(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
-    """Whether DIR's fold evaluation exists and was computed by a run of this very config."""
+    """Whether DIR's fold evaluation exists and was computed by a run of this very config; a
+    fold folder of another layout is refused (runfiles.check_layout)."""
+    runfiles.read_run_record(workdir)
     path = workdir / FOLD_EVAL_FILE
     if not path.exists():
         return False

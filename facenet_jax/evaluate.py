@@ -136,8 +136,8 @@ def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
     """The verification threshold a run chose, with what it was chosen on.
 
     From DIR/eval_validation.json (the k-fold threshold on the run's validation pairs at the
-    last step), else DIR/eval.json (runs without a validation split, or older than that file:
-    chosen on the test split, said so). Returns {"threshold", "distance", "split", "step",
+    last step), else DIR/eval.json (runs without a validation split: chosen on the test
+    split, said so). Returns {"threshold", "distance", "split", "step",
     "source", "num_identities", "num_pairs", "num_different_pairs" (None where the file does
     not record them), "warning" (`threshold_warning`: logged too)}; FileNotFoundError when the
     run has neither (it never finished).
@@ -383,8 +383,8 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
 
 def _is_imported(workdir: pathlib.Path) -> bool:
     """Whether DIR was written by `python -m facenet_jax.pretrained` (not by training)."""
-    record = runfiles.read_config_record(workdir)
-    return record is not None and "imported" in record.get("provenance", {})
+    record = runfiles.read_run_record(workdir)
+    return record is not None and "imported" in record["provenance"]
 
 
 def evaluation_target(data_root: str | None, pairs_file: str | None,

@@ -312,7 +312,9 @@ def write_run(workdir: str | pathlib.Path, variables: dict[str, Any], *,
     tx, _ = build_optimizer(config)
     expected = jax.eval_shape(lambda: create_train_state(
         config, build_run_model(config, bn_axis_name=None), tx))
-    finetune.check_structure(expected.variables, variables, source="the converted weights")
+    finetune.check_structure(expected.variables, variables, source="the converted weights",
+                             hint="Give write_run a config that builds the imported encoder "
+                                  "(pretrained.imported_config())")
     state = state_from_variables(config, jax.tree.map(jnp.asarray, variables), tx)
     mesh = parallel.make_mesh()
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)

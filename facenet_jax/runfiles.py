@@ -4,10 +4,12 @@ A run folder DIR (the train CLI's --workdir, a sweep cell, one written by
 `python -m facenet_jax.pretrained`) holds:
 
 - CONFIG_FILE (config.json): {"config": the resolved config, "provenance": versions, commit,
-  devices, and "imported" for imported weights}; written at every start (`write_config`), read
-  back with keys added to the project since as their old behaviour (`load_run_config`);
-- SPLIT_FILE (split.json): each split's identity names, so a resume checks it sees the same
-  people; METRICS_FILE (metrics.jsonl) and TENSORBOARD_DIR: the training log;
+  LAYOUT_VERSION, devices, "imported" for imported weights, "init_from" for a fine-tune};
+  written at every start (`write_config`); every reader goes through `read_run_record`, which
+  refuses a folder of another layout version (`check_layout`) rather than convert it;
+- SPLIT_FILE (split.json): each split's identity names and each identity's image count, so a
+  resume checks it sees the same data (also from a moved data.root); METRICS_FILE
+  (metrics.jsonl) and TENSORBOARD_DIR: the training log;
 - CHECKPOINT_DIR (checkpoints/STEP): orbax checkpoints; EVAL_FILE (eval.json) and
   VALIDATION_EVAL_FILE (eval_validation.json): the final evaluations, with their figures;
   TRAINING_CURVES_FILE; LOCK_FILE (.lock): held by the training process.
@@ -25,8 +27,9 @@ holder's host and pid; it is removed when the holder ends normally. One left by 
 process is stale: on the holder's own host the pid is checked and a dead holder's file is taken
 over; from another host it cannot be checked, and the error says how to remove it by hand.
 
-A resumed run (DIR holds a checkpoint) may change only config.RESUMABLE_KEYS
-(`check_resume_config`) and may not ask for fewer steps than it reached (`check_num_steps`).
+A resumed run (DIR holds a checkpoint) may change only config.RESUMABLE_KEYS, and
+RELOCATABLE_KEYS when split.json proves the data the same (`check_resume_config`), and may not
+ask for fewer steps than it reached (`check_num_steps`).
 """
 
 from __future__ import annotations
@@ -41,13 +44,12 @@ import pathlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO
 
 import ml_collections
 
-from facenet_jax.config import (RESUMABLE_KEYS, changed_keys, get_dotted, provenance, to_plain,
-                                with_added_keys)
+from facenet_jax.config import RESUMABLE_KEYS, changed_keys, get_dotted, provenance, to_plain
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"  # each split's identity names (data.write_split_record)
@@ -58,6 +60,13 @@ EVAL_FILE = "eval.json"  # the test split's evaluation at the end of training
 VALIDATION_EVAL_FILE = "eval_validation.json"  # the validation split's, with the run's threshold
 TRAINING_CURVES_FILE = "training_curves.png"  # written after the last step
 LOCK_FILE = ".lock"  # held by the training process (exclusive_workdir)
+# The version of what a run folder holds: its files, their keys (config.json's config keys
+# included) and the checkpoint tree. Bump it with any change to them; folders of another
+# version are refused (check_layout) with the commit that reads them, never converted.
+LAYOUT_VERSION = 1
+# Config keys a resumed run may change when its data proves the same (names and image counts
+# per identity as split.json records them): the same folder reached by another path.
+RELOCATABLE_KEYS = ("data.root",)
 
 # errno values by which a filesystem refuses flock itself (as opposed to "held by another").
 FLOCK_REFUSED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL})
@@ -262,53 +271,101 @@ def exclusive_workdir(workdir: pathlib.Path, is_writer: bool) -> Iterator[None]:
 
 
 def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *,
-                 imported: dict[str, Any] | None = None) -> pathlib.Path:
-    """DIR/config.json: {"config", "provenance"}; `imported` (where imported weights came from)
-    goes into the provenance as "imported", which marks a folder written by pretrained."""
-    record_provenance = provenance()
+                 imported: dict[str, Any] | None = None,
+                 init_from: dict[str, Any] | None = None) -> pathlib.Path:
+    """DIR/config.json: {"config", "provenance"}, the provenance holding LAYOUT_VERSION beside
+    the commit. `imported` (where imported weights came from) goes into the provenance as
+    "imported", which marks a folder written by pretrained; `init_from` ({"path": absolute
+    DIR, "step": N}, the run a fine-tune started from) as "init_from"."""
+    record_provenance = {**provenance(), "layout_version": LAYOUT_VERSION}
     if imported is not None:
         record_provenance["imported"] = imported
+    if init_from is not None:
+        record_provenance["init_from"] = init_from
     return atomic_write_json(pathlib.Path(workdir) / CONFIG_FILE,
                              {"config": to_plain(config), "provenance": record_provenance})
 
 
 def read_config_record(workdir: str | pathlib.Path) -> dict[str, Any] | None:
-    """DIR/config.json as written ({"config", "provenance"}), or None when there is none."""
+    """DIR/config.json as written ({"config", "provenance"}), or None when there is none; its
+    layout is not checked (read_run_record checks it)."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
         return None
     return json.loads(path.read_text())
 
 
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The config DIR's run was recorded with; keys added to the project since it was recorded
-    read as their old behaviour (config.ADDED_KEY_DEFAULTS). FileNotFoundError without one."""
+def check_layout(record: Mapping[str, Any], workdir: str | pathlib.Path) -> None:
+    """ValueError, in one line, unless DIR's config.json `record` was written with this code's
+    LAYOUT_VERSION: it names the folder's version, the commit that wrote it (or, without one,
+    the package version) and what to check out to read it."""
+    recorded = record.get("provenance") or {}
+    version = recorded.get("layout_version")
+    if version == LAYOUT_VERSION:
+        return
+    commit = recorded.get("git_commit")
+    package = (recorded.get("versions") or {}).get("facenet_jax")
+    if commit:
+        source, checkout = f"commit {commit}", f"`git checkout {commit}`"
+    elif package:
+        source, checkout = (f"facenet_jax {package} (no commit recorded)",
+                            f"the facenet_jax {package} release")
+    else:
+        source, checkout = "unknown code (no commit or version recorded)", "the code that wrote it"
+    shown = ("none (written before layout versions)" if version is None
+             else f"{version}")
+    raise ValueError(
+        f"{workdir} is a run folder of layout version {shown}, written by {source}; this code "
+        f"reads layout version {LAYOUT_VERSION} only: check out {checkout} to load it, or "
+        "train a new run (another --workdir)")
+
+
+def read_run_record(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+    """DIR/config.json (read_config_record) after check_layout; None when there is none. What
+    every reader of a run folder (resume, evaluate, embed, init_from, crossval, sweep tables)
+    goes through."""
     record = read_config_record(workdir)
+    if record is not None:
+        check_layout(record, workdir)
+    return record
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config DIR's run was recorded with (its layout checked: read_run_record).
+    FileNotFoundError without one."""
+    record = read_run_record(workdir)
     if record is None:
         raise FileNotFoundError(f"{pathlib.Path(workdir) / CONFIG_FILE} not found: is {workdir} "
                                 "a facenet_jax run folder?")
-    return ml_collections.ConfigDict(with_added_keys(record["config"]))
+    return ml_collections.ConfigDict(record["config"])
 
 
 def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
-                        reached: int | None) -> None:
-    """A resumed run may only change RESUMABLE_KEYS; anything else is an error naming keys.
+                        reached: int | None) -> dict[str, Any] | None:
+    """A resumed run may only change RESUMABLE_KEYS, and RELOCATABLE_KEYS whose data the
+    split record then proves the same (data.check_split_record); anything else is an error
+    naming the keys and both values. DIR's layout is checked first (read_run_record).
+    Returns DIR's config.json record when a checkpoint binds it, else None.
 
     Only a checkpoint binds the config (`reached`: DIR's newest checkpoint step, None without
     one): a run that stopped before its first save (bad data, a NaN at step 3) may be started
     again with a corrected config in the same DIR.
     """
-    record = read_config_record(workdir)
-    if record is None or reached is None:
-        return
+    if reached is None:
+        return None
+    record = read_run_record(workdir)
+    if record is None:
+        return None
     saved, current = record["config"], to_plain(config)
-    differing = changed_keys(saved, current)
+    differing = [k for k in changed_keys(saved, current) if k not in RELOCATABLE_KEYS]
     if differing:
         details = "; ".join(
             f"{k}: {get_dotted(saved, k)!r} -> {get_dotted(current, k)!r}" for k in differing)
         raise ValueError(
             f"{workdir} holds a run with a different config ({details}). A resumed run may only "
-            f"change {', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or restore those keys.")
+            f"change {', '.join(RESUMABLE_KEYS)}, and {', '.join(RELOCATABLE_KEYS)} when it "
+            "holds the same images. Use a new --workdir, or restore those keys.")
+    return record
 
 
 def check_num_steps(reached: int | None, num_steps: int) -> None:

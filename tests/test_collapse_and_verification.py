@@ -41,22 +41,19 @@ def test_collapse_warning_fires_only_when_the_rule_does_and_says_what_to_try():
     assert text is not None and "ln 2" in text
 
 
-def test_warmup_keys_default_off_and_old_runs_compare_unchanged():
+def test_warmup_keys_default_off_and_a_warmup_is_another_run():
     config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py",
                                                   "experiments/default.py"))
     assert config.loss.warmup_steps == 0 and config.loss.warmup_strategy is None
     saved = cfg.to_plain(config)
-    del saved["loss"]["warmup_steps"], saved["loss"]["warmup_strategy"]  # a run from before
-    assert cfg.changed_keys(saved, cfg.to_plain(config)) == []
     config.loss.warmup_strategy, config.loss.warmup_steps = "semihard", 100
     assert cfg.changed_keys(saved, cfg.to_plain(config)) == ["loss.warmup_steps",
                                                             "loss.warmup_strategy"]
     cfg.validate_config(config, num_devices=1)
-    # A sweep cell recorded before the keys existed is not stale; one that used them differs.
+    # A sweep cell started without the warm-up is stale once the sweep asks for one.
     current = {"config": cfg.to_plain(config)}
     assert sweep.record_changes({"config": saved}, current) == [
-        "loss.warmup_steps was (absent), now 100", "loss.warmup_strategy was (absent), now "
-        "'semihard'"]
+        "loss.warmup_steps was 0, now 100", "loss.warmup_strategy was None, now 'semihard'"]
     config.loss.warmup_strategy, config.loss.warmup_steps = None, 0
     assert sweep.record_changes({"config": saved}, {"config": cfg.to_plain(config)}) == []
 
@@ -189,22 +186,6 @@ def test_threshold_flag_accepts_numbers_and_run_only():
     for bad in ("abc", "nan", "inf"):
         with pytest.raises(ValueError, match="--threshold"):
             evaluate._threshold_flag(bad)
-
-
-def test_a_run_that_excluded_pairs_people_before_the_new_rule_is_not_resumed_silently():
-    """A record without data.split.exclude_pairs_from means the old rule ("train"): it only
-    matters to runs with an exclude_pairs_file, which must ask for the old rule to resume."""
-    default = cfg.to_plain(cfg.load_config(cfg.__file__.replace("facenet_jax/config.py",
-                                                                "experiments/default.py")))
-    recorded = json.loads(json.dumps(default))
-    del recorded["data"]["split"]["exclude_pairs_from"]
-    assert cfg.changed_keys(recorded, default) == []
-    recorded["data"]["split"]["exclude_pairs_file"] = "pairs.txt"
-    current = json.loads(json.dumps(recorded))
-    current["data"]["split"]["exclude_pairs_from"] = "train_and_validation"
-    assert cfg.changed_keys(recorded, current) == ["data.split.exclude_pairs_from"]
-    current["data"]["split"]["exclude_pairs_from"] = "train"
-    assert cfg.changed_keys(recorded, current) == []
 
 
 def test_lfw_config_finds_the_shared_lfw_half_folder(shared_data):

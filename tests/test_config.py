@@ -1,6 +1,5 @@
 """Configs, validation before compile, optimiser schedules, JSON safety of logs."""
 
-import functools
 import json
 import math
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from facenet_jax import config as cfg
-from facenet_jax import optim
+from facenet_jax import optim, runfiles
 from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
 
 DEFAULT = cfg.pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
@@ -66,18 +65,37 @@ def test_changed_keys_ignores_resumable_ones():
     assert cfg.changed_keys(a, b) == ["model.embedding_dim"]
 
 
-def test_a_record_without_an_added_key_reads_as_its_old_behaviour(monkeypatch):
+def test_changed_keys_reports_a_key_only_one_config_holds():
+    """No key is read as a default: a record without a key differs from a config with it."""
     recorded = cfg.to_plain(cfg.load_config(DEFAULT))
-    del recorded["loss"]["soft"]  # as if loss.soft had been added after this record
-    monkeypatch.setitem(cfg.ADDED_KEY_DEFAULTS, "loss.soft", False)
+    del recorded["loss"]["soft"]
     current = cfg.to_plain(cfg.load_config(DEFAULT))
-    assert cfg.changed_keys(recorded, current) == []
-    soft = cfg.to_plain(cfg.load_config(DEFAULT, {"loss.soft": True}))
-    assert cfg.changed_keys(recorded, soft) == ["loss.soft"]
-    monkeypatch.delitem(cfg.ADDED_KEY_DEFAULTS, "loss.soft")  # an unregistered key still counts
+    assert cfg.changed_keys(recorded, current) == ["loss.soft"]
+    assert cfg.changed_keys(current, recorded) == ["loss.soft"]
+    recorded["loss"]["soft"] = None  # held as None on one side, absent on the other: differs
+    del current["loss"]["soft"]
     assert cfg.changed_keys(recorded, current) == ["loss.soft"]
 
 
+def test_changed_keys_reads_configs_that_change_nothing_as_one():
+    """The equivalence rules: an unset data.pairs.seed is `seed`; the blocks of encoders
+    other than model.name, and the classification keys of a triplet run, change nothing."""
+    base = cfg.to_plain(cfg.load_config(DEFAULT))
+    same = [{"data.pairs.seed": 0}, {"model.resnet18.bn_momentum": 0.5},
+            {"loss.classification.scale": 30.0, "loss.triplet_weight": 0.5}]
+    for overrides in same:
+        assert cfg.changed_keys(base, cfg.to_plain(cfg.load_config(DEFAULT, overrides)),
+                                allowed=()) == [], overrides
+    differ = {"data.pairs.seed": ({"data.pairs.seed": 1}, {}),
+              "model.small_cnn.bn_momentum": ({"model.small_cnn.bn_momentum": 0.5}, {}),
+              "model.resnet18.bn_momentum": ({"model.resnet18.bn_momentum": 0.5},
+                                             {"model.name": "resnet18"}),
+              "loss.classification.scale": ({"loss.classification.scale": 30.0},
+                                            {"loss.kind": "classification"})}
+    for key, (changed, common) in differ.items():
+        a = cfg.to_plain(cfg.load_config(DEFAULT, common))
+        b = cfg.to_plain(cfg.load_config(DEFAULT, {**common, **changed}))
+        assert cfg.changed_keys(a, b, allowed=()) == [key]
 def test_json_safe_maps_non_finite_to_null():
     value = cfg.json_safe({"a": float("nan"), "b": np.float32(np.inf), "c": [1.5, np.int64(2)]})
     assert json.loads(json.dumps(value)) == {"a": None, "b": None, "c": [1.5, 2]}
@@ -127,26 +145,15 @@ def test_metrics_log_nulls_and_truncation(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_a_run_folder_recorded_before_added_keys_loads_with_their_old_values(tmp_path):
-    from facenet_jax.runfiles import load_run_config
-
-    recorded = cfg.to_plain(cfg.load_config(DEFAULT))
-    for key in cfg.ADDED_KEY_DEFAULTS:
-        *parents, leaf = key.split(".")
-        del functools.reduce(lambda node, part: node[part], parents, recorded)[leaf]
-    (tmp_path / "config.json").write_text(json.dumps({"config": recorded}))
-    loaded = cfg.flatten(load_run_config(tmp_path).to_dict())
-    for key, value in cfg.ADDED_KEY_DEFAULTS.items():
-        assert loaded[key] == value, key
-    assert cfg.changed_keys(recorded, cfg.to_plain(cfg.load_config(DEFAULT))) == []
-
-
 def test_init_from_must_be_a_run_folder_with_a_checkpoint(tmp_path):
     from facenet_jax import finetune
 
     with pytest.raises(ValueError, match="model.init_from=.*no config.json"):
         finetune.check_init_dir(tmp_path / "nothing")
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")  # no layout version recorded
+    with pytest.raises(ValueError, match="layout version none"):
+        finetune.check_init_dir(tmp_path)
+    runfiles.write_config(tmp_path, cfg.load_config(DEFAULT))
     with pytest.raises(ValueError, match="holds no complete checkpoint"):
         finetune.check_init_dir(tmp_path)
 

@@ -255,16 +255,13 @@ def test_exclude_pairs_fold_moves_only_that_folds_people(tmp_path):
         assert names[side] == before[side] - _fold_names(2)
 
 
-def test_exclude_pairs_fold_key_is_an_added_key_with_todays_behaviour(tmp_path):
+def test_exclude_pairs_fold_key_defaults_to_every_fold_and_is_validated(tmp_path):
     current = config_lib.to_plain(config_lib.load_config(REPO / "experiments" / "default.py", {
         "data.split.exclude_pairs_file": "p.txt"}))
-    old = json.loads(json.dumps(current))
-    del old["data"]["split"]["exclude_pairs_fold"]  # a record from before the key
-    assert config_lib.changed_keys(old, current) == []
-    assert config_lib.with_added_keys(old)["data"]["split"]["exclude_pairs_fold"] is None
+    assert current["data"]["split"]["exclude_pairs_fold"] is None  # every fold excluded
     one_fold = json.loads(json.dumps(current))
     one_fold["data"]["split"]["exclude_pairs_fold"] = 1
-    assert config_lib.changed_keys(old, one_fold) == ["data.split.exclude_pairs_fold"]
+    assert config_lib.changed_keys(current, one_fold) == ["data.split.exclude_pairs_fold"]
     for bad, message in ((0, "fold number >= 1"), (True, "fold number >= 1")):
         config = config_lib.load_config(REPO / "experiments" / "default.py",
                                         {"data.split.exclude_pairs_file": "p.txt"})

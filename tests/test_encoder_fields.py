@@ -1,9 +1,7 @@
 """Encoder fields from the config: the pre-filled blocks `config.model.<name>.<field>`, their
-validation, what reaches the module, and runs recorded before the blocks existed."""
+validation, what reaches the module."""
 
-import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import pytest
 
 from facenet_jax import config as cfg
 from facenet_jax import models, train
-from facenet_jax.embed import load_encoder, load_run_config
+from facenet_jax.embed import load_encoder
 from facenet_jax.logs import read_metrics
 from facenet_jax.state import build_model
 
@@ -35,16 +33,6 @@ def test_default_config_holds_every_encoders_block_at_the_module_defaults():
     for name in models.ENCODERS.names():
         assert model[name].to_dict() == models.default_fields(name), name
         assert not set(model[name]) & set(models.COMMON_FIELDS)
-    # Pinned: an old record (no blocks) reads as these, so changing a module default changes
-    # what old runs mean; do it with an ADDED_KEY_DEFAULTS entry of the old value.
-    assert models.default_fields("small_cnn") == {
-        "widths": (16, 32, 64, 128), "convs_per_stage": 1, "first_stride": 2,
-        "bn_momentum": 0.9, "dropout_rate": 0.0}
-    assert models.default_fields("resnet50") == {
-        "stage_sizes": (3, 4, 6, 3), "bn_momentum": 0.9, "head_bn": True, "dropout_rate": 0.0}
-    assert models.default_fields("inception_resnet_v1") == {
-        "bn_momentum": 0.995, "dropout_rate": 0.0, "block35_repeats": 5,
-        "block17_repeats": 10, "block8_repeats": 5}
 
 
 def test_a_block_override_reaches_the_module():
@@ -135,36 +123,9 @@ def test_bn_scale_is_the_top_level_key_only():
         cfg.validate_config(cfg.load_config(DEFAULT, {"model.bn_scale": True}), num_devices=1)
 
 
-def _without_blocks(plain):
-    """A plain config as recorded before the blocks existed."""
-    old = json.loads(json.dumps(plain))
-    for name in models.ENCODERS.names():
-        del old["model"][name]
-    return old
-
-
-def test_a_record_without_blocks_reads_as_the_defaults():
-    current = cfg.to_plain(cfg.load_config(DEFAULT))
-    old = _without_blocks(current)
-    assert cfg.changed_keys(old, current) == []
-    assert cfg.changed_keys(old, current, allowed=()) == []  # the sweep's stale check
-    changed = cfg.to_plain(cfg.load_config(DEFAULT, {"model.small_cnn.dropout_rate": 0.1}))
-    assert cfg.changed_keys(old, changed) == ["model.small_cnn.dropout_rate"]
-    filled = cfg.with_added_keys(old)
-    assert filled["model"]["small_cnn"]["widths"] == [16, 32, 64, 128]
-    assert cfg.flatten(filled) == cfg.flatten(current)
-    # A config at the defaults keys what it keyed before (e.g. the pixel-baseline cache);
-    # loss.options, empty by default, stays.
-    assert cfg.without_unchanged_added_keys(current) == cfg.without_unchanged_added_keys(old)
-    assert "small_cnn" not in cfg.without_unchanged_added_keys(current)["model"]
-    assert cfg.without_unchanged_added_keys(current)["loss"]["options"] == {}
-    kept = cfg.without_unchanged_added_keys(changed)["model"]["small_cnn"]
-    assert kept == {"dropout_rate": 0.1}
-
-
-def test_dropout_trains_eval_is_deterministic_and_an_old_run_resumes(tmp_path):
+def test_dropout_trains_and_eval_is_deterministic(tmp_path):
     """dropout_rate > 0 trains (the step draws the masks), embedding is deterministic (no
-    dropout at eval); a run folder recorded without the blocks resumes with today's config."""
+    dropout at eval)."""
     dropout = cfg.load_config(DEFAULT, {**TINY, "model.small_cnn.dropout_rate": 0.5})
     run = tmp_path / "dropout"
     train.train_and_evaluate(dropout, run)
@@ -179,22 +140,3 @@ def test_dropout_trains_eval_is_deterministic_and_an_old_run_resumes(tmp_path):
     direct = model.apply(encoder.variables, jnp.asarray(images, jnp.float32) / 255.0,
                          train=False)  # no dropout rng needed: dropout is off
     np.testing.assert_allclose(first, direct, atol=1e-5)
-
-    # Dropout has no parameters: the same checkpoint is an old default run once its record
-    # loses the blocks (and the dropout setting with them).
-    old = tmp_path / "old"
-    shutil.copytree(run, old)
-    record = json.loads((old / "config.json").read_text())
-    record["config"] = _without_blocks(record["config"])
-    (old / "config.json").write_text(json.dumps(record))
-    assert load_run_config(old).model.small_cnn.dropout_rate == 0.0
-    resumed = cfg.load_config(DEFAULT, {**TINY, "num_steps": 3})
-    train.train_and_evaluate(resumed, old)
-    assert [r["step"] for r in read_metrics(old) if "loss" in r][-1] == 3
-
-
-def test_frozen_block_defaults_still_equal_the_modules_defaults():
-    """What a record without blocks means (config.ENCODER_BLOCK_DEFAULTS) must stay what the
-    modules build by default; changing a module default needs an ADDED_KEY_DEFAULTS entry."""
-    for name, frozen in cfg.ENCODER_BLOCK_DEFAULTS.items():
-        assert json.loads(json.dumps(models.default_fields(name))) == frozen, name

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-from facenet_jax.config import changed_keys, load_config, to_plain
 from facenet_jax.logs import read_metrics
 
 from benchmark_fixtures import png, python2_pickle, synthetic_pairs, write_ijb_layout
@@ -76,14 +75,6 @@ def test_missing_set_fails_before_training_compiles(tmp_path):
     assert result.returncode != 0
     assert "config.eval.verification_sets" in result.stderr and "no lfw.bin" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_configs_recorded_without_the_new_keys_are_unchanged():
-    current = to_plain(load_config(REPO / "experiments" / "default.py"))
-    recorded = json.loads(json.dumps(current))
-    del recorded["eval"]["verification_sets"], recorded["eval"]["verification_set_names"]
-    assert changed_keys(recorded, current) == []
-    assert changed_keys(recorded, current, allowed=()) == []  # the sweep's stale check
 
 
 @pytest.mark.slow

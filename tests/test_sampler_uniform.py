@@ -120,16 +120,11 @@ def test_make_sampler_follows_config_data_sampler():
         data.make_sampler(dataset, config, num_shards=2)
 
 
-def test_a_config_recorded_without_the_sampler_key_is_unchanged_and_reads_pk():
+def test_the_sampler_defaults_to_pk_and_another_one_is_another_run():
     current = cfg.to_plain(cfg.load_config(DEFAULT))
     assert current["data"]["sampler"] == "pk"
-    recorded = cfg.to_plain(cfg.load_config(DEFAULT))
-    del recorded["data"]["sampler"]  # a config.json from before the key
-    assert cfg.changed_keys(recorded, current) == []  # resumes; its sweep cell is not stale
-    assert cfg.with_added_keys(recorded)["data"]["sampler"] == "pk"
-    assert "sampler" not in cfg.without_unchanged_added_keys(current)["data"]  # same cache key
     uniform = cfg.to_plain(cfg.load_config(DEFAULT, {"data.sampler": "uniform"}))
-    assert cfg.changed_keys(recorded, uniform) == ["data.sampler"]
+    assert cfg.changed_keys(current, uniform) == ["data.sampler"]
 
 
 @pytest.mark.parametrize("overrides, devices, message", [

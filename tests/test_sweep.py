@@ -197,11 +197,13 @@ def test_run_sweep_skips_finished_and_failed_cells(tmp_path, monkeypatch):
         tmp_path, [{"loss.margin": m} for m in (0.1, 0.2, 0.3, 0.4)]))
     workdir = tmp_path / "runs"
     names = sweep.cell_names(spec["cells"])
-    (workdir / names[0]).mkdir(parents=True)
+    for name, cell in zip(names[:3], spec["cells"]):  # as run_sweep records a started cell
+        (workdir / name).mkdir(parents=True)
+        (workdir / name / sweep.CELL_FILE).write_text(json.dumps(
+            sweep.cell_record(spec["base"], spec["common"], cell)))
     (workdir / names[0] / "eval.json").write_text("{}")
-    (workdir / names[1]).mkdir()
     (workdir / names[1] / sweep.STATUS_FILE).write_text(json.dumps({"status": "crashed"}))
-    (workdir / names[2]).mkdir()  # started, never finished (e.g. the sweep was killed)
+    # names[2]: started, never finished (e.g. the sweep was killed)
     ran = []
 
     def fake_run_cell(command, cell_dir, env, runner=None):
@@ -359,7 +361,9 @@ def test_a_changed_sweep_stops_before_running_and_marks_cells_stale(tmp_path, fa
     assert [row["status"] for row in sweep.aggregate(restored, workdir)] == ["ok", "ok"]
 
 
-def test_cells_finished_before_records_were_kept_are_assumed_to_match(tmp_path, fake_train):
+def test_a_cell_folder_with_results_but_no_record_is_stale(tmp_path, fake_train):
+    """Nothing says which config produced its numbers: the sweep stops naming it, running
+    nothing, and the tables show it as a stale row."""
     spec = sweep.load_sweep(_tiny_sweep_file(tmp_path, [{"loss.margin": 0.1},
                                                         {"loss.margin": 0.2}]))
     workdir = tmp_path / "runs"
@@ -368,13 +372,13 @@ def test_cells_finished_before_records_were_kept_are_assumed_to_match(tmp_path, 
     _cached_baseline(spec, workdir)
     (workdir / names[0]).mkdir()
     (workdir / names[0] / "eval.json").write_text(json.dumps({"accuracy": 0.8}))
-    out = io.StringIO()
-    sweep.run_sweep(spec, workdir, out=out)
-    assert ("1 cell(s) hold results from before the sweep recorded each cell's config, so they "
-            f"cannot be checked; assumed to match the sweep as it is now: {names[0]}"
-            ) in out.getvalue()
-    assert runs() == {names[1]: 1} and not (workdir / names[0] / sweep.CELL_FILE).exists()
-    assert [row["status"] for row in sweep.aggregate(spec, workdir)] == ["ok", "ok"]
+    with pytest.raises(sweep.StaleCellsError,
+                       match=rf"{names[0]}: it holds results but no sweep_cell.json"):
+        sweep.run_sweep(spec, workdir, out=io.StringIO())
+    assert runs() == {}
+    rows = sweep.aggregate(spec, workdir)
+    assert rows[0]["status"] == "stale" and rows[0]["accuracy"] is None
+    assert rows[1]["status"] != "stale"  # not run yet, nothing to check
 
 
 def test_command_line_overrides_reach_every_cell_and_a_changed_one_makes_them_stale(
@@ -625,6 +629,15 @@ def _fake_cell(cell_dir, *, accuracy=None, losses=(), spreads=(), active=(), sta
         (cell_dir / sweep.STATUS_FILE).write_text(json.dumps(status))
 
 
+def _record_cells(spec, workdir):
+    """Writes each existing cell folder's sweep_cell.json, as run_sweep does when it starts
+    the cell."""
+    for name, cell in zip(sweep.cell_names(spec["cells"]), spec["cells"]):
+        if (workdir / name).is_dir():
+            (workdir / name / sweep.CELL_FILE).write_text(json.dumps(
+                sweep.cell_record(spec["base"], spec["common"], cell)))
+
+
 @pytest.fixture
 def faked_sweep(tmp_path):
     cells = [{"loss.strategy": s, "loss.margin": m}
@@ -643,6 +656,7 @@ def faked_sweep(tmp_path):
     _fake_cell(workdir / names[3], losses=(0.6,), spreads=(1.0,), active=(0.9,),
                status={"status": "crashed", "error": "RuntimeError: out of memory",
                        "wall_s": 5.0})
+    _record_cells(spec, workdir)
     key = sweep.baseline_key(sweep.cell_config(spec["base"], {}, cells[0]))
     (workdir / sweep.BASELINE_DIR).mkdir()
     (workdir / sweep.BASELINE_DIR / f"{key}.json").write_text(json.dumps(
@@ -675,18 +689,6 @@ def test_aggregate_rows_columns_and_statuses(faked_sweep):
     assert "| 0.2500* |" in md and "| 0.4500 |" in md and "\\* unresolved" in md
     for plot in (sweep.ACCURACY_PLOT, sweep.ACTIVE_PLOT):
         assert (workdir / plot).stat().st_size > 10_000
-
-
-def test_aggregate_reads_a_run_recorded_before_a_key_existed_as_its_default(tmp_path):
-    cells = [{"loss.margin": 0.1, "loss.warmup_steps": 0}]
-    spec = sweep.load_sweep(_tiny_sweep_file(tmp_path, cells))
-    cell_dir = tmp_path / "runs" / sweep.cell_names(cells)[0]
-    _fake_cell(cell_dir, accuracy=0.9, losses=(0.3,), spreads=(1.5,), active=(0.8,))
-    recorded = to_plain(sweep.cell_config(spec["base"], {}, cells[0]))
-    del recorded["loss"]["warmup_steps"], recorded["loss"]["warmup_strategy"]
-    (cell_dir / "config.json").write_text(json.dumps({"config": recorded}))
-    [row] = sweep.aggregate(spec, tmp_path / "runs")
-    assert row["status"] == "ok" and row["loss.warmup_steps"] == 0
 
 
 def test_aggregate_only_cli_and_pending_cells(faked_sweep, tmp_path):

@@ -3,7 +3,6 @@ running cell, seeds (the sweep file's field, aggregation over seeds, data.pairs.
 a fake train process so that nothing compiles."""
 
 import csv
-import functools
 import io
 import json
 import math
@@ -18,7 +17,7 @@ import time
 import pytest
 
 from facenet_jax import evaluate, sweep
-from facenet_jax.config import ADDED_KEY_DEFAULTS, changed_keys, load_config, pairs_seed, to_plain
+from facenet_jax.config import changed_keys, load_config, pairs_seed, to_plain
 from facenet_jax.sweep import report, spec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -315,8 +314,10 @@ def test_aggregate_with_seeds_keeps_per_seed_rows_and_tabulates_cells(tmp_path):
     loaded = sweep.load_sweep(path)
     workdir = tmp_path / "runs"
     names = sweep.cell_names(loaded["cells"])
-    for name, accuracy in zip(names, (0.8, 0.9, 0.7, None)):
+    for name, cell, accuracy in zip(names, loaded["cells"], (0.8, 0.9, 0.7, None)):
         (workdir / name).mkdir(parents=True)
+        (workdir / name / sweep.CELL_FILE).write_text(json.dumps(  # as run_sweep records it
+            sweep.cell_record(loaded["base"], loaded["common"], cell)))
         (workdir / name / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "loss": 0.3, "embedding_spread": 1.0,
                         "active_fraction": 0.5}) + "\n" for s in (1, 2, 3)))
@@ -384,37 +385,21 @@ def test_pairs_seed_defaults_to_seed_and_pins_the_pairs():
     assert pairs_seed(load_config(DEFAULT, {"seed": 5, "data.pairs.seed": 1})) == 1
 
 
-def test_runs_recorded_before_pairs_seed_existed_are_the_same_config():
+def test_an_unset_pairs_seed_is_the_same_config_as_one_equal_to_seed():
     current = to_plain(load_config(DEFAULT))
-    old = json.loads(json.dumps(current))
-    del old["data"]["pairs"]["seed"]  # a config.json / sweep record written before the key
-    assert changed_keys(old, current) == []
     pinned = to_plain(load_config(DEFAULT, {"data.pairs.seed": 0}))  # = seed: same pairs
-    assert changed_keys(old, pinned) == []
+    assert changed_keys(current, pinned) == []
     other = to_plain(load_config(DEFAULT, {"data.pairs.seed": 2}))
-    assert changed_keys(old, other) == ["data.pairs.seed"]
-    record = sweep.cell_record(DEFAULT, {}, {"loss.margin": 0.1})
-    del record["config"]["data"]["pairs"]["seed"]
-    assert sweep.record_changes(record, sweep.cell_record(DEFAULT, {}, {"loss.margin": 0.1})) \
-        == []
+    assert changed_keys(current, other) == ["data.pairs.seed"]
+    assert sweep.record_changes(sweep.cell_record(DEFAULT, {}, {"data.pairs.seed": 0}),
+                                sweep.cell_record(DEFAULT, {}, {})) == []
 
 
-def test_baseline_key_is_unchanged_for_configs_without_a_pairs_seed():
-    """The cache key of before the key existed (its formula, by hand) still names the
-    baseline; pinning the pairs seed shares one baseline across training seeds."""
-    import hashlib
-    plain = to_plain(load_config(DEFAULT))
-    for key in ADDED_KEY_DEFAULTS:  # the data config as it was before any key was added
-        *parents, leaf = key.split(".")
-        functools.reduce(lambda node, part: node[part], parents, plain).pop(leaf)
-    identity = {"data": plain["data"], "seed": 0, "eval_distance": "squared"}
-    old_key = "synthetic_" + hashlib.sha1(json.dumps(identity, sort_keys=True, default=repr)
-                                          .encode()).hexdigest()[:8]
-    assert sweep.baseline_key(load_config(DEFAULT)) == old_key
-    assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4, "data.pairs.seed": 0})) == old_key
-    assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4})) != old_key
-    # An added key at a value that changes something gives a new key.
-    assert sweep.baseline_key(load_config(DEFAULT, {"data.alignment": "box"})) != old_key
+def test_pinning_the_pairs_seed_shares_one_baseline_across_training_seeds():
+    key = sweep.baseline_key(load_config(DEFAULT))
+    assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4, "data.pairs.seed": 0})) == key
+    assert sweep.baseline_key(load_config(DEFAULT, {"seed": 4})) != key
+    assert sweep.baseline_key(load_config(DEFAULT, {"data.alignment": "box"})) != key
 
 
 # ----------------------------------------------------------------------------------------------

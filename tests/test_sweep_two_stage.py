@@ -175,21 +175,34 @@ def test_cell_before_its_source_is_a_clear_error_then_runs(tmp_path, fake):
     assert runs() == {names[0]: 1, names[1]: 1}
 
 
+def test_a_dependent_whose_record_names_no_source_is_stale(tmp_path):
+    source_eval = tmp_path / "source" / "eval.json"
+    record = {"config": {}}  # a dependent's sweep_cell.json without its "source" entry
+    assert stages.source_changes(record, "source", source_eval) == []  # source not complete
+    source_eval.parent.mkdir()
+    source_eval.write_text('{"accuracy": 0.9}')
+    assert stages.source_changes(record, "source", source_eval) == [
+        "its record names no model.init_from source run (source) to check it by"]
+    record[sweep.SOURCE_RECORD_KEY] = sweep.source_record("source", source_eval)
+    assert stages.source_changes(record, "source", source_eval) == []
+    assert stages.source_changes(None, "source", source_eval) == []  # not started
+
+
 def test_a_dependent_is_stale_once_its_source_is_re_run(tmp_path, fake):
     spec = sweep.load_sweep(_sweep_file(tmp_path, [ARCFACE, FINETUNE], seeds=(0,)))
     workdir = tmp_path / "runs"
     names = sweep.cell_names(spec["cells"])
     fake(workdir, {})
     sweep.run_sweep(spec, workdir, out=sys.stderr)
-    assert sweep.check_records(spec, workdir) == ({}, [])
+    assert sweep.check_records(spec, workdir) == {}
     # the source's eval.json rewritten byte for byte (a bit-identical re-run): still valid
     source_eval = workdir / names[0] / "eval.json"
     source_eval.write_bytes(source_eval.read_bytes())
-    assert sweep.check_records(spec, workdir) == ({}, [])
+    assert sweep.check_records(spec, workdir) == {}
     # the source re-run (its folder's result removed, the sweep run again): other weights
     source_eval.unlink()
     sweep.run_sweep(spec, workdir, out=sys.stderr)
-    stale, _ = sweep.check_records(spec, workdir)
+    stale = sweep.check_records(spec, workdir)
     assert list(stale) == [names[1]]
     assert f"source run {names[0]} was re-run" in stale[names[1]][0]
     with pytest.raises(sweep.StaleCellsError, match=re.escape(names[1])):
@@ -237,6 +250,9 @@ def test_classification_rows_show_head_s_m_and_use_the_spread_rule(tmp_path):
     _fake_cell(workdir / names[2], losses=(9.0, 8.0, 7.0, 6.0), spreads=(0.5, 0.005, 0.004, 0.003))
     _fake_cell(workdir / names[3], losses=(9.0, 8.0, 7.0), spreads=(0.005, 0.004, 0.003))
     _fake_cell(workdir / names[4], losses=(3.0, 2.0, 1.0), spreads=(1.0, 1.0, 1.0))
+    for name, cell in zip(names, cells):  # as run_sweep records each cell it starts
+        (workdir / name / sweep.CELL_FILE).write_text(json.dumps(
+            sweep.cell_record(spec["base"], spec["common"], cell)))
     (workdir / sweep.BASELINE_DIR).mkdir()
     config = sweep.cell_config(spec["base"], {}, cells[0])
     (workdir / sweep.BASELINE_DIR / f"{sweep.baseline_key(config)}.json").write_text(

@@ -15,12 +15,12 @@ from facenet_jax.data.pairs import parse_pairs_file
 from facenet_jax.runfiles import atomic_write_text
 
 SPLITS = ("train", "validation", "test")
+IMAGE_COUNTS_KEY = "image_counts"  # split.json: {identity name: its number of images}
 
 
 def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                      seed: int = 0, identity_files: str | pathlib.Path | None = None,
                      exclude_pairs_file: str | pathlib.Path | None = None,
-                     exclude_pairs_from: str = "train_and_validation",
                      exclude_pairs_fold: int | None = None) -> dict[str, Dataset]:
     """Splits identities (never images) into "train", "validation" and "test".
 
@@ -29,8 +29,7 @@ def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1
     validation.txt and test.txt (one identity name per line; identities in none are left out,
     logged). `exclude_pairs_file`: every identity named in that pairs file moves from train and
     validation to test, so a model evaluated on those pairs never trained on those people and
-    no choice (threshold, step, hyper-parameter) was made on them; exclude_pairs_from="train"
-    moves them from train only (the rule of runs recorded before exclude_pairs_from existed).
+    no choice (threshold, step, hyper-parameter) was made on them.
     `exclude_pairs_fold`: only the identities of that fold (1-based) of the file move (one
     cross-validation fold; the other folds' people stay where the split put them).
     """
@@ -40,14 +39,12 @@ def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1
         assignment = _assignment_from_fractions(dataset.num_identities, fractions, seed)
     if exclude_pairs_file is not None:
         named = pair_file_identities(exclude_pairs_file, fold=exclude_pairs_fold)
-        sources = (0, 1) if exclude_pairs_from == "train_and_validation" else (0,)
         moved = [i for i, name in enumerate(dataset.identity_names)
-                 if name in named and assignment[i] in sources]
+                 if name in named and assignment[i] in (0, 1)]  # not: left out (-1)
         assignment[moved] = 2
-        logging.info("excluded %d identities named in %s%s from %s (moved to test)",
-                     len(moved), exclude_pairs_file,
-                     "" if exclude_pairs_fold is None else f" (fold {exclude_pairs_fold})",
-                     exclude_pairs_from.replace("_", " "))
+        logging.info("excluded %d identities named in %s%s from train and validation (moved "
+                     "to test)", len(moved), exclude_pairs_file,
+                     "" if exclude_pairs_fold is None else f" (fold {exclude_pairs_fold})")
     return {name: dataset.subset(np.flatnonzero(assignment == side))
             for side, name in enumerate(SPLITS)}
 
@@ -58,8 +55,7 @@ def split_dataset(dataset: Dataset, data_config: Any) -> dict[str, Dataset]:
     return split_identities(
         dataset, fractions=(split.train, split.validation, split.test), seed=split.seed,
         identity_files=split.identity_files, exclude_pairs_file=split.exclude_pairs_file,
-        exclude_pairs_from=split.exclude_pairs_from,
-        exclude_pairs_fold=split.get("exclude_pairs_fold"))
+        exclude_pairs_fold=split.exclude_pairs_fold)
 
 
 def split_names(splits: dict[str, Dataset]) -> dict[str, list[str]]:
@@ -67,35 +63,76 @@ def split_names(splits: dict[str, Dataset]) -> dict[str, list[str]]:
     return {name: sorted(splits[name].identity_names) for name in SPLITS}
 
 
+def image_counts(splits: dict[str, Dataset]) -> dict[str, int]:
+    """{identity name: its number of images} over every split, sorted by name."""
+    counts = {name: int(count) for split in splits.values()
+              for name, count in zip(split.identity_names, split.counts())}
+    return dict(sorted(counts.items()))
+
+
+def split_record(splits: dict[str, Dataset]) -> dict[str, Any]:
+    """What split.json holds: split_names, and IMAGE_COUNTS_KEY: image_counts (so the same
+    data reached by another data.root is recognised as the same)."""
+    return {**split_names(splits), IMAGE_COUNTS_KEY: image_counts(splits)}
+
+
 def write_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> None:
-    """Writes the split's identity names (atomically) so later runs can prove it unchanged."""
-    atomic_write_text(path, json.dumps(split_names(splits), indent=1) + "\n")
+    """Writes the split record (atomically) so later runs can prove the data unchanged."""
+    atomic_write_text(path, json.dumps(split_record(splits), indent=1) + "\n")
 
 
-def check_split_record(path: str | pathlib.Path, splits: dict[str, Dataset]) -> None:
-    """ValueError when the identities of `splits` differ from those recorded at `path`.
+def check_split_record(path: str | pathlib.Path, splits: dict[str, Dataset], *,
+                       moved_from: str | None = None) -> None:
+    """ValueError when the identities of `splits`, or their image counts, differ from those
+    recorded at `path`; the message says exactly what differs.
 
     The split is recomputed from the data on disk; an identity added to or removed from the
     folder reshuffles it, and a test split holding identities the model trained on would
-    inflate every metric. A missing record (runs older than it) is not checked.
+    inflate every metric. `moved_from`: the data.root the record was made with, when the
+    current one is another (a resume from a moved folder), named in the error. A missing
+    record (a folder written by pretrained holds none) is not checked.
     """
     path = pathlib.Path(path)
     if not path.exists():
         return
     recorded = json.loads(path.read_text())
-    current = split_names(splits)
-    if recorded == current:
+    current = split_record(splits)
+    changes = split_changes(recorded, current)
+    if not changes:
         return
-    trained = set(recorded["train"])
-    leaked = sorted(trained & (set(current["test"]) | set(current["validation"])))
-    changes = [f"{name}: {len(set(current[name]) - set(recorded[name]))} identities added, "
-               f"{len(set(recorded[name]) - set(current[name]))} removed" for name in SPLITS]
-    if leaked:
-        changes.append(f"{len(leaked)} trained identities now held out, e.g. {leaked[:3]}")
+    cause = (f"data.root is not the folder this run was trained on ({moved_from}), and it does "
+             "not hold the same images: point data.root at that data" if moved_from is not None
+             else "The data folder or data.split changed since this run trained: restore them")
     raise ValueError(
         f"the identity split differs from the one recorded in {path} ({'; '.join(changes)}). "
-        "The data folder or data.split changed since this run trained: restore them, or train "
-        "a new run (a new --workdir) on the current data")
+        f"{cause}, or train a new run (a new --workdir) on the current data")
+
+
+def split_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two split records (split_record): per split, the identities added
+    and removed (a few named); the trained identities now held out; the identities whose image
+    count changed (a few named, with both counts). [] when they are the same."""
+    changes = []
+    for name in SPLITS:
+        added = sorted(set(current[name]) - set(recorded[name]))
+        removed = sorted(set(recorded[name]) - set(current[name]))
+        if added or removed:
+            changes.append(f"{name}: {len(added)} identities added{_examples(added)}, "
+                           f"{len(removed)} removed{_examples(removed)}")
+    leaked = sorted(set(recorded["train"]) & (set(current["test"]) | set(current["validation"])))
+    if leaked:
+        changes.append(f"{len(leaked)} trained identities now held out, e.g. {leaked[:3]}")
+    old, new = recorded[IMAGE_COUNTS_KEY], current[IMAGE_COUNTS_KEY]
+    recounted = [f"{n}: {old[n]} recorded, {new[n]} now" for n in sorted(old.keys() & new.keys())
+                 if old[n] != new[n]]
+    if recounted:
+        changes.append(f"{len(recounted)} identities hold another number of images "
+                       f"({'; '.join(recounted[:3])}{'; ...' if len(recounted) > 3 else ''})")
+    return changes
+
+
+def _examples(names: list[str]) -> str:
+    return f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
 
 
 def pair_file_identities(path: str | pathlib.Path, fold: int | None = None) -> set[str]:

@@ -58,8 +58,8 @@ class MemorySpec:
 
     @classmethod
     def from_config(cls, loss_config: Any) -> "MemorySpec | None":
-        """`config.loss.memory` -> a spec, or None when the memory is off (size 0 or the key
-        absent, as in configs written before it existed)."""
+        """`config.loss.memory` -> a spec, or None when the memory is off (size 0, or no
+        memory block: a loss config built by hand without one)."""
         settings = {**CONFIG_DEFAULTS, **dict(loss_config.get("memory", None) or {})}
         if not settings["size"]:
             return None

@@ -110,8 +110,9 @@ def create_model(name: str, *, embedding_dim: int = 128, dtype: Any = jnp.float3
 
 def config_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """The fields `config.model` gives its encoder: the block `config.model.<name>` checked
-    against `default_fields` (a missing block or field reads as its default, as in a config
-    recorded before the blocks existed) plus the spec's top-level fields.
+    against `default_fields` (a missing block or field reads as its default, so a partial
+    model config such as {"name": "resnet50"} builds the module's defaults) plus the spec's
+    top-level fields.
 
     ValueError naming the key for an unknown model.name, a block of no encoder, an unknown
     field (with the valid ones) or a value of the wrong type or range.

@@ -28,7 +28,7 @@ __all__ = ["LOSS_KINDS", "MINING_SCOPES", "ClassificationObjective", "CombinedOb
 
 def has_parameters(config: ml_collections.ConfigDict) -> bool:
     """Whether `config`'s objective has parameters of its own (class centres)."""
-    return config.loss.get("kind", "triplet") != "triplet"
+    return config.loss.kind != "triplet"
 
 
 def from_config(config: ml_collections.ConfigDict, *, warmup: bool = False,
@@ -37,7 +37,7 @@ def from_config(config: ml_collections.ConfigDict, *, warmup: bool = False,
 
     num_classes (the training split's identities) and num_shards (the mesh size, over which
     class centres are split) are needed by the objectives with class centres."""
-    kind = config.loss.get("kind", "triplet")
+    kind = config.loss.kind
     if kind == "triplet":
         return TripletObjective.from_config(config, warmup=warmup)
     if num_classes is None:
@@ -53,7 +53,7 @@ def from_config(config: ml_collections.ConfigDict, *, warmup: bool = False,
 def validate_objective_config(loss_config: ml_collections.ConfigDict) -> None:
     """ValueError naming the key and the fix for a bad loss.kind / loss.classification /
     loss.triplet_weight, or a combination the objectives do not support."""
-    kind = loss_config.get("kind", "triplet")
+    kind = loss_config.kind
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss.kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")
     # Checked whatever the kind: a run records them, and a typo should not wait for the day

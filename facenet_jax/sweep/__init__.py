@@ -108,13 +108,9 @@ def run_sweep(sweep: Mapping[str, Any], workdir: pathlib.Path, *, rerun_failed: 
                  for name, source in zip(names, run_sources(sweep["cells"]))}
     if only is not None:
         planned = [planned[i] for i in only]
-    stale, unrecorded = check_records(sweep, workdir, only)
+    stale = check_records(sweep, workdir, only)
     if stale:
         raise StaleCellsError(stale_error(stale, workdir))
-    if unrecorded:
-        print(f"{len(unrecorded)} cell(s) hold results from before the sweep recorded each "
-              f"cell's config, so they cannot be checked; assumed to match the sweep as it is "
-              f"now: {', '.join(unrecorded)}", file=out, flush=True)
     warning = unpinned_pairs_warning(sweep)
     if warning:
         print(f"warning: {warning}", file=out, flush=True)

@@ -30,8 +30,8 @@ _SHARED_LOSS_KEYS = (KIND_KEY, "loss.triplet_weight")
 
 
 def kind_of(flat: Mapping[str, Any]) -> str:
-    """The row's loss.kind ("triplet" for records from before the key)."""
-    return flat.get(KIND_KEY) or "triplet"
+    """The row's loss.kind."""
+    return flat[KIND_KEY]
 
 
 def uses_classification(flats: Sequence[Mapping[str, Any]]) -> bool:

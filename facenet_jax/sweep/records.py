@@ -5,7 +5,7 @@ overrides (common, then the cell's) and the resolved config. Every later run com
 record with what the sweep now gives that cell: if one differs (`base` or `common` changed, or
 the base file was edited), the sweep stops before running anything, naming the cells and the
 keys, and changes nothing; `--aggregate_only` shows such cells as "stale" rows without their
-numbers. Cells run before records were kept are assumed to match (a line says so).
+numbers. A cell folder holding results but no record cannot be checked: it is stale too.
 
 DIR/CELL/sweep_status.json records how the last attempt ended (status, the error's last line,
 wall time). Both files are written atomically through a per-writer temporary file
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from facenet_jax.config import changed_keys, flatten, json_safe, to_plain
-from facenet_jax.runfiles import EVAL_FILE, atomic_write_json
+from facenet_jax.runfiles import EVAL_FILE, atomic_write_json, read_run_record
 from facenet_jax.sweep.spec import cell_config, cell_names
 from facenet_jax.sweep.stages import run_sources, source_changes
 
@@ -93,21 +93,23 @@ def stale_error(stale: Mapping[str, Sequence[str]], workdir: pathlib.Path) -> st
 
 def check_records(sweep: Mapping[str, Any], workdir: pathlib.Path,
                   only: Sequence[int] | None = None
-                  ) -> tuple[dict[str, list[str]], list[str]]:
-    """(stale: cell name → what changed since its folder's run was started (record_changes),
-    unrecorded: cells with a result or status but no record, from before records were kept);
-    `only`: the run indices to check (all when None). A run started from another run
-    (stages.from_cell) is also stale once that run was re-run (stages.source_changes)."""
-    stale, unrecorded = {}, []
+                  ) -> dict[str, list[str]]:
+    """Stale cells: cell name → what changed since its folder's run was started
+    (record_changes), or that a folder holding a result or status has no record to check it
+    by; `only`: the run indices to check (all when None). A run started from another run (stages.from_cell) is also stale once
+    that run was re-run (stages.source_changes). A cell folder holding a run of another layout
+    is refused (runfiles.check_layout)."""
+    stale = {}
     names = cell_names(sweep["cells"])
     sources = run_sources(sweep["cells"])
     runs = list(zip(names, sweep["cells"], sources))
     for name, cell, source in (runs if only is None else [runs[i] for i in only]):
         cell_dir = workdir / name
+        read_run_record(cell_dir)  # a run folder of another layout: refused (check_layout)
         recorded = read_json(cell_dir / CELL_FILE)
         if recorded is None:
             if (cell_dir / EVAL_FILE).exists() or (cell_dir / STATUS_FILE).exists():
-                unrecorded.append(name)
+                stale[name] = [f"it holds results but no {CELL_FILE} to check them by"]
             continue
         changes = record_changes(recorded, cell_record(sweep["base"], sweep["common"], cell))
         if source is not None:
@@ -115,7 +117,7 @@ def check_records(sweep: Mapping[str, Any], workdir: pathlib.Path,
                                       workdir / names[source] / EVAL_FILE)
         if changes:
             stale[name] = changes
-    return stale, unrecorded
+    return stale
 
 
 def needs_run(cell_dir: pathlib.Path, rerun_failed: bool) -> bool:

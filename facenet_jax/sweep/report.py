@@ -22,10 +22,9 @@ from typing import Any
 import ml_collections
 
 from facenet_jax import reporting
-from facenet_jax.config import (flatten, pairs_seed, to_plain, with_added_keys,
-                                without_unchanged_added_keys)
+from facenet_jax.config import flatten, pairs_seed, to_plain
 from facenet_jax.logs import read_metrics
-from facenet_jax.runfiles import CONFIG_FILE, atomic_write_text
+from facenet_jax.runfiles import atomic_write_text, read_run_record
 from facenet_jax.sweep import plots
 from facenet_jax.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,
                                         COLLAPSE_SPREAD_OF_MARGIN, COLLAPSE_WINDOW)
@@ -283,7 +282,7 @@ def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
 
 def baseline_key(config: ml_collections.ConfigDict) -> str:
     """What the pixel baseline depends on: the data config, the pairs seed, the distance."""
-    plain = without_unchanged_added_keys(to_plain(config))  # keys of before them stay valid
+    plain = to_plain(config)
     data = {**plain["data"], "pairs": {k: v for k, v in plain["data"]["pairs"].items()
                                        if k != "seed"}}  # its effective value is "seed" below
     data.pop("sampler", None)  # how training batches are drawn: not the test pairs
@@ -322,7 +321,7 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
          for cell in sweep["cells"]])
     columns = objective_columns(table_columns(sweep["cells"]), classification)
     config_keys = [c for c in columns if c not in METRIC_COLUMNS and c not in OBJECTIVE_METRICS]
-    stale, _ = check_records(sweep, workdir)
+    stale = check_records(sweep, workdir)
     for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
         cell_dir = workdir / name
         config = cell_config(sweep["base"], sweep["common"], cell)
@@ -334,10 +333,8 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
                       "error": f"its folder holds a run of another config: "
                                f"{'; '.join(stale[name])}"}
         else:
-            saved = read_json(cell_dir / CONFIG_FILE)
-            # A run recorded before some keys existed reads them as their old behaviour (as
-            # the stale check does), so its row and its seed group match newer runs'.
-            plain = with_added_keys(saved["config"]) if saved else to_plain(config)
+            saved = read_run_record(cell_dir)
+            plain = saved["config"] if saved else to_plain(config)
             if is_reference(cell.get(INIT_KEY)):  # the reference, not this seed's folder
                 plain["model"]["init_from"] = cell[INIT_KEY]
             evaluation, metrics = read_json(cell_dir / EVAL_FILE), read_metrics(cell_dir)

@@ -109,12 +109,16 @@ def source_record(source_name: str, source_eval: pathlib.Path) -> dict[str, Any]
 def source_changes(recorded: Mapping[str, Any] | None, source_name: str,
                    source_eval: pathlib.Path) -> list[str]:
     """["model.init_from's source run NAME was re-run ..."] when the dependent's record names
-    another source identity than the source folder now holds; [] when it matches, when there
-    is no record (or none of a source: started before two-stage sweeps), or while the source
-    is incomplete (it is then to be re-run first; judged again afterwards)."""
-    entry = (recorded or {}).get(SOURCE_RECORD_KEY)
+    another source identity than the source folder now holds, or none (it cannot be checked);
+    [] when it matches, when there is no record (not started), or while the source is
+    incomplete (it is then to be re-run first; judged again afterwards)."""
     now = source_identity(source_eval)
-    if not entry or now is None or entry.get("eval_sha1") == now:
+    if recorded is None or now is None:
+        return []
+    entry = recorded.get(SOURCE_RECORD_KEY)
+    if entry is None:
+        return [f"its record names no {INIT_KEY} source run ({source_name}) to check it by"]
+    if entry.get("eval_sha1") == now:
         return []
     return [f"{INIT_KEY}'s source run {source_name} was re-run after this run started from it "
             f"(its eval.json was {str(entry.get('eval_sha1'))[:8]}, now {now[:8]})"]

@@ -218,16 +218,21 @@ class _Data:
 
 
 def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-               mesh: jax.sharding.Mesh, resuming: bool) -> _Data:
-    """Loads and splits the data; a resumed run must see the same people. Every check that
-    needs the data (enough identities, a test split big enough for its pairs) runs here,
-    before compiling."""
+               mesh: jax.sharding.Mesh, resuming: bool, moved_from: str | None) -> _Data:
+    """Loads and splits the data; a resumed run must see the same people, with the same image
+    counts (`moved_from`: the data.root it was recorded with, when this one is another). Every
+    check that needs the data (enough identities, a test split big enough for its pairs) runs
+    here, before compiling."""
     workers = data.worker_count(config.data) if data.pipeline_of(config.data) == "stream" else 0
     dataset = data.load_dataset(config.data)
     _check_enough_identities(dataset)
     splits = data.split_dataset(dataset, config.data)
     if resuming:
-        data.check_split_record(workdir / runfiles.SPLIT_FILE, splits)
+        data.check_split_record(workdir / runfiles.SPLIT_FILE, splits, moved_from=moved_from)
+        if moved_from is not None:
+            logging.info("data.root %s: resuming a run trained on %s, which held the same "
+                         "identities and image counts (config.json keeps %s)",
+                         config.data.root, moved_from, moved_from)
     evaluate.generated_pairs(config, splits["test"], "test")  # a too-small test split fails now
     validation = splits["validation"]
     return _Data(
@@ -245,7 +250,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
               after_step: Callable[[int], None] | None) -> dict[str, Any]:
     """train_and_evaluate's body, run while this process holds DIR's lock."""
     reached = checkpoints.latest_step(workdir)  # read once: the checks below all need it
-    runfiles.check_resume_config(workdir, config, reached)
+    resumed = runfiles.check_resume_config(workdir, config, reached)
+    moved_from = _moved_root(resumed, config)
     runfiles.check_num_steps(reached, config.num_steps)
     if reached is None and config.model.init_from is not None:  # a resume never reads it
         finetune.check_init_dir(config.model.init_from)
@@ -260,7 +266,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
     if not has_head:  # a head's size depends on the data: checked once it is loaded
         check_space()
-    run_data = _load_data(config, workdir, mesh, resuming=reached is not None)
+    run_data = _load_data(config, workdir, mesh, resuming=reached is not None,
+                          moved_from=moved_from)
     sizes = dict(num_classes=run_data.splits["train"].num_identities, num_shards=mesh.size)
     if has_head:
         check_space(**sizes)
@@ -279,7 +286,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         logging.info("resumed from step %d", start_step)
     if is_writer:
         truncate_metrics(workdir, start_step)
-        runfiles.write_config(workdir, config)
+        runfiles.write_config(workdir, _recorded_config(config, moved_from),
+                              init_from=_init_from_record(config, resumed))
         data.write_split_record(workdir / runfiles.SPLIT_FILE, run_data.splits)
 
     def compiled_step(objective: objectives.Objective):
@@ -307,10 +315,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         num_steps=config.num_steps,
         last_checkpoint=start_step if restored is not None else None, is_writer=is_writer,
         replaced_images=lambda: run_data.sampler.replaced_images)
-    if (config.model.init_from is not None and restored is None
-            and run_data.validation_pairs is not None):
-        # The fine-tune's baseline: the imported encoder on the validation split, at step 0.
-        _evaluate_validation(config, embed, run_data, writer, 0, state, quiet=True)
+    if config.model.init_from is not None and restored is None:
+        _evaluate_baseline(config, embed, run_data, writer, state)
 
     with _Preemption() as preemption:
         actions = _periodic_actions(config, workdir, embed, run_data, writer, log, manager,
@@ -381,16 +387,61 @@ def _periodic_actions(config: ml_collections.ConfigDict, workdir: pathlib.Path, 
 
 def _evaluate_validation(config: ml_collections.ConfigDict, embed: Any, run_data: _Data,
                          writer: MetricsWriter, step: int, state: Any, *,
-                         quiet: bool = False) -> None:
-    """The validation split's verification, logged as eval/... at `step`."""
+                         label: str = "validation split") -> None:
+    """The validation split's verification, logged as eval/... at `step` and shown as a line
+    starting with `label`."""
     result = evaluate.evaluate_dataset(embed, state.variables, run_data.splits["validation"],
                                        run_data.validation_pairs,
                                        distance=config.eval.distance)
     writer.write(step, _logged_numbers("eval", result))
-    if not quiet:
-        logging.info("validation split at step %d: accuracy %.4f ± %.4f, AUC %.4f "
-                     "(%d pairs)", step, result["accuracy"], result["accuracy_std"],
-                     result["auc"], result["num_pairs"])
+    logging.info("%s at step %d: accuracy %.4f ± %.4f, AUC %.4f (%d pairs)", label, step,
+                 result["accuracy"], result["accuracy_std"], result["auc"], result["num_pairs"])
+
+
+def _evaluate_baseline(config: ml_collections.ConfigDict, embed: Any, run_data: _Data,
+                       writer: MetricsWriter, state: Any) -> None:
+    """A fine-tune's baseline: model.init_from's encoder, before any step, on the validation
+    split (eval/... at step 0), so the fine-tune's gain can be read off its log."""
+    if run_data.validation_pairs is None:
+        logging.info("fine-tune baseline: no validation split (data.split.validation) to score "
+                     "model.init_from=%s on at step 0", config.model.init_from)
+        return
+    _evaluate_validation(config, embed, run_data, writer, 0, state,
+                         label=f"fine-tune baseline (model.init_from={config.model.init_from}) "
+                               "on the validation split")
+
+
+def _moved_root(resumed: Mapping[str, Any] | None,
+                config: ml_collections.ConfigDict) -> str | None:
+    """The data.root a resumed run (`resumed`: its config.json) was recorded with, when the
+    current config reaches its data by another path (runfiles.RELOCATABLE_KEYS); else None."""
+    if resumed is None:
+        return None
+    recorded = resumed["config"]["data"]["root"]
+    return recorded if recorded != config.data.root else None
+
+
+def _recorded_config(config: ml_collections.ConfigDict,
+                     moved_from: str | None) -> ml_collections.ConfigDict:
+    """The config that config.json records: a moved data.root keeps its first value (the
+    resume logs the new one)."""
+    if moved_from is None:
+        return config
+    recorded = config.copy_and_resolve_references()
+    recorded.data.root = moved_from
+    return recorded
+
+
+def _init_from_record(config: ml_collections.ConfigDict,
+                      resumed: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The provenance's "init_from" ({"path", "step"} of the run a fine-tune started from):
+    read from model.init_from on a fresh start, kept from config.json on a resume (which never
+    reads DIR again)."""
+    if resumed is not None:
+        return resumed["provenance"].get("init_from")
+    if config.model.init_from is None:
+        return None
+    return finetune.init_source(config.model.init_from)
 
 
 def _logged_numbers(prefix: str, result: Mapping[str, Any]) -> dict[str, float]:
