@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from facenet_jax import metrics, runfiles
 from facenet_jax.evaluators import BENCHMARK_EVALUATORS, BenchmarkEvaluator
-from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax.config import json_safe, overrides_from_texts, provenance, to_plain
 from facenet_jax.data.folder import resize_array
 from facenet_jax.data.pairs import Pairs
 from facenet_jax.safe_pickle import load_data_pickle
@@ -141,22 +141,31 @@ def load_sets(folder: str | pathlib.Path, names: str | Sequence[str] | None, ima
     return [read_bin(path, image_size) for path in find_sets(folder, parse_names(names)).values()]
 
 
-def evaluate_set(embed_images: ImageEmbedder, vset: VerificationSet, *, distance: str
+def evaluate_set(embed_images: ImageEmbedder, vset: VerificationSet, *, distance: str,
+                 subtract_mean: bool = False, threshold_search: str = "exact"
                  ) -> dict[str, Any]:
-    """The eval.json verification keys of one set (no identities: no retrieval metrics)."""
+    """The eval.json verification keys of one set (no identities: no retrieval metrics), with
+    the k-fold protocol's options (metrics.evaluate_embeddings)."""
     embeddings = embed_images(vset.images)
     pairs = vset.pairs()
     result = metrics.evaluate_embeddings(
         embeddings, np.arange(len(embeddings)), pairs.first, pairs.second, pairs.is_same,
-        pairs.fold, distance=distance, include_identification=False)
+        pairs.fold, distance=distance, subtract_mean=subtract_mean,
+        threshold_search=threshold_search, include_identification=False)
+    if result["unbalanced_folds"]:
+        logging.warning("%s: folds %s hold only same or only different pairs: their accuracy "
+                        "measures one error rate alone and skews the mean", vset.name,
+                        result["unbalanced_folds"])
     return {**result, "num_images": int(len(vset.images)), "source_image_size": vset.source_size}
 
 
 def training_metrics(embed_images: ImageEmbedder, sets: Sequence[VerificationSet], *,
-                     distance: str) -> dict[str, float]:
+                     distance: str, subtract_mean: bool = False,
+                     threshold_search: str = "exact") -> dict[str, float]:
     """{"eval/<set>/accuracy": ...} for the training log (every eval_every steps)."""
-    return {f"eval/{vset.name}/accuracy": evaluate_set(embed_images, vset,
-                                                       distance=distance)["accuracy"]
+    return {f"eval/{vset.name}/accuracy": evaluate_set(
+                embed_images, vset, distance=distance, subtract_mean=subtract_mean,
+                threshold_search=threshold_search)["accuracy"]
             for vset in sets}
 
 
@@ -202,24 +211,30 @@ def write_results(results: Mapping[str, Mapping[str, Any]], output: pathlib.Path
 
 
 def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Path, *,
-                          names: str | Sequence[str] | None = None, flip: bool = True,
-                          output: pathlib.Path | None = None) -> dict[str, dict[str, Any]]:
+                          names: str | Sequence[str] | None = None, flip: bool | None = True,
+                          output: pathlib.Path | None = None,
+                          eval_overrides: Mapping[str, str] | None = None
+                          ) -> dict[str, dict[str, Any]]:
     """The CLI's work: DIR's latest checkpoint on every requested set →
     DIR/eval_verification_sets.json ({set name: eval.json keys + flip, path, step, ...}) and
-    the markdown table beside it."""
+    the markdown table beside it. flip None: the run's eval.flip; eval_overrides: as
+    `evaluate --workdir --config.eval.KEY=V` (config.apply_evaluation_overrides)."""
     from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
 
     paths = find_sets(folder, parse_names(names))  # before loading the model: fail fast
-    encoder = load_encoder(workdir, flip=flip)
+    encoder = load_encoder(workdir, flip=flip, eval_overrides=eval_overrides)
     config = encoder.config
-    run_facts = {"flip": flip, "flip_mode": "sum", "distance": config.eval.distance,
+    run_facts = {"flip": config.eval.flip if flip is None else flip, "flip_mode": config.eval.flip_mode,
+                 "subtract_mean": config.eval.subtract_mean,
+                 "threshold_search": config.eval.threshold_search,
+                 "distance": config.eval.distance,
                  "step": encoder.step, "model": config.model.name,
                  "image_size": config.data.image_size, "config": to_plain(config),
                  "provenance": provenance()}
     results = {}
     for name, path in paths.items():
         vset = read_bin(path, config.data.image_size)
-        result = evaluate_set(encoder.embed, vset, distance=config.eval.distance)
+        result = evaluate_set(encoder.embed, vset, **metrics.protocol_options(config.eval))
         results[name] = {**result, "path": str(path.resolve()), **run_facts}
         logging.info("%s: accuracy %.4f ± %.4f (%d pairs)", name, result["accuracy"],
                      result["accuracy_std"], result["num_pairs"])
@@ -230,7 +245,8 @@ def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Pat
 def _run_from_flags(flags: Any, flip: bool) -> str:
     """`python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names]`."""
     results = evaluate_workdir_sets(flags.workdir, flags.verification_sets, names=flags.names,
-                                    flip=flip)
+                                    flip=flip,
+                                    eval_overrides=overrides_from_texts(flags.run_config))
     return f"{markdown_table(results)}\nwrote {pathlib.Path(flags.workdir) / OUTPUT_FILE}"
 
 

@@ -24,6 +24,7 @@ from facenet_jax import (checkpoints, data, evaluate, finetune, objectives, para
 from facenet_jax.config import validate_config
 from facenet_jax.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, drop_metric_rows, read_metrics, truncate_metrics
+from facenet_jax.metrics import protocol_options
 from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
                                create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
@@ -284,7 +285,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     warmup_fn = (compiled_step(objectives.from_config(config, warmup=True, **sizes))
                  if warmup_steps else None)
     embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
-                          batch_size=config.eval.batch_size, flip=config.eval.flip)
+                          batch_size=config.eval.batch_size, flip=config.eval.flip,
+                          flip_mode=config.eval.flip_mode)
     # TensorBoard drops the events a killed earlier attempt logged past the restored step.
     writer = MetricsWriter(workdir, enabled=is_writer,
                            purge_step=start_step + 1 if restored is not None else None)
@@ -345,7 +347,7 @@ def _periodic_actions(config: ml_collections.ConfigDict, workdir: pathlib.Path, 
     def evaluate_sets(done: int, state: Any) -> None:
         writer.write(done, verification_sets.training_metrics(
             functools.partial(embed, state.variables), run_data.benchmark_sets,
-            distance=config.eval.distance))
+            **protocol_options(config.eval)))
         log.restart()
 
     def save(done: int, state: Any) -> None:
@@ -373,7 +375,7 @@ def _evaluate_validation(config: ml_collections.ConfigDict, embed: Any, run_data
     """The validation split's verification, logged as eval/... at `step`."""
     result = evaluate.evaluate_dataset(embed, state.variables, run_data.splits["validation"],
                                        run_data.validation_pairs,
-                                       distance=config.eval.distance)
+                                       **protocol_options(config.eval))
     writer.write(step, _logged_numbers("eval", result))
     if not quiet:
         logging.info("validation split at step %d: accuracy %.4f ± %.4f, AUC %.4f "
