@@ -243,8 +243,9 @@ def tar_at_far(scores: np.ndarray, is_same: np.ndarray,
 
     The ROC has one point per distinct score (accept pairs scoring ≥ it) plus accept-nothing.
     - "tar@far" (insightface's reading): the TAR of the point whose FAR is nearest the target,
-      the first such point when two are equally near, among the points sklearn's
-      `roc_curve` keeps by default (`insightface_roc_points`); its FAR can exceed the target.
+      among the points sklearn's `roc_curve` keeps by default (`insightface_roc_points`); when
+      several are equally near, the one with the highest TAR (eval_ijbc.py flips fpr and tpr
+      before taking the first nearest); its FAR can exceed the target.
     - "tar@far_conservative": the point with the largest FAR not above the target (the largest
       TAR achievable within it), with its actual FAR and score threshold.
     Also "auc" and the ROC arrays far, tar (ascending FAR) for the figure.
@@ -254,7 +255,8 @@ def tar_at_far(scores: np.ndarray, is_same: np.ndarray,
     kept = insightface_roc_points(far, tar, is_same)
     nearest, conservative = {}, {}
     for target in far_targets:
-        i = kept[int(np.argmin(np.abs(far[kept] - target)))]
+        gaps = np.abs(far[kept] - target)[::-1]  # reversed: the first minimum is the last point
+        i = kept[len(kept) - 1 - int(np.argmin(gaps))]
         nearest[far_name(target)] = float(tar[i])
         j = int(np.searchsorted(far, target, side="right")) - 1  # far[0] = 0: j ≥ 0
         conservative[far_name(target)] = {"tar": float(tar[j]), "far": float(far[j]),
