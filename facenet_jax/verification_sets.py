@@ -70,6 +70,18 @@ def _decode(encoded: bytes, index: int, source: str) -> np.ndarray:
                          f"({error}); the file is corrupt: download it again") from None
 
 
+def _flat_flags(flags: Any, path: pathlib.Path) -> np.ndarray:
+    """The is-same flags as bool [M]: a flat list of bools or a 1-D numpy bool array, checked
+    before any conversion (np.asarray would walk a nested list, however large)."""
+    if isinstance(flags, np.ndarray):
+        if flags.ndim == 1 and flags.dtype == bool:
+            return np.array(flags, dtype=bool)  # a plain copy of the unpickler's array
+    elif isinstance(flags, list) and all(isinstance(f, (bool, np.bool_)) for f in flags):
+        return np.array(flags, dtype=bool)
+    raise ValueError(f"{path}: the second element must be a flat list of is-same flags (bools) "
+                     f"or a 1-D numpy bool array, got {type(flags).__name__}")
+
+
 def read_bin(path: str | pathlib.Path, image_size: int) -> VerificationSet:
     """Reads an insightface `.bin` file into a VerificationSet at image_size × image_size.
 
@@ -85,9 +97,7 @@ def read_bin(path: str | pathlib.Path, image_size: int) -> VerificationSet:
     encoded, flags = content
     if not isinstance(encoded, list) or not all(isinstance(b, bytes) for b in encoded):
         raise ValueError(f"{path}: the first element must be a list of encoded images (bytes)")
-    is_same = np.asarray(flags)
-    if is_same.ndim != 1 or not all(isinstance(f, (bool, np.bool_)) for f in is_same.tolist()):
-        raise ValueError(f"{path}: the second element must be a flat list of is-same flags")
+    is_same = _flat_flags(flags, path)
     if len(encoded) != 2 * len(is_same) or not len(is_same):
         raise ValueError(f"{path}: {len(encoded)} images for {len(is_same)} pairs; a set holds "
                          "2 images per pair and at least one pair")
