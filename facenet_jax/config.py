@@ -257,6 +257,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     uniform = config.data.sampler == "uniform"
     for key in POSITIVE_INT_KEYS + (UNIFORM_BATCH_KEYS if uniform else ()):
         value = get_dotted(config, key)
+        if key == "num_steps" and value == 0 and config.model.init_from is not None:
+            continue  # the imported encoder evaluated as it is (e.g. crossval's step-0 row)
+        if key == "num_steps" and value == 0:
+            raise ValueError("config.num_steps=0 trains nothing: it evaluates an encoder as "
+                             "it is, so it needs --config.model.init_from=DIR (or pass "
+                             "--config.num_steps=N with N >= 1)")
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}; pass "
                              f"--config.{key}=N with N >= 1")

@@ -297,7 +297,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         batch_size=config.batch.identities * config.batch.images_per_identity,
         num_steps=config.num_steps,
         last_checkpoint=start_step if restored is not None else None, is_writer=is_writer)
-    if (config.model.init_from is not None and restored is None
+    if (config.model.init_from is not None and restored is None and config.num_steps
             and run_data.validation_pairs is not None):
         # The fine-tune's baseline: the imported encoder on the validation split, at step 0.
         _evaluate_validation(config, embed, run_data, writer, 0, state, quiet=True)
@@ -326,6 +326,10 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                 return {"preempted": True, "step": done}
     log.flush(config.num_steps)
     progress.close()
+    if not config.num_steps and restored is None:
+        # num_steps=0 (model.init_from as it is): the step-0 checkpoint the loop never saves,
+        # so the run folder is evaluated (crossval, evaluate --workdir) like any other.
+        checkpoints.save(manager, 0, state)
     try:
         return _final_evaluations(config, workdir, embed, state.variables, run_data.splits,
                                   writer, is_writer)
@@ -409,6 +413,7 @@ def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         writer.write(step, _logged_numbers("test", result))
         writer.write_images(step, {f"test/{name}": path
                                    for name, path in result["figures"].items()})
-        plots.plot_training_curves(read_metrics(workdir),
-                                   workdir / runfiles.TRAINING_CURVES_FILE)
+        if step:  # num_steps=0 trained nothing: no curve to draw
+            plots.plot_training_curves(read_metrics(workdir),
+                                       workdir / runfiles.TRAINING_CURVES_FILE)
     return result
