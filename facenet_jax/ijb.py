@@ -333,7 +333,8 @@ def evaluate_workdir_ijb(workdir: str | pathlib.Path, root: str | pathlib.Path, 
     from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
 
     meta = read_meta(root, name)  # a bad layout or meta file fails before the model loads
-    encoder = load_encoder(workdir, flip=flip)
+    # Template features assume unit embeddings: the flip sum, whatever the run's eval.flip_mode.
+    encoder = load_encoder(workdir, flip=flip, eval_overrides={"eval.flip_mode": "sum"})
     config = encoder.config
     result = evaluate_ijb(encoder.embed, root, name, image_size=config.data.image_size,
                           use_detector_score=use_detector_score, meta=meta)

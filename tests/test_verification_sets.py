@@ -226,6 +226,20 @@ def test_evaluation_matches_brute_force_protocol(py2_bin):
     assert result["auc"] == pytest.approx(ranks.mean())  # Mann-Whitney form of the AUC
 
 
+def test_davidsandbergs_protocol_on_a_bin_set_equals_the_port(py2_bin):
+    from test_eval_protocol import sandberg_fold_accuracies
+
+    path, images, flags = py2_bin
+    vset = verification_sets.read_bin(path, 32)
+    result = verification_sets.evaluate_set(pixel_embeddings, vset, distance="angular",
+                                            subtract_mean=True, threshold_search="grid")
+    emb = pixel_embeddings(vset.images).astype(np.float64)
+    want = sandberg_fold_accuracies(emb[0::2], emb[1::2], flags, 10, 1, True)
+    assert result["accuracy"] == pytest.approx(np.mean(want), abs=1e-12)
+    assert result["unbalanced_folds"] == [k + 1 for k in range(10)
+                                          if len(set(flags[4 * k:4 * k + 4])) < 2]
+
+
 def test_uneven_pair_count_folds_like_kfold():
     vset = verification_sets.VerificationSet("x", np.zeros((46, 2, 2, 3), np.uint8),
                                              np.arange(23) % 2 == 0, 2)
