@@ -143,6 +143,7 @@ def check_eval_distance(distance: str, name: str = "distance") -> None:
 
 
 def check_threshold_search(search: str, name: str = "threshold_search") -> None:
+    """ValueError naming `name` when `search` is not in THRESHOLD_SEARCHES."""
     if search not in THRESHOLD_SEARCHES:
         raise ValueError(f"unknown {name} {search!r}; valid: {', '.join(THRESHOLD_SEARCHES)}")
 
@@ -202,6 +203,11 @@ def pair_distances(embeddings: Any, first: Any, second: Any, distance: str) -> n
     "angular" (arccos(cos(a, b)) / π).
     """
     check_eval_distance(distance)
+    return _row_distances(*_pair_rows(embeddings, first, second), distance)
+
+
+def _pair_rows(embeddings: Any, first: Any, second: Any) -> tuple[np.ndarray, np.ndarray]:
+    """float64 rows [M,D] of the pairs' first and second embeddings (indices checked)."""
     emb = np.asarray(embeddings, dtype=np.float64)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [N,D], got shape {emb.shape}")
@@ -212,7 +218,11 @@ def pair_distances(embeddings: Any, first: Any, second: Any, distance: str) -> n
         if index.size and (index.min() < 0 or index.max() >= len(emb)):
             raise ValueError(f"{name} indexes rows [{index.min()}, {index.max()}] but there are "
                              f"{len(emb)} embeddings; the pairs belong to another dataset")
-    a, b = emb[first], emb[second]
+    return emb[first], emb[second]
+
+
+def _row_distances(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
+    """float64 a [M,D], b [M,D] -> the distance of each row pair [M]."""
     return _distance_from_parts(np.sum(a * a, axis=1), np.sum(b * b, axis=1),
                                 np.sum(a * b, axis=1), distance)
 
@@ -381,19 +391,14 @@ def fold_distances(embeddings: Any, first: Any, second: Any, folds: Any, distanc
     """
     if not subtract_mean:
         return pair_distances(embeddings, first, second, distance)
-    emb = np.asarray(embeddings, dtype=np.float64)
-    first, second = np.asarray(first), np.asarray(second)
-    folds = _check_folds(folds, len(first))
-    pair_distances(emb, first, second, distance)  # the index and distance checks
-    a, b = emb[first], emb[second]
+    check_eval_distance(distance)
+    a, b = _pair_rows(embeddings, first, second)
+    folds = _check_folds(folds, len(a))
     rows = []
     for fold in np.unique(folds):
         training = folds != fold
         mean = (a[training].sum(axis=0) + b[training].sum(axis=0)) / (2 * training.sum())
-        shifted_a, shifted_b = a - mean, b - mean
-        rows.append(_distance_from_parts(np.sum(shifted_a ** 2, axis=1),
-                                         np.sum(shifted_b ** 2, axis=1),
-                                         np.sum(shifted_a * shifted_b, axis=1), distance))
+        rows.append(_row_distances(a - mean, b - mean, distance))
     return np.stack(rows)
 
 
