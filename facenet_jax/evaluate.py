@@ -17,9 +17,9 @@ elsewhere, `--threshold T` or `--threshold run` (the run's own, chosen on its va
 the default when only one fold is scored). `--config.eval.KEY=VALUE` changes an evaluation-only
 key of the run's config for this evaluation (config.EVALUATION_ONLY_KEYS: eval.distance,
 eval.flip, eval.flip_mode, eval.subtract_mean, eval.threshold_search, eval.batch_size), e.g.
-davidsandberg's protocol; the output records them. With `--pairs`, retrieval and one-shot metrics are
-computed on the images of the identities the pairs use (all their images in the folder), not on
-the whole folder.
+davidsandberg's protocol; the output records them. With `--pairs`, retrieval and one-shot
+metrics are computed on the images of the identities the pairs use (all their images in the
+folder), not on the whole folder.
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
                         f"{path}'s threshold was chosen on mean-subtracted embeddings "
                         "(eval.subtract_mean=True), which fixed-threshold scoring and verify "
                         f"never use: re-evaluate (evaluate --workdir {workdir} --split "
-                        f"{saved['split']} --config.eval.subtract_mean=False) or pass a "
-                        "threshold")
+                        f"{saved['split']} --config.eval.subtract_mean=False --output {path}) "
+                        "or pass a threshold")
                 return {"threshold": float(saved["threshold"]), "distance": saved["distance"],
                         "split": saved["split"], "step": saved.get("step"), "source": str(path)}
     raise FileNotFoundError(
@@ -266,7 +266,7 @@ def _finish(result: dict[str, Any], embeddings: np.ndarray, pairs: data.Pairs,
             distance: str, extra: dict[str, Any]) -> dict[str, Any]:
     protocol = {key: config.eval[key] for key in ("flip", "flip_mode", "subtract_mean",
                                                    "threshold_search")}
-    result = {**result, **extra, **protocol, "distance": distance, "config": to_plain(config),
+    result = {**result, **protocol, **extra, "distance": distance, "config": to_plain(config),
               "provenance": provenance()}
     if output is None:
         return result
@@ -308,7 +308,8 @@ def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | No
     result = evaluate_embedded(embeddings, test.labels, pairs,
                                **metrics.protocol_options(config.eval))
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
-                   extra={"baseline": "pixels", "split": "test", "step": None})
+                   extra={"baseline": "pixels", "split": "test", "step": None,
+                          "flip": False})  # pixels: no mirror image, whatever eval.flip says
 
 
 BASELINES = BASELINE_EVALUATORS.names()  # as registered at import
@@ -507,6 +508,10 @@ def main(argv: list[str]) -> None:
         if flags_.pairs is not None and flags_.data_root is None:
             raise ValueError("--pairs needs --data_root (the image folder it names)")
         workdir = pathlib.Path(flags_.workdir)
+        if flags_.run_config and not flags_.output:
+            raise ValueError("--config.eval.KEY=VALUE evaluates with another protocol than the "
+                             "run's: pass --output FILE (the run's own evaluation files are "
+                             "kept unless you name one)")
         output = (pathlib.Path(flags_.output) if flags_.output
                   else workdir / run_split_eval_file(flags_.split))
         result = evaluate_workdir(workdir, data_root=flags_.data_root, pairs_file=flags_.pairs,

@@ -234,8 +234,8 @@ def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Pat
     paths = find_sets(folder, parse_names(names))  # before loading the model: fail fast
     encoder = load_encoder(workdir, flip=flip, eval_overrides=eval_overrides)
     config = encoder.config
-    run_facts = {"flip": config.eval.flip if flip is None else flip, "flip_mode": config.eval.flip_mode,
-                 "subtract_mean": config.eval.subtract_mean,
+    run_facts = {"flip": config.eval.flip if flip is None else flip,
+                 "flip_mode": config.eval.flip_mode, "subtract_mean": config.eval.subtract_mean,
                  "threshold_search": config.eval.threshold_search,
                  "distance": config.eval.distance,
                  "step": encoder.step, "model": config.model.name,

@@ -262,3 +262,16 @@ def test_a_threshold_chosen_with_subtract_mean_is_not_the_runs(tmp_path):
         "config": {"eval": {"subtract_mean": True}}}))
     with pytest.raises(ValueError, match="mean-subtracted embeddings"):
         evaluate.run_threshold(tmp_path)
+
+
+def test_evaluation_overrides_need_an_output_file(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "facenet_jax.evaluate", "--workdir", str(tmp_path),
+         "--config.eval.distance=angular"], capture_output=True, text=True, timeout=120,
+        cwd=config_lib.pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "evaluates with another protocol than the run's: pass --output FILE" in (
+        result.stderr.strip().splitlines()[-1])
