@@ -455,8 +455,8 @@ def format_summary(result: dict[str, Any]) -> str:
     else:
         lines = [
             f"verification ({result['num_folds']}-fold, {result['num_pairs']} pairs, "
-            f"{result.get('distance')} distance): accuracy {pct('accuracy')} ± "
-            f"{pct('accuracy_std')}  threshold {threshold()}",
+            f"{result.get('distance')} distance{_protocol_words(result)}): accuracy "
+            f"{pct('accuracy')} ± {pct('accuracy_std')}  threshold {threshold()}",
             f"VAL@FAR=1e-3 {pct('val@far=1e-3')} ± {pct('val@far=1e-3_std')} (actual FAR "
             f"{pct('far@far=1e-3')}){resolved('1e-3')}  VAL@FAR=1e-2 {pct('val@far=1e-2')}"
             f"{resolved('1e-2')}  AUC {result['auc']:.4f}  EER {pct('eer')}",
@@ -468,6 +468,19 @@ def format_summary(result: dict[str, Any]) -> str:
                      + (f" (on {result['identification_on']})"
                         if "identification_on" in result else ""))
     return "\n".join(lines)
+
+
+def _protocol_words(result: dict[str, Any]) -> str:
+    """", mirror concatenated, training folds' mean subtracted, 0.01 grid" for the options of
+    the k-fold protocol that differ from its defaults ("" when none do)."""
+    words = []
+    if result.get("flip"):
+        words.append(f"mirror {'concatenated' if result.get('flip_mode') == 'concat' else 'added'}")
+    if result.get("subtract_mean"):
+        words.append("training folds' mean subtracted")
+    if result.get("threshold_search") == "grid":
+        words.append("0.01 threshold grid")
+    return "".join(f", {word}" for word in words)
 
 
 def _threshold_flag(value: str | None) -> float | str | None:

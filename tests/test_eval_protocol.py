@@ -204,6 +204,20 @@ def test_unbalanced_folds_are_reported_and_logged(caplog):
                                       identification="none")["unbalanced_folds"] == []
 
 
+def test_the_summary_names_the_protocol():
+    labels, plain, _ = offset_faces()
+    first, second, same = reused_pairs(labels, 40)
+    pairs = data.Pairs(first, second, same, kfold_ids(40, 4))
+    result = evaluate.evaluate_embedded(plain, labels, pairs, distance="angular",
+                                        subtract_mean=True, threshold_search="grid")
+    result.update({"flip": True, "flip_mode": "concat", "subtract_mean": True,
+                   "threshold_search": "grid", "distance": "angular"})
+    assert ("(4-fold, 40 pairs, angular distance, mirror concatenated, training folds' mean "
+            "subtracted, 0.01 threshold grid): accuracy") in evaluate.format_summary(result)
+    result.update({"flip": False, "subtract_mean": False, "threshold_search": "exact"})
+    assert "(4-fold, 40 pairs, angular distance): accuracy" in evaluate.format_summary(result)
+
+
 def test_a_fixed_threshold_refuses_subtract_mean():
     emb = np.eye(4)
     pairs = data.Pairs(np.array([0, 1]), np.array([1, 2]), np.array([True, False]),
