@@ -124,6 +124,16 @@ def get_config() -> ml_collections.ConfigDict:
         dict(mining="global", distributed=False))
 
     config.eval = ml_collections.ConfigDict(dict(batch_size=256, flip=False, distance="squared"))
+    # The evaluation protocol (evaluation-only: `evaluate --workdir` may change them with
+    # --config.eval.KEY=V). flip_mode: how flip combines the mirror image's embedding, "sum"
+    # (renormalised) or "concat" ([N, 2D], davidsandberg's --use_flipped_images). distance may
+    # also be "angular" (arccos(cos)/π, davidsandberg's --distance_metric 1). subtract_mean:
+    # subtract the training folds' mean pair embedding before the fold's distances
+    # (davidsandberg's --subtract_mean). threshold_search: "exact" (every achievable threshold)
+    # or "grid" (davidsandberg's np.arange(0, 4, 0.01) with d < t). See docs/evaluation.md.
+    config.eval.flip_mode = "sum"
+    config.eval.subtract_mean = False
+    config.eval.threshold_search = "exact"
     # A folder of insightface .bin sets (lfw.bin, cfp_fp.bin, ...) evaluated every eval_every
     # steps, logged as eval/<set>/accuracy; None: off. Names: comma-separated, None: every set.
     config.eval.verification_sets = placeholder(str)

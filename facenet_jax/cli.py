@@ -92,12 +92,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return left
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
-    """`absl.app.run(main)` for this package's CLIs: flags parsed by `parse_flags`, main's user
-    errors reported by `one_line_user_errors`."""
+def run(main: Callable[[list[str]], Any],
+        rewrite_argv: Callable[[list[str]], list[str]] | None = None) -> None:
+    """`absl.app.run(main)` for this package's CLIs: flags parsed by `parse_flags` (after
+    `rewrite_argv`, for a CLI that spells some flags its own way), main's user errors reported
+    by `one_line_user_errors`."""
     from absl import app
 
-    app.run(one_line_user_errors(main), flags_parser=parse_flags)
+    app.run(one_line_user_errors(main),
+            flags_parser=lambda argv: parse_flags(rewrite_argv(argv) if rewrite_argv else argv))
 
 
 def _innermost_text(error: BaseException) -> str:

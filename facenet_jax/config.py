@@ -22,10 +22,13 @@ import ml_collections
 
 # The schedule of a run's steps and actions: a resumed run may change them.
 SCHEDULE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
-# How evaluations embed (mirror images added, batch size): nothing trained depends on them, so a
-# resumed run may change them too; they apply to the evaluations made after the resume (a
-# finished run resumed with eval.flip=True re-does its final evaluations with flip).
-EVALUATION_ONLY_KEYS = ("eval.flip", "eval.batch_size")
+# How evaluations embed and score (mirror images added and how, batch size, distance, mean
+# subtraction, threshold search): nothing trained depends on them, so a resumed run may change
+# them too; they apply to the evaluations made after the resume (a finished run resumed with
+# eval.flip=True re-does its final evaluations with flip), and `evaluate --workdir` takes them
+# as --config.eval.KEY=V (apply_evaluation_overrides).
+EVALUATION_ONLY_KEYS = ("eval.flip", "eval.batch_size", "eval.distance", "eval.flip_mode",
+                        "eval.subtract_mean", "eval.threshold_search")
 # How many processes build the batches: each batch is a pure function of (seed, step) whatever
 # the count, so a resumed run may change it.
 INPUT_ONLY_KEYS = ("data.workers",)
@@ -151,12 +154,17 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     """
     from facenet_jax import data, losses, models, objectives, optim  # local: import-light
     from facenet_jax.losses import memory
-    from facenet_jax.losses.distances import check_distance
 
     data.validate_sampler(config.data.sampler)
     uniform = config.data.sampler == "uniform"
     for key in POSITIVE_INT_KEYS + (UNIFORM_BATCH_KEYS if uniform else ()):
         value = get_dotted(config, key)
+        if key == "num_steps" and value == 0 and config.model.init_from is not None:
+            continue  # the imported encoder evaluated as it is (e.g. crossval's step-0 row)
+        if key == "num_steps" and value == 0:
+            raise ValueError("config.num_steps=0 trains nothing: it evaluates an encoder as "
+                             "it is, so it needs --config.model.init_from=DIR (or pass "
+                             "--config.num_steps=N with N >= 1)")
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}; pass "
                              f"--config.{key}=N with N >= 1")
@@ -182,7 +190,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
                          f"got {config.parallel.mining!r}")
-    check_distance(config.eval.distance, "eval.distance")
+    validate_eval_config(config.eval)
     if uniform:
         validate_uniform_batch(config.batch.identities * config.batch.images_per_identity,
                                num_devices)
@@ -194,6 +202,58 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     if config.eval.batch_size % num_devices:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                          f"{num_devices} devices; use a multiple of {num_devices}")
+
+
+def validate_eval_config(eval_config: ml_collections.ConfigDict) -> None:
+    """The evaluation protocol's keys: eval.distance (metrics.EVAL_DISTANCES), eval.flip and
+    eval.subtract_mean (booleans), eval.flip_mode (embed.FLIP_MODES), eval.threshold_search
+    (metrics.THRESHOLD_SEARCHES)."""
+    from facenet_jax import metrics  # local: import-light
+    from facenet_jax.embed import FLIP_MODES
+
+    metrics.check_eval_distance(eval_config.distance, "eval.distance")
+    metrics.check_threshold_search(eval_config.threshold_search, "eval.threshold_search")
+    if eval_config.flip_mode not in FLIP_MODES:
+        raise ValueError(f"eval.flip_mode must be one of {FLIP_MODES}, got "
+                         f"{eval_config.flip_mode!r}")
+    for key in ("flip", "subtract_mean"):
+        if not isinstance(eval_config[key], bool):
+            raise ValueError(f"eval.{key} must be True or False, got {eval_config[key]!r}")
+
+
+def apply_evaluation_overrides(config: ml_collections.ConfigDict,
+                               overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
+    """A run's recorded config with evaluation-only keys changed: {"eval.flip": "True", ...}
+    (the text of `--config.eval.KEY=V`, read as the key's type) → a validated copy. Any other
+    key is refused in one line: it is the trained run's and only retraining changes it."""
+    refused = [key for key in overrides if key not in EVALUATION_ONLY_KEYS]
+    if refused:
+        raise ValueError(f"--config.{refused[0]}: an evaluation may change only the "
+                         f"evaluation-only keys ({', '.join(EVALUATION_ONLY_KEYS)}); the other "
+                         "keys are the trained run's")
+    config = ml_collections.ConfigDict(to_plain(config))
+    for key, text in overrides.items():
+        set_dotted(config, key, _typed_like(get_dotted(config, key), text, key))
+    validate_eval_config(config.eval)
+    return config
+
+
+def overrides_from_texts(texts: Iterable[str] | None) -> dict[str, str]:
+    """["eval.flip=True", ...] (`--config.eval.flip=True` given to `evaluate --workdir`) →
+    {"eval.flip": "True"}; a bare key reads as "True"."""
+    return dict(text.split("=", 1) if "=" in text else (text, "True") for text in texts or ())
+
+
+def _typed_like(current: Any, text: str, key: str) -> Any:
+    """The override text as the type of the key's current value (bool: true/false, any case)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--config.{key}={text}: give True or False")
+        return text.lower() == "true"
+    try:
+        return type(current)(text) if isinstance(current, (int, float)) else text
+    except ValueError:
+        raise ValueError(f"--config.{key}={text}: give a {type(current).__name__}") from None
 
 
 def validate_exclude_fold(split_config: ml_collections.ConfigDict) -> None:

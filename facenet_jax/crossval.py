@@ -127,6 +127,10 @@ def check_inputs(config: ml_collections.ConfigDict, pairs_file: str | pathlib.Pa
         raise ValueError("crossval chooses each fold's threshold on the run's validation "
                          f"split, but data.split.validation={split.validation}: give it a "
                          "share of the identities (e.g. --config.data.split.validation=0.05)")
+    if config.eval.subtract_mean:
+        raise ValueError("crossval scores each fold at the validation split's threshold, a "
+                         "fixed one, which subtracts no mean: leave eval.subtract_mean False "
+                         "(eval.threshold_search, eval.distance and eval.flip_mode apply)")
     if config.data.source != "folder" or not config.data.root:
         raise ValueError(f"crossval scores the pairs on the training folder's images: it needs "
                          f"data.source='folder' and data.root (got source "

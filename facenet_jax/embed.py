@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, parallel
 from facenet_jax.cli import cli_logging
+from facenet_jax.config import apply_evaluation_overrides
 from facenet_jax.runfiles import atomic_write_with, load_run_config
 from facenet_jax.state import build_model
 
@@ -106,7 +107,8 @@ class Encoder:
     workdir: pathlib.Path | None = None  # where .threshold_info is read from
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """images: uint8 [N,H,W,3] at the run's image size → unit embeddings [N,D]."""
+        """images: uint8 [N,H,W,3] at the run's image size → embeddings [N,D], unit-norm
+        (with eval.flip_mode="concat": [N,2D], each half unit-norm)."""
         size = self.config.data.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise ValueError(f"expected uint8 images [N,{size},{size},3] (the run's "
@@ -190,9 +192,17 @@ def _path_list(paths: str | pathlib.Path | Sequence[str | pathlib.Path]
 
 
 def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
-                 flip: bool | None = None) -> Encoder:
-    """Restores the latest loadable checkpoint of `workdir` (params and BN statistics)."""
+                 flip: bool | None = None, eval_overrides: Mapping[str, str] | None = None
+                 ) -> Encoder:
+    """Restores the latest loadable checkpoint of `workdir` (params and BN statistics).
+
+    The encoder embeds as the run's config.eval says (flip, flip_mode, batch_size), with
+    `eval_overrides` ({"eval.flip_mode": "concat"}: config.apply_evaluation_overrides, checked
+    before anything is restored) applied to its config; flip, when given, wins over both.
+    """
     config = load_run_config(workdir)
+    if eval_overrides:
+        config = apply_evaluation_overrides(config, eval_overrides)
     mesh = mesh or parallel.make_mesh()
     model = build_model(config, bn_axis_name=None)
     size = config.data.image_size
@@ -215,7 +225,8 @@ def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
     variables, step = restored
     batch_size = _round_up(config.eval.batch_size, mesh.size)
     embedder = make_embedder(model, mesh, batch_size=batch_size,
-                             flip=config.eval.flip if flip is None else flip)
+                             flip=config.eval.flip if flip is None else flip,
+                             flip_mode=config.eval.flip_mode)
     return Encoder(config=config, variables=variables, step=step, embedder=embedder,
                    workdir=pathlib.Path(workdir))
 

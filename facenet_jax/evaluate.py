@@ -1,7 +1,7 @@
 """Evaluation of a trained run (or the raw-pixel baseline) the way the field reports it.
 
     python -m facenet_jax.evaluate --workdir DIR [--data_root FOLDER --pairs PAIRS] [--output F]
-        [--fold K] [--threshold T|run]
+        [--fold K] [--threshold T|run] [--config.eval.KEY=VALUE ...]
     python -m facenet_jax.evaluate --workdir DIR --split train|validation|test
     python -m facenet_jax.evaluate --baseline pixels --config CONFIG [--config.KEY=VALUE ...]
         --output FILE
@@ -17,9 +17,12 @@ curve, same/different distance histograms with the chosen threshold).
 A single-fold pairs file, or one fold of a multi-fold file (`--fold K`, 1-based as LFW numbers
 its folds), has no other folds to choose a threshold on: it is scored at a threshold chosen
 elsewhere, `--threshold T` or `--threshold run` (the run's own, chosen on its validation split;
-the default when only one fold is scored). With `--pairs`, retrieval and one-shot metrics are
-computed on the images of the identities the pairs use (all their images in the folder), not on
-the whole folder.
+the default when only one fold is scored). `--config.eval.KEY=VALUE` changes an evaluation-only
+key of the run's config for this evaluation (config.EVALUATION_ONLY_KEYS: eval.distance,
+eval.flip, eval.flip_mode, eval.subtract_mean, eval.threshold_search, eval.batch_size), e.g.
+davidsandberg's protocol; the output records them. With `--pairs`, retrieval and one-shot
+metrics are computed on the images of the identities the pairs use (all their images in the
+folder), not on the whole folder.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import numpy as np
 # runs them.
 from facenet_jax import (data, metrics, plots, reporting, runfiles,  # noqa: F401,I001
                          verification_sets, ijb)
-from facenet_jax.config import json_safe, pairs_seed, provenance, to_plain
+from facenet_jax.config import (json_safe, overrides_from_texts, pairs_seed, provenance,
+                                to_plain)
 from facenet_jax.evaluators import (BASELINE_EVALUATORS, BENCHMARK_EVALUATORS,
                                     selected_benchmarks)
 from facenet_jax.data.alignment import alignment_mismatch, run_alignment
@@ -48,16 +52,19 @@ from facenet_jax.runfiles import EVAL_FILE, SPLIT_FILE, VALIDATION_EVAL_FILE
 
 
 def evaluate_dataset(embed: Callable[[Any, np.ndarray], np.ndarray], variables: Any,
-                     dataset: data.Dataset, pairs: data.Pairs, *, distance: str
+                     dataset: data.Dataset, pairs: data.Pairs, *, distance: str,
+                     subtract_mean: bool = False, threshold_search: str = "exact"
                      ) -> dict[str, Any]:
     """Embeds every image of `dataset` once and computes all metrics on it and its pairs."""
     embeddings = embed(variables, dataset.images)
-    return evaluate_embedded(embeddings, dataset.labels, pairs, distance=distance)
+    return evaluate_embedded(embeddings, dataset.labels, pairs, distance=distance,
+                             subtract_mean=subtract_mean, threshold_search=threshold_search)
 
 
 def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pairs, *,
                       distance: str, threshold: float | None = None,
-                      identification: str = "all") -> dict[str, Any]:
+                      identification: str = "all", subtract_mean: bool = False,
+                      threshold_search: str = "exact") -> dict[str, Any]:
     """All metrics from embeddings [N,D] and integer labels [N] (pairs index into them).
 
     threshold None: the k-fold protocol (metrics.evaluate_embeddings) plus, per VAL@FAR target,
@@ -67,14 +74,23 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
     identification: "all" images, only the identities the "pairs" use, or "none". Both ways,
     `num_pair_identities` and `num_different_pairs` (metrics.pair_counts): what a threshold
     chosen on these pairs rests on.
+    subtract_mean, threshold_search: the k-fold protocol's (metrics.evaluate_embeddings); a
+    fixed threshold searches nothing, and has no training folds to take a mean from.
     """
     if identification not in ("all", "pairs", "none"):
         raise ValueError(f"identification must be 'all', 'pairs' or 'none', got "
                          f"{identification!r}")
+    check_fixed_threshold_protocol(threshold, subtract_mean)
     if threshold is None:
         result = metrics.evaluate_embeddings(embeddings, labels, pairs.first, pairs.second,
                                              pairs.is_same, pairs.fold, distance=distance,
+                                             subtract_mean=subtract_mean,
+                                             threshold_search=threshold_search,
                                              include_identification=identification == "all")
+        if result["unbalanced_folds"]:
+            logging.warning("folds %s hold only same or only different pairs: their accuracy "
+                            "measures one error rate alone and skews the mean",
+                            result["unbalanced_folds"])
         result.update(metrics.val_resolution(pairs.is_same, pairs.fold))
     else:
         d = metrics.pair_distances(embeddings, pairs.first, pairs.second, distance)
@@ -98,6 +114,16 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
         result["identification_on"] = (f"the {int(used.sum())} images of the "
                                        f"{len(np.unique(labels[used]))} identities in the pairs")
     return result
+
+
+def check_fixed_threshold_protocol(threshold: float | str | None, subtract_mean: bool
+                                   ) -> None:
+    """ValueError when a fixed threshold (a number, "run") meets eval.subtract_mean=True: only
+    the k-fold protocol has training folds to take the mean from."""
+    if threshold is not None and subtract_mean:
+        raise ValueError("eval.subtract_mean=True needs the k-fold protocol (the training "
+                         "folds' mean); scoring at a fixed threshold (one fold, --threshold) "
+                         "subtracts none: pass --config.eval.subtract_mean=False")
 
 
 def select_fold(pairs: data.Pairs, fold: int) -> data.Pairs:
@@ -148,6 +174,13 @@ def run_threshold(workdir: str | pathlib.Path) -> dict[str, Any]:
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("threshold") is not None and "split" in saved:
+                if (saved.get("config") or {}).get("eval", {}).get("subtract_mean"):
+                    raise ValueError(
+                        f"{path}'s threshold was chosen on mean-subtracted embeddings "
+                        "(eval.subtract_mean=True), which fixed-threshold scoring and verify "
+                        f"never use: re-evaluate (evaluate --workdir {workdir} --split "
+                        f"{saved['split']} --config.eval.subtract_mean=False --output {path}) "
+                        "or pass a threshold")
                 counts = {"num_identities": saved.get("num_pair_identities"),
                           "num_pairs": saved.get("num_pairs"),
                           "num_different_pairs": saved.get("num_different_pairs")}
@@ -271,11 +304,17 @@ def val_operating_points(result: dict[str, Any]) -> dict[str, tuple[float, float
 def _finish(result: dict[str, Any], embeddings: np.ndarray, pairs: data.Pairs,
             config: ml_collections.ConfigDict, output: pathlib.Path | None, *,
             distance: str, extra: dict[str, Any]) -> dict[str, Any]:
-    result = {**result, **extra, "distance": distance, "config": to_plain(config),
+    protocol = {key: config.eval[key] for key in ("flip", "flip_mode", "subtract_mean",
+                                                   "threshold_search")}
+    result = {**result, **protocol, **extra, "distance": distance, "config": to_plain(config),
               "provenance": provenance()}
     if output is None:
         return result
-    distances = metrics.pair_distances(embeddings, pairs.first, pairs.second, distance)
+    # Each pair's distance as its fold was scored (mean-subtracted when the protocol is).
+    distances = metrics.held_out_distances(metrics.fold_distances(
+        embeddings, pairs.first, pairs.second, pairs.fold, distance,
+        subtract_mean=config.eval.subtract_mean),
+        pairs.fold)
     return write_evaluation(result, output, distances=distances, is_same=pairs.is_same)
 
 
@@ -292,7 +331,8 @@ def evaluate_run_test_split(config: ml_collections.ConfigDict, workdir: pathlib.
     split="validation", on the validation split → DIR/eval_validation.json."""
     pairs = generated_pairs(config, test, split)
     embeddings = embed(variables, test.images)
-    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
+    result = evaluate_embedded(embeddings, test.labels, pairs,
+                               **metrics.protocol_options(config.eval))
     output = workdir / run_split_eval_file(split)
     return _finish(result, embeddings, pairs, config, output if write else None,
                    distance=config.eval.distance,
@@ -305,9 +345,11 @@ def evaluate_pixels(config: ml_collections.ConfigDict, output: pathlib.Path | No
     """The raw-pixel floor on exactly the pairs and images the config's run is evaluated on."""
     test, pairs = split_and_pairs(config)
     embeddings = pixel_embeddings(np.asarray(test.images))
-    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance)
+    result = evaluate_embedded(embeddings, test.labels, pairs,
+                               **metrics.protocol_options(config.eval))
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
-                   extra={"baseline": "pixels", "split": "test", "step": None})
+                   extra={"baseline": "pixels", "split": "test", "step": None,
+                          "flip": False})  # pixels: no mirror image, whatever eval.flip says
 
 
 BASELINES = BASELINE_EVALUATORS.names()  # as registered at import
@@ -315,14 +357,17 @@ BASELINES = BASELINE_EVALUATORS.names()  # as registered at import
 
 def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file: str | None,
                      output: pathlib.Path, threshold: float | str | None = None,
-                     fold: int | None = None, split: str = "test") -> dict[str, Any]:
+                     fold: int | None = None, split: str = "test",
+                     eval_overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Loads DIR's latest checkpoint; evaluates one of its splits (RUN_SPLITS: "test", or
     "train" / "validation", e.g. to see how much better the run separates the people it
     trained on than unseen ones) or a folder + pairs file.
 
     fold: score only that fold (1-based) of the pairs. threshold: a number, "run" (the run's
     own, `run_threshold`) or None: k-fold thresholds, or "run" when only one fold is scored.
-    The threshold is resolved before anything is embedded.
+    The threshold is resolved before anything is embedded. eval_overrides: evaluation-only
+    keys changed for this evaluation ({"eval.distance": "angular"}, `--config.eval.KEY=V`;
+    config.apply_evaluation_overrides), recorded in the output's config.
     """
     from facenet_jax.embed import load_encoder
 
@@ -340,7 +385,7 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
         raise ValueError(
             f"{workdir} holds imported weights and no {SPLIT_FILE}: it has no test split of "
             "its own. Pass --data_root FOLDER (and --pairs FILE) to evaluate it on your data")
-    encoder = load_encoder(workdir)
+    encoder = load_encoder(workdir, eval_overrides=eval_overrides)
     config = encoder.config
     extra = evaluation_target(data_root, pairs_file, fold, split)
     if data_root is None:
@@ -361,6 +406,7 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
         threshold = "run"
         logging.info("one fold of pairs: scored at the run's own threshold (--threshold T to "
                      "give one)")
+    check_fixed_threshold_protocol(threshold, config.eval.subtract_mean)
     if threshold == "run":
         chosen = run_threshold(workdir)
         if chosen["distance"] != config.eval.distance:
@@ -374,9 +420,9 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
         threshold = float(threshold)
         extra["threshold_source"] = "given (--threshold)"
     embeddings = encoder.embed(np.asarray(test.images))
-    result = evaluate_embedded(embeddings, test.labels, pairs, distance=config.eval.distance,
-                               threshold=threshold,
-                               identification="pairs" if pairs_file else "all")
+    result = evaluate_embedded(embeddings, test.labels, pairs, threshold=threshold,
+                               identification="pairs" if pairs_file else "all",
+                               **metrics.protocol_options(config.eval))
     return _finish(result, embeddings, pairs, config, output, distance=config.eval.distance,
                    extra={**extra, "step": encoder.step, "model": config.model.name})
 
@@ -457,8 +503,8 @@ def format_summary(result: dict[str, Any]) -> str:
     else:
         lines = [
             f"verification ({result['num_folds']}-fold, {result['num_pairs']} pairs, "
-            f"{result.get('distance')} distance): accuracy {pct('accuracy')} ± "
-            f"{pct('accuracy_std')}  threshold {threshold()}",
+            f"{result.get('distance')} distance{_protocol_words(result)}): accuracy "
+            f"{pct('accuracy')} ± {pct('accuracy_std')}  threshold {threshold()}",
             f"VAL@FAR=1e-3 {pct('val@far=1e-3')} ± {pct('val@far=1e-3_std')} (actual FAR "
             f"{pct('far@far=1e-3')}){resolved('1e-3')}  VAL@FAR=1e-2 {pct('val@far=1e-2')}"
             f"{resolved('1e-2')}  AUC {result['auc']:.4f}  EER {pct('eer')}",
@@ -470,6 +516,19 @@ def format_summary(result: dict[str, Any]) -> str:
                      + (f" (on {result['identification_on']})"
                         if "identification_on" in result else ""))
     return "\n".join(lines)
+
+
+def _protocol_words(result: dict[str, Any]) -> str:
+    """", mirror concatenated, training folds' mean subtracted, 0.01 grid" for the options of
+    the k-fold protocol that differ from its defaults ("" when none do)."""
+    words = []
+    if result.get("flip"):
+        words.append(f"mirror {'concatenated' if result.get('flip_mode') == 'concat' else 'added'}")
+    if result.get("subtract_mean"):
+        words.append("training folds' mean subtracted")
+    if result.get("threshold_search") == "grid":
+        words.append("0.01 threshold grid")
+    return "".join(f", {word}" for word in words)
 
 
 def _threshold_flag(value: str | None) -> float | str | None:
@@ -496,6 +555,10 @@ def main(argv: list[str]) -> None:
         _run_benchmarks(flags_)
         return
     if flags_.baseline is not None:
+        if flags_.run_config:
+            raise ValueError("--config.KEY=VALUE with --baseline needs --config FILE (the config "
+                             "the baseline floors); the eval keys of a --workdir run are changed "
+                             "by --config.eval.KEY=V without --baseline")
         config, output = baseline_inputs(flags_.baseline, flags_.config, flags_.workdir,
                                          flags_.output)
         _check_output_holds_the_same_evaluation(output, None, None, baseline=flags_.baseline)
@@ -507,11 +570,16 @@ def main(argv: list[str]) -> None:
         if flags_.pairs is not None and flags_.data_root is None:
             raise ValueError("--pairs needs --data_root (the image folder it names)")
         workdir = pathlib.Path(flags_.workdir)
+        if flags_.run_config and not flags_.output:
+            raise ValueError("--config.eval.KEY=VALUE evaluates with another protocol than the "
+                             "run's: pass --output FILE (the run's own evaluation files are "
+                             "kept unless you name one)")
         output = (pathlib.Path(flags_.output) if flags_.output
                   else workdir / run_split_eval_file(flags_.split))
         result = evaluate_workdir(workdir, data_root=flags_.data_root, pairs_file=flags_.pairs,
                                   output=output, threshold=_threshold_flag(flags_.threshold),
-                                  fold=flags_.fold, split=flags_.split)
+                                  fold=flags_.fold, split=flags_.split,
+                                  eval_overrides=overrides_from_texts(flags_.run_config))
     print(format_summary(result))
     print(f"wrote {output}")
 
@@ -537,6 +605,16 @@ def baseline_inputs(baseline: str, config: ml_collections.ConfigDict | None,
     return config, pathlib.Path(output)
 
 
+def split_run_config_flags(argv: list[str]) -> list[str]:
+    """argv with each `--config.KEY[=VALUE]` rewritten as `--run_config=KEY[=VALUE]` when no
+    `--config FILE` is given: ml_collections reads such overrides only on top of a config file,
+    and here they change the --workdir run's recorded config instead."""
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        return argv
+    return [f"--run_config={arg[len('--config.'):]}" if arg.startswith("--config.") else arg
+            for arg in argv]
+
+
 def _run_benchmarks(flags_: Any) -> None:
     """The selected benchmark evaluators (e.g. --verification_sets FOLDER, --ijb ROOT) on DIR's
     latest checkpoint, flip on unless --noflip (as the field evaluates them); --output when
@@ -551,12 +629,18 @@ def _run_benchmarks(flags_: Any) -> None:
         raise ValueError(f"{', '.join(unused)}: not used with {selected} (they write "
                          f"{', '.join(evaluator.writes for evaluator in benchmarks)}): "
                          "run them as a separate command")
+    overrides = overrides_from_texts(flags_.run_config)
+    if overrides and flags_.ijb:
+        raise ValueError("--config.eval.KEY=VALUE: --ijb evaluates with its own protocol "
+                         "(--flip); run it as a separate command")
+    flip = flags_.flip
+    if flip is None and "eval.flip" not in overrides:
+        flip = True  # the field's default for these benchmarks; None: eval.flip's override
     chosen = selected_benchmarks(flags_)
     if flags_.output is not None and len(chosen) > 1:
         raise ValueError(f"--output names one file, but {len(chosen)} benchmarks run: give "
                          f"{' and '.join(f'--{evaluator.flag}' for evaluator in chosen)} "
                          "separate commands, each with its --output")
-    flip = True if flags_.flip is None else flags_.flip
     for evaluator in chosen:
         print(evaluator.run(flags_, flip))
 
@@ -569,6 +653,9 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "config file (for --baseline)",
                                     lock_config=True)
+    flags.DEFINE_multi_string("run_config", None, "KEY=VALUE: an evaluation-only key of the "
+                              "--workdir run's config for this evaluation; given as "
+                              "--config.KEY=VALUE (e.g. --config.eval.distance=angular)")
     flags.DEFINE_string("workdir", None, "trained run folder")
     flags.DEFINE_string("data_root", None, "image folder to evaluate instead of the test split")
     flags.DEFINE_string("pairs", None, "LFW-format pairs file for --data_root")
@@ -594,4 +681,4 @@ if __name__ == "__main__":
     flags.DEFINE_enum("ijb_name", "IJBC", list(ijb.IJB_NAMES), "which IJB protocol --ijb holds")
     flags.DEFINE_bool("ijb_detector_score", True, "weight IJB images by their detector score "
                       "(insightface's default)")
-    cli.run(main)
+    cli.run(main, rewrite_argv=split_run_config_flags)

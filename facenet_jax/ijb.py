@@ -243,8 +243,9 @@ def tar_at_far(scores: np.ndarray, is_same: np.ndarray,
 
     The ROC has one point per distinct score (accept pairs scoring ≥ it) plus accept-nothing.
     - "tar@far" (insightface's reading): the TAR of the point whose FAR is nearest the target,
-      the first such point when two are equally near, among the points sklearn's
-      `roc_curve` keeps by default (`insightface_roc_points`); its FAR can exceed the target.
+      among the points sklearn's `roc_curve` keeps by default (`insightface_roc_points`); when
+      several are equally near, the one with the highest TAR (eval_ijbc.py flips fpr and tpr
+      before taking the first nearest); its FAR can exceed the target.
     - "tar@far_conservative": the point with the largest FAR not above the target (the largest
       TAR achievable within it), with its actual FAR and score threshold.
     Also "auc" and the ROC arrays far, tar (ascending FAR) for the figure.
@@ -254,7 +255,8 @@ def tar_at_far(scores: np.ndarray, is_same: np.ndarray,
     kept = insightface_roc_points(far, tar, is_same)
     nearest, conservative = {}, {}
     for target in far_targets:
-        i = kept[int(np.argmin(np.abs(far[kept] - target)))]
+        gaps = np.abs(far[kept] - target)[::-1]  # reversed: the first minimum is the last point
+        i = kept[len(kept) - 1 - int(np.argmin(gaps))]
         nearest[far_name(target)] = float(tar[i])
         j = int(np.searchsorted(far, target, side="right")) - 1  # far[0] = 0: j ≥ 0
         conservative[far_name(target)] = {"tar": float(tar[j]), "far": float(far[j]),
@@ -331,7 +333,8 @@ def evaluate_workdir_ijb(workdir: str | pathlib.Path, root: str | pathlib.Path, 
     from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
 
     meta = read_meta(root, name)  # a bad layout or meta file fails before the model loads
-    encoder = load_encoder(workdir, flip=flip)
+    # Template features assume unit embeddings: the flip sum, whatever the run's eval.flip_mode.
+    encoder = load_encoder(workdir, flip=flip, eval_overrides={"eval.flip_mode": "sum"})
     config = encoder.config
     result = evaluate_ijb(encoder.embed, root, name, image_size=config.data.image_size,
                           use_detector_score=use_detector_score, meta=meta)

@@ -3,9 +3,19 @@
 Pure numpy (float64 inside); inputs are numpy arrays, outputs plain Python numbers.
 
 Verification (pairs with fold ids): a pair is accepted as "same" iff its distance is ≤ the
-threshold. Every threshold search is exact: the candidates are one value below every distance
-(accepts nothing) and each distinct distance (accepts every pair at or below it), found with one
-sort and cumulative counts, O(M log M) per fold.
+threshold. The default threshold search is exact: the candidates are one value below every
+distance (accepts nothing) and each distinct distance (accepts every pair at or below it), found
+with one sort and cumulative counts, O(M log M) per fold. threshold_search="grid" is
+davidsandberg/facenet's (src/lfw.py, src/facenet.py `calculate_roc`): the first of
+GRID_THRESHOLDS = np.arange(0, 4, 0.01) maximising the training folds' accuracy with pairs
+accepted iff d < t, recorded as the largest float below t (so "d ≤ threshold" accepts exactly
+the pairs "d < t" does, on every path).
+
+The k-fold protocol may subtract a mean embedding (subtract_mean, davidsandberg's
+`calculate_roc`): for each held fold, the mean of the other folds' pair embeddings is
+subtracted from every embedding before the distances; `fold_distances` gives one row of pair
+distances per fold, `held_out_distances` each pair's distance as its own fold is scored (the
+ROC, AUC, EER and histogram use those).
 
 - `verification_kfold`: per held fold, the threshold maximising accuracy on the other folds; among
   equally accurate thresholds the *smallest* (a distance that occurs, so an achievable boundary;
@@ -40,8 +50,14 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax.losses.distances import TINY_SQUARED_NORM, check_distance
+from facenet_jax.losses.distances import DISTANCES, TINY_SQUARED_NORM
 
+# The evaluation distances: the training ones (losses.distances.DISTANCES) and "angular",
+# arccos(cos)/π in [0, 1] (davidsandberg's --distance_metric 1), which no loss uses.
+EVAL_DISTANCES = DISTANCES + ("angular",)
+THRESHOLD_SEARCHES = ("exact", "grid")
+# davidsandberg's accuracy-threshold grid (src/lfw.py `evaluate`): a pair is accepted iff d < t.
+GRID_THRESHOLDS = np.arange(0, 4, 0.01)
 # Norms below this count as zero in l2_normalize_rows: a zero row stays zero.
 _TINY_NORM = 1e-12
 VAL_FAR_TARGETS = {"1e-3": 1e-3, "1e-2": 1e-2}
@@ -118,6 +134,20 @@ def _check_embeddings(embeddings: Any, labels: Any) -> tuple[np.ndarray, np.ndar
     return emb, _int_vector(labels, "labels", len(emb))
 
 
+def check_eval_distance(distance: str, name: str = "distance") -> None:
+    """ValueError naming `name` (e.g. "eval.distance") when `distance` is not in
+    EVAL_DISTANCES."""
+    if distance not in EVAL_DISTANCES:
+        raise ValueError(f"unknown {name} {distance!r}; valid evaluation distances: "
+                         f"{', '.join(EVAL_DISTANCES)}")
+
+
+def check_threshold_search(search: str, name: str = "threshold_search") -> None:
+    """ValueError naming `name` when `search` is not in THRESHOLD_SEARCHES."""
+    if search not in THRESHOLD_SEARCHES:
+        raise ValueError(f"unknown {name} {search!r}; valid: {', '.join(THRESHOLD_SEARCHES)}")
+
+
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(ks)
     if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
@@ -138,9 +168,12 @@ def _distance_from_parts(squared_a: np.ndarray, squared_b: np.ndarray, dots: np.
                          distance: str) -> np.ndarray:
     """The distance from ||a||², ||b||² and a·b (broadcastable to dots' shape), computed in place
     in `dots` (a fresh float64 array the caller gives up: no N-sized temporaries) and returned."""
-    if distance == "cosine":
+    if distance in ("cosine", "angular"):
         dots /= np.sqrt(np.maximum(squared_a, TINY_SQUARED_NORM))
         dots /= np.sqrt(np.maximum(squared_b, TINY_SQUARED_NORM))
+        if distance == "angular":  # rounding can take the cosine just past ±1
+            np.clip(dots, -1.0, 1.0, out=dots)
+            return np.divide(np.arccos(dots, out=dots), np.pi, out=dots)
         np.subtract(1.0, dots, out=dots)
         return np.clip(dots, 0.0, 2.0, out=dots)
     dots *= -2.0
@@ -166,9 +199,15 @@ def _distances_between(queries: np.ndarray, candidates: np.ndarray, distance: st
 def pair_distances(embeddings: Any, first: Any, second: Any, distance: str) -> np.ndarray:
     """Distances of pairs: embeddings [N,D], first [M], second [M] row indices -> float64 [M].
 
-    distance: "squared" (||a − b||²), "euclidean" (||a − b||) or "cosine" (1 − cos(a, b)).
+    distance: "squared" (||a − b||²), "euclidean" (||a − b||), "cosine" (1 − cos(a, b)) or
+    "angular" (arccos(cos(a, b)) / π).
     """
-    check_distance(distance)
+    check_eval_distance(distance)
+    return _row_distances(*_pair_rows(embeddings, first, second), distance)
+
+
+def _pair_rows(embeddings: Any, first: Any, second: Any) -> tuple[np.ndarray, np.ndarray]:
+    """float64 rows [M,D] of the pairs' first and second embeddings (indices checked)."""
     emb = np.asarray(embeddings, dtype=np.float64)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [N,D], got shape {emb.shape}")
@@ -179,7 +218,11 @@ def pair_distances(embeddings: Any, first: Any, second: Any, distance: str) -> n
         if index.size and (index.min() < 0 or index.max() >= len(emb)):
             raise ValueError(f"{name} indexes rows [{index.min()}, {index.max()}] but there are "
                              f"{len(emb)} embeddings; the pairs belong to another dataset")
-    a, b = emb[first], emb[second]
+    return emb[first], emb[second]
+
+
+def _row_distances(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
+    """float64 a [M,D], b [M,D] -> the distance of each row pair [M]."""
     return _distance_from_parts(np.sum(a * a, axis=1), np.sum(b * b, axis=1),
                                 np.sum(a * b, axis=1), distance)
 
@@ -217,6 +260,20 @@ def _best_accuracy_threshold(distances: np.ndarray, is_same: np.ndarray) -> floa
     return float(thresholds[np.argmax(correct)])  # argmax: the first (smallest) maximiser
 
 
+def _grid_accuracy_threshold(distances: np.ndarray, is_same: np.ndarray) -> float:
+    """davidsandberg's search: the first t of GRID_THRESHOLDS maximising accuracy on these pairs
+    with a pair accepted iff d < t, returned as the largest float below t (the same pairs
+    accepted by d ≤ it)."""
+    below = {kind: np.searchsorted(np.sort(distances[mask]), GRID_THRESHOLDS, side="left")
+             for kind, mask in (("same", is_same), ("different", ~is_same))}
+    correct = below["same"] + (int(np.sum(~is_same)) - below["different"])
+    return float(np.nextafter(GRID_THRESHOLDS[np.argmax(correct)], -np.inf))
+
+
+_ACCURACY_THRESHOLD_SEARCH = {"exact": _best_accuracy_threshold,
+                              "grid": _grid_accuracy_threshold}
+
+
 def _largest_threshold_within_far(distances: np.ndarray, is_same: np.ndarray,
                                   far_target: float) -> float:
     """The largest threshold with FAR ≤ far_target on these pairs (needs a different pair)."""
@@ -238,26 +295,47 @@ def _rate(accepted: np.ndarray) -> float:
     return float(accepted.mean()) if accepted.size else float("nan")
 
 
-def verification_kfold(distances: Any, is_same: Any, folds: Any) -> dict[str, Any]:
+def _check_fold_distances(distances: Any, is_same: Any, folds: Any
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """distances [M] or [F,M] (row f: what fold f's search and scoring use, see
+    `fold_distances`), is_same [M], folds [M] -> float64 [F,M] (a 1-D input repeated as a
+    view), bool [M], int [M], the F sorted fold ids."""
+    same = _bool_vector(is_same, "is_same")
+    folds = _check_folds(folds, len(same))
+    fold_ids = np.unique(folds)
+    d = np.asarray(distances, dtype=np.float64)
+    if d.ndim == 2 and d.shape != (len(fold_ids), len(same)):
+        raise ValueError(f"per-fold distances must be [folds={len(fold_ids)}, pairs="
+                         f"{len(same)}], got shape {d.shape}")
+    _check_pairs(d[0] if d.ndim == 2 else d, same)
+    if d.ndim == 2:
+        _finite_vector(d.ravel(), "distances")
+    return (d if d.ndim == 2 else np.broadcast_to(d, (len(fold_ids), len(d))), same, folds,
+            fold_ids)
+
+
+def verification_kfold(distances: Any, is_same: Any, folds: Any, *,
+                       threshold_search: str = "exact") -> dict[str, Any]:
     """LFW-protocol k-fold verification accuracy.
 
-    distances [M], is_same [M] bool, folds [M] int (≥ 2 distinct ids). For each fold id (sorted),
-    the threshold is the smallest one maximising accuracy on the pairs of all *other* folds
-    (searched exactly, see the module docstring); a pair is "same" iff distance ≤ threshold; the
-    accuracy is measured on the held fold.
+    distances [M] (or [F,M], one row per sorted fold id: `fold_distances`), is_same [M] bool,
+    folds [M] int (≥ 2 distinct ids). For each fold id (sorted), the threshold is chosen on the
+    pairs of all *other* folds: "exact", the smallest one maximising their accuracy (searched
+    exactly, see the module docstring); "grid", davidsandberg's grid search. A pair is "same"
+    iff distance ≤ threshold; the accuracy is measured on the held fold.
 
     Returns accuracy (mean of fold accuracies), accuracy_std (population std, ddof=0), threshold
-    (mean of the chosen thresholds; -inf if a fold's best is to accept nothing), fold_accuracies and fold_thresholds (lists, sorted fold id
-    order), num_folds.
+    (mean of the chosen thresholds; -inf if a fold's best is to accept nothing), fold_accuracies
+    and fold_thresholds (lists, sorted fold id order), num_folds.
     """
-    d, same = _check_pairs(distances, is_same)
-    folds = _check_folds(folds, len(d))
-    fold_ids = np.unique(folds)
+    check_threshold_search(threshold_search)
+    d, same, folds, fold_ids = _check_fold_distances(distances, is_same, folds)
+    choose = _ACCURACY_THRESHOLD_SEARCH[threshold_search]
     accuracies, thresholds = [], []
-    for fold in fold_ids:
+    for row, fold in zip(d, fold_ids):
         held = folds == fold
-        threshold = _best_accuracy_threshold(d[~held], same[~held])
-        accuracies.append(_rate((d[held] <= threshold) == same[held]))
+        threshold = choose(row[~held], same[~held])
+        accuracies.append(_rate((row[held] <= threshold) == same[held]))
         thresholds.append(threshold)
     accuracy, accuracy_std = _mean_std(accuracies)
     return {"accuracy": accuracy, "accuracy_std": accuracy_std,
@@ -268,7 +346,8 @@ def verification_kfold(distances: Any, is_same: Any, folds: Any) -> dict[str, An
 def val_at_far(distances: Any, is_same: Any, folds: Any, far_target: float) -> dict[str, Any]:
     """VAL (true-accept rate) at a false-accept-rate target, LFW-style over folds.
 
-    distances [M], is_same [M] bool, folds [M] int, far_target in [0, 1). Per held fold: the
+    distances [M] (or [F,M], as `verification_kfold`), is_same [M] bool, folds [M] int,
+    far_target in [0, 1). Per held fold: the
     largest threshold whose FAR on the other folds is ≤ far_target (just below the smallest
     training different-pair distance at which the FAR would pass the target; never 0 as a
     fallback), then on the held fold the TAR (VAL: accepted same pairs / same pairs) and the
@@ -280,17 +359,16 @@ def val_at_far(distances: Any, is_same: Any, folds: Any, far_target: float) -> d
     """
     if not 0.0 <= far_target < 1.0:
         raise ValueError(f"far_target must be in [0, 1), got {far_target}")
-    d, same = _check_pairs(distances, is_same)
-    folds = _check_folds(folds, len(d))
+    d, same, folds, fold_ids = _check_fold_distances(distances, is_same, folds)
     vals, fars, thresholds = [], [], []
-    for fold in np.unique(folds):
+    for row, fold in zip(d, fold_ids):
         held = folds == fold
         if same[~held].all():
             raise ValueError(f"the folds other than fold {fold} hold no different-identity "
                              "pair, so their FAR is undefined; spread different pairs over "
                              "every fold (e.g. data.generate_pairs)")
-        threshold = _largest_threshold_within_far(d[~held], same[~held], far_target)
-        accepted = d[held] <= threshold
+        threshold = _largest_threshold_within_far(row[~held], same[~held], far_target)
+        accepted = row[held] <= threshold
         vals.append(_rate(accepted[same[held]]))
         fars.append(_rate(accepted[~same[held]]))
         thresholds.append(threshold)
@@ -299,6 +377,51 @@ def val_at_far(distances: Any, is_same: Any, folds: Any, far_target: float) -> d
     return {"val": val, "val_std": val_std, "far": far, "far_std": far_std,
             "threshold": float(np.mean(thresholds)), "fold_vals": vals, "fold_fars": fars,
             "fold_thresholds": thresholds}
+
+
+def fold_distances(embeddings: Any, first: Any, second: Any, folds: Any, distance: str, *,
+                   subtract_mean: bool = False) -> np.ndarray:
+    """Pair distances as the k-fold protocol uses them: without subtract_mean, `pair_distances`
+    [M]; with it, [F,M], row f (sorted fold ids) computed after subtracting from every embedding
+    the mean of the pair embeddings outside fold f: each such pair's first and second embedding,
+    an image counted once per pair it is in, the embeddings as given (no normalisation before
+    or after), as davidsandberg's `calculate_roc` does.
+
+    embeddings [N,D], first [M], second [M] row indices, folds [M] int.
+    """
+    if not subtract_mean:
+        return pair_distances(embeddings, first, second, distance)
+    check_eval_distance(distance)
+    a, b = _pair_rows(embeddings, first, second)
+    folds = _check_folds(folds, len(a))
+    rows = []
+    for fold in np.unique(folds):
+        training = folds != fold
+        mean = (a[training].sum(axis=0) + b[training].sum(axis=0)) / (2 * training.sum())
+        rows.append(_row_distances(a - mean, b - mean, distance))
+    return np.stack(rows)
+
+
+def held_out_distances(distances: Any, folds: Any) -> np.ndarray:
+    """Each pair's distance as its own held fold is scored: distances [F,M] (`fold_distances`,
+    rows in sorted fold-id order), folds [M] -> [M]; a 1-D [M] is returned as it is."""
+    d = np.asarray(distances, dtype=np.float64)
+    if d.ndim == 1:
+        return d
+    folds = np.asarray(folds)
+    held = folds[None, :] == np.unique(folds)[:, None]  # [F, M], one True per column
+    return d[held.argmax(axis=0), np.arange(d.shape[1])]
+
+
+def unbalanced_folds(is_same: Any, folds: Any) -> list[int]:
+    """The folds (1-based, in sorted fold-id order, as LFW numbers them) holding only same or
+    only different pairs: is_same [M] bool, folds [M] int. Consecutive-pair folds of a pairs
+    file or `.bin` set ordered by kind produce them; their accuracy then measures one error
+    rate alone and skews the mean."""
+    same = _bool_vector(is_same, "is_same")
+    folds = np.asarray(folds)
+    return [k + 1 for k, fold in enumerate(np.unique(folds))
+            if len(np.unique(same[folds == fold])) < 2]
 
 
 def verification_at_threshold(distances: Any, is_same: Any, threshold: float) -> dict[str, Any]:
@@ -438,7 +561,7 @@ def retrieval_metrics(embeddings: Any, labels: Any, *, distance: str = "squared"
       i-th nearest has the query's label (Musgrave et al. 2020).
     Memory O(chunk_size × N) (queries in chunks).
     """
-    check_distance(distance)
+    check_eval_distance(distance)
     ks = _check_ks(ks)
     _check_chunk_size(chunk_size)
     emb, labels = _check_embeddings(embeddings, labels)
@@ -498,7 +621,7 @@ def oneshot_identification(embeddings: Any, labels: Any, *, distance: str = "squ
     by identity label. Returns oneshot_top{k} for each k, num_probes, num_gallery. Memory
     O(chunk_size × G).
     """
-    check_distance(distance)
+    check_eval_distance(distance)
     ks = _check_ks(ks)
     _check_chunk_size(chunk_size)
     emb, labels = _check_embeddings(embeddings, labels)
@@ -528,32 +651,46 @@ def oneshot_identification(embeddings: Any, labels: Any, *, distance: str = "squ
 # Everything eval.json reports.
 
 
+def protocol_options(eval_config: Any) -> dict[str, Any]:
+    """The k-fold protocol's choices in a run's config.eval, as `evaluate_embeddings`'s keyword
+    arguments: distance, subtract_mean, threshold_search."""
+    return {"distance": eval_config["distance"], "subtract_mean": eval_config["subtract_mean"],
+            "threshold_search": eval_config["threshold_search"]}
+
+
 def evaluate_embeddings(embeddings: Any, labels: Any, pair_first: Any, pair_second: Any,
                         is_same: Any, folds: Any, *, distance: str = "squared",
+                        subtract_mean: bool = False, threshold_search: str = "exact",
                         include_identification: bool = True) -> dict[str, Any]:
     """All eval.json metrics from embeddings [N,D], labels [N] and pairs (first [M], second [M]
     row indices, is_same [M], folds [M]).
 
     Keys: accuracy, accuracy_std, threshold, val@far=1e-3, val@far=1e-3_std, far@far=1e-3 (and
-    the same three for 1e-2), auc, eer, num_pairs, num_folds; with include_identification and
-    some identity with ≥ 2 images also recall@1, recall@5, recall@10, r_precision, map@r,
-    oneshot_top1, oneshot_top5 (seed 0). Rates are fractions in [0, 1]; values are plain Python
-    floats and ints.
+    the same three for 1e-2), auc, eer, num_pairs, num_folds, unbalanced_folds (see
+    `unbalanced_folds`); with include_identification and some identity with ≥ 2 images also
+    recall@1, recall@5, recall@10, r_precision, map@r, oneshot_top1, oneshot_top5 (seed 0).
+    subtract_mean and threshold_search: see `fold_distances` and `verification_kfold`; the
+    accuracy, VAL and the ROC (AUC, EER: on `held_out_distances`) use them, retrieval and
+    identification never subtract a mean. Rates are fractions in [0, 1]; values are plain
+    Python floats and ints.
     """
-    check_distance(distance)
+    check_eval_distance(distance)
     emb, labels = _check_embeddings(embeddings, labels)
-    d = pair_distances(emb, pair_first, pair_second, distance)
-    verification = verification_kfold(d, is_same, folds)
+    d = fold_distances(emb, pair_first, pair_second, folds, distance,
+                       subtract_mean=subtract_mean)
+    verification = verification_kfold(d, is_same, folds, threshold_search=threshold_search)
     result: dict[str, Any] = {key: verification[key]
                               for key in ("accuracy", "accuracy_std", "threshold")}
     for name, target in VAL_FAR_TARGETS.items():
         val = val_at_far(d, is_same, folds, target)
         result.update({f"val@far={name}": val["val"], f"val@far={name}_std": val["val_std"],
                        f"far@far={name}": val["far"]})
-    result["auc"] = roc_auc(d, is_same)
-    result["eer"] = equal_error_rate(d, is_same)[0]
-    result["num_pairs"] = int(len(d))
+    scores = held_out_distances(d, folds)
+    result["auc"] = roc_auc(scores, is_same)
+    result["eer"] = equal_error_rate(scores, is_same)[0]
+    result["num_pairs"] = int(len(scores))
     result["num_folds"] = verification["num_folds"]
+    result["unbalanced_folds"] = unbalanced_folds(is_same, folds)
     if include_identification:
         result.update(identification_metrics(emb, labels, distance=distance))
     return result

@@ -14,6 +14,12 @@ files from the internet are untrusted input, so `load_data_pickle` runs two inde
    - numpy's array reconstruction (`_reconstruct`, `ndarray`, `dtype`, `_frombuffer`) for
      arrays of dtype bool only (is-same flags saved as a numpy array).
 
+3. After loading, the structure's size counted with every shared reference expanded (what a
+   walk over it, e.g. `np.asarray`, touches) must not exceed the stream's length in bytes:
+   without shared references each item costs at least one byte of the stream, so only a
+   crafted file (lists nested deep, each level referencing the one below twice through the
+   memo: 2^depth items from a few hundred bytes), or one whose list contains itself, exceeds it.
+
 Every refusal is a `pickle.UnpicklingError` that says what was found and why it is refused.
 """
 
@@ -159,16 +165,49 @@ def check_opcodes(data: bytes, source: str = "pickle") -> None:
         raise pickle.UnpicklingError(f"{source}: not a readable pickle ({error})") from None
 
 
+def check_expanded_size(value: Any, limit: int, source: str = "pickle") -> None:
+    """UnpicklingError when the lists and tuples of `value` hold more than `limit` items once
+    every shared reference is counted again, or contain themselves. O(distinct containers +
+    their items): each container is sized once (children before parents), whatever its
+    expanded size."""
+    sizes: dict[int, int] = {}
+    open_containers: set[int] = set()  # on the current path: reached again means a cycle
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, children_sized = stack.pop()
+        if not isinstance(node, (list, tuple)) or (not children_sized and id(node) in sizes):
+            continue
+        if children_sized:
+            size = 1 + sum(sizes[id(child)] if isinstance(child, (list, tuple)) else 1
+                           for child in node)
+            if size > limit:
+                raise pickle.UnpicklingError(
+                    f"{source}: refused: its lists hold over {limit} items once shared "
+                    "references are expanded, more than a file of this size can hold item by "
+                    "item (a crafted file: nested lists referencing each other)")
+            sizes[id(node)] = size
+            open_containers.discard(id(node))
+            continue
+        if id(node) in open_containers:
+            raise pickle.UnpicklingError(f"{source}: refused: a list that contains itself")
+        open_containers.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in node)
+
+
 def load_data_pickle(data: bytes, source: str = "pickle", *, encoding: str = "bytes") -> Any:
     """Unpickles plain data (see the module docstring) from `data`; anything else is a
-    `pickle.UnpicklingError` raised before it can run. `encoding="bytes"` reads Python 2 `str`
-    as bytes (how insightface's files must be read). Bool arrays come back as `_BoolArray`, an
-    ndarray subclass (np.asarray gives the plain array)."""
+    `pickle.UnpicklingError` raised before it can run, and a structure larger than the stream
+    once shared references are expanded is refused (`check_expanded_size`). `encoding="bytes"`
+    reads Python 2 `str` as bytes (how insightface's files must be read). Bool arrays come back
+    as `_BoolArray`, an ndarray subclass (np.asarray gives the plain array)."""
     check_opcodes(data, source)
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+        value = _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except pickle.UnpicklingError as error:
         raise pickle.UnpicklingError(f"{source}: {error}") from None
     except (EOFError, TypeError, ValueError, AttributeError) as error:
         raise pickle.UnpicklingError(f"{source}: not a readable data pickle ({error})") from None
+    check_expanded_size(value, len(data), source)
+    return value
 

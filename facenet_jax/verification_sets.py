@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from facenet_jax import metrics, reporting, runfiles
 from facenet_jax.evaluators import BENCHMARK_EVALUATORS, BenchmarkEvaluator
-from facenet_jax.config import json_safe, provenance, to_plain
+from facenet_jax.config import json_safe, overrides_from_texts, provenance, to_plain
 from facenet_jax.data.alignment import crops_mismatch, run_alignment
 from facenet_jax.data.folder import resize_array
 from facenet_jax.data.pairs import Pairs
@@ -81,6 +81,18 @@ def _decode(encoded: bytes, index: int, source: str) -> np.ndarray:
                          f"({error}); the file is corrupt: download it again") from None
 
 
+def _flat_flags(flags: Any, path: pathlib.Path) -> np.ndarray:
+    """The is-same flags as bool [M]: a flat list of bools or a 1-D numpy bool array, checked
+    before any conversion (np.asarray would walk a nested list, however large)."""
+    if isinstance(flags, np.ndarray):
+        if flags.ndim == 1 and flags.dtype == bool:
+            return np.array(flags, dtype=bool)  # a plain copy of the unpickler's array
+    elif isinstance(flags, list) and all(isinstance(f, (bool, np.bool_)) for f in flags):
+        return np.array(flags, dtype=bool)
+    raise ValueError(f"{path}: the second element must be a flat list of is-same flags (bools) "
+                     f"or a 1-D numpy bool array, got {type(flags).__name__}")
+
+
 def read_bin(path: str | pathlib.Path, image_size: int, center_crop: float | None = None
              ) -> VerificationSet:
     """Reads an insightface `.bin` file into a VerificationSet at image_size × image_size.
@@ -99,9 +111,7 @@ def read_bin(path: str | pathlib.Path, image_size: int, center_crop: float | Non
     encoded, flags = content
     if not isinstance(encoded, list) or not all(isinstance(b, bytes) for b in encoded):
         raise ValueError(f"{path}: the first element must be a list of encoded images (bytes)")
-    is_same = np.asarray(flags)
-    if is_same.ndim != 1 or not all(isinstance(f, (bool, np.bool_)) for f in is_same.tolist()):
-        raise ValueError(f"{path}: the second element must be a flat list of is-same flags")
+    is_same = _flat_flags(flags, path)
     if len(encoded) != 2 * len(is_same) or not len(is_same):
         raise ValueError(f"{path}: {len(encoded)} images for {len(is_same)} pairs; a set holds "
                          "2 images per pair and at least one pair")
@@ -176,25 +186,34 @@ def alignment_facts(name: str, data_config: Any) -> dict[str, Any]:
     return {"alignment": described, "alignment_mismatch": mismatch}
 
 
-def evaluate_set(embed_images: ImageEmbedder, vset: VerificationSet, *, distance: str
+def evaluate_set(embed_images: ImageEmbedder, vset: VerificationSet, *, distance: str,
+                 subtract_mean: bool = False, threshold_search: str = "exact"
                  ) -> dict[str, Any]:
     """The eval.json verification keys of one set, with the VAL@FAR resolution flags
-    (metrics.val_resolution), as the folder path; no identities: no retrieval metrics."""
+    (metrics.val_resolution), as the folder path, and the k-fold protocol's options
+    (metrics.evaluate_embeddings); no identities: no retrieval metrics."""
     embeddings = embed_images(vset.images)
     pairs = vset.pairs()
     result = metrics.evaluate_embeddings(
         embeddings, np.arange(len(embeddings)), pairs.first, pairs.second, pairs.is_same,
-        pairs.fold, distance=distance, include_identification=False)
+        pairs.fold, distance=distance, subtract_mean=subtract_mean,
+        threshold_search=threshold_search, include_identification=False)
+    if result["unbalanced_folds"]:
+        logging.warning("%s: folds %s hold only same or only different pairs: their accuracy "
+                        "measures one error rate alone and skews the mean", vset.name,
+                        result["unbalanced_folds"])
     result.update(metrics.val_resolution(pairs.is_same, pairs.fold))
     return {**result, "num_images": int(len(vset.images)), "source_image_size": vset.source_size,
             "center_crop": vset.center_crop}
 
 
 def training_metrics(embed_images: ImageEmbedder, sets: Sequence[VerificationSet], *,
-                     distance: str) -> dict[str, float]:
+                     distance: str, subtract_mean: bool = False,
+                     threshold_search: str = "exact") -> dict[str, float]:
     """{"eval/<set>/accuracy": ...} for the training log (every eval_every steps)."""
-    return {f"eval/{vset.name}/accuracy": evaluate_set(embed_images, vset,
-                                                       distance=distance)["accuracy"]
+    return {f"eval/{vset.name}/accuracy": evaluate_set(
+                embed_images, vset, distance=distance, subtract_mean=subtract_mean,
+                threshold_search=threshold_search)["accuracy"]
             for vset in sets}
 
 
@@ -285,27 +304,34 @@ def check_output(output: pathlib.Path, paths: Mapping[str, pathlib.Path]) -> Non
 
 
 def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Path, *,
-                          names: str | Sequence[str] | None = None, flip: bool = True,
-                          output: pathlib.Path | None = None) -> dict[str, dict[str, Any]]:
+                          names: str | Sequence[str] | None = None, flip: bool | None = True,
+                          output: pathlib.Path | None = None,
+                          eval_overrides: Mapping[str, str] | None = None
+                          ) -> dict[str, dict[str, Any]]:
     """The CLI's work: DIR's latest checkpoint on every requested set, each preprocessed as the
     run's files → `output` (default DIR/eval_verification_sets.json; {set name: eval.json keys
     + flip, path, step, center_crop, alignment, alignment_mismatch, ...}) and the markdown
-    table beside it. An output holding other sets is refused (`check_output`)."""
+    table beside it. An output holding other sets is refused (`check_output`). flip None: the
+    run's eval.flip; eval_overrides: as `evaluate --workdir --config.eval.KEY=V`
+    (config.apply_evaluation_overrides)."""
     from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
 
     paths = find_sets(folder, parse_names(names))  # before loading the model: fail fast
     output = output_path(workdir, output)
     check_output(output, paths)
-    encoder = load_encoder(workdir, flip=flip)
+    encoder = load_encoder(workdir, flip=flip, eval_overrides=eval_overrides)
     config = encoder.config
-    run_facts = {"flip": flip, "flip_mode": "sum", "distance": config.eval.distance,
+    run_facts = {"flip": config.eval.flip if flip is None else flip,
+                 "flip_mode": config.eval.flip_mode, "subtract_mean": config.eval.subtract_mean,
+                 "threshold_search": config.eval.threshold_search,
+                 "distance": config.eval.distance,
                  "step": encoder.step, "model": config.model.name,
                  "image_size": config.data.image_size, "config": to_plain(config),
                  "provenance": provenance()}
     results = {}
     for name, path in paths.items():
         vset = read_bin(path, config.data.image_size, config.data.center_crop)
-        result = evaluate_set(encoder.embed, vset, distance=config.eval.distance)
+        result = evaluate_set(encoder.embed, vset, **metrics.protocol_options(config.eval))
         results[name] = {**result, "path": str(path.resolve()),
                          **alignment_facts(name, config.data), **run_facts}
         logging.info("%s: accuracy %.4f ± %.4f (%d pairs)", name, result["accuracy"],
@@ -319,7 +345,8 @@ def _run_from_flags(flags: Any, flip: bool) -> str:
     [--output FILE]`."""
     output = output_path(flags.workdir, flags.output)
     results = evaluate_workdir_sets(flags.workdir, flags.verification_sets, names=flags.names,
-                                    flip=flip, output=output)
+                                    flip=flip, output=output,
+                                    eval_overrides=overrides_from_texts(flags.run_config))
     return f"{markdown_table(results)}\nwrote {output}"
 
 

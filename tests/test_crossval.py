@@ -207,6 +207,8 @@ def test_a_finished_fold_rescored_with_flip_trains_nothing(lfw_like, tmp_path):
     (lambda images, pairs, tmp: (pairs, {"data.split.exclude_pairs_file": str(tmp / "x.txt")}),
      "leave the key unset"),
     (lambda images, pairs, tmp: (pairs, {"data.source": "synthetic"}), "data.source='folder'"),
+    (lambda images, pairs, tmp: (pairs, {"eval.subtract_mean": True}),
+     "fixed one, which subtracts no mean"),
     (lambda images, pairs, tmp: (pairs, {"data.root": str(tmp / "partial")}),
      "(?s)lacks images of the pairs.*Person_BB/Person_BB_0003"),
 ])
@@ -317,3 +319,36 @@ def test_command_line_refuses_a_fold_out_of_range_in_one_line(lfw_like, tmp_path
     assert result.returncode != 0
     assert "--folds '1,3': the pairs file has folds 1..2" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "cv" / "fold_1").exists()
+
+
+@pytest.mark.slow
+def test_step_0_with_init_from_is_the_imported_row(lfw_like, tmp_path):
+    """num_steps=0 with model.init_from: the encoder as it is, scored by the same rule as a
+    fine-tuned fold (threshold on the fold run's validation split, here by the grid search),
+    from a step-0 checkpoint holding exactly the source's weights; nothing is trained."""
+    import jax
+
+    from facenet_jax.embed import load_encoder
+
+    images, pairs = lfw_like
+    source = tmp_path / "source"
+    crossval.run_crossval(_config(images), pairs, source, folds="1")
+    out = tmp_path / "imported"
+    config = _config(images, **{"num_steps": 0, "model.init_from": str(source / "fold_1"),
+                                "eval.threshold_search": "grid"})
+    summary = crossval.run_crossval(config, pairs, out, folds="2")
+    run = out / "fold_2"
+    assert '"loss"' not in (run / "metrics.jsonl").read_text()  # no training step
+    imported, original = load_encoder(run), load_encoder(source / "fold_1")
+    assert imported.step == 0
+    for a, b in zip(jax.tree.leaves(imported.variables), jax.tree.leaves(original.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    result = json.loads((run / crossval.FOLD_EVAL_FILE).read_text())
+    validation = json.loads((run / "eval_validation.json").read_text())
+    assert validation["step"] == 0 and validation["threshold_search"] == "grid"
+    assert result["threshold"] == validation["threshold"]
+    _check_scored_by_the_run_encoder(result, run, images, 2)
+    assert summary["rows"][0]["fold"] == 2
+    config_lib.set_dotted(config, "model.init_from", None)
+    with pytest.raises(ValueError, match="num_steps=0 trains nothing.*model.init_from"):
+        config_lib.validate_config(config, num_devices=1)

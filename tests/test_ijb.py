@@ -83,6 +83,25 @@ def _brute_force_tar(scores, same, target):
     return best[0]
 
 
+def insightface_tar_at_far(same, scores, target):
+    """A port of insightface's eval_ijbc.py reading: sklearn's ROC (its default points), fpr
+    and tpr flipped, then the first point with the FAR nearest the target."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(same, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)  # "select largest tpr at same fpr"
+    _, min_index = min(zip(abs(fpr - target), range(len(fpr))))
+    return tpr[min_index]
+
+
+def test_equally_near_roc_points_read_the_highest_tar_as_insightface():
+    scores = np.array([.95, .90, .85, .30, .20, .10, 0, -.1, -.2, -.3])
+    same = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], bool)
+    # FAR 1/8 is the nearest to 0.1, at TAR 0.5 (accept ≥ .90) and TAR 1.0 (accept ≥ .85).
+    assert insightface_tar_at_far(same, scores, 0.1) == 1.0
+    assert ijb.tar_at_far(scores, same, (0.1,))["tar@far"]["1e-1"] == 1.0
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_tar_at_far_matches_enumeration_and_sklearn_reading(seed):
     from sklearn.metrics import roc_curve
@@ -92,11 +111,9 @@ def test_tar_at_far_matches_enumeration_and_sklearn_reading(seed):
     scores = np.round(rng.normal(same * 1.5, 1.0), 2)  # rounded: many tied scores
     targets = (1e-3, 1e-2, 1e-1, 0.3)
     result = ijb.tar_at_far(scores, same, targets)
-    # insightface: sklearn's ROC (its default points), the point with the FAR nearest each target.
-    fpr, tpr, _ = roc_curve(same, scores)
     for target in targets:
         key = ijb.far_name(target)
-        assert result["tar@far"][key] == tpr[np.argmin(np.abs(fpr - target))]
+        assert result["tar@far"][key] == insightface_tar_at_far(same, scores, target)
         conservative = result["tar@far_conservative"][key]
         assert conservative["tar"] == pytest.approx(_brute_force_tar(scores, same, target))
         assert conservative["far"] <= target
@@ -110,16 +127,17 @@ def test_tar_at_far_matches_enumeration_and_sklearn_reading(seed):
 def test_untied_scores_read_like_insightface_and_the_dropped_points_matter():
     from sklearn.metrics import roc_curve
 
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(4)
     same = rng.random(20000) < 0.1
     scores = rng.normal(same * 2.0, 1.0)
-    fpr, tpr, _ = roc_curve(same, scores)  # drop_intermediate=True, as eval_ijbc.py calls it
     result = ijb.tar_at_far(scores, same, ijb.FAR_TARGETS)
     for target in ijb.FAR_TARGETS:
-        assert result["tar@far"][ijb.far_name(target)] == tpr[np.argmin(np.abs(fpr - target))]
+        assert (result["tar@far"][ijb.far_name(target)]
+                == insightface_tar_at_far(same, scores, target))
     # On every point of the curve the nearest one at FAR = 1e-2 is another (found here): the
     # reading depends on sklearn's dropping, which insightface's numbers include.
     full_fpr, full_tpr, _ = roc_curve(same, scores, drop_intermediate=False)
+    full_fpr, full_tpr = np.flipud(full_fpr), np.flipud(full_tpr)
     assert result["tar@far"]["1e-2"] != full_tpr[np.argmin(np.abs(full_fpr - 1e-2))]
 
 

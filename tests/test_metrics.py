@@ -431,7 +431,7 @@ def test_all_identical_embeddings_rank_by_index():
 
 EVAL_KEYS = {"accuracy", "accuracy_std", "threshold", "val@far=1e-3", "val@far=1e-3_std",
              "far@far=1e-3", "val@far=1e-2", "val@far=1e-2_std", "far@far=1e-2", "auc", "eer",
-             "num_pairs", "num_folds"}
+             "num_pairs", "num_folds", "unbalanced_folds"}
 IDENTIFICATION_KEYS = {"recall@1", "recall@5", "recall@10", "r_precision", "map@r",
                        "oneshot_top1", "oneshot_top5"}
 
@@ -453,6 +453,9 @@ def test_evaluate_embeddings_keys_types_and_values():
                                          distance="euclidean")
     assert set(result) == EVAL_KEYS | IDENTIFICATION_KEYS
     json.dumps(result, allow_nan=False)
+    # Random pairs: fold 10 happens to draw no same pair.
+    assert result.pop("unbalanced_folds") == [k + 1 for k in range(10)
+                                              if len(set(same[folds == k])) < 2] == [10]
     for key, value in result.items():
         assert type(value) is (int if key.startswith("num_") else float), key
         if key != "threshold":

@@ -428,3 +428,45 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     shown = subprocess.run(cmd, cwd=REPO, env=_env(FACENET_JAX_TRACEBACK="1"),
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_evaluate_takes_davidsandbergs_protocol_as_evaluation_only_keys(straight_run, tmp_path):
+    """`evaluate --workdir DIR --config.eval.KEY=V`: the run evaluated with angular distance,
+    concatenated mirror embeddings, the training folds' mean subtracted and the 0.01 grid: the
+    accuracy is that of a port of davidsandberg's calculate_roc on the same embeddings; any
+    other key is refused in one line."""
+    from test_eval_protocol import sandberg_fold_accuracies
+
+    from facenet_jax import evaluate
+    from facenet_jax.embed import load_encoder
+
+    workdir, _ = straight_run
+    output = tmp_path / "eval_sandberg.json"
+    protocol = {"eval.distance": "angular", "eval.flip": "True", "eval.flip_mode": "concat",
+                "eval.subtract_mean": "True", "eval.threshold_search": "grid"}
+    _python_m("facenet_jax.evaluate", "--workdir", workdir, "--output", output,
+              *(f"--config.{key}={value}" for key, value in protocol.items()))
+    saved = json.loads(output.read_text())
+    assert (saved["distance"], saved["flip"], saved["flip_mode"], saved["subtract_mean"],
+            saved["threshold_search"]) == ("angular", True, "concat", True, "grid")
+    assert saved["config"]["eval"]["flip_mode"] == "concat"
+    encoder = load_encoder(workdir, eval_overrides=protocol)
+    test, pairs = evaluate.split_and_pairs(encoder.config, workdir / "split.json")
+    embeddings = encoder.embed(np.asarray(test.images))
+    assert embeddings.shape[1] == 2 * 16  # [original | mirror]
+    assert np.all(np.diff(pairs.fold) >= 0) and len(set(np.bincount(pairs.fold))) == 1
+    want = sandberg_fold_accuracies(embeddings[pairs.first].astype(np.float64),
+                                    embeddings[pairs.second].astype(np.float64),
+                                    pairs.is_same, len(np.unique(pairs.fold)), 1, True)
+    assert saved["accuracy"] == pytest.approx(np.mean(want), abs=1e-12)
+    assert json.loads((workdir / "config.json").read_text())["config"]["eval"][
+        "distance"] == "squared"  # the run's own record is untouched
+    refused = subprocess.run(
+        [sys.executable, "-m", "facenet_jax.evaluate", "--workdir", str(workdir), "--output",
+         str(tmp_path / "x.json"), "--config.loss.margin=0.3"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "error (ValueError): --config.loss.margin: an evaluation may change only the "
+        "evaluation-only keys (eval.flip, eval.batch_size, eval.distance, eval.flip_mode, "
+        "eval.subtract_mean, eval.threshold_search); the other keys are the trained run's")

@@ -134,6 +134,44 @@ def test_structure_size_and_corrupt_image_errors(tmp_path, caplog):
     assert "resized to 32 px" in caplog.text
 
 
+def _shared_nesting(depth):
+    """Flags nested `depth` lists deep, each level holding the one below twice (one object: the
+    pickle memo stores it once), 2^depth bools in all."""
+    flags = [True, False]
+    for _ in range(depth - 1):
+        flags = [flags, flags]
+    return flags
+
+
+def test_flags_nested_through_shared_references_are_refused_before_any_walk(tmp_path):
+    # The audit's file: 29 levels, about 300 bytes, 2^29 flags once expanded (np.asarray of it
+    # exhausts memory). Only the loader is called here: it must refuse, in milliseconds.
+    data = pickle.dumps(([], _shared_nesting(29)), protocol=2)
+    assert len(data) < 400  # 212 bytes at protocol 2
+    with pytest.raises(pickle.UnpicklingError, match=r"over \d+ items once shared references"):
+        safe_pickle.load_data_pickle(data, "crafted.bin")
+    looped = []
+    looped.append(looped)
+    with pytest.raises(pickle.UnpicklingError, match="contains itself"):
+        safe_pickle.load_data_pickle(pickle.dumps(([], looped), protocol=2))
+    # Legitimate sharing stays within the bound: the same bytes object referenced twice.
+    image = b"x" * 50
+    assert safe_pickle.load_data_pickle(pickle.dumps(([image, image], [True]))) == (
+        [image, image], [True])
+
+
+@pytest.mark.parametrize("flags", [_shared_nesting(3), [1, 0, 1, 0], [[True], [False]],
+                                   np.array([[True, False]] * 2),
+                                   (True, False, True, False)])
+def test_flags_must_be_a_flat_list_of_bools_or_a_1d_bool_array(tmp_path, flags):
+    images, _ = synthetic_pairs(num_pairs=2, size=16)
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(pickle.dumps(([png(i) for i in images], flags)))
+    with pytest.raises(ValueError, match="flat list of is-same flags .bools. or a 1-D numpy "
+                                         "bool array"):
+        verification_sets.read_bin(path, 16)
+
+
 def test_find_sets_names_missing_files(tmp_path):
     for name in ("cplfw", "lfw", "extra"):
         (tmp_path / f"{name}.bin").write_bytes(b"")
@@ -188,6 +226,20 @@ def test_evaluation_matches_brute_force_protocol(py2_bin):
     assert result["num_pairs"] == 40 and result["num_images"] == 80
     ranks = np.array([np.mean(d[~flags] > x) + 0.5 * np.mean(d[~flags] == x) for x in d[flags]])
     assert result["auc"] == pytest.approx(ranks.mean())  # Mann-Whitney form of the AUC
+
+
+def test_davidsandbergs_protocol_on_a_bin_set_equals_the_port(py2_bin):
+    from test_eval_protocol import sandberg_fold_accuracies
+
+    path, images, flags = py2_bin
+    vset = verification_sets.read_bin(path, 32)
+    result = verification_sets.evaluate_set(pixel_embeddings, vset, distance="angular",
+                                            subtract_mean=True, threshold_search="grid")
+    emb = pixel_embeddings(vset.images).astype(np.float64)
+    want = sandberg_fold_accuracies(emb[0::2], emb[1::2], flags, 10, 1, True)
+    assert result["accuracy"] == pytest.approx(np.mean(want), abs=1e-12)
+    assert result["unbalanced_folds"] == [k + 1 for k in range(10)
+                                          if len(set(flags[4 * k:4 * k + 4])) < 2]
 
 
 def test_uneven_pair_count_folds_like_kfold():

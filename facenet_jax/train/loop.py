@@ -24,6 +24,7 @@ from facenet_jax import (checkpoints, data, evaluate, finetune, objectives, para
 from facenet_jax.config import validate_config
 from facenet_jax.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, drop_metric_rows, read_metrics, truncate_metrics
+from facenet_jax.metrics import protocol_options
 from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
                                create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
@@ -303,7 +304,8 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     warmup_fn = (compiled_step(objectives.from_config(config, warmup=True, **sizes))
                  if warmup_steps else None)
     embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
-                          batch_size=config.eval.batch_size, flip=config.eval.flip)
+                          batch_size=config.eval.batch_size, flip=config.eval.flip,
+                          flip_mode=config.eval.flip_mode)
     # TensorBoard drops the events a killed earlier attempt logged past the restored step.
     writer = MetricsWriter(workdir, enabled=is_writer,
                            purge_step=start_step + 1 if restored is not None else None)
@@ -315,7 +317,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         num_steps=config.num_steps,
         last_checkpoint=start_step if restored is not None else None, is_writer=is_writer,
         replaced_images=lambda: run_data.sampler.replaced_images)
-    if config.model.init_from is not None and restored is None:
+    if config.model.init_from is not None and restored is None and config.num_steps:
         _evaluate_baseline(config, embed, run_data, writer, state)
 
     with _Preemption() as preemption:
@@ -342,6 +344,10 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                 return {"preempted": True, "step": done}
     log.flush(config.num_steps)
     progress.close()
+    if not config.num_steps and restored is None:
+        # num_steps=0 (model.init_from as it is): the step-0 checkpoint the loop never saves,
+        # so the run folder is evaluated (crossval, evaluate --workdir) like any other.
+        checkpoints.save(manager, 0, state)
     try:
         return _final_evaluations(config, workdir, embed, state.variables, run_data.splits,
                                   writer, is_writer)
@@ -363,7 +369,7 @@ def _periodic_actions(config: ml_collections.ConfigDict, workdir: pathlib.Path, 
     def evaluate_sets(done: int, state: Any) -> None:
         writer.write(done, verification_sets.training_metrics(
             functools.partial(embed, state.variables), run_data.benchmark_sets,
-            distance=config.eval.distance))
+            **protocol_options(config.eval)))
         log.restart()
 
     def save(done: int, state: Any) -> None:
@@ -392,7 +398,7 @@ def _evaluate_validation(config: ml_collections.ConfigDict, embed: Any, run_data
     starting with `label`."""
     result = evaluate.evaluate_dataset(embed, state.variables, run_data.splits["validation"],
                                        run_data.validation_pairs,
-                                       distance=config.eval.distance)
+                                       **protocol_options(config.eval))
     writer.write(step, _logged_numbers("eval", result))
     logging.info("%s at step %d: accuracy %.4f ± %.4f, AUC %.4f (%d pairs)", label, step,
                  result["accuracy"], result["accuracy_std"], result["auc"], result["num_pairs"])
@@ -470,6 +476,7 @@ def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         writer.write(step, _logged_numbers("test", result))
         writer.write_images(step, {f"test/{name}": path
                                    for name, path in result["figures"].items()})
-        plots.plot_training_curves(read_metrics(workdir),
-                                   workdir / runfiles.TRAINING_CURVES_FILE)
+        if step:  # num_steps=0 trained nothing: no curve to draw
+            plots.plot_training_curves(read_metrics(workdir),
+                                       workdir / runfiles.TRAINING_CURVES_FILE)
     return result
