@@ -165,9 +165,10 @@ class _CpuMeter:
 
 
 def _images_per_s(batches, images_per_batch: int, warmup: int = 2
-                  ) -> tuple[float, float, float]:
+                  ) -> tuple[float, float | None, float]:
     """(images per wall-second and per CPU-second after the first `warmup` batches, seconds
-    until the first batch)."""
+    until the first batch). Per CPU-second is None when the CPU time read stays below the
+    clock tick (10 ms), as a very short run on a tiny pack can."""
     start = time.perf_counter()
     first = meter = None
     count = 0
@@ -180,7 +181,9 @@ def _images_per_s(batches, images_per_batch: int, warmup: int = 2
             count += 1
             meter.sample()
     images = count * images_per_batch
-    return images / (time.perf_counter() - steady), images / meter.seconds(), first
+    cpu_seconds = meter.seconds()
+    return (images / (time.perf_counter() - steady),
+            images / cpu_seconds if cpu_seconds > 0 else None, first)
 
 
 def decode_rates(payloads: list[bytes], seconds: float = 3.0
@@ -265,7 +268,7 @@ def measure_stream(pack: pathlib.Path, folder: pathlib.Path | None, workers: lis
                   if r["path"].startswith("pack, stream")}
     per_worker = by_workers.get(1)
     scaling = (min(1.0, by_workers[2] / per_worker)
-               if per_worker and 2 in by_workers else None)
+               if per_worker and by_workers.get(2) else None)
     projection = None
     if per_worker:
         projected_workers = PROJECTED_CORES - RESERVED_CORES
