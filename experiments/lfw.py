@@ -1,8 +1,8 @@
 """LFW as LFW distributes it (lfw.tgz or lfw-deepfunneled.tgz): 250×250 JPEGs, face centred.
 
 Reproduces: nothing published; the project's measured recipe for LFW's official pairs on a
-2-core CPU (docs/lfw_recipe.md: each ingredient as an ablation row, cross-validated over the
-folds of a pairs file). The face fills roughly the central 110 px of each 250×250 image (LFW's
+2-core CPU (docs/lfw_recipe.md; each ingredient as an ablation row, cross-validated over the
+folds of a pairs file: experiments/results/lfw_recipe/README.md). The face fills roughly the central 110 px of each 250×250 image (LFW's
 Viola-Jones box enlarged 2.2×), so the central half (center_crop=0.5, 125 px) is kept and
 resized to 64 px. Identities with at least 2 images are used for training; with
 data.split.exclude_pairs_file set, every identity named in that pairs file moves from training
@@ -13,7 +13,7 @@ on its 420 pairs. P×K = 32×4, `semihard` on squared distance with α = 0.2; sm
 widths 32–256 (4 stages, one conv each) at 64 px; 3,500 steps; embeddings of the image and its
 mirror added at evaluation (eval.flip).
 Measured: 5-fold cross-validation on lfw_half (LFW less the people of View 2 folds 6-10) gives
-0.832 ± 0.019 mean accuracy, AUC 0.922 (docs/lfw_recipe.md, row 3; 0.90 is not
+0.832 ± 0.019 mean accuracy, AUC 0.922 (experiments/results/lfw_recipe/README.md, row 3; 0.90 is not
 reached, and that page says what limits it).
 Hardware: a 2-core CPU. Time: about 15 minutes per run (869 ± 15 s per fold measured on the
 idle CPU: 0.25 s per step, data decoding, compile and evaluations included).

@@ -12,8 +12,8 @@ unreadable, box, landmarks, score). Re-running skips images already aligned (res
 bad image never stops the run; the exit status is non-zero when nothing could be aligned.
 
 The detector is the `mtcnn` package (1.0; its three networks' weights ship inside the wheel,
-nothing downloads) on TensorFlow: `pip install 'facenet_jax[align]'` (TensorFlow comes with the
-`tfds` extra). Imported only here.
+nothing downloads) on TensorFlow: `pip install 'facenet_jax[align]'` brings both. Imported only
+here.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ REPORT_FIELDS = ("source", "output", "status", "x1", "y1", "x2", "y2", "score", 
 STATUSES = ("aligned", "no face", "unreadable")
 FACE_RULES = ("largest", "central")
 MTCNN_HINT = ("face detection needs the mtcnn package and TensorFlow: pip install "
-              "'facenet_jax[align,tfds]'")
+              "'facenet_jax[align]'")
+# mtcnn imports TensorFlow without requiring it, so both are checked before any work.
+DETECTOR_MODULES = ("mtcnn", "tensorflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,9 @@ Detector = Callable[[np.ndarray], list[Face]]
 def mtcnn_detector() -> Detector:
     """detect(uint8 RGB [H, W, 3]) -> faces, with the mtcnn package's MTCNN (thread-safe use:
     one TensorFlow graph, calls serialised by a lock; decoding and warping run in parallel)."""
-    if importlib.util.find_spec("mtcnn") is None:
-        raise ImportError(MTCNN_HINT)
+    missing = [name for name in DETECTOR_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"{MTCNN_HINT} ({', '.join(missing)} not found)")
     lock = threading.Lock()
     # Built at the first detection: a run of only unreadable files never starts TensorFlow.
     network: list[Any] = []

@@ -1,7 +1,7 @@
 """The alignment tool on real photos (../shared/data) and on canvases built from them.
 
 The crop geometry is tested without a detector; detection needs the `mtcnn` package and
-TensorFlow (`pip install '.[align,tfds]'`) and skips without them.
+TensorFlow (`pip install '.[align]'`) and skips without them.
 """
 
 import csv
@@ -94,11 +94,22 @@ def test_choose_face_largest_or_central():
     assert align.choose_face([], 100, 100) is None
 
 
+@pytest.mark.parametrize("absent", align.DETECTOR_MODULES)
+def test_detector_without_mtcnn_or_tensorflow_says_what_to_install(absent, monkeypatch):
+    """mtcnn present without TensorFlow (it does not require it) is refused as clearly as no
+    mtcnn, before any detection."""
+    find_spec = align.importlib.util.find_spec
+    monkeypatch.setattr(align.importlib.util, "find_spec",
+                        lambda name, *a: None if name == absent else find_spec(name, *a))
+    with pytest.raises(ImportError, match=rf"pip install 'facenet_jax\[align\]' \({absent} "):
+        align.mtcnn_detector()
+
+
 @pytest.fixture(scope="module")
 def detector():
     pytest.importorskip("mtcnn", reason="mtcnn is not installed: pip install '.[align]'")
     pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install "
-                        "'.[tfds]'")
+                        "'.[align]'")
     return align.mtcnn_detector()
 
 

@@ -195,3 +195,89 @@ def test_scale_run_renders_load_synthetics_faces_chunk_by_chunk(monkeypatch, tmp
     summary = scale_run.make_pack(tmp_path / "pack", 3, 4)
     assert (summary["identities"], summary["images"]) == (3, 12)
     assert rec.load_pack(tmp_path / "pack", 112).counts().tolist() == [4, 4, 4]
+
+
+def _torch_anchor():
+    pytest.importorskip("torch")
+    from benchmarks import train_step_torch
+    return train_step_torch
+
+
+def test_torch_anchor_is_the_same_resnet18_as_ours():
+    """Parameter and BN-statistics counts of the PyTorch model equal facenet_jax's resnet18
+    (the counts see every width, block, projection, the head BN and the embedding's bias)."""
+    import jax
+    import jax.numpy as jnp
+
+    from facenet_jax import config as cfg
+    from facenet_jax.state import build_model
+
+    torch_model = _torch_anchor().build_model()
+    config = cfg.load_config(train_step.REPO / "experiments" / "default.py",
+                             {"model.name": "resnet18", "data.image_size": 32})
+    variables = jax.eval_shape(lambda: build_model(config, bn_axis_name=None).init(
+        jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), train=False))
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert sum(p.numel() for p in torch_model.parameters()) == count(variables["params"])
+    assert sum(b.numel() for name, b in torch_model.named_buffers()
+               if "running" in name) == count(variables["batch_stats"])
+    import torch
+    embeddings = torch_model.train()(torch.zeros(4, 3, 32, 32).uniform_(-1, 1))
+    assert embeddings.shape == (4, 128)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(4))
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_torch_anchor_loss_is_our_semihard_loss(duplicates):
+    """The anchor's loss value equals losses.triplet_loss(strategy="semihard") on the same
+    batch, also with duplicated rows (distance exactly 0: ties among negatives)."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from facenet_jax import losses
+
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(24, 8)).astype(np.float32)
+    if duplicates:
+        embeddings[1] = embeddings[0]
+        embeddings[9] = embeddings[4]  # identity 2's row 9 = identity 1's row 4: a negative at 0
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(6), 4)
+    ours = losses.triplet_loss(jnp.asarray(embeddings), jnp.asarray(labels), margin=0.2,
+                               strategy="semihard")[0]
+    anchor = _torch_anchor().semihard_loss(torch.tensor(embeddings), torch.tensor(labels))
+    assert anchor.item() == pytest.approx(float(ours), rel=1e-5)
+
+
+def test_torch_anchor_benchmark_writes_rows_and_keeps_existing_output(tmp_path, capsys):
+    module = _torch_anchor()
+    output = tmp_path / "torch.json"
+    module.main(["--batches", "2x2", "--image_size", "16", "--steps", "1", "--rounds", "2",
+                 "--threads", "1", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["threads"] == 1 and report["framework"] == "torch"
+    (row,) = report["rows"]
+    assert (row["P"], row["K"], row["batch"], row["image_size"]) == (2, 2, 4, 16)
+    assert len(row["round_s"]) == 2 and row["step_s"] == min(row["round_s"]) > 0
+    assert math.isfinite(row["final_loss"])
+    for argv, message in [([], "exists; give a new --output"),
+                          (["--overwrite", "--batches", "32x32"], "above 512"),
+                          (["--overwrite", "--image_size", "8"], "below 16 px")]:
+        with pytest.raises(SystemExit):
+            module.parse_args(["--output", str(output), *argv])
+        assert message in capsys.readouterr().err
+    module.parse_args(["--output", str(output), "--overwrite"])
+
+
+@pytest.mark.slow
+def test_torch_anchor_alternates_rounds_with_our_step(tmp_path):
+    output = tmp_path / "both.json"
+    (row,) = _torch_anchor().main(["--batches", "2x2", "--image_size", "16", "--steps", "1",
+                                   "--rounds", "3", "--with_jax", "--output", str(output)])
+    assert len(row["jax_round_s"]) == len(row["round_s"]) == 3
+    assert row["jax_step_s"] == min(row["jax_round_s"]) > 0
+    ratios = [j / t for j, t in zip(row["jax_round_s"], row["round_s"])]
+    assert row["jax_over_torch_per_round"] == pytest.approx(ratios)
+    assert row["jax_over_torch_median"] == pytest.approx(sorted(ratios)[1])
+    assert json.loads(output.read_text())["jax"]
