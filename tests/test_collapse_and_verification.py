@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from facenet_jax import collapse, config as cfg, data, evaluate, metrics, sweep
+from facenet_jax import collapse, config as cfg, data, evaluate, metrics, runfiles, sweep
 from facenet_jax.train import LossSpec
 
 
@@ -260,7 +260,7 @@ def test_pixel_baseline_writes_under_the_run_or_an_explicit_path_never_the_cwd(t
     assert chosen is config and output == tmp_path / "p.json"
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"config": cfg.to_plain(config)}))
+    runfiles.write_config(run, config)
     chosen, output = evaluate.baseline_inputs("pixels", None, str(run), None)
     assert output == run / "eval_pixels.json" and cfg.to_plain(chosen) == cfg.to_plain(config)
     # Never over the run's own evaluation (which sweeps read).

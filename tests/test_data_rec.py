@@ -297,7 +297,7 @@ def test_converter_cli_writes_a_pack_and_lists_it(tmp_path, faces, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("20 images of 5 identities") and out[1:] == [
         f"{k:07d}\t4" for k in range(5)]
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(FileExistsError, match="exists"):  # one line, exit 2 under python -m
         rec.main(["convert", str(folder), str(tmp_path / "pack")])
     rec.main(["convert", str(folder), str(tmp_path / "flat"), "--image_size", "32",
               "--no_identity_records"])

@@ -427,7 +427,7 @@ def test_sets_output_is_refused_when_it_holds_another_folder(photos_two_ways, pi
     flags = types.SimpleNamespace(
         workdir=str(workdir), verification_sets=str(other), names="lfw", ijb=None,
         output=str(workdir / "eval_other.json"), data_root=None, pairs=None, baseline=None,
-        fold=None, threshold=None, flip=False)
+        fold=None, threshold=None, flip=False, run_config=None)
     evaluate._run_benchmarks(flags)
     assert list(json.loads((workdir / "eval_other.json").read_text())) == ["lfw"]
     assert (workdir / "eval_other.md").exists()

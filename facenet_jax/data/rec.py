@@ -394,16 +394,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     listing.add_argument("pack")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.command == "convert":
-            count = convert_folder(args.folder, args.pack_dir, image_size=args.image_size,
-                                   quality=args.quality,
-                                   identity_records=not args.no_identity_records)
-            print(f"wrote {count} images to {args.pack_dir}")
-            return
-        summary = describe_pack(args.pack)
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    if args.command == "convert":
+        count = convert_folder(args.folder, args.pack_dir, image_size=args.image_size,
+                               quality=args.quality, identity_records=not args.no_identity_records)
+        print(f"wrote {count} images to {args.pack_dir}")
+        return
+    summary = describe_pack(args.pack)
     print(f"{summary['images']} images of {summary['identities']} identities; property "
           f"{summary['property']}; index from "
           f"{'identity records' if summary['identity_records'] else 'image labels'}")
@@ -412,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from facenet_jax.cli import one_line_user_errors
+
+    one_line_user_errors(main)(sys.argv[1:])
 else:  # under `python -m`, the package's import of this module has registered it already
     DATA_SOURCES.add("rec", rec_as_configured)
