@@ -1,7 +1,6 @@
 """The train CLI end to end: its outputs, resume after a kill, preemption, bad resumes."""
 
 import json
-import os
 import pathlib
 import signal
 import struct
@@ -12,15 +11,8 @@ import time
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = [
-    "--config.num_steps=8", "--config.log_every=2", "--config.eval_every=4",
-    "--config.checkpoint_every=4", "--config.data.image_size=16",
-    "--config.data.synthetic.num_identities=40", "--config.data.synthetic.images_per_identity=6",
-    "--config.batch.identities=8", "--config.batch.images_per_identity=2",
-    "--config.data.pairs.pairs_per_fold=20", "--config.eval.batch_size=64",
-    "--config.model.embedding_dim=16", "--config.optimizer.schedule=constant",
-]
+from tiny import REPO, RUNLOCAL, cli_env, train_cli
+
 TRAIN_KEYS = {"step", "loss", "active_fraction", "mean_d_ap", "mean_d_an", "learning_rate",
               "grad_norm", "images_per_second"}
 EVAL_KEYS = {"accuracy", "accuracy_std", "threshold", "val@far=1e-3", "val@far=1e-3_std",
@@ -29,25 +21,17 @@ EVAL_KEYS = {"accuracy", "accuracy_std", "threshold", "val@far=1e-3", "val@far=1
 
 
 def _env(**extra):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(extra)
-    return env
+    """2 devices: the shared trained run's, so a resumed run here matches it bit for bit."""
+    return cli_env(devices=2, **extra)
 
 
 def _train(workdir, *overrides, check=True, env=None, timeout=240, kill_after_step=None):
-    """The train CLI; kill_after_step=S: SIGKILLed right after step S (tests/kill_worker.py)."""
-    program = (["-m", "facenet_jax.train"] if kill_after_step is None
-               else [str(REPO / "tests" / "kill_worker.py"), str(kill_after_step)])
-    cmd = [sys.executable, *program, "--config",
-           str(REPO / "experiments" / "default.py"), "--workdir", str(workdir), *TINY,
-           *overrides]
-    result = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+    """The train CLI on the runlocal preset; kill_after_step=S: SIGKILLed right after step S
+    (tests/kill_worker.py)."""
+    program = (("-m", "facenet_jax.train") if kill_after_step is None
+               else (str(REPO / "tests" / "kill_worker.py"), str(kill_after_step)))
+    return train_cli(workdir, *overrides, env=env or _env(), check=check, timeout=timeout,
+                     program=program)
 
 
 def _params(workdir):
@@ -59,11 +43,10 @@ def _params(workdir):
     return encoder.step, [np.asarray(x) for x in jax.tree.leaves(encoder.variables)]
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("straight")
-    result = _train(workdir)
-    return workdir, result
+@pytest.fixture
+def straight_run(trained_run):
+    """The session's trained run (conftest.trained_run): runlocal, 2 devices, 8 steps."""
+    return trained_run
 
 
 def test_outputs_and_their_keys(straight_run):
@@ -255,9 +238,8 @@ def test_num_steps_below_reached_step_is_an_error(straight_run):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "facenet_jax.train", "--config",
-           str(REPO / "experiments" / "default.py"), "--workdir", str(tmp_path), *TINY,
-           "--config.num_steps=100000", "--config.checkpoint_every=100000"]
+    cmd = [sys.executable, "-m", "facenet_jax.train", "--config", RUNLOCAL,
+           "--workdir", str(tmp_path), "--config.num_steps=100000", "--config.checkpoint_every=100000"]
     process = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
