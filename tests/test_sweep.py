@@ -252,15 +252,14 @@ if action == "preempt":
 elif action == "fail":
     sys.exit("ValueError: fake failure")
 elif action == "await_sigterm":  # like the train CLI: SIGTERM saves, then exits 0
-    import os, signal, time
-    def saved(*_):
-        print("W train.py] SIGTERM: saved step 2; re-run the same command to resume",
-              file=sys.stderr, flush=True)
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, saved)
+    import os, signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     (cell / "child.pid").write_text(str(os.getpid()))
-    time.sleep(120)
-    sys.exit("ValueError: no SIGTERM reached the cell")
+    if signal.sigtimedwait([signal.SIGTERM], 120) is None:
+        sys.exit("ValueError: no SIGTERM reached the cell")
+    print("W train.py] SIGTERM: saved step 2; re-run the same command to resume",
+          file=sys.stderr, flush=True)
+    sys.exit(0)
 else:
     (cell / "eval.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_std": 0.01,
                                                 "val@far=1e-3": 0.5, "auc": 0.95}))

@@ -26,8 +26,9 @@ DEFAULT = REPO / "experiments" / "default.py"
 
 # A stand-in for the train CLI, run as `python FAKE CELL_DIR`: it writes what it saw (its CPU
 # affinity, CUDA_VISIBLE_DEVICES, start and end times) to CELL_DIR/seen.json and behaves as
-# CELL_DIR/../actions.json says for its cell: "ok" (sleep a little, write eval.json), "fail",
-# or "await_sigterm" (like the train CLI: on SIGTERM, exit 0 without eval.json).
+# CELL_DIR/../actions.json says for its cell: "ok" (write eval.json), "meet:NAME" (wait until
+# cell NAME has started, then as "ok": the two ran at the same time), "fail", or
+# "await_sigterm" (like the train CLI: on SIGTERM, exit 0 without eval.json).
 FAKE = """
 import json, os, pathlib, signal, sys, time
 cell = pathlib.Path(sys.argv[1])
@@ -39,14 +40,18 @@ seen = {"cores": sorted(os.sched_getaffinity(0)), "start": time.time(), "pid": o
 if action == "fail":
     sys.exit("ValueError: fake failure")
 if action == "await_sigterm":
-    def saved(*_):
-        print("SIGTERM: saved step 2; re-run the same command to resume", file=sys.stderr)
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, saved)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     (cell / "waiting").write_text("")
-    time.sleep(120)
-    sys.exit("ValueError: no SIGTERM reached the cell")
-time.sleep(0.8)
+    if signal.sigtimedwait([signal.SIGTERM], 120) is None:
+        sys.exit("ValueError: no SIGTERM reached the cell")
+    print("SIGTERM: saved step 2; re-run the same command to resume", file=sys.stderr)
+    sys.exit(0)
+if action.startswith("meet:"):
+    deadline = time.monotonic() + 60
+    while not (cell.parent / action[len("meet:"):] / "seen.json").exists():
+        if time.monotonic() > deadline:
+            sys.exit("ValueError: the other cell never started alongside this one")
+        time.sleep(0.01)
 (cell / "eval.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_std": 0.01}))
 seen["end"] = time.time()
 (cell / "seen.json").write_text(json.dumps(seen))
@@ -192,7 +197,8 @@ def test_parallel_runs_overlap_each_on_its_own_slot(tmp_path, fake):
     loaded = sweep.load_sweep(path)
     names = sweep.cell_names(loaded["cells"])
     workdir = tmp_path / "runs"
-    fake(workdir, {names[3]: "fail"})
+    fake(workdir, {names[0]: f"meet:{names[1]}", names[1]: f"meet:{names[0]}",
+                   names[3]: "fail"})
     cores = sorted(os.sched_getaffinity(0))
     slots = [sweep.Slot("gpu A", env={"CUDA_VISIBLE_DEVICES": "0"}, cores=(cores[0],)),
              sweep.Slot("gpu B", env={"CUDA_VISIBLE_DEVICES": "1"}, cores=(cores[-1],))]
