@@ -12,6 +12,8 @@ from facenet_jax import config as config_lib
 from facenet_jax import crossval, data, metrics
 from facenet_jax.data.splits import pair_file_identities
 
+from tiny import tiny_config
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NAMES = [f"Person_{chr(65 + i)}{chr(65 + i)}" for i in range(28)]  # Person_AA ... (LFW-like)
 # Two folds of 2 same + 2 different pairs; fold 1 names people 0-3, fold 2 people 4-7.
@@ -25,11 +27,9 @@ Person_FF\t2\t3
 Person_GG\t1\tPerson_HH\t3
 Person_EE\t2\tPerson_HH\t1
 """
-TINY = {"num_steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2,
-        "data.image_size": 16, "data.split.train": 0.75, "data.split.validation": 0.25,
-        "data.split.test": 0.0, "data.pairs.num_folds": 2, "data.pairs.pairs_per_fold": 5,
-        "batch.identities": 8, "batch.images_per_identity": 2, "eval.batch_size": 64,
-        "model.embedding_dim": 8, "optimizer.schedule": "constant"}
+TINY = {"num_steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2,  # on runlocal
+        "data.split.train": 0.75, "data.split.validation": 0.25, "data.split.test": 0.0,
+        "data.pairs.num_folds": 2, "data.pairs.pairs_per_fold": 5, "model.embedding_dim": 8}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,7 @@ def lfw_like(tmp_path_factory):
 
 
 def _config(images, **overrides):
-    return config_lib.load_config(REPO / "experiments" / "default.py", {
-        **TINY, "data.source": "folder", "data.root": str(images), **overrides})
+    return tiny_config({**TINY, "data.source": "folder", "data.root": str(images), **overrides})
 
 
 def _fold_names(fold):

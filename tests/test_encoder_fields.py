@@ -16,11 +16,11 @@ from facenet_jax.embed import load_encoder, load_run_config
 from facenet_jax.logs import read_metrics
 from facenet_jax.state import build_model
 
+from tiny import tiny_config
+
 DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
-TINY = {"num_steps": 2, "checkpoint_every": 2, "eval_every": 100, "data.image_size": 16,
-        "data.synthetic.num_identities": 40, "data.synthetic.images_per_identity": 3,
-        "batch.identities": 8, "batch.images_per_identity": 2,
-        "data.pairs.pairs_per_fold": 5, "eval.batch_size": 64, "model.embedding_dim": 16}
+TINY = {"num_steps": 2, "checkpoint_every": 2, "eval_every": 100,  # on top of runlocal
+        "data.synthetic.images_per_identity": 3, "data.pairs.pairs_per_fold": 5}
 
 
 def _param_shapes(model, size=32):
@@ -165,7 +165,7 @@ def test_a_record_without_blocks_reads_as_the_defaults():
 def test_dropout_trains_eval_is_deterministic_and_an_old_run_resumes(tmp_path):
     """dropout_rate > 0 trains (the step draws the masks), embedding is deterministic (no
     dropout at eval); a run folder recorded without the blocks resumes with today's config."""
-    dropout = cfg.load_config(DEFAULT, {**TINY, "model.small_cnn.dropout_rate": 0.5})
+    dropout = tiny_config({**TINY, "model.small_cnn.dropout_rate": 0.5})
     run = tmp_path / "dropout"
     train.train_and_evaluate(dropout, run)
     rows = [r for r in read_metrics(run) if "loss" in r]
@@ -188,7 +188,7 @@ def test_dropout_trains_eval_is_deterministic_and_an_old_run_resumes(tmp_path):
     record["config"] = _without_blocks(record["config"])
     (old / "config.json").write_text(json.dumps(record))
     assert load_run_config(old).model.small_cnn.dropout_rate == 0.0
-    resumed = cfg.load_config(DEFAULT, {**TINY, "num_steps": 3})
+    resumed = tiny_config({**TINY, "num_steps": 3})
     train.train_and_evaluate(resumed, old)
     assert [r["step"] for r in read_metrics(old) if "loss" in r][-1] == 3
 

@@ -21,6 +21,8 @@ import pytest
 from facenet_jax import sweep
 from facenet_jax.config import load_config, to_plain
 
+from tiny import RUNLOCAL_OVERRIDES, cli_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "experiments" / "default.py"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=-]+$")
@@ -654,11 +656,7 @@ def test_baseline_key_depends_on_data_seed_and_distance_only():
 # ----------------------------------------------------------------------------------------------
 # A real sweep: two tiny training cells and one that crashes (subprocesses on one CPU device).
 
-TINY = {"num_steps": 6, "log_every": 2, "eval_every": 6, "checkpoint_every": 6,
-        "data.image_size": 16, "data.synthetic.num_identities": 40,
-        "data.synthetic.images_per_identity": 6, "batch.identities": 8,
-        "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 20,
-        "eval.batch_size": 64, "model.embedding_dim": 16, "optimizer.warmup_steps": 2}
+TINY = {**RUNLOCAL_OVERRIDES, "num_steps": 6, "eval_every": 6, "checkpoint_every": 6}
 
 
 def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
@@ -670,8 +668,7 @@ def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
             return {{"base": "experiments/default.py", "common": {TINY!r}, "cells": {cells!r}}}
     """)
     workdir = tmp_path / "runs"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu"}
+    env = cli_env()
     command = [sys.executable, "-m", "facenet_jax.sweep", "--sweep", str(path), "--workdir",
                str(workdir)]
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,

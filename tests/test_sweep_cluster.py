@@ -21,6 +21,8 @@ from facenet_jax import evaluate, sweep
 from facenet_jax.config import ADDED_KEY_DEFAULTS, changed_keys, load_config, pairs_seed, to_plain
 from facenet_jax.sweep import report, spec
 
+from tiny import RUNLOCAL_OVERRIDES, cli_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "experiments" / "default.py"
 
@@ -409,17 +411,13 @@ def test_baseline_key_is_unchanged_for_configs_without_a_pairs_seed():
 # The Slurm array script (run by bash as Slurm would run one array task).
 
 SBATCH = REPO / "experiments" / "slurm" / "sweep_array.sbatch"
-TINY = {"log_every": 1, "eval_every": 100_000, "checkpoint_every": 100_000,
-        "num_steps": 100_000, "data.image_size": 16, "data.synthetic.num_identities": 40,
-        "data.synthetic.images_per_identity": 6, "batch.identities": 8,
-        "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 20, "eval.batch_size": 64,
-        "model.embedding_dim": 16, "optimizer.warmup_steps": 2}
+TINY = {**RUNLOCAL_OVERRIDES, "log_every": 1, "eval_every": 100_000,
+        "checkpoint_every": 100_000, "num_steps": 100_000}
 
 
 def _array_task(path, workdir, task):
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_SUBMIT_DIR": str(REPO),
-           "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = cli_env(SLURM_ARRAY_TASK_ID=str(task), SLURM_SUBMIT_DIR=str(REPO),
+                  PYTHON=sys.executable)
     return subprocess.Popen(["bash", str(SBATCH), str(path), str(workdir)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -1,12 +1,13 @@
 """The tests' tiny runs: experiments/default.py:runlocal in process or through the train CLI.
 
-    from tiny import RUNLOCAL, cli_env, tiny_config, train_cli
+    from tiny import RUNLOCAL, RUNLOCAL_OVERRIDES, cli_env, tiny_config, train_cli
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import runpy
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,9 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "experiments" / "default.py"
 RUNLOCAL = f"{DEFAULT}:runlocal"  # `--config` value and load_config path of the tiny preset
+# The preset as dotted overrides of experiments/default.py, for what takes a plain config file
+# and overrides (a sweep's `common`).
+RUNLOCAL_OVERRIDES: dict[str, Any] = runpy.run_path(str(DEFAULT))["RUNLOCAL"]
 
 
 def tiny_config(overrides: Mapping[str, Any] | None = None, /, **dotted: Any):
