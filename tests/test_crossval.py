@@ -66,6 +66,7 @@ def _no_training(monkeypatch):
     monkeypatch.setattr(facenet_jax.train, "train_and_evaluate", refuse)
 
 
+@pytest.mark.slow
 def test_crossval_excludes_scores_summarises_and_resumes(lfw_like, tmp_path, monkeypatch):
     import facenet_jax.train
 
@@ -140,6 +141,7 @@ def _check_scored_by_the_run_encoder(result, run, images, fold):
     assert result["auc"] == pytest.approx(metrics.roc_auc(d, same), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_finished_fold_rescored_with_flip_trains_nothing(lfw_like, tmp_path):
     """eval.flip is evaluation-only (config.EVALUATION_ONLY_KEYS): re-running a finished
     cross-validation with it redoes the validation threshold and the fold's score with mirror

@@ -162,6 +162,7 @@ def test_a_record_without_blocks_reads_as_the_defaults():
     assert kept == {"dropout_rate": 0.1}
 
 
+@pytest.mark.slow
 def test_dropout_trains_eval_is_deterministic_and_an_old_run_resumes(tmp_path):
     """dropout_rate > 0 trains (the step draws the masks), embedding is deterministic (no
     dropout at eval); a run folder recorded without the blocks resumes with today's config."""

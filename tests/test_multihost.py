@@ -112,6 +112,7 @@ def runs(tmp_path_factory):
     return single_dir, multi_dir, records
 
 
+@pytest.mark.slow
 def test_processes_form_one_mesh(runs):
     _, _, records = runs
     assert [records[n]["process_index"] for n in ("single", "multi0", "multi1")] == [0, 0, 1]
@@ -121,6 +122,7 @@ def test_processes_form_one_mesh(runs):
         assert records[name]["device_count"] == 4
 
 
+@pytest.mark.slow
 def test_each_process_loads_only_its_half_of_each_batch(runs):
     _, _, records = runs
     whole = records["single"]["loaded"]
@@ -140,6 +142,7 @@ def test_each_process_loads_only_its_half_of_each_batch(runs):
         assert not set(first) & set(second)
 
 
+@pytest.mark.slow
 def test_losses_match_the_single_process_run(runs):
     single_dir, multi_dir, _ = runs
     single = [row for row in read_metrics(single_dir) if "loss" in row]
@@ -168,6 +171,7 @@ def _saved_state(workdir: pathlib.Path) -> tuple[int, dict]:
         fallback_sharding=one_device))
 
 
+@pytest.mark.slow
 def test_saved_state_and_evaluation_match(runs):
     single_dir, multi_dir, _ = runs
     (single_step, single), (multi_step, multi) = _saved_state(single_dir), _saved_state(multi_dir)
@@ -183,6 +187,7 @@ def test_saved_state_and_evaluation_match(runs):
         assert multi_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_logs(runs):
     _, multi_dir, _ = runs
     events = list((multi_dir / "tensorboard").glob("events.*"))

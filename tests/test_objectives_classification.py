@@ -23,6 +23,8 @@ from facenet_jax import losses, models, objectives, parallel, state as state_lib
 from facenet_jax.objectives import classification as cls_objective
 from facenet_jax.train import make_train_step
 
+from tiny import tiny_config
+
 NUM_DEVICES = 8
 P_IDS, K = 8, 4
 NUM_CLASSES = 13  # not a multiple of 8: the last shards hold padding
@@ -202,18 +204,15 @@ def test_bad_objective_configs_name_the_key(override, message):
 
 
 def _tiny_run_config(**overrides):
-    config = _config(**{
-        "loss.kind": "classification", "loss.classification.head": "arcface",
-        "loss.classification.sample_fraction": 0.5, "optimizer.schedule": "constant",
-        "optimizer.warmup_steps": 0, "data.synthetic.num_identities": 45,
-        "data.synthetic.images_per_identity": 6, "data.image_size": 16,
-        "data.pairs.pairs_per_fold": 20, "batch.identities": 8, "log_every": 1,
-        "eval_every": 100, "checkpoint_every": 2, "eval.batch_size": 64, **overrides})
-    config.model.embedding_dim = DIM
-    return config
+    return tiny_config({
+        "optimizer.name": "sgd", "loss.kind": "classification",
+        "loss.classification.head": "arcface", "loss.classification.sample_fraction": 0.5,
+        "optimizer.warmup_steps": 0, "data.synthetic.num_identities": 45, "log_every": 1,
+        "eval_every": 100, "checkpoint_every": 2, "model.embedding_dim": DIM, **overrides})
 
 
-def test_sharded_centres_checkpoint_and_resume_exactly(tmp_path):
+@pytest.mark.slow
+def test_sharded_centres_checkpoint_and_resume_exactly(tmp_path, eight_devices):
     """A run stopped at step 2 and resumed to 4 ends bit for bit where an uninterrupted run
     does: the centres (split over the 8 devices), their optimizer state, the encoder."""
     from facenet_jax.train import train_and_evaluate

@@ -659,6 +659,7 @@ def test_baseline_key_depends_on_data_seed_and_distance_only():
 TINY = {**RUNLOCAL_OVERRIDES, "num_steps": 6, "eval_every": 6, "checkpoint_every": 6}
 
 
+@pytest.mark.slow
 def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
     """The CLI trains one cell, records the other (a folder source without a root) as a
     crashed row, writes the tables and plots, and a second call skips both."""

@@ -429,6 +429,7 @@ def test_sbatch_script_passes_the_array_index_as_the_run(tmp_path):
     assert task.returncode == 2 and "--cell 5: the sweep has 2 runs, 0 to 1" in output
 
 
+@pytest.mark.slow
 def test_sbatch_script_sigterm_reaches_the_train_process_which_saves(tmp_path):
     """What Slurm's --signal=B:TERM does: SIGTERM to the task's batch process. It is the sweep
     (exec), which passes it to the real train process: a checkpoint, a preempted record."""

@@ -99,6 +99,7 @@ def _python_m(module, *args):
     return result
 
 
+@pytest.mark.slow
 def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_path):
     workdir, _ = straight_run
     output = tmp_path / "again.json"
@@ -111,6 +112,7 @@ def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
     """--split train: the run's training people (split.json), their generated pairs, the
     run's encoder; the validation split's numbers equal the run's own eval_validation.json;
@@ -150,6 +152,7 @@ def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
         evaluate.split_and_pairs(encoder.config, split="val")
 
 
+@pytest.mark.slow
 def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path):
     from facenet_jax import data, parallel
     from facenet_jax.embed import load_encoder
@@ -179,6 +182,7 @@ def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path)
     assert sorted(p.name for p in output.parent.iterdir()) == ["again.npz", "embeddings.npz"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_identical_parameters(straight_run, tmp_path):
     straight, _ = straight_run
     killed = _train(tmp_path, check=False, kill_after_step=6)
@@ -237,9 +241,10 @@ def test_num_steps_below_reached_step_is_an_error(straight_run):
     assert result.returncode != 0 and "num_steps" in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "facenet_jax.train", "--config", RUNLOCAL,
-           "--workdir", str(tmp_path), "--config.num_steps=100000", "--config.checkpoint_every=100000"]
+    cmd = [sys.executable, "-m", "facenet_jax.train", "--config", RUNLOCAL, "--workdir",
+           str(tmp_path), "--config.num_steps=100000", "--config.checkpoint_every=100000"]
     process = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -253,6 +258,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert len(saved) == 1 and 0 < saved[0] < 100000
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     result = _train(tmp_path, "--config.optimizer.name=sgd",
                     "--config.optimizer.learning_rate=1e38",
@@ -388,6 +394,7 @@ def test_single_fold_pairs_and_one_fold_are_scored_at_a_threshold_from_elsewhere
                                   output=tmp_path / "fold2.json", fold=1)
 
 
+@pytest.mark.slow
 def test_hardest_with_a_warmup_and_a_collapse_warning(tmp_path):
     """loss.warmup_strategy=all for 4 steps, then hardest: the mined triplet count says which
     strategy ran (all valid triplets B(K-1)(B-K) = 224 vs one per anchor = 16). α = 30 puts the
