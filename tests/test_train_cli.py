@@ -11,7 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from tiny import REPO, RUNLOCAL, cli_env, train_cli
+from tiny import REPO, RUNLOCAL, RUNLOCAL_OVERRIDES, cli_env, train_cli
+
+# The runlocal preset as --config flags on experiments/default.py (kept for commands built by
+# hand; `--config experiments/default.py:runlocal` is the same config).
+TINY = [f"--config.{key}={value}" for key, value in RUNLOCAL_OVERRIDES.items()]
 
 TRAIN_KEYS = {"step", "loss", "active_fraction", "mean_d_ap", "mean_d_an", "learning_rate",
               "grad_norm", "images_per_second"}
