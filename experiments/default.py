@@ -7,16 +7,39 @@ Hardware: a 2-core CPU; finishes, compile included, in a few minutes and reaches
 verification accuracy on held-out synthetic identities (see the README for the measured figure).
 
         python -m facenet_jax.train --config experiments/default.py --workdir runs/default
+
+`get_config("runlocal")` (on the command line `--config experiments/default.py:runlocal`) is the
+same config shrunk to seconds (big_vision's `runlocal`): 8 steps on 40 synthetic identities at
+16 px, a batch of 8 × 2, 16-d embeddings. The tests build on it; it checks that the code runs,
+not what it learns.
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 from facenet_jax import models
+from facenet_jax.config import set_dotted
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """Returns the full config: every key other configs and the CLI may override lives here."""
+# What "runlocal" changes: every checkpoint/eval action happens within its 8 steps; P = 8 and the
+# eval batch of 64 divide by any device count up to 8; 40 identities split 32/4/4.
+RUNLOCAL = {
+    "num_steps": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4,
+    "data.image_size": 16, "data.synthetic.num_identities": 40,
+    "data.synthetic.images_per_identity": 6, "batch.identities": 8,
+    "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 20, "eval.batch_size": 64,
+    "model.embedding_dim": 16, "optimizer.schedule": "constant",
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the full config: every key other configs and the CLI may override lives here.
+
+    arg: None (the main job) or "runlocal" (the tiny preset above).
+    """
+    if arg not in (None, "", "runlocal"):
+        raise ValueError(f"unknown config argument {arg!r} for experiments/default.py; use "
+                         "experiments/default.py (the main job) or experiments/default.py:runlocal")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_steps = 1200
@@ -138,4 +161,7 @@ def get_config() -> ml_collections.ConfigDict:
     # steps, logged as eval/<set>/accuracy; None: off. Names: comma-separated, None: every set.
     config.eval.verification_sets = placeholder(str)
     config.eval.verification_set_names = placeholder(str)
+    if arg == "runlocal":
+        for key, value in RUNLOCAL.items():
+            set_dotted(config, key, value)
     return config

@@ -54,16 +54,28 @@ def load_config(path: str | pathlib.Path, overrides: Mapping[str, Any] | None = 
                 ) -> ml_collections.ConfigDict:
     """Runs the config file's `get_config()` and applies dotted overrides {"loss.margin": 0.3}.
 
-    Overrides go through ml_collections' type checks, so an unknown key or a wrong type is an
-    error here, naming the key.
+    `FILE:ARG` calls `get_config("ARG")`, as `--config FILE:ARG` does on the command line
+    (e.g. `experiments/default.py:runlocal`, the tiny preset). Overrides go through
+    ml_collections' type checks, so an unknown key or a wrong type is an error here, naming the
+    key.
     """
-    path = pathlib.Path(path)
+    path, arg = _config_path_and_arg(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    config = runpy.run_path(str(path))["get_config"]()
+    get_config = runpy.run_path(str(path))["get_config"]
+    config = get_config() if arg is None else get_config(arg)
     for key, value in (overrides or {}).items():
         set_dotted(config, key, value)
     return config
+
+
+def _config_path_and_arg(path: str | pathlib.Path) -> tuple[pathlib.Path, str | None]:
+    """"dir/file.py:arg" → (dir/file.py, "arg"); a path without ":ARG" → (path, None)."""
+    text = str(path)
+    stem, colon, arg = text.rpartition(":")
+    if colon and stem.endswith(".py") and "/" not in arg:
+        return pathlib.Path(stem), arg
+    return pathlib.Path(text), None
 
 
 def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:

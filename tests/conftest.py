@@ -1,21 +1,49 @@
-"""Test setup: 8 host CPU devices (set before jax is imported) and highest matmul precision."""
+"""Test setup, set before jax is imported: 8 host CPU devices, highest matmul precision and a
+persistent compilation cache that the subprocesses the tests start share (through the
+environment).
+
+Meshes: `parallel.make_mesh()` builds a 1-device mesh in a test unless the test asks for the
+`eight_devices` fixture (the device count itself is fixed when jax is imported, so the 8 devices
+always exist: tests about sharding take them explicitly). Fixtures for new tests: `tiny_config`
+(experiments/default.py:runlocal), `trained_run` (one CLI-trained run shared by the session),
+`eight_devices`, `cli_env`. See CONTRIBUTING.md.
+"""
 
 import os
+import pathlib
+import shutil
+import tempfile
 
+NUM_DEVICES = 8
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib  # noqa: E402
+# One compilation cache for the session and every process it starts (the train CLI, sweeps,
+# notebooks): the same tiny programs are compiled by dozens of them. FACENET_JAX_TEST_CACHE=DIR
+# keeps it across sessions; by default it is a fresh folder, removed at the end, so a run's
+# timing does not depend on an earlier one.
+_OWN_CACHE = "FACENET_JAX_TEST_CACHE" not in os.environ
+_CACHE_DIR = os.environ.get("FACENET_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from tiny import cli_env, train_cli  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +52,42 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared face data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _one_device_meshes(request, monkeypatch):
+    """`parallel.make_mesh()` (all devices) builds a 1-device mesh unless the test asks for
+    `eight_devices`: most tests are not about devices, and 8 shards only add compile time."""
+    if "eight_devices" in request.fixturenames:
+        return
+    from facenet_jax import parallel
+
+    every_device = parallel.make_mesh
+    monkeypatch.setattr(parallel, "make_mesh",
+                        lambda num_devices=None: every_device(num_devices or 1))
+
+
+@pytest.fixture
+def eight_devices():
+    """The 8-device mesh; in its tests `parallel.make_mesh()` spans all 8 devices again."""
+    from facenet_jax import parallel
+
+    assert jax.device_count() == NUM_DEVICES, "tests/conftest.py forces 8 CPU devices"
+    return parallel.make_mesh(NUM_DEVICES)
+
+
+@pytest.fixture
+def tiny_config():
+    """tiny_config(**{"loss.margin": 0.3}): experiments/default.py:runlocal with overrides."""
+    from tiny import tiny_config as make
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """(workdir, CompletedProcess) of one run of the train CLI on the runlocal preset (8 steps,
+    2 devices, checkpoints at 4 and 8), shared by the tests that read a finished run (evaluate,
+    embed, verify, the CLI's outputs). Read it, never write it: copy it to change it."""
+    workdir = tmp_path_factory.mktemp("trained_run")
+    return workdir, train_cli(workdir, env=cli_env(devices=2))

@@ -119,6 +119,7 @@ def photos(shared_data):
         align.read_rgb(shared_data / "orl_faces" / f"s{i}" / "1.pgm") for i in (1, 2)]
 
 
+@pytest.mark.slow
 def test_detects_one_face_with_landmarks_inside_the_box_on_real_photos(detector, photos):
     for image in photos:
         face = align.choose_face(detector(image), *image.shape[:2])
@@ -130,6 +131,7 @@ def test_detects_one_face_with_landmarks_inside_the_box_on_real_photos(detector,
         assert left_eye[0] < right_eye[0] and left_eye[1] < left_mouth[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset, scale", [((37, 81), 1.0), ((150, 20), 1.6), ((10, 200), 0.7)])
 def test_box_on_a_canvas_maps_back_to_the_box_on_the_photo(detector, photos, offset, scale):
     image = photos[0]
@@ -145,6 +147,7 @@ def test_box_on_a_canvas_maps_back_to_the_box_on_the_photo(detector, photos, off
     assert iou(back, original.box) >= 0.7
 
 
+@pytest.mark.slow
 def test_align_cli_writes_crops_report_and_resumes(detector, shared_data, tmp_path):
     src = tmp_path / "raw"
     for rel in LFW_PHOTOS[:2]:

@@ -8,32 +8,38 @@ import pytest
 
 from facenet_jax import data
 
-tfds = pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed "
-                           "(pip install '.[tfds]'); CI installs it")
-pytest.importorskip("tensorflow", reason="tfds needs TensorFlow to read prepared data")
+
+@pytest.fixture(scope="module")
+def tiny_faces():
+    """Registers tfds' builder "tiny_faces" (6 images of 3 identities; labels are names, Text,
+    like tfds' lfw) and returns its class. TensorFlow loads here, not when the file is
+    collected."""
+    tfds = pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed "
+                               "(pip install '.[tfds]'); CI installs it")
+    pytest.importorskip("tensorflow", reason="tfds needs TensorFlow to read prepared data")
+
+    class TinyFaces(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(12, 10, 3)),
+                "label": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(6):
+                image = np.full((12, 10, 3), 40 * i, np.uint8)
+                yield i, {"image": image, "label": f"person_{i % 3}"}
+
+    return TinyFaces
 
 
-class TinyFaces(tfds.core.GeneratorBasedBuilder):
-    """6 images of 3 identities; labels are names (Text), like tfds' lfw."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(12, 10, 3)),
-            "label": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(6):
-            image = np.full((12, 10, 3), 40 * i, np.uint8)
-            yield i, {"image": image, "label": f"person_{i % 3}"}
-
-
-def test_reads_a_prepared_builder(tmp_path):
-    TinyFaces(data_dir=str(tmp_path)).download_and_prepare()
+@pytest.mark.slow
+def test_reads_a_prepared_builder(tmp_path, tiny_faces):
+    tiny_faces(data_dir=str(tmp_path)).download_and_prepare()
     ds = data.load_tfds("tiny_faces", split="train", image_size=8, data_dir=str(tmp_path))
     assert ds.identity_names == ["person_0", "person_1", "person_2"]
     assert ds.images.shape == (6, 8, 8, 3) and ds.images.dtype == np.uint8
@@ -42,7 +48,8 @@ def test_reads_a_prepared_builder(tmp_path):
         assert int(image[0, 0, 0]) // 40 % 3 == label
 
 
-def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
+@pytest.mark.slow
+def test_unprepared_dataset_fails_fast_with_instructions(tmp_path, tiny_faces):
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="tfds build tiny_faces"):
         data.load_tfds("tiny_faces", image_size=8, data_dir=str(tmp_path / "empty"))

@@ -14,11 +14,11 @@ from facenet_jax.embed import load_encoder
 from facenet_jax.logs import read_metrics
 from facenet_jax.state import build_model
 
+from tiny import tiny_config
+
 DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
-TINY = {"num_steps": 2, "checkpoint_every": 2, "eval_every": 100, "data.image_size": 16,
-        "data.synthetic.num_identities": 40, "data.synthetic.images_per_identity": 3,
-        "batch.identities": 8, "batch.images_per_identity": 2,
-        "data.pairs.pairs_per_fold": 5, "eval.batch_size": 64, "model.embedding_dim": 16}
+TINY = {"num_steps": 2, "checkpoint_every": 2, "eval_every": 100,  # on top of runlocal
+        "data.synthetic.images_per_identity": 3, "data.pairs.pairs_per_fold": 5}
 
 
 def _param_shapes(model, size=32):
@@ -123,10 +123,11 @@ def test_bn_scale_is_the_top_level_key_only():
         cfg.validate_config(cfg.load_config(DEFAULT, {"model.bn_scale": True}), num_devices=1)
 
 
+@pytest.mark.slow
 def test_dropout_trains_and_eval_is_deterministic(tmp_path):
     """dropout_rate > 0 trains (the step draws the masks), embedding is deterministic (no
     dropout at eval)."""
-    dropout = cfg.load_config(DEFAULT, {**TINY, "model.small_cnn.dropout_rate": 0.5})
+    dropout = tiny_config({**TINY, "model.small_cnn.dropout_rate": 0.5})
     run = tmp_path / "dropout"
     train.train_and_evaluate(dropout, run)
     rows = [r for r in read_metrics(run) if "loss" in r]

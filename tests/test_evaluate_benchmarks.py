@@ -35,6 +35,7 @@ def benchmark_run(tmp_path_factory):
     return workdir, sets, ijb_root
 
 
+@pytest.mark.slow
 def test_training_logs_each_set_every_eval_every(benchmark_run):
     workdir, _, _ = benchmark_run
     logged = {row["step"]: row for row in read_metrics(workdir)
@@ -44,6 +45,7 @@ def test_training_logs_each_set_every_eval_every(benchmark_run):
         assert 0.0 <= row["eval/lfw/accuracy"] <= 1.0 and "eval/cfp_fp/accuracy" in row
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_sets_and_ijb(benchmark_run):
     workdir, sets, ijb_root = benchmark_run
     result = subprocess.run(

@@ -146,3 +146,23 @@ def test_batch_hard_recipe_sweeps_are_three_seeds_of_three_valid_variants(path, 
                         ("hardest", None, 0): [0, 1, 2]}
     assert f"python -m facenet_jax.sweep --sweep experiments/sweeps/{path.name}" in _docstring(
         path)
+
+
+def test_runlocal_preset_is_the_default_with_its_keys_changed(tmp_path, monkeypatch):
+    """`default.py:runlocal` differs from the default exactly in RUNLOCAL's keys, validates for
+    1, 2 and 8 devices, and an unknown argument is refused naming the valid one."""
+    monkeypatch.chdir(tmp_path)
+    default = flatten(to_plain(load_config(REPO / "experiments" / "default.py")))
+    runlocal = flatten(to_plain(load_config(f"{REPO / 'experiments' / 'default.py'}:runlocal")))
+    preset = runpy.run_path(str(REPO / "experiments" / "default.py"))["RUNLOCAL"]
+    assert runlocal.keys() == default.keys()
+    assert {k for k in default if default[k] != runlocal[k]} == set(preset)
+    assert {k: runlocal[k] for k in preset} == preset
+    assert runlocal["num_steps"] == 8 and default["num_steps"] == 1200
+    for devices in (1, 2, 8):
+        validate_config(load_config(f"{REPO / 'experiments' / 'default.py'}:runlocal"),
+                        num_devices=devices)
+    with pytest.raises(ValueError, match=r"unknown config argument 'tiny'.*default\.py:runlocal"):
+        load_config(f"{REPO / 'experiments' / 'default.py'}:tiny")
+    with pytest.raises(FileNotFoundError, match="nothing.py does not exist"):
+        load_config(tmp_path / "nothing.py:runlocal")

@@ -17,14 +17,11 @@ import pytest
 from PIL import Image
 
 from facenet_jax import checkpoints, data, runfiles, state, train
-from facenet_jax import config as cfg
 
-DEFAULT = cfg.pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
-# 8 test devices (conftest): P and the eval batch divide by 8.
-TINY = {"num_steps": 4, "data.image_size": 16, "data.synthetic.num_identities": 40,
-        "data.synthetic.images_per_identity": 3, "batch.identities": 8,
-        "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 5,
-        "eval.batch_size": 64, "model.embedding_dim": 16}
+from tiny import tiny_config
+
+TINY = {"num_steps": 4, "data.synthetic.images_per_identity": 3,  # on top of runlocal
+        "data.pairs.pairs_per_fold": 5}
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
@@ -44,7 +41,7 @@ def compiles():
 
 
 def _config(**overrides):
-    return cfg.load_config(DEFAULT, {**TINY, **overrides})
+    return tiny_config({**TINY, **overrides})
 
 
 def _no_data_loading(monkeypatch):
@@ -90,7 +87,8 @@ def _state_shapes(config):
     ({"data.pairs.pairs_per_fold": -3}, r"pairs_per_fold must be a positive integer, got -3"),
 ])
 def test_bad_config_stops_before_the_workdir_or_compiling(tmp_path, monkeypatch, compiles,
-                                                          override, match):
+                                                          eight_devices, override, match):
+    """On 8 devices: the divisibility checks are against the run's device count."""
     _no_data_loading(monkeypatch)
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(_config(**override), tmp_path / "run")

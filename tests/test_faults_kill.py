@@ -47,6 +47,7 @@ def _assert_same_final_state(workdir, reference):
     assert compared > 10 and differing == []
 
 
+@pytest.mark.slow
 def test_random_sigkills_some_mid_save_resume_to_the_same_state(reference, env, tmp_path):
     workdir = tmp_path / "run"
     result = kill_resume.run_with_kills(
@@ -79,6 +80,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_disk_filling_mid_run_keeps_checkpoints_then_resumes_to_the_same_state(
         reference, env, small_disk):
     workdir = small_disk / "run"
@@ -128,6 +130,7 @@ def test_full_disk_at_start_is_clear_before_data(small_disk):
         train.train_and_evaluate(config, small_disk / "run")
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_shape_says_what_differs(reference):
     saved = json.loads((reference / "config.json").read_text())["config"]
     config = cfg.load_config(REPO_ROOT / "experiments" / "default.py")

@@ -27,17 +27,13 @@ import pytest
 from facenet_jax import checkpoints, parallel
 from facenet_jax.logs import read_metrics
 
+from tiny import RUNLOCAL
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
 NUM_STEPS = 6
-TINY = [
-    f"--config.num_steps={NUM_STEPS}", "--config.log_every=1", "--config.eval_every=3",
-    "--config.checkpoint_every=3", "--config.data.image_size=16",
-    "--config.data.synthetic.num_identities=40", "--config.data.synthetic.images_per_identity=6",
-    "--config.batch.identities=8", "--config.batch.images_per_identity=2",
-    "--config.data.pairs.pairs_per_fold=20", "--config.eval.batch_size=64",
-    "--config.model.embedding_dim=16", "--config.optimizer.schedule=constant",
-]
+TINY = [f"--config.num_steps={NUM_STEPS}", "--config.log_every=1", "--config.eval_every=3",
+        "--config.checkpoint_every=3"]  # on top of the runlocal preset
 GLOBAL_BATCH = 8 * 2
 TIMEOUT_S = 240  # for the three processes together; all are killed when it passes
 
@@ -57,8 +53,8 @@ def _start(workdir: pathlib.Path, record: pathlib.Path, *, local_devices: int,
                         parallel.PROCESS_ID_VAR)}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
                JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **extra_env)
-    cmd = [sys.executable, str(WORKER), str(record), "--config",
-           str(REPO / "experiments" / "default.py"), "--workdir", str(workdir), *TINY,
+    cmd = [sys.executable, str(WORKER), str(record), "--config", RUNLOCAL,
+           "--workdir", str(workdir), *TINY,
            *extra_flags]
     with record.with_suffix(".log").open("w") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -116,6 +112,7 @@ def runs(tmp_path_factory):
     return single_dir, multi_dir, records
 
 
+@pytest.mark.slow
 def test_processes_form_one_mesh(runs):
     _, _, records = runs
     assert [records[n]["process_index"] for n in ("single", "multi0", "multi1")] == [0, 0, 1]
@@ -125,6 +122,7 @@ def test_processes_form_one_mesh(runs):
         assert records[name]["device_count"] == 4
 
 
+@pytest.mark.slow
 def test_each_process_loads_only_its_half_of_each_batch(runs):
     _, _, records = runs
     whole = records["single"]["loaded"]
@@ -144,6 +142,7 @@ def test_each_process_loads_only_its_half_of_each_batch(runs):
         assert not set(first) & set(second)
 
 
+@pytest.mark.slow
 def test_losses_match_the_single_process_run(runs):
     single_dir, multi_dir, _ = runs
     single = [row for row in read_metrics(single_dir) if "loss" in row]
@@ -172,6 +171,7 @@ def _saved_state(workdir: pathlib.Path) -> tuple[int, dict]:
         fallback_sharding=one_device))
 
 
+@pytest.mark.slow
 def test_saved_state_and_evaluation_match(runs):
     single_dir, multi_dir, _ = runs
     (single_step, single), (multi_step, multi) = _saved_state(single_dir), _saved_state(multi_dir)
@@ -187,6 +187,7 @@ def test_saved_state_and_evaluation_match(runs):
         assert multi_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_logs(runs):
     _, multi_dir, _ = runs
     events = list((multi_dir / "tensorboard").glob("events.*"))

@@ -17,15 +17,19 @@ import pytest
 
 from facenet_jax import pretrained
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: pip install '.[pretrained]' to run the "
-    "weight-import tests")
+# Every test that needs torch gets it through facenet_pytorch_module: collecting this file (and
+# running the fast tier) does not import torch.
+torch = None
 
 
 @pytest.fixture(scope="module")
 def facenet_pytorch_module():
     """facenet-pytorch's inception_resnet_v1 module, imported without the package __init__
     (which imports torchvision for MTCNN)."""
+    global torch
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed: pip install '.[pretrained]' to run the "
+        "weight-import tests")
     spec = importlib.util.find_spec("facenet_pytorch")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("facenet-pytorch is not installed: pip install --no-deps "
@@ -100,6 +104,7 @@ def reference(facenet_pytorch_module):
     return net, images, reference_embeddings(net, images)
 
 
+@pytest.mark.slow
 def test_converted_model_matches_facenet_pytorch(reference):
     net, images, expected = reference
     variables, ignored = pretrained.convert_facenet_pytorch(net.state_dict())
@@ -119,6 +124,7 @@ def test_converted_model_matches_facenet_pytorch(reference):
     assert np.abs(slipped - expected).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_conversion_names_every_bad_key(reference):
     state = {k: v.numpy() for k, v in reference[0].state_dict().items()}
     broken = dict(state)
@@ -147,6 +153,7 @@ def imported(reference, tmp_path_factory):
     return folder / "run", weights, info
 
 
+@pytest.mark.slow
 def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, imported,
                                                                   tmp_path):
     from facenet_jax import embed, evaluate
@@ -170,6 +177,7 @@ def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, imp
         pretrained.import_weights(weights, workdir)
 
 
+@pytest.mark.slow
 def test_imported_run_evaluates_a_folder_and_warns_on_another_alignment(imported, tmp_path):
     from PIL import Image
 
@@ -245,6 +253,7 @@ def test_fine_tuning_the_imported_model_on_orl(imported, shared_data, tmp_path):
     assert any(moved)
 
 
+@pytest.mark.slow
 def test_init_from_a_differently_shaped_encoder_names_the_parameters(imported):
     from facenet_jax import finetune
     from facenet_jax.config import load_config

@@ -21,6 +21,8 @@ import pytest
 from facenet_jax import sweep
 from facenet_jax.config import load_config, to_plain
 
+from tiny import RUNLOCAL_OVERRIDES, cli_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "experiments" / "default.py"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=-]+$")
@@ -254,15 +256,14 @@ if action == "preempt":
 elif action == "fail":
     sys.exit("ValueError: fake failure")
 elif action == "await_sigterm":  # like the train CLI: SIGTERM saves, then exits 0
-    import os, signal, time
-    def saved(*_):
-        print("W train.py] SIGTERM: saved step 2; re-run the same command to resume",
-              file=sys.stderr, flush=True)
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, saved)
+    import os, signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     (cell / "child.pid").write_text(str(os.getpid()))
-    time.sleep(120)
-    sys.exit("ValueError: no SIGTERM reached the cell")
+    if signal.sigtimedwait([signal.SIGTERM], 120) is None:
+        sys.exit("ValueError: no SIGTERM reached the cell")
+    print("W train.py] SIGTERM: saved step 2; re-run the same command to resume",
+          file=sys.stderr, flush=True)
+    sys.exit(0)
 else:
     (cell / "eval.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_std": 0.01,
                                                 "val@far=1e-3": 0.5, "auc": 0.95}))
@@ -726,13 +727,10 @@ def test_baseline_key_depends_on_data_seed_and_distance_only():
 # ----------------------------------------------------------------------------------------------
 # A real sweep: two tiny training cells and one that crashes (subprocesses on one CPU device).
 
-TINY = {"num_steps": 6, "log_every": 2, "eval_every": 6, "checkpoint_every": 6,
-        "data.image_size": 16, "data.synthetic.num_identities": 40,
-        "data.synthetic.images_per_identity": 6, "batch.identities": 8,
-        "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 20,
-        "eval.batch_size": 64, "model.embedding_dim": 16, "optimizer.warmup_steps": 2}
+TINY = {**RUNLOCAL_OVERRIDES, "num_steps": 6, "eval_every": 6, "checkpoint_every": 6}
 
 
+@pytest.mark.slow
 def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
     """The CLI trains one cell, records the other (a folder source without a root) as a
     crashed row, writes the tables and plots, and a second call skips both."""
@@ -742,8 +740,7 @@ def test_real_sweep_end_to_end_with_a_crashing_cell(tmp_path, capsys):
             return {{"base": "experiments/default.py", "common": {TINY!r}, "cells": {cells!r}}}
     """)
     workdir = tmp_path / "runs"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu"}
+    env = cli_env()
     command = [sys.executable, "-m", "facenet_jax.sweep", "--sweep", str(path), "--workdir",
                str(workdir)]
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,

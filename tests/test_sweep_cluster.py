@@ -20,13 +20,16 @@ from facenet_jax import evaluate, sweep
 from facenet_jax.config import changed_keys, load_config, pairs_seed, to_plain
 from facenet_jax.sweep import report, spec
 
+from tiny import RUNLOCAL_OVERRIDES, cli_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "experiments" / "default.py"
 
 # A stand-in for the train CLI, run as `python FAKE CELL_DIR`: it writes what it saw (its CPU
 # affinity, CUDA_VISIBLE_DEVICES, start and end times) to CELL_DIR/seen.json and behaves as
-# CELL_DIR/../actions.json says for its cell: "ok" (sleep a little, write eval.json), "fail",
-# or "await_sigterm" (like the train CLI: on SIGTERM, exit 0 without eval.json).
+# CELL_DIR/../actions.json says for its cell: "ok" (write eval.json), "meet:NAME" (wait until
+# cell NAME has started, then as "ok": the two ran at the same time), "fail", or
+# "await_sigterm" (like the train CLI: on SIGTERM, exit 0 without eval.json).
 FAKE = """
 import json, os, pathlib, signal, sys, time
 cell = pathlib.Path(sys.argv[1])
@@ -38,14 +41,18 @@ seen = {"cores": sorted(os.sched_getaffinity(0)), "start": time.time(), "pid": o
 if action == "fail":
     sys.exit("ValueError: fake failure")
 if action == "await_sigterm":
-    def saved(*_):
-        print("SIGTERM: saved step 2; re-run the same command to resume", file=sys.stderr)
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, saved)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     (cell / "waiting").write_text("")
-    time.sleep(120)
-    sys.exit("ValueError: no SIGTERM reached the cell")
-time.sleep(0.8)
+    if signal.sigtimedwait([signal.SIGTERM], 120) is None:
+        sys.exit("ValueError: no SIGTERM reached the cell")
+    print("SIGTERM: saved step 2; re-run the same command to resume", file=sys.stderr)
+    sys.exit(0)
+if action.startswith("meet:"):
+    deadline = time.monotonic() + 60
+    while not (cell.parent / action[len("meet:"):] / "seen.json").exists():
+        if time.monotonic() > deadline:
+            sys.exit("ValueError: the other cell never started alongside this one")
+        time.sleep(0.01)
 (cell / "eval.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_std": 0.01}))
 seen["end"] = time.time()
 (cell / "seen.json").write_text(json.dumps(seen))
@@ -190,7 +197,8 @@ def test_parallel_runs_overlap_each_on_its_own_slot(tmp_path, fake):
     loaded = sweep.load_sweep(path)
     names = sweep.cell_names(loaded["cells"])
     workdir = tmp_path / "runs"
-    fake(workdir, {names[3]: "fail"})
+    fake(workdir, {names[0]: f"meet:{names[1]}", names[1]: f"meet:{names[0]}",
+                   names[3]: "fail"})
     cores = sorted(os.sched_getaffinity(0))
     slots = [sweep.Slot("gpu A", env={"CUDA_VISIBLE_DEVICES": "0"}, cores=(cores[0],)),
              sweep.Slot("gpu B", env={"CUDA_VISIBLE_DEVICES": "1"}, cores=(cores[-1],))]
@@ -406,17 +414,13 @@ def test_pinning_the_pairs_seed_shares_one_baseline_across_training_seeds():
 # The Slurm array script (run by bash as Slurm would run one array task).
 
 SBATCH = REPO / "experiments" / "slurm" / "sweep_array.sbatch"
-TINY = {"log_every": 1, "eval_every": 100_000, "checkpoint_every": 100_000,
-        "num_steps": 100_000, "data.image_size": 16, "data.synthetic.num_identities": 40,
-        "data.synthetic.images_per_identity": 6, "batch.identities": 8,
-        "batch.images_per_identity": 2, "data.pairs.pairs_per_fold": 20, "eval.batch_size": 64,
-        "model.embedding_dim": 16, "optimizer.warmup_steps": 2}
+TINY = {**RUNLOCAL_OVERRIDES, "log_every": 1, "eval_every": 100_000,
+        "checkpoint_every": 100_000, "num_steps": 100_000}
 
 
 def _array_task(path, workdir, task):
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_SUBMIT_DIR": str(REPO),
-           "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = cli_env(SLURM_ARRAY_TASK_ID=str(task), SLURM_SUBMIT_DIR=str(REPO),
+                  PYTHON=sys.executable)
     return subprocess.Popen(["bash", str(SBATCH), str(path), str(workdir)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -428,6 +432,7 @@ def test_sbatch_script_passes_the_array_index_as_the_run(tmp_path):
     assert task.returncode == 2 and "--cell 5: the sweep has 2 runs, 0 to 1" in output
 
 
+@pytest.mark.slow
 def test_sbatch_script_sigterm_reaches_the_train_process_which_saves(tmp_path):
     """What Slurm's --signal=B:TERM does: SIGTERM to the task's batch process. It is the sweep
     (exec), which passes it to the real train process: a checkpoint, a preempted record."""

@@ -25,7 +25,8 @@ OTHER = {"loss.strategy": "hardest", "loss.soft": True}
 # The train CLI's stand-in: `python FAKE CELL_DIR INIT_FROM`. It fails, like the train CLI,
 # when INIT_FROM is given but holds no finished run, records what it started from, and writes
 # an eval.json that differs per attempt (a re-run trains other weights). CELL_DIR/../plan.json
-# gives per cell the actions of its attempts ("ok", "fail", "slow": ok after 1 s).
+# gives per cell the actions of its attempts ("ok", "fail", "wait_for:NAME": ok once cell NAME
+# has started).
 FAKE = """
 import json, pathlib, sys, time
 cell, init_from = pathlib.Path(sys.argv[1]), sys.argv[2]
@@ -42,8 +43,12 @@ todo = plan.get("actions", {}).get(cell.name, ["ok"])
 action = todo[min(runs[cell.name], len(todo)) - 1]
 if action == "fail":
     sys.exit("ValueError: fake failure")
-if action == "slow":
-    time.sleep(1.0)
+if action.startswith("wait_for:"):  # still running when cell NAME starts
+    deadline = time.monotonic() + 60
+    while not (cell.parent / action[len("wait_for:"):]).exists():
+        if time.monotonic() > deadline:
+            sys.exit("ValueError: the awaited cell never started")
+        time.sleep(0.01)
 (cell / "eval.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_std": 0.01,
                                             "attempt": runs[cell.name]}))
 """
@@ -147,7 +152,7 @@ def test_parallel_runs_start_a_dependent_once_its_source_is_complete(tmp_path, f
     spec = sweep.load_sweep(_sweep_file(tmp_path, [ARCFACE, FINETUNE, OTHER], seeds=(0,)))
     workdir = tmp_path / "runs"
     names = sweep.cell_names(spec["cells"])
-    fake(workdir, {names[0]: ["slow"]})
+    fake(workdir, {names[0]: [f"wait_for:{names[2]}"]})
     out = tmp_path / "out.txt"
     with out.open("w") as stream:
         records = sweep.run_sweep(spec, workdir, out=stream, parallel=2,

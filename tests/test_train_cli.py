@@ -1,7 +1,6 @@
 """The train CLI end to end: its outputs, resume after a kill, preemption, bad resumes."""
 
 import json
-import os
 import pathlib
 import signal
 import struct
@@ -12,15 +11,12 @@ import time
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = [
-    "--config.num_steps=8", "--config.log_every=2", "--config.eval_every=4",
-    "--config.checkpoint_every=4", "--config.data.image_size=16",
-    "--config.data.synthetic.num_identities=40", "--config.data.synthetic.images_per_identity=6",
-    "--config.batch.identities=8", "--config.batch.images_per_identity=2",
-    "--config.data.pairs.pairs_per_fold=20", "--config.eval.batch_size=64",
-    "--config.model.embedding_dim=16", "--config.optimizer.schedule=constant",
-]
+from tiny import REPO, RUNLOCAL, RUNLOCAL_OVERRIDES, cli_env, train_cli
+
+# The runlocal preset as --config flags on experiments/default.py (kept for commands built by
+# hand; `--config experiments/default.py:runlocal` is the same config).
+TINY = [f"--config.{key}={value}" for key, value in RUNLOCAL_OVERRIDES.items()]
+
 TRAIN_KEYS = {"step", "loss", "active_fraction", "mean_d_ap", "mean_d_an", "learning_rate",
               "grad_norm", "images_per_second"}
 EVAL_KEYS = {"accuracy", "accuracy_std", "threshold", "val@far=1e-3", "val@far=1e-3_std",
@@ -29,25 +25,17 @@ EVAL_KEYS = {"accuracy", "accuracy_std", "threshold", "val@far=1e-3", "val@far=1
 
 
 def _env(**extra):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(extra)
-    return env
+    """2 devices: the shared trained run's, so a resumed run here matches it bit for bit."""
+    return cli_env(devices=2, **extra)
 
 
 def _train(workdir, *overrides, check=True, env=None, timeout=240, kill_after_step=None):
-    """The train CLI; kill_after_step=S: SIGKILLed right after step S (tests/kill_worker.py)."""
-    program = (["-m", "facenet_jax.train"] if kill_after_step is None
-               else [str(REPO / "tests" / "kill_worker.py"), str(kill_after_step)])
-    cmd = [sys.executable, *program, "--config",
-           str(REPO / "experiments" / "default.py"), "--workdir", str(workdir), *TINY,
-           *overrides]
-    result = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+    """The train CLI on the runlocal preset; kill_after_step=S: SIGKILLed right after step S
+    (tests/kill_worker.py)."""
+    program = (("-m", "facenet_jax.train") if kill_after_step is None
+               else (str(REPO / "tests" / "kill_worker.py"), str(kill_after_step)))
+    return train_cli(workdir, *overrides, env=env or _env(), check=check, timeout=timeout,
+                     program=program)
 
 
 def _params(workdir):
@@ -59,11 +47,10 @@ def _params(workdir):
     return encoder.step, [np.asarray(x) for x in jax.tree.leaves(encoder.variables)]
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("straight")
-    result = _train(workdir)
-    return workdir, result
+@pytest.fixture
+def straight_run(trained_run):
+    """The session's trained run (conftest.trained_run): runlocal, 2 devices, 8 steps."""
+    return trained_run
 
 
 def test_outputs_and_their_keys(straight_run):
@@ -116,6 +103,7 @@ def _python_m(module, *args):
     return result
 
 
+@pytest.mark.slow
 def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_path):
     workdir, _ = straight_run
     output = tmp_path / "again.json"
@@ -128,6 +116,7 @@ def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
     """--split train: the run's training people (split.json), their generated pairs, the
     run's encoder; the validation split's numbers equal the run's own eval_validation.json;
@@ -167,6 +156,7 @@ def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
         evaluate.split_and_pairs(encoder.config, split="val")
 
 
+@pytest.mark.slow
 def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path):
     from facenet_jax import data, parallel
     from facenet_jax.embed import load_encoder
@@ -196,6 +186,7 @@ def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path)
     assert sorted(p.name for p in output.parent.iterdir()) == ["again.npz", "embeddings.npz"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_identical_parameters(straight_run, tmp_path):
     straight, _ = straight_run
     killed = _train(tmp_path, check=False, kill_after_step=6)
@@ -254,10 +245,10 @@ def test_num_steps_below_reached_step_is_an_error(straight_run):
     assert result.returncode != 0 and "num_steps" in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "facenet_jax.train", "--config",
-           str(REPO / "experiments" / "default.py"), "--workdir", str(tmp_path), *TINY,
-           "--config.num_steps=100000", "--config.checkpoint_every=100000"]
+    cmd = [sys.executable, "-m", "facenet_jax.train", "--config", RUNLOCAL, "--workdir",
+           str(tmp_path), "--config.num_steps=100000", "--config.checkpoint_every=100000"]
     process = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -271,6 +262,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert len(saved) == 1 and 0 < saved[0] < 100000
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     result = _train(tmp_path, "--config.optimizer.name=sgd",
                     "--config.optimizer.learning_rate=1e38",
@@ -406,6 +398,7 @@ def test_single_fold_pairs_and_one_fold_are_scored_at_a_threshold_from_elsewhere
                                   output=tmp_path / "fold2.json", fold=1)
 
 
+@pytest.mark.slow
 def test_hardest_with_a_warmup_and_a_collapse_warning(tmp_path):
     """loss.warmup_strategy=all for 4 steps, then hardest: the mined triplet count says which
     strategy ran (all valid triplets B(K-1)(B-K) = 224 vs one per anchor = 16). α = 30 puts the

@@ -1,0 +1,56 @@
+"""The tests' tiny runs: experiments/default.py:runlocal in process or through the train CLI.
+
+    from tiny import RUNLOCAL, RUNLOCAL_OVERRIDES, cli_env, tiny_config, train_cli
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import runpy
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "experiments" / "default.py"
+RUNLOCAL = f"{DEFAULT}:runlocal"  # `--config` value and load_config path of the tiny preset
+# The preset as dotted overrides of experiments/default.py, for what takes a plain config file
+# and overrides (a sweep's `common`).
+RUNLOCAL_OVERRIDES: dict[str, Any] = runpy.run_path(str(DEFAULT))["RUNLOCAL"]
+
+
+def tiny_config(overrides: Mapping[str, Any] | None = None, /, **dotted: Any):
+    """The runlocal preset with dotted overrides: tiny_config({"loss.margin": 0.3}) or
+    tiny_config(num_steps=2)."""
+    from facenet_jax import config as cfg
+
+    return cfg.load_config(RUNLOCAL, {**(overrides or {}), **dotted})
+
+
+def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: this one's (the compilation cache included) on
+    `devices` CPU devices, with most XLA optimisations off (flax's train_test pattern: these
+    runs are a few steps, compiling dominates), plus `extra`."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "JAX_DISABLE_MOST_OPTIMIZATIONS": os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS",
+                                                             "1"),
+            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+            **extra}
+
+
+def train_cli(workdir: str | pathlib.Path, *flags: str, env: Mapping[str, str] | None = None,
+              check: bool = True, timeout: float = 240,
+              program: tuple[str, ...] = ("-m", "facenet_jax.train")
+              ) -> subprocess.CompletedProcess:
+    """`python -m facenet_jax.train --config experiments/default.py:runlocal --workdir W FLAGS`
+    (program: e.g. (tests/kill_worker.py, S) instead of -m facenet_jax.train)."""
+    cmd = [sys.executable, *program, "--config", RUNLOCAL, "--workdir", str(workdir), *flags]
+    result = subprocess.run(cmd, cwd=REPO, env=dict(env or cli_env()), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
