@@ -39,6 +39,8 @@ EXTRA_FILES = {
     "align": ["facenet_jax/align.py"],
     "pretrained": ["facenet_jax/pretrained.py"],
     "tfds": ["facenet_jax/data/tfds_source.py"],
+    "pretrained-tf": ["facenet_jax/pretrained_tf.py"],
+    "stream": ["facenet_jax/data/stream.py"],
     "test": sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("*.py")),
 }
 FIRST_PARTY = {"facenet_jax", "benchmarks", *(p.stem for p in (REPO / "tests").glob("*.py"))}
@@ -95,6 +97,23 @@ def imported_top_level(path: pathlib.Path) -> set[str]:
     return names
 
 
+def imported_with_a_fallback(paths: list[pathlib.Path]) -> set[str]:
+    """Modules the files import only inside `try: ... except ImportError` (a speed-up with a
+    fallback, e.g. rec.py's simplejpeg beside PIL): optional by design, so another extra's."""
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Try) and any(
+                    getattr(handler.type, "id", None) in ("ImportError", "ModuleNotFoundError")
+                    for handler in node.handlers):
+                for statement in node.body:
+                    if isinstance(statement, ast.Import):
+                        names.update(a.name.partition(".")[0] for a in statement.names)
+                    elif isinstance(statement, ast.ImportFrom) and statement.module:
+                        names.add(statement.module.partition(".")[0])
+    return names
+
+
 def skipped_when_absent(paths: list[pathlib.Path]) -> set[str]:
     """Modules the files import only behind `pytest.importorskip("name")`: optional by design
     (the tests that need them skip), so another extra's."""
@@ -110,7 +129,8 @@ def skipped_when_absent(paths: list[pathlib.Path]) -> set[str]:
 def third_party_imports(extra: str) -> set[str]:
     files = feature_files(extra)
     names = set().union(*map(imported_top_level, files))
-    names -= FIRST_PARTY | set(sys.stdlib_module_names) | skipped_when_absent(files)
+    names -= (FIRST_PARTY | set(sys.stdlib_module_names) | skipped_when_absent(files)
+              | imported_with_a_fallback(files))
     return names
 
 

@@ -184,7 +184,7 @@ def test_a_registered_optimizer_and_schedule_build_the_update():
 def test_a_registered_benchmark_runs_from_its_flag(capsys):
     flags = types.SimpleNamespace(workdir="run", toy="DATA", verification_sets=None, ijb=None,
                                   data_root=None, pairs=None, output=None, baseline=None,
-                                  fold=None, threshold=None, flip=None)
+                                  fold=None, threshold=None, flip=None, run_config=None)
     assert evaluators.selected_benchmarks(flags) == []
     calls = []
     toy = evaluators.BenchmarkEvaluator(
