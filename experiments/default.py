@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
     # A run folder (trained, or written by `python -m facenet_jax.pretrained`) whose newest
     # checkpoint's encoder starts this run (fine-tuning); read, never written.
     config.model.init_from = placeholder(str)
+    # True (with init_from and optimizer.backbone_lr_multiplier=0): the frozen backbone's features
+    # of each training image and its mirror are computed once, in eval mode, and the embedding
+    # head alone trains on them (facenet_jax/features_cache.py).
+    config.model.cached_features = False
     # Each encoder's own fields (widths, depths, dropout_rate, bn_momentum, ...), one block per
     # model name, filled from the registered modules' defaults: e.g.
     # --config.model.small_cnn.widths=(32,64,128,256). Only the block of model.name is used.
