@@ -14,7 +14,9 @@ selects its mirror's features; random crops cannot be cached and are refused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import pathlib
 import time
 from typing import Any
 
@@ -24,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from facenet_jax import data
+from facenet_jax import data, runfiles
 from facenet_jax.embed import make_embedder
 from facenet_jax.models.layers import EmbeddingHead
 from facenet_jax.optim import HEAD_SCOPE
@@ -39,6 +41,10 @@ def validate_cached_features(config: ml_collections.ConfigDict) -> None:
     """ValueError (one line, key and fix) unless `model.cached_features` is off or has what it
     needs: an encoder to take the frozen backbone from, a frozen backbone, no random crops."""
     if not enabled(config):
+        if config.model.get("cached_features_dir") is not None:
+            raise ValueError("model.cached_features_dir stores the features of "
+                             "model.cached_features=True: pass --config.model.cached_features"
+                             "=True, or leave model.cached_features_dir unset")
         return
     if config.model.init_from is None:
         raise ValueError("model.cached_features=True caches the features of a trained backbone: "
@@ -125,6 +131,42 @@ def image_and_mirror_features(encoder: nn.Module, variables: Any, images: np.nda
     return both.reshape(len(images), 2, -1)
 
 
+def backbone_key(encoder: nn.Module, variables: Any) -> str:
+    """A hex digest of what an image's cached features depend on besides the image: the
+    encoder's definition (its module fields) and its backbone's variables (the head's left
+    out, so a trained head reuses its source's features)."""
+    digest = hashlib.sha256(repr(encoder).encode())
+    for path, leaf in jax.tree.leaves_with_path(jax.device_get(variables)):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if name.split("/")[1] != HEAD_SCOPE:
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def stored_image_and_mirror_features(encoder: nn.Module, variables: Any, images: Any,
+                                     mesh: jax.sharding.Mesh, *, batch_size: int,
+                                     store: str | pathlib.Path) -> np.ndarray:
+    """`image_and_mirror_features`, kept in the folder `store` across runs (e.g. the folds of
+    a crossval, which share most of their training images): one file per image,
+    STORE/<backbone_key>/<sha256 of the image's pixels>.npy [2, C]; only the images without
+    one are computed (and written, atomically)."""
+    folder = pathlib.Path(store) / backbone_key(encoder, variables)
+    names = [hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest()
+             for i in range(len(images))]
+    paths = [folder / f"{name}.npy" for name in names]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    logging.info("model.cached_features_dir: %d of %d images' features found in %s",
+                 len(images) - len(missing), len(images), folder)
+    if missing:
+        computed = image_and_mirror_features(encoder, variables, images[np.asarray(missing)],
+                                             mesh, batch_size=batch_size)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, features in zip(missing, computed):
+            runfiles.atomic_write_with(paths[i], lambda f, x=features: np.save(f, x))
+    return np.stack([np.load(path) for path in paths])
+
+
 def cached_training(config: ml_collections.ConfigDict, model: nn.Module,
                     eval_model: nn.Module, variables: Any, sampler: data.RowSampler,
                     mesh: jax.sharding.Mesh) -> tuple[CachedFeatureSampler, FeatureHead]:
@@ -136,8 +178,14 @@ def cached_training(config: ml_collections.ConfigDict, model: nn.Module,
     logging.info("model.cached_features: computing the backbone features of the %d training "
                  "images and their mirrors", len(images))
     start = time.perf_counter()
-    features = image_and_mirror_features(eval_model, variables, images, mesh,
-                                         batch_size=config.eval.batch_size)
+    store = config.model.get("cached_features_dir")
+    if store is None:
+        features = image_and_mirror_features(eval_model, variables, images, mesh,
+                                             batch_size=config.eval.batch_size)
+    else:
+        features = stored_image_and_mirror_features(eval_model, variables, images, mesh,
+                                                    batch_size=config.eval.batch_size,
+                                                    store=store)
     logging.info("model.cached_features: %d x 2 features of %d dimensions in %.0f s",
                  len(images), features.shape[-1], time.perf_counter() - start)
     head = FeatureHead(head_fields_of(model, config.data.image_size))

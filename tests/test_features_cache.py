@@ -100,6 +100,48 @@ def test_features_of_each_image_and_its_mirror():
             table[:, flip], backbone.apply(variables, shown / 255.0, train=False), atol=1e-6)
 
 
+def test_stored_features_are_computed_once_per_backbone_and_image(tmp_path, monkeypatch):
+    model, size = SMALL["small_cnn"]
+    variables = _random_variables(model, size)
+    images = np.asarray(jax.random.randint(jax.random.key(4), (6, size, size, 3), 0, 256),
+                        np.uint8)
+    mesh = parallel.make_mesh()
+    computed = []
+    direct = features_cache.image_and_mirror_features
+
+    def counting(encoder, variables, images, mesh, *, batch_size):
+        computed.append(len(images))
+        return direct(encoder, variables, images, mesh, batch_size=batch_size)
+
+    monkeypatch.setattr(features_cache, "image_and_mirror_features", counting)
+
+    def stored(variables, images):
+        return features_cache.stored_image_and_mirror_features(
+            model, variables, images, mesh, batch_size=8, store=tmp_path)
+
+    first = stored(variables, images[:4])
+    np.testing.assert_array_equal(first, direct(model, variables, images[:4], mesh,
+                                                batch_size=8))
+    # Another run (another fold) from the same backbone: only its new images are computed.
+    again = stored(variables, images[2:])
+    assert computed == [4, 2]
+    np.testing.assert_array_equal(again[:2], first[2:])
+    np.testing.assert_allclose(again, direct(model, variables, images[2:], mesh, batch_size=8),
+                               atol=1e-6)
+    # A trained head shares its source's features; another backbone has its own.
+    head_trained = jax.tree.map(lambda x: x, variables)
+    head_trained["params"][HEAD_SCOPE]["embedding"]["kernel"] = (
+        head_trained["params"][HEAD_SCOPE]["embedding"]["kernel"] + 1.0)
+    stored(head_trained, images)
+    assert computed == [4, 2]
+    moved = jax.tree.map(lambda x: x, variables)
+    moved["batch_stats"]["BatchNorm_0"]["mean"] = moved["batch_stats"]["BatchNorm_0"]["mean"] + 1
+    other = stored(moved, images[:1])
+    assert computed == [4, 2, 1]
+    assert not np.allclose(other, first[:1])
+    assert len(list(tmp_path.iterdir())) == 2 and len(list(tmp_path.glob("*/*.npy"))) == 7
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad configs: refused in one line before anything is read or compiled.
 
@@ -109,10 +151,12 @@ def test_features_of_each_image_and_its_mirror():
      "pass --config.optimizer.backbone_lr_multiplier=0 (got 0.1)"),
     ({"model.init_from": "somewhere", "data.augment.crop_padding": 2},
      "pass --config.data.augment.crop_padding=0 (got 2)"),
+    ({"model.init_from": "somewhere", "model.cached_features": False,
+      "model.cached_features_dir": "store"}, "leave model.cached_features_dir unset"),
 ])
 def test_a_cached_features_config_without_what_it_needs_is_refused(overrides, message):
     config = cfg.load_config(DEFAULT, {**TINY, **CACHED, **overrides})
-    with pytest.raises(ValueError, match="model.cached_features=True") as error:
+    with pytest.raises(ValueError, match="model.cached_features") as error:
         cfg.validate_config(config, num_devices=8)
     assert message in str(error.value) and "\n" not in str(error.value)
 
@@ -177,7 +221,8 @@ def test_a_cached_features_step_is_the_head_trained_alone_on_eval_features(tmp_p
                 "optimizer.learning_rate": lr, "optimizer.warmup_steps": 0,
                 "optimizer.grad_clip_norm": 0.0, "num_steps": 1, "checkpoint_every": 1}
     source = _source(tmp_path / "source", cfg.load_config(DEFAULT, settings))
-    config = cfg.load_config(DEFAULT, {**settings, "model.init_from": str(source)})
+    config = cfg.load_config(DEFAULT, {**settings, "model.init_from": str(source),
+                                       "model.cached_features_dir": str(tmp_path / "store")})
     run = tmp_path / "run"
     train.train_and_evaluate(config, run)
 
@@ -187,6 +232,8 @@ def test_a_cached_features_step_is_the_head_trained_alone_on_eval_features(tmp_p
     rows, offsets, flips = sampler.plan(0)
     images = sampler.augment.apply(np.asarray(splits["train"].images[rows]), offsets, flips)
     labels = splits["train"].labels[rows]
+    stored = list((tmp_path / "store").glob("*/*.npy"))
+    assert len(stored) == len(splits["train"].labels)  # synthetic images are all distinct
     before, _ = finetune.read_variables(source)
     model = build_model(config, bn_axis_name=None)
     features = _small_cnn_features(model, before, images / 255.0)
