@@ -269,3 +269,23 @@ def test_a_cached_features_step_is_the_head_trained_alone_on_eval_features(tmp_p
             for saved, kept in zip(jax.tree.leaves(subtree),
                                    jax.tree.leaves(after[collection][scope])):
                 np.testing.assert_array_equal(saved, kept)
+
+
+@pytest.mark.slow
+def test_arcface_on_cached_features_trains_the_head_and_keeps_the_backbone(tmp_path):
+    settings = {**TINY, **CACHED, "num_steps": 2}
+    source = _source(tmp_path / "source", cfg.load_config(DEFAULT, settings))
+    config = cfg.load_config(DEFAULT, {**settings, "model.init_from": str(source),
+                                       "loss.kind": "classification",
+                                       "loss.classification.head": "arcface"})
+    run = tmp_path / "run"
+    result = train.train_and_evaluate(config, run)
+    assert np.isfinite(result["accuracy"])
+    assert all(np.isfinite(row["loss"]) for row in read_metrics(run) if "loss" in row)
+    before, _ = finetune.read_variables(source)
+    after, step = finetune.read_variables(run)
+    assert step == 2
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
+    assert moved["params"].pop(HEAD_SCOPE) == {"embedding": {"kernel": True, "bias": True}}
+    assert not any(jax.tree.leaves(moved["params"]))
+    assert not any(jax.tree.leaves(moved["batch_stats"]))
