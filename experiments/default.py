@@ -123,6 +123,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A run folder (trained, or written by `python -m facenet_jax.pretrained`) whose newest
     # checkpoint's encoder starts this run (fine-tuning); read, never written.
     config.model.init_from = placeholder(str)
+    # True (with init_from and optimizer.backbone_lr_multiplier=0): the frozen backbone's features
+    # of each training image and its mirror are computed once, in eval mode, and the embedding
+    # head alone trains on them (facenet_jax/features_cache.py).
+    config.model.cached_features = False
+    # A folder that keeps those features across runs from the same backbone (crossval's folds):
+    # one file per image, keyed by the backbone's variables and the image's pixels.
+    config.model.cached_features_dir = placeholder(str)
     # Each encoder's own fields (widths, depths, dropout_rate, bn_momentum, ...), one block per
     # model name, filled from the registered modules' defaults: e.g.
     # --config.model.small_cnn.widths=(32,64,128,256). Only the block of model.name is used.

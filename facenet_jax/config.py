@@ -164,7 +164,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     Raises ValueError naming the key and the fix. Dataset-dependent checks (P not above the
     number of trainable identities) happen when the data is loaded, still before compiling.
     """
-    from facenet_jax import data, losses, models, objectives, optim  # local: import-light
+    from facenet_jax import (data, features_cache, losses, models, objectives,
+                             optim)  # local: import-light
     from facenet_jax.losses import memory
 
     data.validate_sampler(config.data.sampler)
@@ -198,6 +199,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         raise ValueError(f"model.bn_scale=True is an option of {', '.join(with_bn_scale)} only "
                          f"(model.name is {config.model.name!r}); leave it False")
     optim.validate_optimizer_config(config.optimizer, config.num_steps)
+    features_cache.validate_cached_features(config)
     validate_exclude_fold(config.data.split)
     if config.parallel.mining not in MINING_SCOPES:
         raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "

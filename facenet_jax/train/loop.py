@@ -19,8 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from facenet_jax import (checkpoints, data, evaluate, finetune, objectives, parallel, plots,
-                         runfiles, verification_sets)
+from facenet_jax import (checkpoints, data, evaluate, features_cache, finetune, objectives,
+                         parallel, plots, runfiles, verification_sets)
 from facenet_jax.config import validate_config
 from facenet_jax.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, drop_metric_rows, read_metrics, truncate_metrics
@@ -291,9 +291,17 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                               init_from=_init_from_record(config, resumed))
         data.write_split_record(workdir / runfiles.SPLIT_FILE, run_data.splits)
 
+    eval_model = build_model(config, bn_axis_name=None)
+    train_model = model
+    if features_cache.enabled(config) and config.num_steps > start_step:
+        # The restored state's backbone is model.init_from's on a resume too (frozen).
+        sampler, train_model = features_cache.cached_training(
+            config, model, eval_model, state.variables, run_data.sampler, mesh)
+        run_data = dataclasses.replace(run_data, sampler=sampler)
+
     def compiled_step(objective: objectives.Objective):
         return make_train_step(
-            mesh, state_specs=state_specs, model=model, tx=tx, schedule=schedule,
+            mesh, state_specs=state_specs, model=train_model, tx=tx, schedule=schedule,
             objective=objective,
             freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0,
             head_tx=head_tx,
@@ -303,7 +311,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     warmup_steps = config.loss.warmup_steps
     warmup_fn = (compiled_step(objectives.from_config(config, warmup=True, **sizes))
                  if warmup_steps else None)
-    embed = make_embedder(build_model(config, bn_axis_name=None), mesh,
+    embed = make_embedder(eval_model, mesh,
                           batch_size=config.eval.batch_size, flip=config.eval.flip,
                           flip_mode=config.eval.flip_mode)
     # TensorBoard drops the events a killed earlier attempt logged past the restored step.

@@ -34,8 +34,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
                clip_norm: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update, per device, with pmap semantics over the axis `AXIS`.
 
-    images: this device's shard, uint8 [b, H, W, 3] (whole identities with the P×K sampler);
-    labels: int [b].
+    images: this device's shard, uint8 [b, H, W, 3] (whole identities with the P×K sampler),
+    scaled to [0, 1] for `model`; or float features [b, C] given to `model` as they are
+    (model.cached_features: `model` is then features_cache.FeatureHead); labels: int [b].
     `objective` (objectives/base.py) turns the embeddings into additive sums; `loss`+`mining`
     is shorthand for `TripletObjective(loss, mining)`. The per-device value is the objective's
     share of the global mean (`weighted_objective`), so the psum of the per-device encoder
@@ -56,7 +57,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
     dropout_key = jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM),
                                      lax.axis_index(AXIS))
     extra = state.objective_extra
-    x = images.astype(jnp.float32) / 255.0
+    x = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
 
     def value(params: Any) -> tuple[jax.Array, tuple[Any, Any, Any]]:
         embeddings, updates = model.apply(
