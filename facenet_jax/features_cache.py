@@ -33,15 +33,15 @@ from facenet_jax.optim import HEAD_SCOPE
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-    """`model.cached_features` (False in configs recorded before the key existed)."""
-    return bool(config.model.get("cached_features", False))
+    """`model.cached_features`: the head trains alone on cached backbone features."""
+    return bool(config.model.cached_features)
 
 
 def validate_cached_features(config: ml_collections.ConfigDict) -> None:
     """ValueError (one line, key and fix) unless `model.cached_features` is off or has what it
     needs: an encoder to take the frozen backbone from, a frozen backbone, no random crops."""
     if not enabled(config):
-        if config.model.get("cached_features_dir") is not None:
+        if config.model.cached_features_dir is not None:
             raise ValueError("model.cached_features_dir stores the features of "
                              "model.cached_features=True: pass --config.model.cached_features"
                              "=True, or leave model.cached_features_dir unset")
@@ -178,7 +178,7 @@ def cached_training(config: ml_collections.ConfigDict, model: nn.Module,
     logging.info("model.cached_features: computing the backbone features of the %d training "
                  "images and their mirrors", len(images))
     start = time.perf_counter()
-    store = config.model.get("cached_features_dir")
+    store = config.model.cached_features_dir
     if store is None:
         features = image_and_mirror_features(eval_model, variables, images, mesh,
                                              batch_size=config.eval.batch_size)

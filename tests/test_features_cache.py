@@ -165,9 +165,6 @@ def test_the_default_trains_as_before():
     config = cfg.load_config(DEFAULT, TINY)
     assert config.model.cached_features is False
     assert not features_cache.enabled(config)
-    # A config recorded before the key existed reads as off.
-    del config.model["cached_features"]
-    assert not features_cache.enabled(config)
 
 
 def test_the_sampler_takes_the_rows_labels_and_flips_of_the_image_sampler():
