@@ -87,10 +87,7 @@ def evaluate_embedded(embeddings: np.ndarray, labels: np.ndarray, pairs: data.Pa
                                              subtract_mean=subtract_mean,
                                              threshold_search=threshold_search,
                                              include_identification=identification == "all")
-        if result["unbalanced_folds"]:
-            logging.warning("folds %s hold only same or only different pairs: their accuracy "
-                            "measures one error rate alone and skews the mean",
-                            result["unbalanced_folds"])
+        reporting.warn_unbalanced_folds(result)
         result.update(metrics.val_resolution(pairs.is_same, pairs.fold))
     else:
         d = metrics.pair_distances(embeddings, pairs.first, pairs.second, distance)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,3 +51,12 @@ def format_spread(mean: float | None, std: float | None, n: int, fmt: str = ".4f
     if n == 1 or std is None:
         return f"{mean:{fmt}} (n={n})"
     return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def warn_unbalanced_folds(result: Mapping[str, Any], source: str | None = None) -> None:
+    """Logs a k-fold result's `unbalanced_folds` (folds of only same or only different pairs),
+    prefixed by `source` (e.g. a `.bin` set's name) when given; nothing when there are none."""
+    if result["unbalanced_folds"]:
+        logging.warning("%sfolds %s hold only same or only different pairs: their accuracy "
+                        "measures one error rate alone and skews the mean",
+                        f"{source}: " if source else "", result["unbalanced_folds"])

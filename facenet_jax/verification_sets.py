@@ -198,10 +198,7 @@ def evaluate_set(embed_images: ImageEmbedder, vset: VerificationSet, *, distance
         embeddings, np.arange(len(embeddings)), pairs.first, pairs.second, pairs.is_same,
         pairs.fold, distance=distance, subtract_mean=subtract_mean,
         threshold_search=threshold_search, include_identification=False)
-    if result["unbalanced_folds"]:
-        logging.warning("%s: folds %s hold only same or only different pairs: their accuracy "
-                        "measures one error rate alone and skews the mean", vset.name,
-                        result["unbalanced_folds"])
+    reporting.warn_unbalanced_folds(result, vset.name)
     result.update(metrics.val_resolution(pairs.is_same, pairs.fold))
     return {**result, "num_images": int(len(vset.images)), "source_image_size": vset.source_size,
             "center_crop": vset.center_crop}
