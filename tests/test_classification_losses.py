@@ -216,6 +216,76 @@ def test_arcface_substitute_keeps_the_target_logit_decreasing_in_theta(margin):
 
 
 # ---------------------------------------------------------------------------------------------
+# the one combined margin formula behind the cosine heads
+
+# Angles chosen off ArcFace's switch point π − m2 (1.0, 2.642 and 2.6416 for these m2).
+ANGLES = np.array([0.0, math.pi / 6, math.pi / 3, math.pi / 2, 2.0, 2.9, math.pi])
+
+
+def numpy_combined(theta, m2, m3):
+    """insightface's s = 1 target, m1 = 1, in float64 from θ itself: cos(θ + m2) − m3, and
+    past θ + m2 > π ArcFace's substitute cos θ − m2·sin m2 (minus m3)."""
+    return np.where(theta + m2 <= math.pi, np.cos(theta + m2),
+                    np.cos(theta) - m2 * math.sin(m2)) - m3
+
+
+def test_combined_margin_matches_numpy_on_a_few_angles():
+    cos = jnp.asarray(np.cos(ANGLES), jnp.float32)
+    for m2, m3 in [(0.0, 0.0), (0.0, 0.35), (0.5, 0.0), (math.pi / 6, 0.0), (0.3, 0.2)]:
+        np.testing.assert_allclose(losses.combined_margin(cos, m2, m3),
+                                   numpy_combined(ANGLES, m2, m3), atol=2e-6,
+                                   err_msg=f"m2={m2}, m3={m3}")
+    # By hand: cos(π/3 + π/6) = 0; at θ = π with m2 = 0.5 the substitute −1 − 0.5·sin 0.5
+    # = −1.2397128; CosFace at π/3: 1/2 − 0.35; NormFace at π/3: 1/2.
+    np.testing.assert_allclose(losses.combined_margin(jnp.float32(0.5), math.pi / 6), 0.0,
+                               atol=1e-6)
+    np.testing.assert_allclose(losses.combined_margin(jnp.float32(-1.0), 0.5), -1.2397128,
+                               atol=1e-6)
+    np.testing.assert_allclose(losses.combined_margin(jnp.float32(0.5), 0.0, 0.35), 0.15,
+                               atol=1e-7)
+    assert float(losses.combined_margin(jnp.float32(0.5))) == 0.5
+
+
+@pytest.mark.parametrize("head,m2,m3", [("normface", 0.0, 0.0), ("cosface", 0.0, 0.35),
+                                        ("arcface", 0.5, 0.0)])
+def test_each_cosine_head_is_the_combined_formula_at_its_margins(head, m2, m3):
+    """A unit embedding at angle θ from its class centre (D = 2): the target logit is
+    s·(cos(θ + m2) − m3) with the head's paper m as m2 (ArcFace) or m3 (CosFace), NormFace
+    m = 0; the other class's logit s·cos of its own angle, untouched."""
+    s = 3.0
+    e = np.stack([np.cos(ANGLES), np.sin(ANGLES)], axis=1).astype(np.float32)
+    logits = np.asarray(losses.class_logits(e, EYE, None, np.zeros(len(e), np.int32),
+                                            head=head, scale=s))
+    np.testing.assert_allclose(logits[:, 0], s * numpy_combined(ANGLES, m2, m3), atol=1e-5)
+    np.testing.assert_allclose(logits[:, 1], s * np.sin(ANGLES), atol=1e-5)
+    if head == "arcface":  # both sides of the switch are exercised
+        assert (ANGLES + m2 > math.pi).any() and (ANGLES + m2 < math.pi).any()
+
+
+def test_unknown_head_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown classification head 'sphereface'; valid "
+                                         "heads: softmax, normface, cosface, arcface"):
+        losses.class_logits(np.eye(2, dtype=np.float32), EYE, None, np.zeros(2, np.int32),
+                            head="sphereface")
+
+
+def test_a_registered_head_needs_nothing_else():
+    """Both margins at once (ArcFace's m2 and CosFace's m3 from one m), added to the registry
+    only: validation, defaults and logits follow from the entry."""
+    both = losses.MarginHead(default_scale=2.0, default_margin=0.2, angular=True, additive=True,
+                             formula="cos(θ + m) − m")
+    with losses.CLASSIFICATION_HEADS.temporary("arc_cos", both):
+        assert losses.resolve_head("arc_cos") == (2.0, 0.2)
+        with pytest.raises(ValueError, match="arc_cos margin must be >= 0"):
+            losses.validate_classification_args("arc_cos", None, -1.0)
+        e = np.stack([np.cos(ANGLES), np.sin(ANGLES)], axis=1).astype(np.float32)
+        logits = losses.class_logits(e, EYE, None, np.zeros(len(e), np.int32), head="arc_cos")
+        np.testing.assert_allclose(logits[:, 0], 2.0 * numpy_combined(ANGLES, 0.2, 0.2),
+                                   atol=1e-5)
+    assert "arc_cos" not in losses.CLASSIFICATION_HEADS
+
+
+# ---------------------------------------------------------------------------------------------
 # θ = 0, θ = π, bfloat16, degenerate inputs
 
 @pytest.mark.parametrize("head", HEADS)

@@ -1,21 +1,26 @@
 """Margin-softmax classification losses, with the class centres shardable over a mesh axis.
 
 Heads (the logit z_c of a unit embedding e against class c; y is the row's label; W_c a class
-centre, b_c its bias; cos θ_c = ê·Ŵ_c with ê, Ŵ_c the unit vectors):
+centre, b_c its bias; cos θ_c = ê·Ŵ_c with ê, Ŵ_c the unit vectors), entries of
+`CLASSIFICATION_HEADS`:
 
-- "softmax": z_c = e·W_c + b_c, a plain linear layer on the (already unit) embedding, centres
-  not normalised (the classic softmax baseline, as in davidsandberg/facenet's best models).
-- "normface": z_c = s·cos θ_c (Wang, Xiang, Cheng, Yuille, "NormFace", ACM MM 2017). NormFace
-  learns s; here it is fixed and defaults to the margin heads' s, so "normface" is exactly
-  their m = 0 limit (an ablation of the margin alone).
-- "cosface": z_y = s·(cos θ_y − m), others s·cos θ_c (Wang et al., "CosFace: Large Margin Cosine
-  Loss", CVPR 2018; s = 64, m = 0.35).
-- "arcface": z_y = s·cos(θ_y + m), others s·cos θ_c (Deng, Guo, Xue, Zafeiriou, "ArcFace:
-  Additive Angular Margin Loss", CVPR 2019; s = 64, m = 0.5). Where θ_y + m > π, cos(θ_y + m)
-  would rise again with θ_y (a wrong-way gradient), so insightface's substitute
-  cos θ_y − m·sin m is used where cos θ_y <= cos(π − m) ("easy_margin=False"; the value jumps
-  down there from −1 to −cos m − m·sin m, and stays decreasing in θ_y for the allowed
-  0 <= m < π/2).
+- "softmax" (`LinearHead`): z_c = e·W_c + b_c, a plain linear layer on the (already unit)
+  embedding, centres not normalised (the classic softmax baseline, as in davidsandberg/facenet's
+  best models).
+- The cosine heads (`MarginHead`) share one formula, insightface's combined margin with m1 = 1:
+  z_y = s·(cos(θ_y + m2) − m3), others s·cos θ_c (`combined_margin`). Each head says which of
+  m2 (an angle added to θ_y) and m3 (subtracted from the cosine) its `margin` m sets:
+  - "normface": m2 = m3 = 0 (Wang, Xiang, Cheng, Yuille, "NormFace", ACM MM 2017). NormFace
+    learns s; here it is fixed and defaults to the margin heads' s, so "normface" is exactly
+    their m = 0 limit (an ablation of the margin alone).
+  - "cosface": m3 = m (Wang et al., "CosFace: Large Margin Cosine Loss", CVPR 2018; s = 64,
+    m = 0.35).
+  - "arcface": m2 = m (Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss",
+    CVPR 2019; s = 64, m = 0.5). Where θ_y + m2 > π, cos(θ_y + m2) would rise again with θ_y
+    (a wrong-way gradient), so insightface's substitute cos θ_y − m2·sin m2 is used where
+    cos θ_y <= cos(π − m2) ("easy_margin=False"; the value jumps down there from −1 to
+    −cos m2 − m2·sin m2, and stays decreasing in θ_y for the allowed 0 <= m2 < π/2).
+  SphereFace's multiplicative m1 is left out, as in insightface's current code.
 
 The loss is the cross-entropy of softmax(z) at y. `class_logits` gives the logits of one shard of
 centres (global ids [label_offset, label_offset + C_local)); `softmax_cross_entropy_sums`
@@ -31,6 +36,7 @@ parts gives the exact mean once the parts' sums are added (`reduce_classificatio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -41,13 +47,8 @@ import numpy as np
 from jax import lax
 
 from facenet_jax.losses.distances import l2_normalize
+from facenet_jax.registry import Registry
 
-HEADS = ("softmax", "normface", "cosface", "arcface")
-# None: the head has no such parameter (softmax has neither; normface has no margin).
-DEFAULT_SCALE: dict[str, float | None] = {"softmax": None, "normface": 64.0, "cosface": 64.0,
-                                          "arcface": 64.0}
-DEFAULT_MARGIN: dict[str, float | None] = {"softmax": None, "normface": None, "cosface": 0.35,
-                                           "arcface": 0.5}
 CLASSIFICATION_SUM_KEYS = ("loss_sum", "count", "correct")
 
 # sin θ = sqrt(max(1 − cos²θ, _SIN_SQUARED_FLOOR)): a finite gradient at cos θ = ±1 (θ = 0, π).
@@ -61,38 +62,184 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def validate_classification_args(head: str, scale: Any, margin: Any) -> None:
-    """Pure-Python checks, no JAX work: ValueError naming the problem and the fix.
+def _is_zero(value: Any) -> bool:
+    """A margin known (not traced) to be 0: the formula's term then drops out exactly."""
+    return _is_number(value) and value == 0
 
-    scale and margin may be None (the head's paper default, see `resolve_head`). A traced value
-    (e.g. under vmap over margins) skips the value checks.
+
+def combined_margin(cos_target: jax.Array, angular_margin: Any = 0.0,
+                    additive_margin: Any = 0.0) -> jax.Array:
+    """insightface's combined margin with m1 = 1: cos(θ + m2) − m3 of target cosines.
+
+    cos_target: [B] cos θ (any shape works); angular_margin m2 (radians, 0 <= m2 < π/2) and
+    additive_margin m3: numbers or traced scalars. Where θ >= π − m2 (cos θ <= cos(π − m2)),
+    cos(θ + m2) would rise again with θ, so ArcFace's monotone substitute cos θ − m2·sin m2
+    takes its place (see the module docstring). cos(θ + m2) = cos θ cos m2 − sin θ sin m2 with
+    sin θ = sqrt(max(1 − cos²θ, floor)): no arccos, value and gradient finite at θ = 0 and π.
+    An m2 known to be 0 skips the trigonometry: cos(θ + 0) is cos θ itself.
     """
-    if head not in HEADS:
-        raise ValueError(f"unknown classification head {head!r}; valid heads: {', '.join(HEADS)}")
+    if _is_zero(angular_margin):
+        return cos_target - additive_margin
+    cos_theta = jnp.clip(cos_target, -1.0, 1.0)
+    sin_theta = jnp.sqrt(jnp.maximum(1.0 - cos_theta * cos_theta, _SIN_SQUARED_FLOOR))
+    cos_theta_m = cos_theta * jnp.cos(angular_margin) - sin_theta * jnp.sin(angular_margin)
+    past_pi = cos_theta <= jnp.cos(jnp.pi - angular_margin)  # θ >= π − m2
+    shifted = jnp.where(past_pi, cos_theta - angular_margin * jnp.sin(angular_margin),
+                        cos_theta_m)
+    return shifted - additive_margin
+
+
+def _check_finite_numbers(head: str, scale: Any, margin: Any) -> None:
+    """scale and margin: None, traced (e.g. vmap over margins: not checkable) or finite."""
     for name, value in (("scale", scale), ("margin", margin)):
         if value is None or isinstance(value, jax.core.Tracer):
             continue
         if not _is_number(value) or not math.isfinite(value):
             raise ValueError(f"{head} {name} must be a finite number (or None for the paper "
                              f"default), got {value!r}")
-    if head == "softmax" and (scale is not None or margin is not None):
-        raise ValueError("head 'softmax' has no scale or margin (its logits are e·W + b); leave "
-                         "both unset, or use 'normface', 'cosface' or 'arcface' for a scaled "
-                         f"cosine head (got scale={scale!r}, margin={margin!r})")
-    if head == "normface" and margin is not None:
-        raise ValueError(f"head 'normface' has no margin (got margin={margin!r}); leave it unset, "
-                         "or use 'cosface' (cos θ − m) or 'arcface' (cos(θ + m)) for a margin")
-    if _is_number(scale) and scale <= 0:
-        raise ValueError(f"{head} scale must be > 0 (the paper uses 64), got {scale!r}")
-    if _is_number(margin):
+
+
+def _target_mask(labels: jax.Array, label_offset: Any, num_local: int) -> jax.Array:
+    """[B] global labels -> bool [B, C_local]: True at the row's target if this shard holds it."""
+    return jnp.arange(num_local)[None, :] == (labels - label_offset)[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearHead:
+    """z_c = e·W_c (+ b_c): unnormalised centres and an optional bias; no scale, no margin."""
+
+    has_bias = True
+    default_scale = None
+    default_margin = None
+
+    def validate(self, head: str, scale: Any, margin: Any) -> None:
+        _check_finite_numbers(head, scale, margin)
+        if scale is not None or margin is not None:
+            raise ValueError(
+                f"head {head!r} has no scale or margin (its logits are e·W + b); leave both "
+                f"unset, or use {_names_or(_scaled_heads())} for a scaled cosine head (got "
+                f"scale={scale!r}, margin={margin!r})")
+
+    def logits(self, embeddings: jax.Array, centres: jax.Array, bias: jax.Array | None,
+               labels: jax.Array, *, scale: Any, margin: Any, label_offset: Any) -> jax.Array:
+        """[B,D] float32, [C,D] float32, [C] | None -> [B,C] float32."""
+        del labels, scale, margin, label_offset
+        logits = embeddings @ centres.T
+        if bias is None:
+            return logits
+        if bias.shape != (centres.shape[0],):
+            raise ValueError(f"bias has shape {bias.shape}; it must be ({centres.shape[0]},), "
+                             "one per class centre")
+        return logits + bias.astype(jnp.float32)[None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginHead:
+    """z_c = s·cos θ_c, the target's s·(cos(θ_y + m2) − m3) (`combined_margin`), the head's
+    margin m being m2 (`angular`) or m3 (`additive`) or neither (no margin: NormFace).
+
+    formula: how the margin enters, for error messages; max_margin: an exclusive upper bound
+    on m (None: none), `max_margin_reason` saying why.
+    """
+
+    default_scale: float
+    default_margin: float | None = None
+    angular: bool = False
+    additive: bool = False
+    formula: str = ""
+    max_margin: float | None = None
+    max_margin_reason: str = ""
+
+    has_bias = False
+
+    def margins(self, margin: Any) -> tuple[Any, Any]:
+        """The combined formula's (m2, m3) for the head's resolved margin."""
+        return (margin if self.angular else 0.0), (margin if self.additive else 0.0)
+
+    def validate(self, head: str, scale: Any, margin: Any) -> None:
+        _check_finite_numbers(head, scale, margin)
+        if self.default_margin is None and margin is not None:
+            raise ValueError(
+                f"head {head!r} has no margin (got margin={margin!r}); leave it unset, or use "
+                + " or ".join(f"{name!r} ({CLASSIFICATION_HEADS.get(name).formula})"
+                              for name in _margin_heads())
+                + " for a margin")
+        if _is_number(scale) and scale <= 0:
+            raise ValueError(f"{head} scale must be > 0 (the paper uses "
+                             f"{self.default_scale:g}), got {scale!r}")
+        if not _is_number(margin):
+            return
         if margin < 0:
             raise ValueError(f"{head} margin must be >= 0 (the paper uses "
-                             f"{DEFAULT_MARGIN[head]}), got {margin!r}")
-        if head == "arcface" and margin >= math.pi / 2:
-            raise ValueError(f"arcface margin is an angle in radians and must be < π/2: beyond, "
-                             f"even a perfect match's target logit s·cos m is negative, and from "
-                             f"m ≈ 2.33 the substitute past θ = π − m is no longer monotone; the "
-                             f"paper uses 0.5, got {margin!r}")
+                             f"{self.default_margin}), got {margin!r}")
+        if self.max_margin is not None and margin >= self.max_margin:
+            raise ValueError(f"{head} margin {self.max_margin_reason}; the paper uses "
+                             f"{self.default_margin}, got {margin!r}")
+
+    def logits(self, embeddings: jax.Array, centres: jax.Array, bias: jax.Array | None,
+               labels: jax.Array, *, scale: Any, margin: Any, label_offset: Any) -> jax.Array:
+        """[B,D] float32, [C,D] float32, bias None -> [B,C] float32."""
+        del bias
+        cosine = l2_normalize(embeddings) @ l2_normalize(centres).T
+        angular, additive = self.margins(margin)
+        if _is_zero(angular) and _is_zero(additive):
+            return scale * cosine
+        # The margin only touches one entry per row, so work on the [B] target cosines.
+        is_target = _target_mask(labels, label_offset, centres.shape[0])
+        cos_target = jnp.sum(jnp.where(is_target, cosine, 0.0), axis=1)
+        target = combined_margin(cos_target, angular, additive)
+        return scale * jnp.where(is_target, target[:, None], cosine)
+
+
+# config.loss.classification.head: name -> LinearHead | MarginHead.
+CLASSIFICATION_HEADS: Registry[LinearHead | MarginHead] = Registry(
+    "classification head", valid="valid heads")
+CLASSIFICATION_HEADS.add("softmax", LinearHead())
+CLASSIFICATION_HEADS.add("normface", MarginHead(default_scale=64.0))
+CLASSIFICATION_HEADS.add("cosface", MarginHead(default_scale=64.0, default_margin=0.35,
+                                               additive=True, formula="cos θ − m"))
+CLASSIFICATION_HEADS.add("arcface", MarginHead(
+    default_scale=64.0, default_margin=0.5, angular=True, formula="cos(θ + m)",
+    max_margin=math.pi / 2,
+    max_margin_reason="is an angle in radians and must be < π/2: beyond, even a perfect "
+                      "match's target logit s·cos m is negative, and from m ≈ 2.33 the "
+                      "substitute past θ = π − m is no longer monotone"))
+
+# The built-in heads and their paper defaults (None: the head has no such parameter).
+HEADS = CLASSIFICATION_HEADS.names()
+DEFAULT_SCALE: dict[str, float | None] = {
+    name: CLASSIFICATION_HEADS.get(name).default_scale for name in HEADS}
+DEFAULT_MARGIN: dict[str, float | None] = {
+    name: CLASSIFICATION_HEADS.get(name).default_margin for name in HEADS}
+
+
+def _scaled_heads() -> list[str]:
+    return [n for n in CLASSIFICATION_HEADS.names()
+            if CLASSIFICATION_HEADS.get(n).default_scale is not None]
+
+
+def _margin_heads() -> list[str]:
+    return [n for n in CLASSIFICATION_HEADS.names()
+            if CLASSIFICATION_HEADS.get(n).default_margin is not None]
+
+
+def _biased_heads() -> list[str]:
+    return [n for n in CLASSIFICATION_HEADS.names() if CLASSIFICATION_HEADS.get(n).has_bias]
+
+
+def _names_or(names: list[str]) -> str:
+    """['a', 'b', 'c'] -> "'a', 'b' or 'c'"."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def validate_classification_args(head: str, scale: Any, margin: Any) -> None:
+    """Pure-Python checks, no JAX work: ValueError naming the problem and the fix.
+
+    scale and margin may be None (the head's paper default, see `resolve_head`). A traced value
+    (e.g. under vmap over margins) skips the value checks.
+    """
+    CLASSIFICATION_HEADS.get(head).validate(head, scale, margin)
 
 
 def resolve_head(head: str, scale: Any = None, margin: Any = None
@@ -102,8 +249,9 @@ def resolve_head(head: str, scale: Any = None, margin: Any = None
     Validates first. softmax -> (None, None); normface -> (s, None).
     """
     validate_classification_args(head, scale, margin)
-    return (DEFAULT_SCALE[head] if scale is None else scale,
-            DEFAULT_MARGIN[head] if margin is None else margin)
+    spec = CLASSIFICATION_HEADS.get(head)
+    return (spec.default_scale if scale is None else scale,
+            spec.default_margin if margin is None else margin)
 
 
 def _check_labels(labels: jax.Array, num_rows: int) -> None:
@@ -127,24 +275,6 @@ def _check_label_range(labels: jax.Array, low: Any, high: int) -> None:
                          "split's identity ids 0 … num_classes − 1")
 
 
-def _target_mask(labels: jax.Array, label_offset: Any, num_local: int) -> jax.Array:
-    """[B] global labels -> bool [B, C_local]: True at the row's target if this shard holds it."""
-    return jnp.arange(num_local)[None, :] == (labels - label_offset)[:, None]
-
-
-def _arcface_target(cos_target: jax.Array, margin: Any) -> jax.Array:
-    """cos(θ + m) where θ + m <= π, else insightface's monotone substitute cos θ − m·sin m.
-
-    cos(θ + m) = cos θ cos m − sin θ sin m, with sin θ = sqrt(max(1 − cos²θ, floor)): no arccos,
-    and value and gradient finite at θ = 0 and θ = π.
-    """
-    cos_theta = jnp.clip(cos_target, -1.0, 1.0)
-    sin_theta = jnp.sqrt(jnp.maximum(1.0 - cos_theta * cos_theta, _SIN_SQUARED_FLOOR))
-    cos_theta_m = cos_theta * jnp.cos(margin) - sin_theta * jnp.sin(margin)
-    past_pi = cos_theta <= jnp.cos(jnp.pi - margin)  # θ >= π − m
-    return jnp.where(past_pi, cos_theta - margin * jnp.sin(margin), cos_theta_m)
-
-
 def class_logits(embeddings: jax.Array, centres: jax.Array, bias: jax.Array | None,
                  labels: jax.Array, *, head: str, scale: Any = None, margin: Any = None,
                  label_offset: jax.Array | int = 0) -> jax.Array:
@@ -161,29 +291,14 @@ def class_logits(embeddings: jax.Array, centres: jax.Array, bias: jax.Array | No
     if embeddings.ndim != 2 or centres.ndim != 2 or embeddings.shape[1] != centres.shape[1]:
         raise ValueError(f"embeddings {embeddings.shape} and centres {centres.shape} must be "
                          "[B, D] and [C, D] with the same D")
-    num_rows, num_local = embeddings.shape[0], centres.shape[0]
-    _check_labels(labels, num_rows)
-    embeddings, centres = embeddings.astype(jnp.float32), centres.astype(jnp.float32)
-    if head == "softmax":
-        logits = embeddings @ centres.T
-        if bias is None:
-            return logits
-        if bias.shape != (num_local,):
-            raise ValueError(f"bias has shape {bias.shape}; it must be ({num_local},), one per "
-                             "class centre")
-        return logits + bias.astype(jnp.float32)[None, :]
-    if bias is not None:
+    _check_labels(labels, embeddings.shape[0])
+    spec = CLASSIFICATION_HEADS.get(head)
+    if bias is not None and not spec.has_bias:
         raise ValueError(f"head {head!r} is a cosine head and takes no bias; pass bias=None "
-                         "(only 'softmax' has one)")
-    cosine = l2_normalize(embeddings) @ l2_normalize(centres).T
-    if head == "normface":
-        return scale * cosine
-    is_target = _target_mask(labels, label_offset, num_local)
-    if head == "cosface":
-        return scale * (cosine - margin * is_target)
-    # arcface: the margin only touches one entry per row, so work on the [B] target cosines.
-    cos_target = jnp.sum(jnp.where(is_target, cosine, 0.0), axis=1)
-    return scale * jnp.where(is_target, _arcface_target(cos_target, margin)[:, None], cosine)
+                         f"(only {_names_or(_biased_heads())} has one)")
+    return spec.logits(
+        embeddings.astype(jnp.float32), centres.astype(jnp.float32), bias, labels,
+        scale=scale, margin=margin, label_offset=label_offset)
 
 
 def softmax_cross_entropy_sums(logits: jax.Array, labels: jax.Array, *,

@@ -61,6 +61,11 @@ class ClassificationObjective:
                    sample_fraction=float(settings.sample_fraction))
 
     @property
+    def _has_bias(self) -> bool:
+        """Whether the head adds a per-class bias (a parameter beside the centres)."""
+        return losses.CLASSIFICATION_HEADS.get(self.head).has_bias
+
+    @property
     def shard_size(self) -> int:
         """Classes per device (C rounded up to a multiple of num_shards, then split)."""
         return math.ceil(self.num_classes / self.num_shards)
@@ -70,13 +75,13 @@ class ClassificationObjective:
         padded = self.shard_size * self.num_shards
         params = {"centres": CENTRE_INIT_STD * jax.random.normal(key, (padded, embedding_dim),
                                                                  jnp.float32)}
-        if self.head == "softmax":
+        if self._has_bias:
             params["bias"] = jnp.zeros((padded,), jnp.float32)
         return params
 
     def param_specs(self) -> dict[str, P]:
         specs = {"centres": P(AXIS)}
-        if self.head == "softmax":
+        if self._has_bias:
             specs["bias"] = P(AXIS)
         return specs
 
