@@ -142,8 +142,8 @@ def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened config with keys that change nothing read as one value: an unset
     data.pairs.seed as its `seed` (see pairs_seed), so unset and equal to `seed` are one
     config; the blocks of encoders other than model.name are dropped (only model.name's block
-    is used); loss.classification.* and loss.triplet_weight as None when loss.kind is
-    "triplet"."""
+    is used); the keys the run's loss.kind does not read (`objectives.unread_keys`, e.g. the
+    classification keys of a triplet run) as None."""
     # model.<block>.<field>: the blocks are the only keys three deep under model.
     unused = [k for k in flat if k.startswith("model.") and k.count(".") >= 2
               and k.split(".")[1] != flat.get("model.name")]
@@ -151,10 +151,9 @@ def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
         del flat[key]
     if PAIRS_SEED_KEY in flat and flat[PAIRS_SEED_KEY] is None and "seed" in flat:
         flat[PAIRS_SEED_KEY] = flat["seed"]
-    if flat.get("loss.kind") == "triplet":  # the classification keys do nothing
-        for key in flat:
-            if key.startswith("loss.classification.") or key == "loss.triplet_weight":
-                flat[key] = None
+    from facenet_jax.objectives import unread_keys  # local: the loss.kind registry
+    for key in unread_keys(flat):
+        flat[key] = None
     return flat
 
 

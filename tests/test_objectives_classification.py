@@ -205,6 +205,51 @@ def test_bad_objective_configs_name_the_key(override, message):
         config_lib.validate_config(_config(**override), num_devices=1)
 
 
+def test_each_kind_is_a_registry_entry_that_knows_what_it_reads():
+    assert objectives.LOSS_KINDS == ("triplet", "classification", "combined")
+    triplet, classification, combined = map(objectives.OBJECTIVES.get, objectives.LOSS_KINDS)
+    assert [k.has_parameters for k in (triplet, classification, combined)] == [
+        False, True, True]
+    reads = {key: [k.reads(key) for k in (triplet, classification, combined)] for key in (
+        "loss.kind", "loss.margin", "loss.memory.size", "loss.classification.head",
+        "loss.triplet_weight", "model.name")}
+    assert reads == {"loss.kind": [True, True, True], "loss.margin": [True, False, True],
+                     "loss.memory.size": [True, False, False],
+                     "loss.classification.head": [False, True, True],
+                     "loss.triplet_weight": [False, False, True],
+                     "model.name": [True, True, True]}
+    # A key the run's kind does not read changes nothing, whichever the kind.
+    arcface = config_lib.to_plain(_config(**{"loss.kind": "classification"}))
+    other_alpha = config_lib.to_plain(_config(**{"loss.kind": "classification",
+                                                 "loss.margin": 0.5}))
+    assert config_lib.changed_keys(arcface, other_alpha) == []
+
+
+def test_unknown_kind_names_the_valid_ones():
+    config = _config(**{"loss.kind": "softmax"})
+    message = "unknown loss.kind 'softmax'; valid kinds: triplet, classification, combined"
+    for check in (lambda: objectives.validate_objective_config(config.loss),
+                  lambda: objectives.from_config(config, num_classes=3),
+                  lambda: objectives.has_parameters(config)):
+        with pytest.raises(ValueError, match=message):
+            check()
+
+
+def test_combined_refuses_the_memory_and_classification_the_warmup():
+    with pytest.raises(ValueError, match="memory is an option of loss.kind 'triplet'; with "
+                                         "loss.kind='combined' set it to 0"):
+        objectives.validate_objective_config(
+            _config(**{"loss.kind": "combined", "loss.memory.size": 64}).loss)
+    with pytest.raises(ValueError, match="loss.kind='classification' mines no triplets"):
+        objectives.validate_objective_config(_config(**{
+            "loss.kind": "classification", "loss.warmup_steps": 10,
+            "loss.warmup_strategy": "semihard"}).loss)
+    objectives.validate_objective_config(_config(**{  # combined mines: its warm-up is fine
+        "loss.kind": "combined", "loss.warmup_steps": 10, "loss.warmup_strategy": "semihard"}).loss)
+    with pytest.raises(ValueError, match="needs the number of training classes"):
+        objectives.from_config(_config(**{"loss.kind": "combined"}))
+
+
 def _tiny_run_config(**overrides):
     return tiny_config({
         "optimizer.name": "sgd", "loss.kind": "classification",

@@ -14,6 +14,7 @@ import pytest
 
 from facenet_jax import sweep
 from facenet_jax.collapse import is_spread_collapsed, spread_collapse_warning
+from facenet_jax.config import flatten, to_plain
 from facenet_jax.sweep import kinds, stages
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,6 +22,9 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=-]+$")
 ARCFACE = {"loss.kind": "classification", "num_steps": 6}
 FINETUNE = {"model.init_from": stages.from_cell(ARCFACE), "num_steps": 7}
 OTHER = {"loss.strategy": "hardest", "loss.soft": True}
+# What a sweep table shows first once a row trains a margin-softmax head.
+HEAD_COLUMNS = ("loss.kind", "loss.classification.head", "loss.classification.scale",
+                "loss.classification.margin")
 
 # The train CLI's stand-in: `python FAKE CELL_DIR INIT_FROM`. It fails, like the train CLI,
 # when INIT_FROM is given but holds no finished run, records what it started from, and writes
@@ -266,8 +270,8 @@ def test_classification_rows_show_head_s_m_and_use_the_spread_rule(tmp_path):
     with (workdir / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     header = list(table[0])
-    assert header[:8] == ["name", *kinds.OBJECTIVE_COLUMNS, "loss.strategy",
-                          "loss.triplet_weight", "loss.margin"]
+    assert header[:8] == ["name", *HEAD_COLUMNS, "loss.strategy", "loss.triplet_weight",
+                          "loss.margin"]
     assert header.index("oneshot_top1") == header.index("auc") + 1
     cols = ["loss.kind", "loss.strategy", "loss.margin", "loss.classification.head",
             "loss.classification.scale", "loss.classification.margin", "collapsed"]
@@ -286,13 +290,69 @@ def test_classification_rows_show_head_s_m_and_use_the_spread_rule(tmp_path):
     assert "| classification | cosface | 30 | 0.35 | — | — | — |" in md and "spread half of the rule alone" in md
 
 
+def _flats(cells):
+    return [flatten(to_plain(sweep.cell_config(REPO / "experiments" / "default.py", {}, cell)))
+            for cell in cells]
+
+
 def test_objective_columns_leave_triplet_tables_as_they_were():
-    columns = sweep.table_columns([{"loss.margin": 0.2}])
-    assert kinds.objective_columns(columns, False) == columns
-    with_heads = kinds.objective_columns(columns, True)
-    assert with_heads[:7] == [*kinds.OBJECTIVE_COLUMNS, "loss.margin", "loss.distance",
-                              "loss.strategy"]
-    assert with_heads[7:] == kinds.objective_metrics(sweep.METRIC_COLUMNS, True)
+    triplet = [{"loss.margin": 0.2}]
+    assert sweep.table_columns(triplet, _flats(triplet)) == [
+        "loss.margin", "loss.distance", "loss.strategy", *sweep.METRIC_COLUMNS]
+    mixed = [{"loss.margin": 0.2}, {"loss.kind": "classification"}]
+    with_heads = sweep.table_columns(mixed, _flats(mixed))
+    assert with_heads[:7] == [*HEAD_COLUMNS, "loss.margin", "loss.distance", "loss.strategy"]
+    metrics = with_heads[7:]
+    assert metrics == kinds.with_metrics(sweep.METRIC_COLUMNS, ["oneshot_top1"])
+    assert metrics.index("oneshot_top1") == metrics.index("auc") + 1
+
+
+def test_columns_come_from_the_differences_between_cells(tmp_path):
+    """A key no objective declares and no cell sets still becomes a column once the cells'
+    configs differ in it (here through a config reference: eval_every follows num_steps in
+    this base); a key all cells agree on does not."""
+    base = tmp_path / "linked.py"
+    base.write_text(textwrap.dedent(f"""
+        import runpy
+        def get_config(arg=None):
+            config = runpy.run_path({str(REPO / "experiments" / "default.py")!r})["get_config"]()
+            config.eval_every = config.get_ref("num_steps") * 2
+            return config
+        """))
+    cells = [{"num_steps": 10}, {"num_steps": 20}]
+    flats = [flatten(to_plain(sweep.cell_config(base, {}, cell))) for cell in cells]
+    assert [flat["eval_every"] for flat in flats] == [20, 40]
+    columns = sweep.table_columns(cells, flats)
+    assert columns[:5] == ["num_steps", "eval_every", "loss.margin", "loss.distance",
+                           "loss.strategy"]
+    assert kinds.differing_keys(flats) == ["num_steps", "eval_every"]
+
+
+def test_a_new_objective_kind_needs_no_teaching():
+    """A kind registered only in objectives.OBJECTIVES: its rows show its own leading columns,
+    the keys it reads, its collapse rule and metrics; the triplet rows around it stay as they
+    were."""
+    from facenet_jax import objectives
+
+    triplet = objectives.OBJECTIVES.get("triplet")
+    no_memory = objectives.ObjectiveKind(
+        build=triplet.build, parts=frozenset({objectives.kinds.LOSS_SETTINGS}),
+        has_parameters=False,
+        table=objectives.TableSpec(collapsed=lambda rows, flat: None,
+                                   leading=("loss.kind", "loss.soft"), metrics=("recall@1",)))
+    flats = [{"loss.kind": "triplet", "loss.soft": False, "loss.memory.size": 8},
+             {"loss.kind": "plain", "loss.soft": True, "loss.memory.size": 8}]
+    with objectives.OBJECTIVES.temporary("plain", no_memory):
+        kinds_present = kinds.present_kinds(flats)
+        assert kinds.config_columns([{}, {"loss.kind": "plain"}], flats) == [
+            "loss.kind", "loss.soft", "loss.margin", "loss.distance", "loss.strategy"]
+        assert kinds.extra_metrics(kinds_present) == ["recall@1"]
+        assert kinds.objective_values(flats[1], ["loss.soft", "loss.memory.size"]) == {
+            "loss.memory.size": None}
+        assert kinds.row_collapsed([{"loss": 1.0}], flats[1]) is None
+    with pytest.raises(ValueError, match="unknown loss.kind 'plain'; valid kinds: triplet, "
+                                         "classification, combined"):
+        kinds.present_kinds(flats)
 
 
 @pytest.mark.parametrize("spreads, expected", [

@@ -1,7 +1,9 @@
 """What the train step optimises besides the encoder (base.py: the interface).
 
-triplet.py: the mined margin loss (with an optional cross-batch memory); classification.py:
-margin-softmax heads with class centres sharded over the mesh, and classification + triplet.
+kinds.py: the OBJECTIVES registry, one entry per config.loss.kind (how to build it, whether it
+has parameters, which config keys it reads, how sweep tables show it); triplet.py: the mined
+margin loss (with an optional cross-batch memory); classification.py: margin-softmax heads with
+class centres sharded over the mesh, and classification + triplet. Each registers its kinds.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ from facenet_jax import losses
 from facenet_jax.objectives.base import Objective, Terms, weighted_objective
 from facenet_jax.objectives.classification import (CombinedObjective,
                                                    ClassificationObjective)
+from facenet_jax.objectives.kinds import (KIND_KEY, OBJECTIVES, ObjectiveKind, TableSpec,
+                                          kind_of, kinds_reading, unread_keys)
 from facenet_jax.objectives.triplet import MINING_SCOPES, LossSpec, TripletObjective
 
-# config.loss.kind: what a run optimises.
-LOSS_KINDS = ("triplet", "classification", "combined")
+# config.loss.kind: what a run optimises (the registered kinds, in registration order).
+LOSS_KINDS = OBJECTIVES.names()
 
-__all__ = ["LOSS_KINDS", "MINING_SCOPES", "ClassificationObjective", "CombinedObjective",
-           "LossSpec", "Objective", "Terms", "TripletObjective", "from_config",
-           "has_parameters", "validate_objective_config", "weighted_objective"]
+__all__ = ["KIND_KEY", "LOSS_KINDS", "MINING_SCOPES", "OBJECTIVES", "ClassificationObjective",
+           "CombinedObjective", "LossSpec", "Objective", "ObjectiveKind", "TableSpec", "Terms",
+           "TripletObjective", "from_config", "has_parameters", "kind_of", "kinds_reading",
+           "unread_keys", "validate_objective_config", "weighted_objective"]
 
 
 def has_parameters(config: ml_collections.ConfigDict) -> bool:
     """Whether `config`'s objective has parameters of its own (class centres)."""
-    return config.loss.kind != "triplet"
+    return kind_of(config).has_parameters
 
 
 def from_config(config: ml_collections.ConfigDict, *, warmup: bool = False,
@@ -37,25 +42,17 @@ def from_config(config: ml_collections.ConfigDict, *, warmup: bool = False,
 
     num_classes (the training split's identities) and num_shards (the mesh size, over which
     class centres are split) are needed by the objectives with class centres."""
-    kind = config.loss.kind
-    if kind == "triplet":
-        return TripletObjective.from_config(config, warmup=warmup)
-    if num_classes is None:
-        raise ValueError(f"loss.kind={kind!r} needs the number of training classes")
-    classification = ClassificationObjective.from_config(config, num_classes=num_classes,
-                                                         num_shards=num_shards)
-    if kind == "classification":
-        return classification
-    return CombinedObjective(classification, TripletObjective.from_config(config, warmup=warmup),
-                             triplet_weight=float(config.loss.triplet_weight))
+    kind = kind_of(config)
+    if kind.has_parameters and num_classes is None:
+        raise ValueError(f"loss.kind={config.loss.kind!r} needs the number of training classes")
+    return kind.build(config, warmup=warmup, num_classes=num_classes, num_shards=num_shards)
 
 
 def validate_objective_config(loss_config: ml_collections.ConfigDict) -> None:
     """ValueError naming the key and the fix for a bad loss.kind / loss.classification /
-    loss.triplet_weight, or a combination the objectives do not support."""
-    kind = loss_config.kind
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss.kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")
+    loss.triplet_weight, or a setting the kind does not read turned on (the cross-batch
+    memory, a mining warm-up)."""
+    kind = OBJECTIVES.get(loss_config.kind, key=KIND_KEY)
     # Checked whatever the kind: a run records them, and a typo should not wait for the day
     # the kind changes.
     settings = loss_config.classification
@@ -68,11 +65,11 @@ def validate_objective_config(loss_config: ml_collections.ConfigDict) -> None:
     if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
             or not math.isfinite(weight) or weight < 0):
         raise ValueError(f"loss.triplet_weight must be a finite number >= 0, got {weight!r}")
-    if kind == "triplet":
-        return
-    if loss_config.memory.size:
+    if loss_config.memory.size and not kind.reads("loss.memory.size"):
+        with_memory = " or ".join(map(repr, kinds_reading("loss.memory.size")))
         raise ValueError(f"loss.memory.size={loss_config.memory.size}: the cross-batch memory "
-                         f"is a triplet-loss option; with loss.kind={kind!r} set it to 0")
-    if kind == "classification" and loss_config.warmup_steps:
-        raise ValueError("loss.warmup_steps mines with another triplet strategy first; "
-                         "loss.kind='classification' has no triplets: set it to 0")
+                         f"is an option of loss.kind {with_memory}; with "
+                         f"loss.kind={loss_config.kind!r} set it to 0")
+    if loss_config.warmup_steps and not kind.reads("loss.warmup_steps"):
+        raise ValueError(f"loss.warmup_steps mines with another triplet strategy first; "
+                         f"loss.kind={loss_config.kind!r} mines no triplets: set it to 0")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,7 +26,11 @@ from jax.sharding import PartitionSpec as P
 
 from facenet_jax import collapse, losses
 from facenet_jax.objectives.base import Terms
-from facenet_jax.objectives.triplet import TRIPLET_STATS, TripletObjective
+from facenet_jax.objectives.kinds import (CLASSIFICATION_SETTINGS, KIND_KEY, LOSS_SETTINGS,
+                                          OBJECTIVES, TRIPLET_WEIGHT_KEY, ObjectiveKind,
+                                          TableSpec)
+from facenet_jax.objectives.triplet import (TRIPLET_STATS, TRIPLET_TABLE_COLUMNS,
+                                            TripletObjective)
 from facenet_jax.parallel import AXIS
 
 CLASSIFICATION_STATS = ("loss", "accuracy", "embedding_spread")
@@ -190,3 +194,59 @@ def _spread_sums(batch: jax.Array) -> dict[str, jax.Array]:
 
 def _spread(sums: Mapping[str, jax.Array]) -> jax.Array:
     return sums["spread_sum"] / jnp.maximum(sums["spread_count"], 1.0)
+
+
+HEAD_KEY = CLASSIFICATION_SETTINGS + "head"
+SCALE_KEY = CLASSIFICATION_SETTINGS + "scale"
+MARGIN_KEY = CLASSIFICATION_SETTINGS + "margin"
+
+
+def _build_classification(config: ml_collections.ConfigDict, *, warmup: bool = False,
+                          num_classes: int, num_shards: int = 1) -> ClassificationObjective:
+    del warmup  # no triplets to warm up
+    return ClassificationObjective.from_config(config, num_classes=num_classes,
+                                               num_shards=num_shards)
+
+
+def _build_combined(config: ml_collections.ConfigDict, *, warmup: bool = False,
+                    num_classes: int, num_shards: int = 1) -> CombinedObjective:
+    return CombinedObjective(
+        _build_classification(config, num_classes=num_classes, num_shards=num_shards),
+        TripletObjective.from_config(config, warmup=warmup),
+        triplet_weight=float(config.loss.triplet_weight))
+
+
+def resolved_head(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The head's scale and margin as trained: unset ones (None) are the paper's
+    (`losses.resolve_head`); {} for a config without a head key."""
+    if HEAD_KEY not in flat:
+        return {}
+    scale, margin = losses.resolve_head(flat[HEAD_KEY], flat.get(SCALE_KEY),
+                                        flat.get(MARGIN_KEY))
+    return {SCALE_KEY: scale, MARGIN_KEY: margin}
+
+
+def head_row_collapsed(train_rows: Sequence[Mapping[str, Any]], flat: Mapping[str, Any]
+                       ) -> bool | None:
+    """The spread-only rule (`collapse.is_spread_collapsed`): a margin-softmax loss has no
+    pinned value to compare with."""
+    del flat
+    return collapse.is_spread_collapsed(train_rows)
+
+
+_HEAD_TABLE = TableSpec(
+    collapsed=head_row_collapsed, leading=(KIND_KEY, HEAD_KEY, SCALE_KEY, MARGIN_KEY),
+    metrics=("oneshot_top1",), resolve=resolved_head,
+    note=("Classification and combined rows: head, s and m are the margin-softmax head and its "
+          "scale and margin as trained (unset keys show the paper's values); the triplet keys "
+          "are empty on classification rows; oneshot_top1: one-shot identification top-1 with "
+          "one enrolment image per test identity; collapsed: the spread half of the rule alone "
+          "(a margin-softmax loss has no pinned value)."))
+
+OBJECTIVES.add("classification", ObjectiveKind(
+    build=_build_classification, parts=frozenset({CLASSIFICATION_SETTINGS}),
+    has_parameters=True, table=_HEAD_TABLE))
+OBJECTIVES.add("combined", ObjectiveKind(
+    build=_build_combined,
+    parts=frozenset({LOSS_SETTINGS, CLASSIFICATION_SETTINGS, TRIPLET_WEIGHT_KEY}),
+    has_parameters=True, table=dataclasses.replace(_HEAD_TABLE, trailing=TRIPLET_TABLE_COLUMNS)))

@@ -4,7 +4,7 @@ optional cross-batch memory (losses/memory.py)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,12 +16,17 @@ from facenet_jax import collapse, losses
 from facenet_jax.config import MINING_SCOPES  # noqa: F401  (re-exported; one definition)
 from facenet_jax.losses import memory as xbm
 from facenet_jax.objectives.base import Terms
+from facenet_jax.objectives.kinds import (LOSS_SETTINGS, MEMORY_SETTINGS, OBJECTIVES,
+                                          ObjectiveKind, TableSpec)
 from facenet_jax.parallel import AXIS
 
 # The metrics of the batch's own triplet loss, in the training log's order.
 TRIPLET_STATS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_triplets",
                  "num_active", "semihard_found_fraction", "embedding_spread")
 MEMORY_STATS = ("memory_loss", "memory_active_fraction", "memory_fill")
+# A triplet row of a sweep table always shows α with its distance (and the strategy): α means
+# nothing without its distance.
+TRIPLET_TABLE_COLUMNS = ("loss.margin", "loss.distance", "loss.strategy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,3 +147,23 @@ class TripletObjective:
     def collapse_warning(self, rows: list[Mapping[str, float]], step: int) -> str | None:
         return collapse.collapse_warning(rows, step=step, margin=self.loss.margin,
                                          distance=self.loss.distance, soft=self.loss.soft)
+
+
+def _build(config: ml_collections.ConfigDict, *, warmup: bool = False,
+           num_classes: int | None = None, num_shards: int = 1) -> TripletObjective:
+    del num_classes, num_shards  # no class centres
+    return TripletObjective.from_config(config, warmup=warmup)
+
+
+def triplet_row_collapsed(train_rows: Sequence[Mapping[str, Any]], flat: Mapping[str, Any]
+                          ) -> bool | None:
+    """A finished triplet run's collapse flag: `collapse.is_collapsed` with the row's α,
+    distance and soft margin (flattened config `flat`)."""
+    return collapse.is_collapsed(train_rows, margin=flat.get("loss.margin", 0.0),
+                                 distance=flat.get("loss.distance", "squared"),
+                                 soft=bool(flat.get("loss.soft")))
+
+
+OBJECTIVES.add("triplet", ObjectiveKind(
+    build=_build, parts=frozenset({LOSS_SETTINGS, MEMORY_SETTINGS}), has_parameters=False,
+    table=TableSpec(collapsed=triplet_row_collapsed, trailing=TRIPLET_TABLE_COLUMNS)))

@@ -47,7 +47,7 @@ from facenet_jax.sweep.records import (CELL_FILE, EVAL_FILE, FAILED_STATUSES, LO
                                        STATUS_FILE, StaleCellsError, cell_record,
                                        check_records, needs_run, record_changes, stale_error,
                                        write_json)
-from facenet_jax.sweep.report import (ACCURACY_PLOT, ACTIVE_PLOT, ALWAYS_COLUMNS,  # noqa: F401
+from facenet_jax.sweep.report import (ACCURACY_PLOT, ACTIVE_PLOT,  # noqa: F401
                                       BASELINE_DIR, METRIC_COLUMNS, RESULTS_CSV, RESULTS_MD,
                                       RESULTS_SEEDS_CSV, aggregate, baseline_key, over_seeds,
                                       pixel_baseline, result_row, table_columns)

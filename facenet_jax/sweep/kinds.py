@@ -1,98 +1,120 @@
-"""Table columns and the collapse rule per objective (`loss.kind`), for sweeps that mix triplet
-rows with classification or combined ones (pure).
+"""A sweep table's config columns, taken from the differences between its cells, and what each
+row's objective shows, asked of its `loss.kind` entry (`objectives.OBJECTIVES`, its `table`)
+(pure).
 
-A sweep whose runs are all triplet runs gets the tables it always had: none of this adds a
-column to it. Once any run is a classification or combined run, the tables gain `loss.kind`,
-the head and its resolved s and m (`losses.resolve_head`: left unset, the paper's values) and
-the one-shot top-1 column, and each row shows only the keys its objective reads: a
-classification row leaves the triplet keys (α, strategy, distance, soft, ...) empty, a
-triplet row the head's; a combined row shows both. The collapse column of a classification or
-combined row uses the spread-only rule (`collapse.is_spread_collapsed`): a margin-softmax loss
-has no pinned value to compare with.
+Config columns: the keys the cells set (in first-seen order) and every other key whose value
+differs between the cells' resolved configs (a head's unset s and m read as the paper's), so a
+new objective or config key needs no teaching here. Around them, each objective kind present
+adds its own: `table.leading` first (a margin-softmax head: loss.kind, the head, its s and m),
+`table.trailing` last (a triplet loss: α with its distance, and the strategy), and
+`table.metrics` among the metrics. A sweep of triplet runs thus gets the tables it always had.
+A row shows only the keys its objective reads (`ObjectiveKind.reads`; others empty), a head's
+resolved s and m, and its kind's collapse flag (`table.collapsed`).
+
+The objectives are imported inside the functions: importing the sweep driver stays JAX-free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from facenet_jax.collapse import is_collapsed, is_spread_collapsed
+if TYPE_CHECKING:
+    from facenet_jax.objectives import ObjectiveKind
 
 KIND_KEY = "loss.kind"
-HEAD_KEY = "loss.classification.head"
-SCALE_KEY = "loss.classification.scale"
-MARGIN_KEY = "loss.classification.margin"
-OBJECTIVE_COLUMNS = (KIND_KEY, HEAD_KEY, SCALE_KEY, MARGIN_KEY)
-# Metrics the classification tables add (eval.json's one-shot identification).
-OBJECTIVE_METRICS = ("oneshot_top1",)
-_HEAD_PREFIX = "loss.classification."
-_SHARED_LOSS_KEYS = (KIND_KEY, "loss.triplet_weight")
+_ABSENT = object()  # a key a config lacks: differs from any value, None included
 
 
-def kind_of(flat: Mapping[str, Any]) -> str:
-    """The row's loss.kind."""
-    return flat[KIND_KEY]
+def kind_of(flat: Mapping[str, Any]) -> ObjectiveKind:
+    """The registry entry of the row's loss.kind (ValueError naming the valid kinds)."""
+    from facenet_jax.objectives import OBJECTIVES
+    return OBJECTIVES.get(flat[KIND_KEY], key=KIND_KEY)
 
 
-def uses_classification(flats: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether any of these flattened configs trains a classification or combined objective."""
-    return any(kind_of(flat) != "triplet" for flat in flats)
+def present_kinds(flats: Sequence[Mapping[str, Any]]) -> list[ObjectiveKind]:
+    """The entries of the kinds these flattened configs train, each once, in registry order."""
+    from facenet_jax.objectives import OBJECTIVES
+    names = {flat[KIND_KEY] for flat in flats}
+    for name in names:
+        OBJECTIVES.get(name, key=KIND_KEY)  # an unknown kind: its error, naming the valid ones
+    return [OBJECTIVES.get(name) for name in OBJECTIVES.names() if name in names]
 
 
-def objective_metrics(metrics: Sequence[str], classification: bool) -> list[str]:
-    """Metric columns with, when `classification`, OBJECTIVE_METRICS after "auc"_std (or
-    "auc")."""
+def resolved(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flattened config with the values its objective really trains with (`table.resolve`)."""
+    return {**flat, **kind_of(flat).table.resolve(flat)}
+
+
+def differing_keys(flats: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys whose resolved value differs between the configs (a key some lack counts), in the
+    order the configs first hold them."""
+    values = [resolved(flat) for flat in flats]
+    keys = list(dict.fromkeys(key for flat in values for key in flat))
+    return [key for key in keys
+            if len({repr(flat.get(key, _ABSENT)) for flat in values}) > 1]
+
+
+
+def config_columns(cells: Sequence[Mapping[str, Any]], flats: Sequence[Mapping[str, Any]]
+                   ) -> list[str]:
+    """The table's config columns: the present kinds' leading columns, the keys the cells
+    set (first-seen order), the other keys whose resolved values differ between the cells'
+    flattened configs `flats` (one per cell), then the present kinds' trailing columns."""
+    kinds = present_kinds(flats)
+    ordered = [*(key for kind in kinds for key in kind.table.leading),
+               *(key for cell in cells for key in cell),
+               *differing_keys(flats),
+               *(key for kind in kinds for key in kind.table.trailing)]
+    return list(dict.fromkeys(ordered))
+
+
+def extra_metrics(kinds: Sequence[ObjectiveKind]) -> list[str]:
+    """The metric columns the present kinds add (first-seen order)."""
+    return list(dict.fromkeys(metric for kind in kinds for metric in kind.table.metrics))
+
+
+def with_metrics(metrics: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """Metric columns with `extra` after "auc_std" (or "auc"); unchanged without extras."""
     metrics = list(metrics)
-    if not classification:
+    extra = [metric for metric in extra if metric not in metrics]
+    if not extra:
         return metrics
     after = "auc_std" if "auc_std" in metrics else "auc"
     at = metrics.index(after) + 1
-    return metrics[:at] + list(OBJECTIVE_METRICS) + metrics[at:]
-
-
-def objective_columns(columns: Sequence[str], classification: bool) -> list[str]:
-    """`columns` (config keys, then the metrics from "accuracy" on) with, when
-    `classification`, the OBJECTIVE_COLUMNS first (kind, head, s, m side by side) and the
-    OBJECTIVE_METRICS among the metrics."""
-    columns = list(columns)
-    if not classification:
-        return columns
-    first_metric = columns.index("accuracy")
-    return (list(OBJECTIVE_COLUMNS)
-            + [c for c in columns[:first_metric] if c not in OBJECTIVE_COLUMNS]
-            + objective_metrics(columns[first_metric:], classification))
-
-
-def _is_triplet_key(key: str) -> bool:
-    return (key.startswith("loss.") and not key.startswith(_HEAD_PREFIX)
-            and key not in _SHARED_LOSS_KEYS)
+    return metrics[:at] + extra + metrics[at:]
 
 
 def objective_values(flat: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """The row's values of `keys` that depend on its objective: the head's resolved scale and
-    margin (None for a head without one), and None for the keys the objective does not read
+    """The row's values of `keys` that depend on its objective: the resolved ones (a head's
+    s and m; None for a head without one) and None for the keys the objective does not read
     (a triplet row's head keys, a classification row's triplet keys)."""
-    from facenet_jax.losses import resolve_head  # local: the sweep driver stays JAX-free
-
     kind = kind_of(flat)
-    values: dict[str, Any] = {}
-    if kind != "triplet" and HEAD_KEY in flat:
-        scale, margin = resolve_head(flat[HEAD_KEY], flat.get(SCALE_KEY), flat.get(MARGIN_KEY))
-        values.update({SCALE_KEY: scale, MARGIN_KEY: margin})
-    for key in keys:
-        if (kind == "triplet" and (key.startswith(_HEAD_PREFIX) or key == "loss.triplet_weight")
-                or kind == "classification" and (_is_triplet_key(key)
-                                                 or key == "loss.triplet_weight")):
-            values[key] = None
+    values = dict(kind.table.resolve(flat))
+    values.update({key: None for key in keys if not kind.reads(key)})
     return {key: value for key, value in values.items() if key in keys}
 
 
 def row_collapsed(train_rows: Sequence[Mapping[str, Any]], flat: Mapping[str, Any]
                   ) -> bool | None:
-    """The collapse flag of a row: the triplet rule (`collapse.is_collapsed`, with the row's
-    α, distance and soft margin) for triplet rows, the spread-only rule otherwise."""
-    if kind_of(flat) != "triplet":
-        return is_spread_collapsed(train_rows)
-    return is_collapsed(train_rows, margin=flat.get("loss.margin", 0.0),
-                        distance=flat.get("loss.distance", "squared"),
-                        soft=bool(flat.get("loss.soft")))
+    """The collapse flag of a row, by its kind's rule (`table.collapsed`)."""
+    return kind_of(flat).table.collapsed(train_rows, flat)
+
+
+def notes(kinds: Sequence[ObjectiveKind]) -> str:
+    """The present kinds' sentences for results.md, each once, with a leading space."""
+    return "".join(f" {note}" for note in dict.fromkeys(kind.table.note for kind in kinds)
+                   if note)
+
+
+def described_columns() -> set[str]:
+    """The columns the registered kinds declare (leading and trailing): results.md shows their
+    numbers to 4 significant digits (α = 0.05, s = 64, m = 0.35)."""
+    from facenet_jax.objectives import OBJECTIVES
+    tables = [OBJECTIVES.get(name).table for name in OBJECTIVES.names()]
+    return {key for table in tables for key in (*table.leading, *table.trailing)}
+
+
+def every_row_reads(kinds: Sequence[ObjectiveKind], keys: Sequence[str]) -> bool:
+    """Whether every present kind reads all of `keys` (e.g. a plot's axes)."""
+    return all(kind.reads(key) for kind in kinds for key in keys)

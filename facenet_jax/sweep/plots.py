@@ -18,7 +18,9 @@ from facenet_jax.plots import save_figure
 from facenet_jax.sweep.spec import CELL_REFERENCE_PREFIX
 
 _LEGEND_WIDTH = 2.0  # inches right of the panels for the figure legend
-NOT_SERIES = ("loss.margin", "loss.distance", "seed")  # axes and panels, not lines
+# plot_accuracy's axis and panels: α with its distance (rows whose objective reads both).
+MARGIN_AXES = ("loss.margin", "loss.distance")
+NOT_SERIES = (*MARGIN_AXES, "seed")  # axes and panels, not lines
 
 
 def series_keys(config_keys: Sequence[str]) -> list[str]:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import pathlib
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
@@ -29,12 +28,15 @@ from facenet_jax.sweep import plots
 from facenet_jax.collapse import (COLLAPSE_LOSS_RTOL, COLLAPSE_RADIUS,
                                         COLLAPSE_SPREAD_OF_MARGIN, COLLAPSE_WINDOW)
 from facenet_jax.sweep.records import EVAL_FILE, STATUS_FILE, check_records, read_json
-from facenet_jax.sweep.kinds import (MARGIN_KEY, OBJECTIVE_METRICS, SCALE_KEY,
-                                     objective_columns, objective_metrics, objective_values,
-                                     row_collapsed, uses_classification)
+from facenet_jax.sweep.kinds import (config_columns, described_columns, every_row_reads,
+                                     extra_metrics, notes, objective_values, present_kinds,
+                                     row_collapsed, with_metrics)
 from facenet_jax.sweep.spec import (REPO_ROOT, SEED_KEY, cell_config, cell_names, digest,
                                     format_value)
 from facenet_jax.sweep.stages import INIT_KEY, is_reference
+
+if TYPE_CHECKING:
+    from facenet_jax.objectives import ObjectiveKind
 
 BASELINE_DIR = "pixel_baselines"
 RESULTS_CSV = "results.csv"
@@ -42,15 +44,15 @@ RESULTS_SEEDS_CSV = "results_over_seeds.csv"
 RESULTS_MD = "results.md"
 ACCURACY_PLOT = "accuracy_vs_margin.png"
 ACTIVE_PLOT = "active_fraction.png"
-ACCURACY_BY_CELL_PLOT = "accuracy_by_cell.png"  # sweeps with classification rows
-ALWAYS_COLUMNS = ("loss.margin", "loss.distance", "loss.strategy")
+ACCURACY_BY_CELL_PLOT = "accuracy_by_cell.png"  # sweeps with rows that have no α
 METRIC_COLUMNS = ("accuracy", "accuracy_std", "val@far=1e-3", "val@far=1e-3_resolved", "auc",
                   "final_loss",
                   "final_active_fraction", "final_embedding_spread", "collapsed", "wall_s",
                   "status", "error", "pixel_accuracy")
-# Per-cell columns over seeds: metrics averaged, with the std over seeds of the scores.
+# Per-cell columns over seeds: metrics averaged (and the objectives' own metrics, see
+# sweep.kinds), with the std over seeds of the scores.
 MEANED = ("accuracy", "val@far=1e-3", "auc", "final_loss", "final_active_fraction",
-          "final_embedding_spread", "wall_s", *OBJECTIVE_METRICS)
+          "final_embedding_spread", "wall_s")
 SEED_COLUMNS = ("n", "runs", "accuracy", "accuracy_std", "val@far=1e-3", "val@far=1e-3_std",
                 "val@far=1e-3_resolved", "auc", "auc_std", "final_loss", "final_active_fraction",
                 "final_embedding_spread", "collapsed", "wall_s", "status", "pixel_accuracy")
@@ -62,14 +64,16 @@ SEED_COLUMNS = ("n", "runs", "accuracy", "accuracy_std", "val@far=1e-3", "val@fa
 
 def result_row(keys: Sequence[str], config: Mapping[str, Any],
                evaluation: Mapping[str, Any] | None, metrics: Sequence[Mapping[str, Any]],
-               status_record: Mapping[str, Any] | None, pixel_accuracy: float | None
-               ) -> dict[str, Any]:
+               status_record: Mapping[str, Any] | None, pixel_accuracy: float | None,
+               evaluation_keys: Sequence[str] = ()) -> dict[str, Any]:
     """One table row from a cell's plain config, eval.json, metrics and status.
 
     keys: the config columns (dotted), read from the cell's config, so a key that only some
     cells override still has its value in every row (sweep.kinds.objective_values: a
-    classification head's resolved s and m; keys the row's objective does not read empty). status: "ok" (eval.json exists), else the
-    recorded "crashed"/"diverged"/"preempted" (or "stale", see aggregate), else "pending".
+    classification head's resolved s and m; keys the row's objective does not read empty).
+    evaluation_keys: further eval.json metrics to read (the objectives' own, e.g.
+    "oneshot_top1"). status: "ok" (eval.json exists), else the recorded
+    "crashed"/"diverged"/"preempted" (or "stale", see aggregate), else "pending".
     """
     flat = flatten(config)
     train_rows = [row for row in metrics if "loss" in row]
@@ -90,7 +94,7 @@ def result_row(keys: Sequence[str], config: Mapping[str, Any],
         "final_loss": last.get("loss"),
         "final_active_fraction": last.get("active_fraction"),
         "final_embedding_spread": last.get("embedding_spread"),
-        "oneshot_top1": evaluation.get("oneshot_top1"),
+        **{key: evaluation.get(key) for key in evaluation_keys},
         "collapsed": row_collapsed(train_rows, flat),
         "wall_s": status_record.get("wall_s"),
         "status": status,
@@ -101,21 +105,21 @@ def result_row(keys: Sequence[str], config: Mapping[str, Any],
     return row
 
 
-def table_columns(cells: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Overridden keys (first-seen order), then the always-present loss keys, then metrics."""
-    columns: list[str] = []
-    for key in itertools.chain(*(cell.keys() for cell in cells), ALWAYS_COLUMNS):
-        if key not in columns:
-            columns.append(key)
-    return columns + list(METRIC_COLUMNS)
+def table_columns(cells: Sequence[Mapping[str, Any]], flats: Sequence[Mapping[str, Any]]
+                  ) -> list[str]:
+    """The config columns (`sweep.kinds.config_columns`: what the cells set or differ in, and
+    their objectives' own), then the metrics (with the objectives' own). flats: each cell's
+    flattened resolved config."""
+    return config_columns(cells, flats) + with_metrics(
+        METRIC_COLUMNS, extra_metrics(present_kinds(flats)))
 
 
-def over_seeds(rows: Sequence[Mapping[str, Any]], config_keys: Sequence[str]
-               ) -> list[dict[str, Any]]:
+def over_seeds(rows: Sequence[Mapping[str, Any]], config_keys: Sequence[str],
+               extra: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One row per cell, the runs that differ only in `seed` gathered (first-seen order).
 
     Each: the config keys but seed; "runs" (how many seeds the sweep gives the cell); "n" (how
-    many finished, status "ok"); per MEANED metric its mean over the finished seeds (None if
+    many finished, status "ok"); per MEANED metric (and `extra` one) its mean over the finished seeds (None if
     none has it); "accuracy_std", "val@far=1e-3_std", "auc_std": the sample std over those
     seeds (None below 2), "<metric>_n" how many seeds have it; "val@far=1e-3_resolved": False
     when some finished seed's is (None when none says); "collapsed": how many finished seeds
@@ -132,7 +136,7 @@ def over_seeds(rows: Sequence[Mapping[str, Any]], config_keys: Sequence[str]
         done = [r for r in runs if r["status"] == "ok"]
         cell = {k: runs[0].get(k) for k in keys}
         cell.update(runs=len(runs), n=len(done))
-        for metric in MEANED:
+        for metric in (*MEANED, *extra):
             cell[metric] = _mean([r[metric] for r in done if r.get(metric) is not None])
         for metric in ("accuracy", "val@far=1e-3", "auc"):
             values = [r[metric] for r in done if r.get(metric) is not None]
@@ -163,12 +167,12 @@ def _in_order(values: Any) -> list[Any]:
 # Tables (text).
 
 
-def _format_cell(column: str, row: Mapping[str, Any]) -> str:
+def _format_cell(column: str, row: Mapping[str, Any], short: Collection[str] = ()) -> str:
     mark = reporting.UNRESOLVED_MARK if reporting.unresolved(row, column) else ""
-    return _format_value(column, row) + mark
+    return _format_value(column, row, short) + mark
 
 
-def _format_value(column: str, row: Mapping[str, Any]) -> str:
+def _format_value(column: str, row: Mapping[str, Any], short: Collection[str] = ()) -> str:
     value = row.get(column)
     if value is not None and f"{column}_n" in row:  # over seeds: a spread across runs
         return reporting.format_spread(value, row.get(f"{column}_std"), row[f"{column}_n"])
@@ -183,8 +187,7 @@ def _format_value(column: str, row: Mapping[str, Any]) -> str:
             return f"**{value}/{row['n']}**" if value else f"0/{row['n']}"
         return "**yes**" if value else "no"
     if isinstance(value, float):
-        return (f"{value:.4g}" if column in ("loss.margin", SCALE_KEY, MARGIN_KEY)
-                else f"{value:.4f}")
+        return f"{value:.4g}" if column in short else f"{value:.4f}"
     return str(value).replace("|", "\\|")
 
 
@@ -202,13 +205,18 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
     atomic_write_text(path, csv_text(rows, columns))
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                   short: Collection[str] | None = None) -> str:
     """Rows as a markdown table (accuracy shown as mean ± std; the std column and the
-    resolution flag folded in)."""
+    resolution flag folded in); floats of the `short` columns to 4 significant digits (None:
+    the columns the objective kinds declare, `sweep.kinds.described_columns`: α, s, m)."""
+    if short is None:
+        short = described_columns()
     shown = [c for c in columns if c not in ("accuracy_std", "val@far=1e-3_std", "auc_std",
                                              "val@far=1e-3_resolved")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_format_cell(c, row) for c in shown) + " |" for row in rows]
+    lines += ["| " + " | ".join(_format_cell(c, row, short) for c in shown) + " |"
+              for row in rows]
     return "\n".join(lines)
 
 
@@ -220,11 +228,12 @@ _RARE_STATUSES = {"preempted": "the next sweep run resumes them",
 def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                     columns: Sequence[str], baselines: Mapping[str, Any],
                     cells: Sequence[Mapping[str, Any]] | None = None,
-                    classification: bool = False) -> str:
+                    kinds: Sequence[ObjectiveKind] = ()) -> str:
     """results.md: the counts, what the columns mean, the table and the pixel baselines.
     `cells` (over_seeds rows) when the sweep has several seeds per cell: the table then has
-    one row per cell. `classification`: some rows train a classification or combined
-    objective (sweep.kinds: their columns and collapse rule)."""
+    one row per cell. `kinds`: the objectives the rows train (sweep.kinds: their notes, own
+    metrics and columns)."""
+    extra = extra_metrics(kinds)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "crashed", "diverged",
                                                                 "pending", *_RARE_STATUSES)}
     rare = "".join(f", {counts[s]} {s} ({meaning})" for s, meaning in _RARE_STATUSES.items()
@@ -255,16 +264,11 @@ def markdown_report(sweep: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         f"loss within {COLLAPSE_LOSS_RTOL:g}·α of α (of ln 2 with the soft margin); a collapsed "
         "cell can still score above chance. pixel_accuracy: the raw-pixel baseline on the same "
         "test pairs. wall_s: the cell's wall time here, compile and evaluation included."
-        + (" Classification and combined rows: head, s and m are the margin-softmax head and "
-           "its scale and margin as trained (unset keys show the paper's values); the triplet "
-           "keys are empty on classification rows; oneshot_top1: one-shot identification "
-           "top-1 with one enrolment image per test identity; collapsed: the spread half of "
-           "the rule alone (a margin-softmax loss has no pinned value)."
-           if classification else ""), "",
+        + notes(kinds), "",
         markdown_table(rows, columns) if cells is None else markdown_table(
             cells, [c for c in columns if c not in METRIC_COLUMNS and c != SEED_KEY
-                    and c not in OBJECTIVE_METRICS]
-            + objective_metrics(SEED_COLUMNS, classification)),
+                    and c not in extra]
+            + with_metrics(SEED_COLUMNS, extra)),
         "",
     ]
     if any(reporting.unresolved(row, "val@far=1e-3") for row in rows):
@@ -316,11 +320,12 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     rows, histories, baselines = [], {}, {}
-    classification = uses_classification(
-        [flatten(to_plain(cell_config(sweep["base"], sweep["common"], cell)))
-         for cell in sweep["cells"]])
-    columns = objective_columns(table_columns(sweep["cells"]), classification)
-    config_keys = [c for c in columns if c not in METRIC_COLUMNS and c not in OBJECTIVE_METRICS]
+    flats = [flatten(to_plain(cell_config(sweep["base"], sweep["common"], cell)))
+             for cell in sweep["cells"]]
+    kinds = present_kinds(flats)
+    extra = extra_metrics(kinds)
+    columns = table_columns(sweep["cells"], flats)
+    config_keys = [c for c in columns if c not in METRIC_COLUMNS and c not in extra]
     stale = check_records(sweep, workdir)
     for name, cell in zip(cell_names(sweep["cells"]), sweep["cells"]):
         cell_dir = workdir / name
@@ -341,20 +346,21 @@ def aggregate(sweep: Mapping[str, Any], workdir: pathlib.Path) -> list[dict[str,
             status = read_json(cell_dir / STATUS_FILE)
         histories[name] = [row for row in metrics if "loss" in row]
         row = result_row(config_keys, plain, evaluation, metrics, status,
-                         baseline["accuracy"] if baseline else None)
+                         baseline["accuracy"] if baseline else None, extra)
         rows.append({"name": name, **row})
-    cells = over_seeds(rows, config_keys)
+    cells = over_seeds(rows, config_keys, extra)
     seeded = len(cells) < len(rows)
     write_csv(rows, ["name", *columns], workdir / RESULTS_CSV)
     if seeded:
         write_csv(cells, [k for k in config_keys if k != SEED_KEY]
-                  + objective_metrics(SEED_COLUMNS, classification), workdir / RESULTS_SEEDS_CSV)
+                  + with_metrics(SEED_COLUMNS, extra), workdir / RESULTS_SEEDS_CSV)
     atomic_write_text(workdir / RESULTS_MD, markdown_report(sweep, rows, columns, baselines,
-                                                            cells if seeded else None,
-                                                            classification))
-    if any(row["status"] == "ok" for row in rows) and classification:  # no α axis to plot on
-        plots.plot_accuracy_by_cell(cells, config_keys, workdir / ACCURACY_BY_CELL_PLOT)
-    elif any(row["status"] == "ok" for row in rows):
+                                                            cells if seeded else None, kinds))
+    if not any(row["status"] == "ok" for row in rows):
+        return rows
+    if every_row_reads(kinds, plots.MARGIN_AXES):
         plots.plot_accuracy(cells, config_keys, workdir / ACCURACY_PLOT)
         plots.plot_active_fraction(rows, config_keys, histories, workdir / ACTIVE_PLOT)
+    else:  # some rows have no α axis to plot on
+        plots.plot_accuracy_by_cell(cells, config_keys, workdir / ACCURACY_BY_CELL_PLOT)
     return rows
