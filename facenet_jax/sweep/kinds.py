@@ -55,7 +55,6 @@ def differing_keys(flats: Sequence[Mapping[str, Any]]) -> list[str]:
             if len({repr(flat.get(key, _ABSENT)) for flat in values}) > 1]
 
 
-
 def config_columns(cells: Sequence[Mapping[str, Any]], flats: Sequence[Mapping[str, Any]]
                    ) -> list[str]:
     """The table's config columns: the present kinds' leading columns, the keys the cells
