@@ -14,7 +14,9 @@ import optax
 import pytest
 
 from facenet_jax import config as cfg
-from facenet_jax import data, evaluate, evaluators, explore, losses, models, optim
+from facenet_jax import data, explore, losses, models, optim
+from facenet_jax.eval import cli as evaluate_cli
+from facenet_jax.eval import evaluators
 from facenet_jax.losses import mining
 from facenet_jax.registry import Registry
 from facenet_jax.state import build_model
@@ -80,7 +82,7 @@ def test_the_old_name_constants_are_the_registered_names_in_their_old_order():
     assert optim.SCHEDULE_NAMES == optim.SCHEDULES.names() == ("cosine", "piecewise",
                                                                 "constant")
     assert evaluators.BENCHMARK_EVALUATORS.names() == ("verification_sets", "ijb")
-    assert evaluate.BASELINES == evaluators.BASELINE_EVALUATORS.names() == ("pixels",)
+    assert evaluators.BASELINES == evaluators.BASELINE_EVALUATORS.names() == ("pixels",)
 
 
 # --- every dispatch reads its table ----------------------------------------------------------
@@ -192,23 +194,23 @@ def test_a_registered_benchmark_runs_from_its_flag(capsys):
         run=lambda flags, flip: calls.append((flags.toy, flip)) or "toy summary")
     with evaluators.BENCHMARK_EVALUATORS.temporary("toy", toy):
         assert evaluators.selected_benchmarks(flags) == [toy]
-        evaluate._run_benchmarks(flags)
+        evaluate_cli._run_benchmarks(flags)
         assert calls == [("DATA", True)] and capsys.readouterr().out == "toy summary\n"
         flags.pairs = "pairs.txt"
         with pytest.raises(ValueError, match="--pairs: not used with --verification_sets / "
                                              "--ijb / --toy .*DIR/eval_toy.json"):
-            evaluate._run_benchmarks(flags)
+            evaluate_cli._run_benchmarks(flags)
     # --output goes to the one benchmark that runs; with two it would name two files.
     flags.pairs, flags.output = None, "x.json"
     seen = evaluators.BenchmarkEvaluator(
         flag="toy", writes="DIR/eval_toy.json",
         run=lambda flags, flip: calls.append(flags.output) or "toy summary")
     with evaluators.BENCHMARK_EVALUATORS.temporary("toy", seen):
-        evaluate._run_benchmarks(flags)
+        evaluate_cli._run_benchmarks(flags)
         assert calls[-1] == "x.json"
         flags.verification_sets = "SETS"
         with pytest.raises(ValueError, match="--output names one file, but 2 benchmarks run"):
-            evaluate._run_benchmarks(flags)
+            evaluate_cli._run_benchmarks(flags)
 
 
 def test_encoder_registration_checks_its_fields():

@@ -19,12 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from facenet_jax import (checkpoints, data, evaluate, features_cache, finetune, objectives,
-                         parallel, plots, runfiles, verification_sets)
+from facenet_jax import (checkpoints, data, features_cache, finetune, objectives, parallel,
+                         runfiles)
 from facenet_jax.config import validate_config
-from facenet_jax.embed import make_embedder
+from facenet_jax.eval import evaluate, plots, verification_sets
+from facenet_jax.eval.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, drop_metric_rows, read_metrics, truncate_metrics
-from facenet_jax.metrics import protocol_options
+from facenet_jax.eval.metrics import protocol_options
 from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
                                create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
