@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from facenet_jax import collapse, config as cfg, data, runfiles, sweep
-from facenet_jax.eval import cli as evaluate_cli
 from facenet_jax.eval import evaluate, metrics
 from facenet_jax.eval.threshold import run_threshold, threshold_warning
 from facenet_jax.train import LossSpec
@@ -184,12 +183,12 @@ def test_summary_of_an_accept_nothing_threshold_read_back_from_json():
 
 
 def test_threshold_flag_accepts_numbers_and_run_only():
-    assert evaluate_cli._threshold_flag("0.5") == 0.5
-    assert evaluate_cli._threshold_flag("run") == "run"
-    assert evaluate_cli._threshold_flag(None) is None
+    assert evaluate.threshold_flag("0.5") == 0.5
+    assert evaluate.threshold_flag("run") == "run"
+    assert evaluate.threshold_flag(None) is None
     for bad in ("abc", "nan", "inf"):
         with pytest.raises(ValueError, match="--threshold"):
-            evaluate_cli._threshold_flag(bad)
+            evaluate.threshold_flag(bad)
 
 
 def test_lfw_config_finds_the_shared_lfw_half_folder(shared_data):
@@ -255,17 +254,17 @@ def test_pixel_baseline_writes_under_the_run_or_an_explicit_path_never_the_cwd(t
     config = cfg.load_config(cfg.__file__.replace("facenet_jax/config.py",
                                                   "experiments/default.py"))
     with pytest.raises(ValueError, match="give --output FILE"):
-        evaluate_cli.baseline_inputs("pixels", config, None, None)
+        evaluate.baseline_inputs("pixels", config, None, None)
     with pytest.raises(ValueError, match="not neither"):
-        evaluate_cli.baseline_inputs("pixels", None, None, None)
+        evaluate.baseline_inputs("pixels", None, None, None)
     with pytest.raises(ValueError, match="not both"):
-        evaluate_cli.baseline_inputs("pixels", config, str(tmp_path), None)
-    chosen, output = evaluate_cli.baseline_inputs("pixels", config, None, str(tmp_path / "p.json"))
+        evaluate.baseline_inputs("pixels", config, str(tmp_path), None)
+    chosen, output = evaluate.baseline_inputs("pixels", config, None, str(tmp_path / "p.json"))
     assert chosen is config and output == tmp_path / "p.json"
     run = tmp_path / "run"
     run.mkdir()
     runfiles.write_config(run, config)
-    chosen, output = evaluate_cli.baseline_inputs("pixels", None, str(run), None)
+    chosen, output = evaluate.baseline_inputs("pixels", None, str(run), None)
     assert output == run / "eval_pixels.json" and cfg.to_plain(chosen) == cfg.to_plain(config)
     # Never over the run's own evaluation (which sweeps read).
     (run / "eval.json").write_text(json.dumps({"split": "test", "accuracy": 0.9}))

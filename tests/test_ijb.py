@@ -196,9 +196,10 @@ def test_ijb_cli_path_writes_to_output_when_given(monkeypatch, tmp_path):
     monkeypatch.setattr(ijb, "evaluate_workdir_ijb",
                         lambda *args, output, **kwargs: written.append(output) or summary)
     flags = types.SimpleNamespace(workdir=str(tmp_path), ijb="ROOT", ijb_name="IJBC",
-                                  ijb_detector_score=True, output=None)
-    run = evaluators.BENCHMARK_EVALUATORS.get("ijb").run
-    assert run(flags, True).endswith(f"wrote {tmp_path / 'eval_ijbc.json'}")
+                                  ijb_detector_score=True, output=None, flip=None,
+                                  run_config=None)
+    run = evaluators.EVALUATORS.get("ijb").run_flags
+    assert run(flags).endswith(f"wrote {tmp_path / 'eval_ijbc.json'}")
     flags.output = str(tmp_path / "mine.json")
-    assert run(flags, True).endswith(f"wrote {tmp_path / 'mine.json'}")
+    assert run(flags).endswith(f"wrote {tmp_path / 'mine.json'}")
     assert written == [tmp_path / "eval_ijbc.json", tmp_path / "mine.json"]

@@ -408,7 +408,7 @@ def test_sets_output_is_refused_when_it_holds_another_folder(photos_two_ways, pi
     import shutil
     import types
 
-    from facenet_jax.eval import cli as evaluate_cli
+    from facenet_jax.eval import evaluators
 
     workdir, _, loads = pixel_run
     verification_sets.evaluate_workdir_sets(workdir, photos_two_ways / "sets", names="lfw")
@@ -429,13 +429,14 @@ def test_sets_output_is_refused_when_it_holds_another_folder(photos_two_ways, pi
         workdir=str(workdir), verification_sets=str(other), names="lfw", ijb=None,
         output=str(workdir / "eval_other.json"), data_root=None, pairs=None, baseline=None,
         fold=None, threshold=None, flip=False, run_config=None)
-    evaluate_cli._run_benchmarks(flags)
+    for _, evaluator in evaluators.select_from_flags(flags):
+        evaluator.run_flags(flags)
     assert list(json.loads((workdir / "eval_other.json").read_text())) == ["lfw"]
     assert (workdir / "eval_other.md").exists()
     assert (workdir / verification_sets.OUTPUT_FILE).read_text() == before
     flags.ijb = str(tmp_path)
     with pytest.raises(ValueError, match="--output names one file"):
-        evaluate_cli._run_benchmarks(flags)
+        evaluators.select_from_flags(flags)
 
 
 def test_training_sets_take_the_runs_crop_and_log_a_mismatch(py2_bin, caplog):

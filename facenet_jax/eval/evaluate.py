@@ -438,3 +438,38 @@ def _protocol_words(result: dict[str, Any]) -> str:
     if result.get("threshold_search") == "grid":
         words.append("0.01 threshold grid")
     return "".join(f", {word}" for word in words)
+
+
+def threshold_flag(value: str | None) -> float | str | None:
+    """--threshold: None, "run", or a finite number (ValueError naming the flag otherwise)."""
+    if value is None or value == "run":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number):
+        raise ValueError(f"--threshold {value!r}: give a number (in the run's eval.distance) "
+                         "or 'run'")
+    return number
+
+
+def baseline_inputs(baseline: str, config: ml_collections.ConfigDict | None,
+                    workdir: str | None, output: str | None
+                    ) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
+    """The config a `--baseline` floors and where it writes, as the other modes: `--workdir
+    DIR` floors that run (its recorded config) → DIR/eval_<baseline>.json; `--config CONFIG`
+    needs `--output FILE` (no run folder to write under; never the current directory)."""
+    if (config is None) == (workdir is None):
+        raise ValueError(f"--baseline {baseline} floors one run: give --workdir DIR (a trained "
+                         "run, its config) or --config CONFIG with --output FILE, not "
+                         f"{'both' if config is not None else 'neither'}")
+    if workdir is not None:
+        return (runfiles.load_run_config(workdir),
+                pathlib.Path(output) if output else pathlib.Path(workdir) /
+                f"eval_{baseline}.json")
+    if output is None:
+        raise ValueError(f"--baseline {baseline} --config CONFIG writes a JSON and two figures: "
+                         f"give --output FILE (e.g. runs/NAME/eval_{baseline}.json), or "
+                         "--workdir DIR instead of --config to write under that run")
+    return config, pathlib.Path(output)
