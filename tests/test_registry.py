@@ -82,7 +82,8 @@ def test_the_old_name_constants_are_the_registered_names_in_their_old_order():
                                                                 "constant")
     assert evaluators.EVALUATORS.names() == ("finetune_baseline", "validation",
                                              "verification_sets", "test", "run_split", "ijb",
-                                             "pixels")
+                                             "pixels", "load_and_eval")
+    assert evaluators.end_entries() == ("validation", "test")
     assert evaluators.BASELINES == ("pixels",)
 
 
@@ -223,6 +224,15 @@ def test_a_registered_evaluator_runs_from_its_flag():
     flags.verification_sets, flags.names, flags.flip = None, None, True
     with pytest.raises(ValueError, match="--flip: not used with --workdir DIR alone"):
         evaluators.select_from_flags(flags)  # the default mode embeds as the run's eval.flip
+
+
+def test_an_evaluation_only_run_takes_only_what_the_end_of_training_runs(tmp_path):
+    with pytest.raises(ValueError, match="--evaluators finetune_baseline: not an evaluation "
+                                         "the end of training runs; choose from validation, "
+                                         "test"):
+        evaluators.load_and_eval(tmp_path / "never_read", ["test", "finetune_baseline"])
+    with pytest.raises(ValueError, match="holds no split.json"):
+        evaluators.load_and_eval(tmp_path, ["test"])
 
 
 def test_training_runs_the_entries_its_config_selects_by_phase(tmp_path):

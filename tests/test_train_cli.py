@@ -117,6 +117,32 @@ def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_
 
 
 @pytest.mark.slow
+def test_evaluation_only_run_repeats_the_runs_final_evaluations(straight_run, tmp_path):
+    """`evaluate --evaluators all`: the entries the end of training runs, on the checkpoint,
+    write what training wrote (the same numbers, one test/... row at the step)."""
+    import shutil
+
+    workdir, _ = straight_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    for name in ("eval.json", "eval_validation.json"):
+        (copy / name).unlink()
+    result = _python_m("facenet_jax.evaluate", "--workdir", copy, "--evaluators", "all")
+    assert f"test ({copy / 'eval.json'})" in result.stdout
+    for name in ("eval.json", "eval_validation.json"):
+        again = json.loads((copy / name).read_text())
+        first = json.loads((workdir / name).read_text())
+        assert list(again) == list(first) and again["step"] == first["step"] == 8
+        for key in EVAL_KEYS:
+            assert again[key] == pytest.approx(first[key], abs=1e-6), (name, key)
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    test_rows = [row for row in rows if "test/accuracy" in row]
+    assert [row["step"] for row in test_rows] == [8]
+    assert test_rows[0]["test/accuracy"] == pytest.approx(
+        json.loads((workdir / "eval.json").read_text())["accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
     """--split train: the run's training people (split.json), their generated pairs, the
     run's encoder; the validation split's numbers equal the run's own eval_validation.json;

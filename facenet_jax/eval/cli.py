@@ -3,6 +3,7 @@
     python -m facenet_jax.evaluate --workdir DIR [--data_root FOLDER --pairs PAIRS] [--output F]
         [--fold K] [--threshold T|run] [--config.eval.KEY=VALUE ...]
     python -m facenet_jax.evaluate --workdir DIR --split train|validation|test
+    python -m facenet_jax.evaluate --workdir DIR --evaluators all|validation,test
     python -m facenet_jax.evaluate --baseline pixels --config CONFIG [--config.KEY=VALUE ...]
         --output FILE
     python -m facenet_jax.evaluate --baseline pixels --workdir DIR     # → DIR/eval_pixels.json
@@ -23,6 +24,10 @@ eval.flip, eval.flip_mode, eval.subtract_mean, eval.threshold_search, eval.batch
 davidsandberg's protocol; the output records them. With `--pairs`, retrieval and one-shot
 metrics are computed on the images of the identities the pairs use (all their images in the
 folder), not on the whole folder.
+
+`--evaluators all` (or some of validation,test) is an evaluation-only run of the evaluations
+the end of training runs (eval.evaluators.load_and_eval): the same entries on the latest
+checkpoint, writing eval_validation.json, eval.json and the test/... rows as training does.
 """
 
 from __future__ import annotations
@@ -87,5 +92,9 @@ def define_flags() -> None:
                       "embedding (default on, as the field evaluates them)")
     flags.DEFINE_string("ijb", None, "IJB root (meta/, loose_crop/) → DIR/eval_<ijb_name>.json")
     flags.DEFINE_enum("ijb_name", "IJBC", list(ijb.IJB_NAMES), "which IJB protocol --ijb holds")
+    flags.DEFINE_string("evaluators", None, "an evaluation-only run: 'all' or some of "
+                        "validation,test: the evaluations the end of training runs, on DIR's "
+                        "latest checkpoint, written as training writes them (eval_validation.json, "
+                        "eval.json, test/... rows)")
     flags.DEFINE_bool("ijb_detector_score", True, "weight IJB images by their detector score "
                       "(insightface's default)")

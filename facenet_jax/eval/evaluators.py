@@ -27,6 +27,9 @@ The entries, in the order they run:
                                                                   --data_root F [--pairs P])
     ijb                -                                          --ijb ROOT → eval_<ijb>.json
     pixels             -                                          --baseline pixels
+    load_and_eval      -                                          --evaluators all|NAMES: the
+                                                                  "end" entries above, on the
+                                                                  latest checkpoint
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import data
+from facenet_jax import data, runfiles
 from facenet_jax.config import overrides_from_texts
 from facenet_jax.eval import evaluate, ijb, verification_sets
 from facenet_jax.eval.metrics import protocol_options
@@ -127,13 +130,14 @@ class Prepared:
     run: Run
 
 
-def prepare(config: ml_collections.ConfigDict, splits: Mapping[str, data.Dataset]
-            ) -> list[Prepared]:
-    """The entries the config selects, in registration order, prepared from the run's splits
-    (pairs generated, .bin sets read: errors surface here, before compiling)."""
+def prepare(config: ml_collections.ConfigDict, splits: Mapping[str, data.Dataset], *,
+            names: Sequence[str] | None = None) -> list[Prepared]:
+    """The entries the config selects (among `names`, default all), in registration order,
+    prepared from the run's splits (pairs generated, .bin sets read: errors surface here,
+    before compiling)."""
     inputs = EvalInputs(config, splits)
     prepared = []
-    for name in EVALUATORS.names():
+    for name in names or EVALUATORS.names():
         entry = EVALUATORS.get(name)
         run = entry.prepare(inputs) if entry.prepare is not None else None
         if run is not None:
@@ -154,6 +158,45 @@ def run_phase(prepared: Sequence[Prepared], phase: str, context: EvalContext
         raise ValueError(f"unknown evaluation phase {phase!r}; valid phases: {PHASES}")
     context = dataclasses.replace(context, phase=phase)
     return {entry.name: entry.run(context) for entry in prepared if phase in entry.when}
+
+
+def end_entries() -> tuple[str, ...]:
+    """The entries that run at the end of training (phase "end"), in registration order."""
+    return tuple(name for name in EVALUATORS.names() if "end" in EVALUATORS.get(name).when)
+
+
+def load_and_eval(workdir: str | pathlib.Path, names: Sequence[str] | None = None
+                  ) -> dict[str, dict[str, Any] | None]:
+    """An evaluation-only run (big_vision's `load_and_eval`): DIR's latest checkpoint through
+    the same entries, prepared from its recorded config and splits, that its last step runs
+    (phase "end"; `names`: some of `end_entries()`, default all), writing what they write at
+    the end of training: eval_validation.json, eval.json (+ figures) and the test/... rows of
+    the training log, at the checkpoint's step (its earlier test/... rows there replaced). DIR's
+    lock is held as by training. → {name: result}."""
+    from facenet_jax.eval.embed import load_encoder  # local: jax only where a model is loaded
+
+    valid = end_entries()
+    unknown = [name for name in names or () if name not in valid]
+    if unknown:
+        raise ValueError(f"--evaluators {','.join(unknown)}: not an evaluation the end of "
+                         f"training runs; choose from {', '.join(valid)}")
+    workdir = pathlib.Path(workdir)
+    if not (workdir / runfiles.SPLIT_FILE).exists():
+        raise ValueError(f"{workdir} holds no {runfiles.SPLIT_FILE} (imported weights?): it has "
+                         "no splits of its own to evaluate; use --data_root FOLDER instead")
+    encoder = load_encoder(workdir)
+    config = encoder.config
+    splits = data.split_dataset(data.load_dataset(config.data), config.data)
+    data.check_split_record(workdir / runfiles.SPLIT_FILE, splits)
+    chosen = prepare(config, splits, names=names or valid)
+    with runfiles.exclusive_workdir(workdir, is_writer=True):
+        writer = MetricsWriter(workdir)
+        try:
+            return run_phase(chosen, "end", EvalContext(
+                step=encoder.step, variables=encoder.variables, embed=encoder.embedder,
+                phase="end", writer=writer, workdir=workdir, is_writer=True))
+        finally:
+            writer.close()
 
 
 def logged_numbers(prefix: str, result: Mapping[str, Any]) -> dict[str, float]:
@@ -386,6 +429,17 @@ def _check_run_split_flags(flags: Any) -> None:
                          "kept unless you name one)")
 
 
+def _load_and_eval_from_flags(flags: Any) -> str:
+    """`python -m facenet_jax.evaluate --workdir DIR --evaluators all|validation,test`."""
+    names = None if flags.evaluators == "all" else [
+        name.strip() for name in flags.evaluators.split(",") if name.strip()]
+    results = load_and_eval(flags.workdir, names)
+    files = {"validation": runfiles.VALIDATION_EVAL_FILE, "test": runfiles.EVAL_FILE}
+    return "\n".join(f"{name} ({pathlib.Path(flags.workdir) / files.get(name, name)}):\n"
+                     f"{evaluate.format_summary(result)}"
+                     for name, result in results.items() if result is not None)
+
+
 def _run_split_from_flags(flags: Any) -> str:
     """`python -m facenet_jax.evaluate --workdir DIR [--split S | --data_root F [--pairs P]
     [--fold K]] [--threshold T|run] [--output F] [--config.eval.KEY=V]`."""
@@ -422,4 +476,8 @@ EVALUATORS.add("pixels", Evaluator(
     flag="baseline", choice=True, flags=("config", "workdir", "output", "run_config"),
     writes="--output or DIR/eval_pixels.json", group="baseline", check=_check_pixels_flags,
     run_flags=_pixels_from_flags))
+EVALUATORS.add("load_and_eval", Evaluator(
+    flag="evaluators", flags=("workdir",), group="run", check=_needs_workdir("--evaluators"),
+    writes="what the end of training writes (eval_validation.json, eval.json, test/... rows)",
+    run_flags=_load_and_eval_from_flags))
 BASELINES = tuple(name for name in EVALUATORS.names() if EVALUATORS.get(name).flag == "baseline")
