@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from facenet_jax import ijb, metrics
+from facenet_jax.eval import ijb, metrics
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402

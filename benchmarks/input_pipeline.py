@@ -41,7 +41,8 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import train_step as train_step_benchmark  # noqa: E402
 from benchmarks.output_file import add_output_arguments, refuse_existing  # noqa: E402
-from facenet_jax import data, evaluate, metrics  # noqa: E402
+from facenet_jax import data  # noqa: E402
+from facenet_jax.eval import evaluate, metrics  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SHARED_ORL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"

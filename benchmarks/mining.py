@@ -67,7 +67,7 @@ def unit_inputs(size: int, per_identity: int):
     """[size, DIM] unit float32 embeddings and int32 labels, `per_identity` rows per label."""
     import numpy as np
 
-    from facenet_jax.metrics import l2_normalize_rows
+    from facenet_jax.eval.metrics import l2_normalize_rows
 
     rng = np.random.default_rng(size)
     emb = rng.normal(size=(size, DIM)).astype(np.float32)

@@ -219,15 +219,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 
 def validate_eval_config(eval_config: ml_collections.ConfigDict) -> None:
     """The evaluation protocol's keys: eval.distance (metrics.EVAL_DISTANCES), eval.flip and
-    eval.subtract_mean (booleans), eval.flip_mode (embed.FLIP_MODES), eval.threshold_search
+    eval.subtract_mean (booleans), eval.flip_mode (metrics.FLIP_MODES), eval.threshold_search
     (metrics.THRESHOLD_SEARCHES)."""
-    from facenet_jax import metrics  # local: import-light
-    from facenet_jax.embed import FLIP_MODES
+    from facenet_jax.eval import metrics  # local: import-light
 
     metrics.check_eval_distance(eval_config.distance, "eval.distance")
     metrics.check_threshold_search(eval_config.threshold_search, "eval.threshold_search")
-    if eval_config.flip_mode not in FLIP_MODES:
-        raise ValueError(f"eval.flip_mode must be one of {FLIP_MODES}, got "
+    if eval_config.flip_mode not in metrics.FLIP_MODES:
+        raise ValueError(f"eval.flip_mode must be one of {metrics.FLIP_MODES}, got "
                          f"{eval_config.flip_mode!r}")
     for key in ("flip", "subtract_mean"):
         if not isinstance(eval_config[key], bool):

@@ -33,8 +33,9 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from facenet_jax import losses, metrics
+from facenet_jax import losses
 from facenet_jax.config import load_config
+from facenet_jax.eval import metrics
 from facenet_jax.losses import mining
 from facenet_jax.losses.distances import anchor_distance_rows
 

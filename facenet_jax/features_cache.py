@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from facenet_jax import data, runfiles
-from facenet_jax.embed import make_embedder
+from facenet_jax.eval.embed import make_embedder
 from facenet_jax.models.layers import EmbeddingHead
 from facenet_jax.optim import HEAD_SCOPE
 

@@ -57,7 +57,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def encoder(run):
     from facenet_jax import parallel
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
 
     return load_encoder(run, mesh=parallel.make_mesh(1))
 
@@ -277,7 +277,7 @@ def test_verify_cli_prints_distance_threshold_and_verdict(run, encoder, faces):
 
 
 def test_alignment_note_only_for_runs_trained_on_aligned_crops():
-    from facenet_jax import verify
+    from facenet_jax.eval import verify
     from facenet_jax.config import load_config
 
     assert verify.alignment_note(load_config(DEFAULT)) is None
@@ -291,7 +291,7 @@ def test_verify_of_a_run_on_aligned_crops_says_the_inputs_must_be_such_crops(
         run, encoder, faces, monkeypatch):
     import dataclasses
 
-    from facenet_jax import embed, verify
+    from facenet_jax.eval import embed, verify
 
     config = encoder.config.copy_and_resolve_references()
     with config.unlocked():
@@ -311,7 +311,7 @@ def test_verify_of_a_run_on_aligned_crops_says_the_inputs_must_be_such_crops(
 def test_loading_a_run_logs_no_read_only_warnings(run, caplog):
     """orbax warned three times per load that a read-only manager saves nothing."""
     from facenet_jax import checkpoints, parallel
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
 
     with caplog.at_level(logging.WARNING):
         load_encoder(run, mesh=parallel.make_mesh(1))

@@ -9,7 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from facenet_jax import collapse, config as cfg, data, evaluate, metrics, runfiles, sweep
+from facenet_jax import collapse, config as cfg, data, runfiles, sweep
+from facenet_jax.eval import evaluate, metrics
+from facenet_jax.eval.threshold import run_threshold, threshold_warning
 from facenet_jax.train import LossSpec
 
 
@@ -144,13 +146,13 @@ def test_fixed_threshold_evaluation_and_fold_selection():
 
 def test_run_threshold_prefers_validation_and_says_where_it_came_from(tmp_path):
     with pytest.raises(FileNotFoundError, match="--threshold T"):
-        evaluate.run_threshold(tmp_path)
+        run_threshold(tmp_path)
     (tmp_path / "eval.json").write_text(json.dumps(
         {"threshold": 0.9, "distance": "squared", "split": "test", "step": 8}))
-    assert evaluate.run_threshold(tmp_path)["split"] == "test"
+    assert run_threshold(tmp_path)["split"] == "test"
     (tmp_path / "eval_validation.json").write_text(json.dumps(
         {"threshold": 0.7, "distance": "squared", "split": "validation", "step": 8}))
-    chosen = evaluate.run_threshold(tmp_path)
+    chosen = run_threshold(tmp_path)
     assert (chosen["threshold"], chosen["split"], chosen["step"]) == (0.7, "validation", 8)
 
 
@@ -181,11 +183,12 @@ def test_summary_of_an_accept_nothing_threshold_read_back_from_json():
 
 
 def test_threshold_flag_accepts_numbers_and_run_only():
-    assert evaluate._threshold_flag("0.5") == 0.5 and evaluate._threshold_flag("run") == "run"
-    assert evaluate._threshold_flag(None) is None
+    assert evaluate.threshold_flag("0.5") == 0.5
+    assert evaluate.threshold_flag("run") == "run"
+    assert evaluate.threshold_flag(None) is None
     for bad in ("abc", "nan", "inf"):
         with pytest.raises(ValueError, match="--threshold"):
-            evaluate._threshold_flag(bad)
+            evaluate.threshold_flag(bad)
 
 
 def test_lfw_config_finds_the_shared_lfw_half_folder(shared_data):
@@ -219,7 +222,7 @@ def _validation_file(workdir, **counts):
 
 def test_threshold_info_says_what_it_was_chosen_on_and_warns_when_thin(tmp_path, caplog):
     """An ORL run's threshold came from 4 people, without a word."""
-    from facenet_jax.embed import Encoder
+    from facenet_jax.eval.embed import Encoder
 
     _validation_file(tmp_path, num_pair_identities=4, num_different_pairs=30)
     encoder = Encoder(config=None, variables=None, step=8, embedder=None, workdir=tmp_path)
@@ -229,19 +232,19 @@ def test_threshold_info_says_what_it_was_chosen_on_and_warns_when_thin(tmp_path,
     assert ("4 identities (fewer than 20) and 30 different pairs (fewer than 200)"
             in info["warning"]) and info["warning"] in caplog.text
     _validation_file(tmp_path, num_pair_identities=20, num_different_pairs=199)
-    assert "199 different pairs" in evaluate.run_threshold(tmp_path)["warning"]
-    assert "identities" not in evaluate.run_threshold(tmp_path)["warning"]
+    assert "199 different pairs" in run_threshold(tmp_path)["warning"]
+    assert "identities" not in run_threshold(tmp_path)["warning"]
     _validation_file(tmp_path, num_pair_identities=20, num_different_pairs=200)
-    assert evaluate.run_threshold(tmp_path)["warning"] is None
+    assert run_threshold(tmp_path)["warning"] is None
     # a file that does not record the counts: nothing to judge
     (tmp_path / "eval_validation.json").write_text(json.dumps(
         {"threshold": 0.7, "distance": "squared", "split": "validation", "step": 8}))
-    info = evaluate.run_threshold(tmp_path)
+    info = run_threshold(tmp_path)
     assert info["num_identities"] is None and info["warning"] is None
     summary = evaluate.format_summary({
         "threshold": 0.7, "threshold_source": "the run's validation split", "num_pairs": 4,
         "accuracy": 0.5, "tar": 0.5, "far": 0.5, "auc": 0.5, "eer": 0.5,
-        "threshold_warning": evaluate.threshold_warning(4, 30)})
+        "threshold_warning": threshold_warning(4, 30)})
     assert summary.splitlines()[-1].startswith("warning: the threshold was chosen on 4 ")
 
 
@@ -266,13 +269,13 @@ def test_pixel_baseline_writes_under_the_run_or_an_explicit_path_never_the_cwd(t
     # Never over the run's own evaluation (which sweeps read).
     (run / "eval.json").write_text(json.dumps({"split": "test", "accuracy": 0.9}))
     with pytest.raises(FileExistsError, match="holds the evaluation of the run's test split"):
-        evaluate._check_output_holds_the_same_evaluation(run / "eval.json", None, None,
+        evaluate.check_output_holds_the_same_evaluation(run / "eval.json", None, None,
                                                          baseline="pixels")
     (run / "eval_pixels.json").write_text(json.dumps({"split": "test", "baseline": "pixels"}))
-    evaluate._check_output_holds_the_same_evaluation(run / "eval_pixels.json", None, None,
+    evaluate.check_output_holds_the_same_evaluation(run / "eval_pixels.json", None, None,
                                                      baseline="pixels")  # re-scored in place
     with pytest.raises(FileExistsError, match="pixels baseline"):
-        evaluate._check_output_holds_the_same_evaluation(run / "eval_pixels.json", None, None)
+        evaluate.check_output_holds_the_same_evaluation(run / "eval_pixels.json", None, None)
 
 
 def test_pixel_baseline_cli_without_output_is_one_line_and_writes_nothing(tmp_path):
@@ -300,6 +303,6 @@ def test_orls_validation_threshold_is_warned_as_thin(shared_data):
                                         identification="none")
     assert result["num_pair_identities"] == 4 == validation.num_identities
     assert result["num_different_pairs"] == int(np.sum(~pairs.is_same))
-    warning = evaluate.threshold_warning(result["num_pair_identities"],
+    warning = threshold_warning(result["num_pair_identities"],
                                          result["num_different_pairs"])
     assert "4 identities (fewer than 20)" in warning

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from facenet_jax import config as config_lib
-from facenet_jax import crossval, data, metrics
+from facenet_jax import data
+from facenet_jax.eval import crossval, metrics
 from facenet_jax.data.splits import pair_file_identities
 
 from tiny import tiny_config
@@ -151,7 +152,7 @@ def test_spread_over_folds_is_the_sample_std():
 def _check_scored_by_the_run_encoder(result, run, images, fold):
     """The fold's accuracy and AUC, recomputed from the run's encoder (its recorded eval.flip
     included) and the fold's pairs written above."""
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
 
     lines = PAIRS.splitlines()[1 + 4 * (fold - 1):1 + 4 * fold]
     encoder = load_encoder(run)
@@ -329,7 +330,7 @@ def test_step_0_with_init_from_is_the_imported_row(lfw_like, tmp_path):
     from a step-0 checkpoint holding exactly the source's weights; nothing is trained."""
     import jax
 
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
 
     images, pairs = lfw_like
     source = tmp_path / "source"

@@ -10,7 +10,7 @@ import pytest
 
 from facenet_jax import config as cfg
 from facenet_jax import models, train
-from facenet_jax.embed import load_encoder
+from facenet_jax.eval.embed import load_encoder
 from facenet_jax.logs import read_metrics
 from facenet_jax.state import build_model
 

@@ -11,7 +11,10 @@ import pytest
 from sklearn.model_selection import KFold
 
 from facenet_jax import config as config_lib
-from facenet_jax import data, evaluate, metrics
+from facenet_jax import data
+from facenet_jax.eval import cli as evaluate_cli
+from facenet_jax.eval import evaluate, metrics
+from facenet_jax.eval.threshold import run_threshold
 
 # ----------------------------------------------------------------------------------------------
 # The port: davidsandberg/facenet src/facenet.py, only what the accuracy needs.
@@ -251,10 +254,11 @@ def test_evaluation_overrides_are_typed_checked_and_limited_to_evaluation_keys()
         config_lib.apply_evaluation_overrides(config, {"eval.flip_mode": "mean"})
     assert config_lib.overrides_from_texts(["eval.flip", "eval.distance=angular"]) == {
         "eval.flip": "True", "eval.distance": "angular"}
-    assert evaluate.split_run_config_flags(["prog", "--workdir", "W", "--config.eval.flip"]) == [
+    assert evaluate_cli.split_run_config_flags(
+        ["prog", "--workdir", "W", "--config.eval.flip"]) == [
         "prog", "--workdir", "W", "--run_config=eval.flip"]
     with_file = ["prog", "--config", "f.py", "--config.eval.flip=True"]
-    assert evaluate.split_run_config_flags(with_file) == with_file
+    assert evaluate_cli.split_run_config_flags(with_file) == with_file
 
 
 def test_angular_is_an_evaluation_distance_only():
@@ -275,7 +279,7 @@ def test_a_threshold_chosen_with_subtract_mean_is_not_the_runs(tmp_path):
         "threshold": 0.4, "distance": "angular", "split": "validation", "step": 5,
         "config": {"eval": {"subtract_mean": True}}}))
     with pytest.raises(ValueError, match="mean-subtracted embeddings"):
-        evaluate.run_threshold(tmp_path)
+        run_threshold(tmp_path)
 
 
 def test_evaluation_overrides_need_an_output_file(tmp_path):

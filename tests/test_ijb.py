@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax import ijb
+from facenet_jax.eval import ijb
 from facenet_jax.data.alignment import align_by_landmarks
 from facenet_jax.data.folder import resize_array
-from facenet_jax.evaluate import pixel_embeddings
+from facenet_jax.eval.evaluate import pixel_embeddings
 
 from benchmark_fixtures import FACE, write_ijb_layout
 
@@ -188,7 +188,7 @@ def test_ijb_cli_path_writes_to_output_when_given(monkeypatch, tmp_path):
     """--output is taken by a benchmark run alone (it was refused for every benchmark)."""
     import types
 
-    from facenet_jax import ijb
+    from facenet_jax.eval import evaluators, ijb
 
     written = []
     summary = {"ijb_name": "IJBC", "num_pairs": 1, "tar@far": {"1e-4": 0.5},
@@ -196,8 +196,10 @@ def test_ijb_cli_path_writes_to_output_when_given(monkeypatch, tmp_path):
     monkeypatch.setattr(ijb, "evaluate_workdir_ijb",
                         lambda *args, output, **kwargs: written.append(output) or summary)
     flags = types.SimpleNamespace(workdir=str(tmp_path), ijb="ROOT", ijb_name="IJBC",
-                                  ijb_detector_score=True, output=None)
-    assert ijb._run_from_flags(flags, True).endswith(f"wrote {tmp_path / 'eval_ijbc.json'}")
+                                  ijb_detector_score=True, output=None, flip=None,
+                                  run_config=None)
+    run = evaluators.EVALUATORS.get("ijb").run_flags
+    assert run(flags).endswith(f"wrote {tmp_path / 'eval_ijbc.json'}")
     flags.output = str(tmp_path / "mine.json")
-    assert ijb._run_from_flags(flags, True).endswith(f"wrote {tmp_path / 'mine.json'}")
+    assert run(flags).endswith(f"wrote {tmp_path / 'mine.json'}")
     assert written == [tmp_path / "eval_ijbc.json", tmp_path / "mine.json"]

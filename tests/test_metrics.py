@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from facenet_jax import metrics
+from facenet_jax.eval import metrics
 
 BELOW = -np.inf  # np.nextafter(x, BELOW): the largest float below x
 

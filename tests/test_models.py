@@ -277,7 +277,7 @@ def test_flip_sum_embedding_is_the_renormalised_sum():
     """eval.flip (mode "sum"): the image's and its mirror's embeddings added, back to unit norm
     (a float64 numpy reference)."""
     from facenet_jax import parallel
-    from facenet_jax.embed import make_embedder
+    from facenet_jax.eval.embed import make_embedder
 
     model = models.create_model("small_cnn", embedding_dim=EMBEDDING_DIM)
     images = np.asarray(_images(4, 32, seed=5) * 255, np.uint8)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from facenet_jax import explore, losses, metrics
+from facenet_jax import explore, losses
+from facenet_jax.eval import metrics
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Figures each notebook must show: 4 kinds x 2 batches; curves, 2 ROC, histogram, 2 maps, one-shot;

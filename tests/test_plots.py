@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from facenet_jax import metrics, plots
+from facenet_jax.eval import metrics, plots
 
 
 def clustered(seed=0, identities=6, per_identity=5, dim=8):
@@ -77,7 +77,7 @@ def test_roc_figure_marks_operating_points_on_a_log_far_axis():
 def test_an_unresolved_val_point_is_labelled_so_with_its_actual_far():
     """A VAL@FAR=1e-3 whose held-out FAR is 0.04 (chosen on too few different pairs) was
     labelled plainly "VAL@FAR=1e-3" on the ROC."""
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     result = {"far@far=1e-3": 0.04, "val@far=1e-3": 0.02, "val@far=1e-3_resolved": False,
               "far@far=1e-2": 0.04, "val@far=1e-2": 0.02, "val@far=1e-2_resolved": True}
@@ -91,7 +91,7 @@ def test_an_unresolved_val_point_is_labelled_so_with_its_actual_far():
 
 
 def test_run_roc_is_log_far_with_the_val_points(tmp_path):
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     result = {"auc": 0.9, "eer": 0.1, "threshold": 0.5, "far@far=1e-3": 0.0,
               "val@far=1e-3": 0.4, "far@far=1e-2": 0.01, "val@far=1e-2": 0.8}
@@ -179,7 +179,7 @@ def test_plot_functions_write_pngs(tmp_path):
 def test_collapsed_embeddings_accept_nothing_and_still_write_their_figures(tmp_path):
     # Identical embeddings: every distance 0, accepting nothing ties accepting all and is the
     # smallest maximiser: threshold -inf (the 10-fold search's "accept nothing").
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     same = np.arange(40) % 2 == 0
     result = metrics.evaluate_embeddings(np.ones((80, 4)), np.arange(80), np.arange(40) * 2,

@@ -156,7 +156,8 @@ def imported(reference, tmp_path_factory):
 @pytest.mark.slow
 def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, imported,
                                                                   tmp_path):
-    from facenet_jax import embed, evaluate
+    from facenet_jax import runfiles
+    from facenet_jax.eval import embed, evaluate
 
     _, images, expected = reference
     workdir, weights, info = imported
@@ -164,7 +165,7 @@ def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, imp
     record = json.loads((workdir / "config.json").read_text())
     assert record["provenance"]["imported"]["sha256"] == pretrained.sha256(weights)
     assert record["config"]["model"]["input_norm"] == "fixed_standardization"
-    assert not (workdir / evaluate.SPLIT_FILE).exists()
+    assert not (workdir / runfiles.SPLIT_FILE).exists()
 
     encoder = embed.load_encoder(workdir, flip=False)
     assert encoder.step == 0
@@ -181,7 +182,7 @@ def test_import_cli_writes_a_run_that_embeds_like_facenet_pytorch(reference, imp
 def test_imported_run_evaluates_a_folder_and_warns_on_another_alignment(imported, tmp_path):
     from PIL import Image
 
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     rng = np.random.default_rng(3)
     for name in ("Ann_A", "Bob_B"):
@@ -209,7 +210,8 @@ def test_fine_tuning_the_imported_model_on_orl(imported, shared_data, tmp_path):
     """A few steps on ORL from the imported model with a frozen backbone: step-0 validation is
     the imported model's, the backbone (parameters and BN statistics) stays exactly the
     imported one, the head moves, and DIR is only read."""
-    from facenet_jax import checkpoints, data, embed, evaluate, finetune, optim, train
+    from facenet_jax import checkpoints, data, finetune, optim, train
+    from facenet_jax.eval import embed, evaluate
     from facenet_jax.config import load_config
     from facenet_jax.logs import read_metrics
 

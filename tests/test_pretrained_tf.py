@@ -355,7 +355,7 @@ def test_older_tensorflow_folding_names_convert_the_same(tf_files):
 
 @pytest.mark.slow
 def test_import_writes_a_run_with_provenance_that_embeds_like_tensorflow(tf_files, tmp_path):
-    from facenet_jax import embed
+    from facenet_jax.eval import embed
 
     folder, prefix, _, folded_path, crops, expected = tf_files
     info = pretrained.import_weights(folded_path, tmp_path / "graph_run", source="facenet-tf")

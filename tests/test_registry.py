@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from facenet_jax import config as cfg
-from facenet_jax import data, evaluate, evaluators, explore, losses, models, optim
+from facenet_jax import data, explore, losses, models, optim
+from facenet_jax.eval import evaluators
 from facenet_jax.losses import mining
 from facenet_jax.registry import Registry
 from facenet_jax.state import build_model
@@ -79,8 +80,11 @@ def test_the_old_name_constants_are_the_registered_names_in_their_old_order():
                                                                   "sgd")
     assert optim.SCHEDULE_NAMES == optim.SCHEDULES.names() == ("cosine", "piecewise",
                                                                 "constant")
-    assert evaluators.BENCHMARK_EVALUATORS.names() == ("verification_sets", "ijb")
-    assert evaluate.BASELINES == evaluators.BASELINE_EVALUATORS.names() == ("pixels",)
+    assert evaluators.EVALUATORS.names() == ("finetune_baseline", "validation",
+                                             "verification_sets", "test", "run_split", "ijb",
+                                             "pixels", "load_and_eval")
+    assert evaluators.end_entries() == ("validation", "test")
+    assert evaluators.BASELINES == ("pixels",)
 
 
 # --- every dispatch reads its table ----------------------------------------------------------
@@ -181,34 +185,95 @@ def test_a_registered_optimizer_and_schedule_build_the_update():
         np.testing.assert_allclose(updates["w"], -0.25 * 2.0)  # -lr/2 · gradient
 
 
-def test_a_registered_benchmark_runs_from_its_flag(capsys):
+def test_a_registered_evaluator_runs_from_its_flag():
+    """The evaluate command's refusals come from the entries: a flag no selected entry reads,
+    an entry of another group, --output beside a second entry."""
     flags = types.SimpleNamespace(workdir="run", toy="DATA", verification_sets=None, ijb=None,
                                   data_root=None, pairs=None, output=None, baseline=None,
-                                  fold=None, threshold=None, flip=None, run_config=None)
-    assert evaluators.selected_benchmarks(flags) == []
+                                  fold=None, threshold=None, flip=None, names=None,
+                                  run_config=None)
+    assert [name for name, _ in evaluators.select_from_flags(flags)] == ["run_split"]
     calls = []
-    toy = evaluators.BenchmarkEvaluator(
-        flag="toy", writes="DIR/eval_toy.json",
-        run=lambda flags, flip: calls.append((flags.toy, flip)) or "toy summary")
-    with evaluators.BENCHMARK_EVALUATORS.temporary("toy", toy):
-        assert evaluators.selected_benchmarks(flags) == [toy]
-        evaluate._run_benchmarks(flags)
-        assert calls == [("DATA", True)] and capsys.readouterr().out == "toy summary\n"
-        flags.pairs = "pairs.txt"
-        with pytest.raises(ValueError, match="--pairs: not used with --verification_sets / "
-                                             "--ijb / --toy .*DIR/eval_toy.json"):
-            evaluate._run_benchmarks(flags)
-    # --output goes to the one benchmark that runs; with two it would name two files.
-    flags.pairs, flags.output = None, "x.json"
-    seen = evaluators.BenchmarkEvaluator(
-        flag="toy", writes="DIR/eval_toy.json",
-        run=lambda flags, flip: calls.append(flags.output) or "toy summary")
-    with evaluators.BENCHMARK_EVALUATORS.temporary("toy", seen):
-        evaluate._run_benchmarks(flags)
-        assert calls[-1] == "x.json"
+    toy = evaluators.Evaluator(
+        flag="toy", flags=("workdir", "output"), writes="DIR/eval_toy.json", group="benchmark",
+        run_flags=lambda flags: calls.append((flags.toy, flags.output)) or "toy summary")
+    with evaluators.EVALUATORS.temporary("toy", toy):
+        assert evaluators.select_from_flags(flags) == [("toy", toy)]
+        assert toy.run_flags(flags) == "toy summary" and calls == [("DATA", None)]
+        flags.pairs = "pairs.txt"  # the default mode's: refused, naming what --toy writes
+        with pytest.raises(ValueError, match=r"--pairs: not used with --toy \(it writes "
+                                             r"DIR/eval_toy.json\): run them as a separate"):
+            evaluators.select_from_flags(flags)
+        flags.pairs, flags.baseline = None, "pixels"  # entries of two groups: the first runs
+        with pytest.raises(ValueError, match="--toy: not used with --baseline pixels"):
+            evaluators.select_from_flags(flags)
+        flags.verification_sets = "SETS"
+        with pytest.raises(ValueError, match="--baseline: not used with --verification_sets / "
+                                             "--toy"):
+            evaluators.select_from_flags(flags)
+        flags.baseline, flags.verification_sets = None, None
+        # --output goes to the one entry that runs; with two it would name two files.
+        flags.baseline, flags.output = None, "x.json"
+        assert evaluators.select_from_flags(flags) == [("toy", toy)]
         flags.verification_sets = "SETS"
         with pytest.raises(ValueError, match="--output names one file, but 2 benchmarks run"):
-            evaluate._run_benchmarks(flags)
+            evaluators.select_from_flags(flags)
+        flags.output, flags.names = None, "lfw"  # read by --verification_sets: taken
+        assert [name for name, _ in evaluators.select_from_flags(flags)] == [
+            "verification_sets", "toy"]
+    flags.verification_sets, flags.names, flags.flip = None, None, True
+    with pytest.raises(ValueError, match="--flip: not used with --workdir DIR alone"):
+        evaluators.select_from_flags(flags)  # the default mode embeds as the run's eval.flip
+
+
+def test_an_evaluation_only_run_takes_only_what_the_end_of_training_runs(tmp_path):
+    with pytest.raises(ValueError, match="--evaluators finetune_baseline: not an evaluation "
+                                         "the end of training runs; choose from validation, "
+                                         "test"):
+        evaluators.load_and_eval(tmp_path / "never_read", ["test", "finetune_baseline"])
+    with pytest.raises(ValueError, match="holds no split.json"):
+        evaluators.load_and_eval(tmp_path, ["test"])
+
+
+def test_training_runs_the_entries_its_config_selects_by_phase(tmp_path):
+    """One loop: `prepare` keeps the entries the config selects (in registration order),
+    `run_phase` runs those of a phase; the validation entry logs what the pairs evaluation of
+    the validation split computes, the fine-tune baseline does so at step 0."""
+    from tiny import tiny_config
+
+    from facenet_jax.eval import evaluate, metrics
+
+    config = tiny_config()
+    splits = data.split_dataset(data.load_dataset(config.data), config.data)
+    ran = []
+    toy = evaluators.Evaluator(when=("every", "end"), prepare=lambda inputs: (
+        lambda context: ran.append((context.phase, context.step)) or {"toy": 1.0}))
+    with evaluators.EVALUATORS.temporary("toy", toy):
+        prepared = evaluators.prepare(config, splits)
+    assert [entry.name for entry in prepared] == ["validation", "test", "toy"]
+    rows = []
+    writer = types.SimpleNamespace(write=lambda step, values: rows.append((step, values)))
+    embed = lambda variables, images: evaluate.pixel_embeddings(images)  # noqa: E731
+    context = evaluators.EvalContext(step=4, variables=None, embed=embed, phase="start",
+                                     writer=writer, workdir=tmp_path, is_writer=False)
+    assert evaluators.run_phase(prepared, "start", context) == {} and not rows
+    results = evaluators.run_phase(prepared, "every", context)
+    assert list(results) == ["validation", "toy"] and ran == [("every", 4)]
+    expected = evaluate.evaluate_dataset(
+        embed, None, splits["validation"],
+        evaluate.generated_pairs(config, splits["validation"], "validation"),
+        **metrics.protocol_options(config.eval))
+    assert results["validation"] == expected
+    assert rows == [(4, evaluators.logged_numbers("eval", expected))]
+    assert all(key.startswith("eval/") for key in rows[0][1]) and "eval/accuracy" in rows[0][1]
+    with pytest.raises(ValueError, match="unknown evaluation phase 'later'"):
+        evaluators.run_phase(prepared, "later", context)
+    finetune = evaluators.prepare(tiny_config({"model.init_from": str(tmp_path)}), splits)
+    assert [entry.name for entry in finetune] == ["finetune_baseline", "validation", "test"]
+    rows.clear()
+    assert list(evaluators.run_phase(finetune, "start", dataclasses.replace(
+        context, step=0))) == ["finetune_baseline"]
+    assert rows == [(0, evaluators.logged_numbers("eval", expected))]
 
 
 def test_encoder_registration_checks_its_fields():

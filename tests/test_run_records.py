@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax import checkpoints, crossval, data, evaluate, finetune, parallel, runfiles
+from facenet_jax import checkpoints, data, finetune, parallel, runfiles
+from facenet_jax.eval import crossval, evaluate
 from facenet_jax import config as cfg
 from facenet_jax import sweep, train
-from facenet_jax.embed import load_encoder
+from facenet_jax.eval.embed import load_encoder
 from facenet_jax.logs import read_metrics
 from facenet_jax.state import build_model, build_optimizer, create_train_state
 

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from facenet_jax import evaluate, sweep
+from facenet_jax import sweep
+from facenet_jax.eval import evaluate
 from facenet_jax.config import changed_keys, load_config, pairs_seed, to_plain
 from facenet_jax.sweep import report, spec
 

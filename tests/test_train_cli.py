@@ -39,7 +39,7 @@ def _train(workdir, *overrides, check=True, env=None, timeout=240, kill_after_st
 
 
 def _params(workdir):
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
     from facenet_jax import parallel
     import jax
 
@@ -117,14 +117,41 @@ def test_evaluate_command_line_reproduces_the_runs_evaluation(straight_run, tmp_
 
 
 @pytest.mark.slow
+def test_evaluation_only_run_repeats_the_runs_final_evaluations(straight_run, tmp_path):
+    """`evaluate --evaluators all`: the entries the end of training runs, on the checkpoint,
+    write what training wrote (the same numbers, one test/... row at the step)."""
+    import shutil
+
+    workdir, _ = straight_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    for name in ("eval.json", "eval_validation.json"):
+        (copy / name).unlink()
+    result = _python_m("facenet_jax.evaluate", "--workdir", copy, "--evaluators", "all")
+    assert f"test ({copy / 'eval.json'})" in result.stdout
+    for name in ("eval.json", "eval_validation.json"):
+        again = json.loads((copy / name).read_text())
+        first = json.loads((workdir / name).read_text())
+        assert list(again) == list(first) and again["step"] == first["step"] == 8
+        for key in EVAL_KEYS:
+            assert again[key] == pytest.approx(first[key], abs=1e-6), (name, key)
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    test_rows = [row for row in rows if "test/accuracy" in row]
+    assert [row["step"] for row in test_rows] == [8]
+    assert test_rows[0]["test/accuracy"] == pytest.approx(
+        json.loads((workdir / "eval.json").read_text())["accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
     """--split train: the run's training people (split.json), their generated pairs, the
     run's encoder; the validation split's numbers equal the run's own eval_validation.json;
     a folder and a split together are refused."""
     import shutil
 
-    from facenet_jax import data, evaluate, metrics
-    from facenet_jax.embed import load_encoder
+    from facenet_jax import data
+    from facenet_jax.eval import evaluate, metrics
+    from facenet_jax.eval.embed import load_encoder
 
     workdir, _ = straight_run
     copy = tmp_path / "run"
@@ -159,7 +186,7 @@ def test_evaluate_split_scores_the_runs_own_people(straight_run, tmp_path):
 @pytest.mark.slow
 def test_embed_command_line_writes_what_the_api_computes(straight_run, tmp_path):
     from facenet_jax import data, parallel
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
 
     workdir, _ = straight_run
     folder = _faces_folder(tmp_path / "faces")
@@ -276,7 +303,7 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
 def test_evaluating_a_folder_never_replaces_another_evaluation(straight_run, tmp_path):
     """eval.json is the run's test-split result (sweeps read it): evaluating a folder into it
     is refused before anything loads; into its own file it works and may be repeated."""
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     workdir, _ = straight_run
     before = (workdir / "eval.json").read_text()
@@ -301,7 +328,7 @@ def test_evaluating_a_run_on_a_changed_split_is_refused(straight_run, tmp_path):
     the run's "test split" would include trained identities, so it stops and says why."""
     import shutil
 
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     workdir = tmp_path / "copy"
     shutil.copytree(straight_run[0], workdir)
@@ -318,7 +345,7 @@ def test_evaluating_a_run_on_a_changed_split_is_refused(straight_run, tmp_path):
 def test_evaluating_a_folder_caches_it_where_the_run_config_says(straight_run, tmp_path):
     import shutil
 
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     workdir = tmp_path / "copy"
     shutil.copytree(straight_run[0], workdir)
@@ -347,7 +374,7 @@ def test_run_outputs_validation_threshold_curves_and_test_results_in_tensorboard
 
 def test_encoder_distance_and_verify_use_the_runs_distance_and_threshold(straight_run):
     from facenet_jax import data, parallel
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
 
     workdir, _ = straight_run
     encoder = load_encoder(workdir, mesh=parallel.make_mesh(1))
@@ -368,8 +395,9 @@ def test_encoder_distance_and_verify_use_the_runs_distance_and_threshold(straigh
 
 def test_single_fold_pairs_and_one_fold_are_scored_at_a_threshold_from_elsewhere(
         straight_run, tmp_path):
-    from facenet_jax import data, evaluate, metrics, parallel
-    from facenet_jax.embed import load_encoder
+    from facenet_jax import data, parallel
+    from facenet_jax.eval import evaluate, metrics
+    from facenet_jax.eval.embed import load_encoder
 
     workdir, _ = straight_run
     folder = _faces_folder(tmp_path / "faces", identities=6, per_identity=3)
@@ -430,8 +458,8 @@ def test_evaluate_takes_davidsandbergs_protocol_as_evaluation_only_keys(straight
     other key is refused in one line."""
     from test_eval_protocol import sandberg_fold_accuracies
 
-    from facenet_jax import evaluate
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval import evaluate
+    from facenet_jax.eval.embed import load_encoder
 
     workdir, _ = straight_run
     output = tmp_path / "eval_sandberg.json"

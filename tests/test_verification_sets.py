@@ -11,8 +11,9 @@ import pickletools
 import numpy as np
 import pytest
 
-from facenet_jax import safe_pickle, verification_sets
-from facenet_jax.evaluate import pixel_embeddings
+from facenet_jax import safe_pickle
+from facenet_jax.eval import verification_sets
+from facenet_jax.eval.evaluate import pixel_embeddings
 
 from benchmark_fixtures import png, python2_pickle, synthetic_pairs
 
@@ -322,7 +323,7 @@ class _PixelEncoder:
 def pixel_run(photos_two_ways, tmp_path, monkeypatch):
     """An lfw.py-like run (raw photos, data.center_crop 0.5, no data.alignment), its encoder
     replaced by raw pixels; `loads` counts the encoder loads."""
-    import facenet_jax.embed
+    import facenet_jax.eval.embed
     from facenet_jax.config import load_config
 
     config = load_config(pathlib.Path(__file__).resolve().parents[1] / "experiments" /
@@ -334,7 +335,7 @@ def pixel_run(photos_two_ways, tmp_path, monkeypatch):
         loads.append(workdir)
         return _PixelEncoder(config)
 
-    monkeypatch.setattr(facenet_jax.embed, "load_encoder", load_encoder)
+    monkeypatch.setattr(facenet_jax.eval.embed, "load_encoder", load_encoder)
     (tmp_path / "run").mkdir()
     return tmp_path / "run", config, loads
 
@@ -357,7 +358,7 @@ def test_bin_images_are_preprocessed_exactly_as_the_folder_files(photos_two_ways
 
 def test_bin_scores_as_the_folder_with_its_pairs_and_records_alignment(photos_two_ways,
                                                                        pixel_run, caplog):
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
 
     workdir, _, _ = pixel_run
     folder_result = evaluate.evaluate_workdir(
@@ -407,7 +408,7 @@ def test_sets_output_is_refused_when_it_holds_another_folder(photos_two_ways, pi
     import shutil
     import types
 
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluators
 
     workdir, _, loads = pixel_run
     verification_sets.evaluate_workdir_sets(workdir, photos_two_ways / "sets", names="lfw")
@@ -428,13 +429,14 @@ def test_sets_output_is_refused_when_it_holds_another_folder(photos_two_ways, pi
         workdir=str(workdir), verification_sets=str(other), names="lfw", ijb=None,
         output=str(workdir / "eval_other.json"), data_root=None, pairs=None, baseline=None,
         fold=None, threshold=None, flip=False, run_config=None)
-    evaluate._run_benchmarks(flags)
+    for _, evaluator in evaluators.select_from_flags(flags):
+        evaluator.run_flags(flags)
     assert list(json.loads((workdir / "eval_other.json").read_text())) == ["lfw"]
     assert (workdir / "eval_other.md").exists()
     assert (workdir / verification_sets.OUTPUT_FILE).read_text() == before
     flags.ijb = str(tmp_path)
     with pytest.raises(ValueError, match="--output names one file"):
-        evaluate._run_benchmarks(flags)
+        evaluators.select_from_flags(flags)
 
 
 def test_training_sets_take_the_runs_crop_and_log_a_mismatch(py2_bin, caplog):
@@ -458,7 +460,7 @@ def test_a_raw_photo_run_on_a_box_aligned_folder_is_warned(photos_two_ways, pixe
     time without a word: the warning fired only for runs that set data.alignment."""
     import shutil
 
-    from facenet_jax import evaluate
+    from facenet_jax.eval import evaluate
     from facenet_jax.data.alignment import ALIGNMENT_RECORD
 
     workdir, _, _ = pixel_run

@@ -1,4 +1,4 @@
-"""The sweep's figures (matplotlib Figures as in facenet_jax.plots, no pyplot state).
+"""The sweep's figures (matplotlib Figures as in facenet_jax.eval.plots, no pyplot state).
 
 Both take the result rows of facenet_jax.sweep.report: `accuracy_figure` one row per cell
 (over seeds: mean, and std as error bars), `active_fraction_figure` one row per run.
@@ -14,7 +14,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from facenet_jax.plots import save_figure
+from facenet_jax.eval.plots import save_figure
 from facenet_jax.sweep.spec import CELL_REFERENCE_PREFIX
 
 _LEGEND_WIDTH = 2.0  # inches right of the panels for the figure legend

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
-from facenet_jax import reporting
+from facenet_jax.eval import reporting
 from facenet_jax.config import flatten, pairs_seed, to_plain
 from facenet_jax.logs import read_metrics
 from facenet_jax.runfiles import atomic_write_text, read_run_record
@@ -304,7 +304,7 @@ def pixel_baseline(config: ml_collections.ConfigDict, workdir: pathlib.Path
     cached = read_json(path)
     if cached is not None:
         return key, cached
-    from facenet_jax import evaluate  # local: pulls in the data pipeline and metrics
+    from facenet_jax.eval import evaluate  # local: pulls in the data pipeline and metrics
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         result = evaluate.evaluate_pixels(config, path)

@@ -13,7 +13,8 @@ import pathlib
 from absl import flags
 from ml_collections import config_flags
 
-from facenet_jax import cli, evaluate, runfiles
+from facenet_jax import cli, runfiles
+from facenet_jax.eval.evaluate import format_summary
 from facenet_jax.train.loop import train_and_evaluate
 
 
@@ -27,9 +28,9 @@ def main(argv: list[str]) -> None:
     validation = pathlib.Path(flags_.workdir) / runfiles.VALIDATION_EVAL_FILE
     if validation.exists():
         print(f"validation split ({validation}):\n"
-              f"{evaluate.format_summary(json.loads(validation.read_text()))}", flush=True)
+              f"{format_summary(json.loads(validation.read_text()))}", flush=True)
     print(f"test split ({pathlib.Path(flags_.workdir) / runfiles.EVAL_FILE}):\n"
-          f"{evaluate.format_summary(result)}", flush=True)
+          f"{format_summary(result)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ signals, terminal."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import pathlib
@@ -19,12 +18,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from facenet_jax import (checkpoints, data, evaluate, features_cache, finetune, objectives,
-                         parallel, plots, runfiles, verification_sets)
+from facenet_jax import (checkpoints, data, features_cache, finetune, objectives, parallel,
+                         runfiles)
 from facenet_jax.config import validate_config
-from facenet_jax.embed import make_embedder
-from facenet_jax.logs import MetricsWriter, drop_metric_rows, read_metrics, truncate_metrics
-from facenet_jax.metrics import protocol_options
+from facenet_jax.eval import evaluators, plots
+from facenet_jax.eval.embed import make_embedder
+from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
 from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
                                create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
@@ -209,11 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 @dataclasses.dataclass(frozen=True)
 class _Data:
-    """The run's splits, its evaluation pairs and sets, and its training sampler."""
+    """The run's splits, the evaluations its config selects, and its training sampler."""
 
     splits: Mapping[str, data.Dataset]
-    validation_pairs: Any  # None when the validation split has fewer than 2 identities
-    benchmark_sets: Any
+    evaluations: list[evaluators.Prepared]  # eval.evaluators.prepare: run by phase
     sampler: data.RowSampler
     workers: int  # input worker processes (0: a background thread)
 
@@ -222,8 +220,8 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                mesh: jax.sharding.Mesh, resuming: bool, moved_from: str | None) -> _Data:
     """Loads and splits the data; a resumed run must see the same people, with the same image
     counts (`moved_from`: the data.root it was recorded with, when this one is another). Every
-    check that needs the data (enough identities, a test split big enough for its pairs) runs
-    here, before compiling."""
+    check that needs the data (enough identities, a test split big enough for its pairs, the
+    .bin sets of eval.verification_sets) runs here, before compiling."""
     workers = data.worker_count(config.data) if data.pipeline_of(config.data) == "stream" else 0
     dataset = data.load_dataset(config.data)
     _check_enough_identities(dataset)
@@ -234,14 +232,8 @@ def _load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             logging.info("data.root %s: resuming a run trained on %s, which held the same "
                          "identities and image counts (config.json keeps %s)",
                          config.data.root, moved_from, moved_from)
-    evaluate.generated_pairs(config, splits["test"], "test")  # a too-small test split fails now
-    validation = splits["validation"]
     return _Data(
-        splits=splits,
-        validation_pairs=(evaluate.generated_pairs(config, validation, "validation")
-                          if validation.num_identities >= 2 else None),
-        benchmark_sets=verification_sets.configured_sets(config.eval, config.data.image_size,
-                                                         config.data),
+        splits=splits, evaluations=evaluators.prepare(config, splits),
         sampler=data.make_sampler(splits["train"], config, num_shards=mesh.size),
         workers=workers)
 
@@ -325,12 +317,18 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         num_steps=config.num_steps,
         last_checkpoint=start_step if restored is not None else None, is_writer=is_writer,
         replaced_images=lambda: run_data.sampler.replaced_images)
-    if config.model.init_from is not None and restored is None and config.num_steps:
-        _evaluate_baseline(config, embed, run_data, writer, state)
+
+    def evaluate_at(phase: str, step: int, state: Any) -> dict[str, Any]:
+        """The one evaluation path: the run's evaluator entries of `phase` after `step`."""
+        return evaluators.run_phase(run_data.evaluations, phase, evaluators.EvalContext(
+            step=step, variables=state.variables, embed=embed, phase=phase, writer=writer,
+            workdir=workdir, is_writer=is_writer))
+
+    if restored is None:  # a fresh run: e.g. model.init_from's encoder before any step
+        evaluate_at("start", 0, state)
 
     with _Preemption() as preemption:
-        actions = _periodic_actions(config, workdir, embed, run_data, writer, log, manager,
-                                    preemption)
+        actions = _periodic_actions(config, run_data, log, manager, preemption, evaluate_at)
         steps = range(start_step, config.num_steps)
         for step, (images, labels) in zip(steps, device_batches(
                 run_data.sampler, mesh, steps, config.data.prefetch, run_data.workers)):
@@ -357,72 +355,40 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         # so the run folder is evaluated (crossval, evaluate --workdir) like any other.
         checkpoints.save(manager, 0, state)
     try:
-        return _final_evaluations(config, workdir, embed, state.variables, run_data.splits,
-                                  writer, is_writer)
+        results = evaluate_at("end", config.num_steps, state)
+        if is_writer and config.num_steps:  # num_steps=0 trained nothing: no curve to draw
+            plots.plot_training_curves(read_metrics(workdir),
+                                       workdir / runfiles.TRAINING_CURVES_FILE)
+        return results["test"]
     finally:
         writer.close()
 
 
-def _periodic_actions(config: ml_collections.ConfigDict, workdir: pathlib.Path, embed: Any,
-                      run_data: _Data, writer: MetricsWriter, log: _TrainingLog,
-                      manager: Any, preemption: _Preemption) -> list[PeriodicAction]:
-    """In order: the training log line, the validation split, the benchmark .bin sets, the
-    checkpoint (also on SIGTERM)."""
+def _periodic_actions(config: ml_collections.ConfigDict, run_data: _Data, log: _TrainingLog,
+                      manager: Any, preemption: _Preemption,
+                      evaluate_at: Callable[[str, int, Any], Any]) -> list[PeriodicAction]:
+    """In order: the training log line, the evaluator entries of phase "every" (the
+    validation split, the .bin sets) each eval_every steps, the checkpoint (also on SIGTERM)."""
     num_steps = config.num_steps
 
-    def evaluate_validation(done: int, state: Any) -> None:
-        _evaluate_validation(config, embed, run_data, writer, done, state)
+    def evaluate_every(done: int, state: Any) -> None:
+        evaluate_at("every", done, state)
         log.restart()  # images/s measures training alone
 
-    def evaluate_sets(done: int, state: Any) -> None:
-        writer.write(done, verification_sets.training_metrics(
-            functools.partial(embed, state.variables), run_data.benchmark_sets,
-            **protocol_options(config.eval)))
-        log.restart()
-
     def save(done: int, state: Any) -> None:
-        writer.flush()  # TensorBoard up to date with the checkpoint, as metrics.jsonl is
+        log.writer.flush()  # TensorBoard up to date with the checkpoint, as metrics.jsonl is
         checkpoints.save(manager, done, state)
         log.restart()
         log.last_checkpoint = done
 
     actions = [PeriodicAction(lambda d: d % config.log_every == 0 or d == num_steps,
                               lambda d, s: None)]  # the flush before each action logs
-    if run_data.validation_pairs is not None:
-        actions.append(PeriodicAction(lambda d: d % config.eval_every == 0,
-                                      evaluate_validation))
-    if run_data.benchmark_sets:
-        actions.append(PeriodicAction(lambda d: d % config.eval_every == 0, evaluate_sets))
+    if evaluators.due_every(run_data.evaluations):
+        actions.append(PeriodicAction(lambda d: d % config.eval_every == 0, evaluate_every))
     actions.append(PeriodicAction(
         lambda d: d % config.checkpoint_every == 0 or d == num_steps or preemption.requested,
         save))
     return actions
-
-
-def _evaluate_validation(config: ml_collections.ConfigDict, embed: Any, run_data: _Data,
-                         writer: MetricsWriter, step: int, state: Any, *,
-                         label: str = "validation split") -> None:
-    """The validation split's verification, logged as eval/... at `step` and shown as a line
-    starting with `label`."""
-    result = evaluate.evaluate_dataset(embed, state.variables, run_data.splits["validation"],
-                                       run_data.validation_pairs,
-                                       **protocol_options(config.eval))
-    writer.write(step, _logged_numbers("eval", result))
-    logging.info("%s at step %d: accuracy %.4f ± %.4f, AUC %.4f (%d pairs)", label, step,
-                 result["accuracy"], result["accuracy_std"], result["auc"], result["num_pairs"])
-
-
-def _evaluate_baseline(config: ml_collections.ConfigDict, embed: Any, run_data: _Data,
-                       writer: MetricsWriter, state: Any) -> None:
-    """A fine-tune's baseline: model.init_from's encoder, before any step, on the validation
-    split (eval/... at step 0), so the fine-tune's gain can be read off its log."""
-    if run_data.validation_pairs is None:
-        logging.info("fine-tune baseline: no validation split (data.split.validation) to score "
-                     "model.init_from=%s on at step 0", config.model.init_from)
-        return
-    _evaluate_validation(config, embed, run_data, writer, 0, state,
-                         label=f"fine-tune baseline (model.init_from={config.model.init_from}) "
-                               "on the validation split")
 
 
 def _moved_root(resumed: Mapping[str, Any] | None,
@@ -456,35 +422,3 @@ def _init_from_record(config: ml_collections.ConfigDict,
     if config.model.init_from is None:
         return None
     return finetune.init_source(config.model.init_from)
-
-
-def _logged_numbers(prefix: str, result: Mapping[str, Any]) -> dict[str, float]:
-    """An evaluation's numbers as training-log keys PREFIX/KEY (lists, strings and the
-    val@far=T_resolved flags left out): the step-0, periodic and final evaluations share it."""
-    return {f"{prefix}/{k}": v for k, v in result.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _final_evaluations(config: ml_collections.ConfigDict, workdir: pathlib.Path, embed: Any,
-                       variables: Any, splits: Mapping[str, data.Dataset],
-                       writer: MetricsWriter, is_writer: bool) -> dict[str, Any]:
-    """After the last step: the validation split (when it has 2 identities) →
-    eval_validation.json, whose threshold is the run's (evaluate.run_threshold); the test split
-    → eval.json; both with figures. The test metrics and figures also go to TensorBoard
-    (test/...), and the training curves to DIR/training_curves.png. Returns the test result."""
-    step = config.num_steps
-    if splits["validation"].num_identities >= 2:
-        evaluate.evaluate_run_test_split(config, workdir, embed, variables,
-                                         splits["validation"], step=step, write=is_writer,
-                                         split="validation")
-    result = evaluate.evaluate_run_test_split(config, workdir, embed, variables, splits["test"],
-                                              step=step, write=is_writer)
-    if is_writer:
-        drop_metric_rows(workdir, step, "test")
-        writer.write(step, _logged_numbers("test", result))
-        writer.write_images(step, {f"test/{name}": path
-                                   for name, path in result["figures"].items()})
-        if step:  # num_steps=0 trained nothing: no curve to draw
-            plots.plot_training_curves(read_metrics(workdir),
-                                       workdir / runfiles.TRAINING_CURVES_FILE)
-    return result

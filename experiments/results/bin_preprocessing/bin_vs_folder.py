@@ -8,8 +8,9 @@ import tempfile
 
 import numpy as np
 
-from facenet_jax import data, metrics, verification_sets
-from facenet_jax.evaluate import pixel_embeddings
+from facenet_jax import data
+from facenet_jax.eval import metrics, verification_sets
+from facenet_jax.eval.evaluate import pixel_embeddings
 
 root = pathlib.Path(sys.argv[1])
 pairs_file = pathlib.Path(sys.argv[2])

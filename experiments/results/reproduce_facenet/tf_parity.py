@@ -19,7 +19,7 @@ def main(aligned: str, run: str, graph_path: str) -> None:
     import tensorflow as tf
 
     from facenet_jax import data
-    from facenet_jax.embed import load_encoder
+    from facenet_jax.eval.embed import load_encoder
 
     encoder = load_encoder(run, flip=False)
     faces = data.load_folder_as_configured(aligned, encoder.config.data,

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from facenet_jax import metrics, reporting, runfiles
-from facenet_jax.evaluators import BENCHMARK_EVALUATORS, BenchmarkEvaluator
-from facenet_jax.config import json_safe, overrides_from_texts, provenance, to_plain
+from facenet_jax import runfiles
+from facenet_jax.config import json_safe, provenance, to_plain
 from facenet_jax.data.alignment import crops_mismatch, run_alignment
 from facenet_jax.data.folder import resize_array
 from facenet_jax.data.pairs import Pairs
+from facenet_jax.eval import metrics, reporting
 from facenet_jax.safe_pickle import load_data_pickle
 
 SET_NAMES = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")  # the column order papers use
@@ -311,7 +311,7 @@ def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Pat
     table beside it. An output holding other sets is refused (`check_output`). flip None: the
     run's eval.flip; eval_overrides: as `evaluate --workdir --config.eval.KEY=V`
     (config.apply_evaluation_overrides)."""
-    from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
+    from facenet_jax.eval.embed import load_encoder  # local: jax only where a model is loaded
 
     paths = find_sets(folder, parse_names(names))  # before loading the model: fail fast
     output = output_path(workdir, output)
@@ -335,17 +335,3 @@ def evaluate_workdir_sets(workdir: str | pathlib.Path, folder: str | pathlib.Pat
                      result["accuracy_std"], result["num_pairs"])
     write_results(results, output)
     return results
-
-
-def _run_from_flags(flags: Any, flip: bool) -> str:
-    """`python -m facenet_jax.evaluate --workdir DIR --verification_sets FOLDER [--names]
-    [--output FILE]`."""
-    output = output_path(flags.workdir, flags.output)
-    results = evaluate_workdir_sets(flags.workdir, flags.verification_sets, names=flags.names,
-                                    flip=flip, output=output,
-                                    eval_overrides=overrides_from_texts(flags.run_config))
-    return f"{markdown_table(results)}\nwrote {output}"
-
-
-BENCHMARK_EVALUATORS.add("verification_sets", BenchmarkEvaluator(
-    flag="verification_sets", writes=f"--output or DIR/{OUTPUT_FILE}", run=_run_from_flags))

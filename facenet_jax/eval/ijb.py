@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facenet_jax import metrics, plots, runfiles
-from facenet_jax.evaluators import BENCHMARK_EVALUATORS, BenchmarkEvaluator
+from facenet_jax import runfiles
 from facenet_jax.config import json_safe, provenance
 from facenet_jax.data.alignment import align_by_landmarks
 from facenet_jax.data.folder import resize_array
+from facenet_jax.eval import metrics, plots
 
 IJB_NAMES = ("IJBB", "IJBC")
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -330,7 +330,7 @@ def evaluate_workdir_ijb(workdir: str | pathlib.Path, root: str | pathlib.Path, 
                          flip: bool = True, use_detector_score: bool = True,
                          output: pathlib.Path | None = None) -> dict[str, Any]:
     """The CLI's work: DIR's latest checkpoint on ROOT → DIR/eval_<name>.json + _roc.png."""
-    from facenet_jax.embed import load_encoder  # local: jax only where a model is loaded
+    from facenet_jax.eval.embed import load_encoder  # local: jax only where a model is loaded
 
     meta = read_meta(root, name)  # a bad layout or meta file fails before the model loads
     # Template features assume unit embeddings: the flip sum, whatever the run's eval.flip_mode.
@@ -347,18 +347,3 @@ def evaluate_workdir_ijb(workdir: str | pathlib.Path, root: str | pathlib.Path, 
 def output_path(workdir: str | pathlib.Path, name: str) -> pathlib.Path:
     """DIR/eval_ijbc.json (or eval_ijbb.json)."""
     return pathlib.Path(workdir) / f"eval_{name.lower()}.json"
-
-
-def _run_from_flags(flags: Any, flip: bool) -> str:
-    """`python -m facenet_jax.evaluate --workdir DIR --ijb ROOT --ijb_name IJBB|IJBC
-    [--output FILE]`."""
-    output = pathlib.Path(flags.output) if flags.output else output_path(flags.workdir,
-                                                                         flags.ijb_name)
-    result = evaluate_workdir_ijb(flags.workdir, flags.ijb, flags.ijb_name, flip=flip,
-                                  use_detector_score=flags.ijb_detector_score, output=output)
-    return f"{format_ijb_summary(result)}\nwrote {output}"
-
-
-BENCHMARK_EVALUATORS.add("ijb", BenchmarkEvaluator(flag="ijb",
-                                                   writes="--output or DIR/eval_<ijb>.json",
-                                                   run=_run_from_flags))

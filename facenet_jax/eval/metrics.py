@@ -56,6 +56,8 @@ from facenet_jax.losses.distances import DISTANCES, TINY_SQUARED_NORM
 # arccos(cos)/π in [0, 1] (davidsandberg's --distance_metric 1), which no loss uses.
 EVAL_DISTANCES = DISTANCES + ("angular",)
 THRESHOLD_SEARCHES = ("exact", "grid")
+# How a mirror image's embedding joins the image's (eval.flip_mode; embed.make_embedder).
+FLIP_MODES = ("sum", "concat")
 # davidsandberg's accuracy-threshold grid (src/lfw.py `evaluate`): a pair is accepted iff d < t.
 GRID_THRESHOLDS = np.arange(0, 4, 0.01)
 # Norms below this count as zero in l2_normalize_rows: a zero row stays zero.
