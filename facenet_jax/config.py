@@ -4,7 +4,7 @@ Configs are Python files whose `get_config()` returns an `ml_collections.ConfigD
 (`experiments/default.py` holds every key). On the command line they are given as
 `--config FILE --config.KEY=VALUE ...` (ml_collections' config flags).
 
-Nothing here knows what a key means: each component validates its own sub-config
+No key's value is checked here: each component validates its own sub-config
 (`models.validate_model_config`, `data.validate_data_config`, ...) and
 `facenet_jax.train.validate.validate_run_config` runs them all, with the checks that span
 components, before a run touches its folder. This module imports no other facenet_jax module.
