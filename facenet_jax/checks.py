@@ -1,6 +1,6 @@
 """One-line errors for config values, shared by the validators each component keeps for its own
 sub-config (`models.validate_model_config`, `data.validate_data_config`,
-`embed.validate_eval_config`, ...; `train.validate.validate_run_config` runs them all). Pure:
+`metrics.validate_eval_config`, ...; `train.validate.validate_run_config` runs them all). Pure:
 imports no other facenet_jax module."""
 
 from __future__ import annotations

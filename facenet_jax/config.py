@@ -157,7 +157,7 @@ def apply_evaluation_overrides(config: ml_collections.ConfigDict,
     """A run's recorded config with evaluation-only keys changed: {"eval.flip": "True", ...}
     (the text of `--config.eval.KEY=V`, read as the key's type) → a copy. Any other key is
     refused in one line: it is the trained run's and only retraining changes it. The values'
-    meaning is the evaluation's to check (`embed.validate_eval_config`, which `load_encoder`
+    meaning is the evaluation's to check (`metrics.validate_eval_config`, which `load_encoder`
     runs on the copy)."""
     refused = [key for key in overrides if key not in EVALUATION_ONLY_KEYS]
     if refused:

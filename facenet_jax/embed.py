@@ -30,29 +30,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from facenet_jax import checkpoints, metrics, parallel
-from facenet_jax.checks import check_one_of, check_positive_int
+from facenet_jax import checkpoints, parallel
 from facenet_jax.cli import cli_logging
 from facenet_jax.config import apply_evaluation_overrides
+from facenet_jax.metrics import FLIP_MODES, validate_eval_config
 from facenet_jax.runfiles import atomic_write_with, load_run_config
 from facenet_jax.state import build_model
 
-FLIP_MODES = ("sum", "concat")
 Embedder = Callable[[Any, np.ndarray], np.ndarray]
-
-
-def validate_eval_config(eval_config: ml_collections.ConfigDict) -> None:
-    """The evaluation protocol's keys: eval.batch_size (>= 1; its fit to the devices is the
-    trainer's check), eval.distance (metrics.EVAL_DISTANCES), eval.flip and eval.subtract_mean
-    (booleans), eval.flip_mode (FLIP_MODES), eval.threshold_search
-    (metrics.THRESHOLD_SEARCHES)."""
-    check_positive_int(eval_config.batch_size, "eval.batch_size")
-    metrics.check_eval_distance(eval_config.distance, "eval.distance")
-    metrics.check_threshold_search(eval_config.threshold_search, "eval.threshold_search")
-    check_one_of(eval_config.flip_mode, FLIP_MODES, "eval.flip_mode")
-    for key in ("flip", "subtract_mean"):
-        if not isinstance(eval_config[key], bool):
-            raise ValueError(f"eval.{key} must be True or False, got {eval_config[key]!r}")
 
 
 def make_embedder(model: Any, mesh: jax.sharding.Mesh, *, batch_size: int, flip: bool = False,
@@ -160,6 +145,8 @@ class Encoder:
         if len(a) != len(b):
             raise ValueError(f"a and b must hold as many images or embeddings, got {len(a)} "
                              f"and {len(b)}")
+        from facenet_jax import metrics
+
         index = np.arange(len(a))
         return metrics.pair_distances(np.concatenate([a, b]), index, index + len(a),
                                       self.config.eval.distance)
@@ -211,8 +198,8 @@ def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
 
     The encoder embeds as the run's config.eval says (flip, flip_mode, batch_size), with
     `eval_overrides` ({"eval.flip_mode": "concat"}: config.apply_evaluation_overrides, then
-    validate_eval_config, before anything is restored) applied to its config; flip, when
-    given, wins over both.
+    metrics.validate_eval_config, before anything is restored) applied to its config; flip,
+    when given, wins over both.
     """
     config = load_run_config(workdir)
     if eval_overrides:

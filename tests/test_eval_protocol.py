@@ -12,7 +12,7 @@ from sklearn.model_selection import KFold
 
 from facenet_jax import config as config_lib
 from facenet_jax import data, evaluate, metrics
-from facenet_jax.embed import validate_eval_config
+from facenet_jax.metrics import validate_eval_config
 from facenet_jax.train.validate import validate_run_config
 
 # ----------------------------------------------------------------------------------------------

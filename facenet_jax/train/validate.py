@@ -1,7 +1,7 @@
 """A run's config checked before its folder is touched, any data is read or anything compiles.
 
 Each component validates its own sub-config (`data.validate_data_config`,
-`models.validate_model_config`, `embed.validate_eval_config`, `losses.validate_loss_args`,
+`models.validate_model_config`, `metrics.validate_eval_config`, `losses.validate_loss_args`,
 `objectives.validate_objective_config`, `optim.validate_optimizer_config`,
 `features_cache.validate_cached_features`, `losses.memory.validate_memory_config`); this module
 runs them all and owns what spans components: the run's schedule, the loss's warm-up against
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from facenet_jax import data, embed, features_cache, losses, models, objectives, optim
+from facenet_jax import data, features_cache, losses, metrics, models, objectives, optim
 from facenet_jax.checks import check_one_of, check_positive_int
 from facenet_jax.config import SCHEDULE_KEYS, get_dotted
 from facenet_jax.losses import memory
@@ -31,7 +31,7 @@ def validate_run_config(config: ml_collections.ConfigDict, *, num_devices: int) 
     validate_schedule(config)
     for key in UNIFORM_BATCH_KEYS if uniform else ():
         check_positive_int(get_dotted(config, key), key)
-    embed.validate_eval_config(config.eval)
+    metrics.validate_eval_config(config.eval)
     models.validate_model_config(config.model)
     losses.validate_loss_args(
         margin=config.loss.margin, strategy=config.loss.strategy,
