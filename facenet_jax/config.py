@@ -1,8 +1,13 @@
-"""Experiment configs: loading with overrides, validation before anything compiles, provenance.
+"""Experiment configs: loading with overrides, comparing and recording them (provenance).
 
 Configs are Python files whose `get_config()` returns an `ml_collections.ConfigDict`
 (`experiments/default.py` holds every key). On the command line they are given as
 `--config FILE --config.KEY=VALUE ...` (ml_collections' config flags).
+
+No key's value is checked here: each component validates its own sub-config
+(`models.validate_model_config`, `data.validate_data_config`, ...) and
+`facenet_jax.train.validate.validate_run_config` runs them all, with the checks that span
+components, before a run touches its folder. This module imports no other facenet_jax module.
 """
 
 from __future__ import annotations
@@ -34,18 +39,7 @@ EVALUATION_ONLY_KEYS = ("eval.flip", "eval.batch_size", "eval.distance", "eval.f
 INPUT_ONLY_KEYS = ("data.workers",)
 # Keys a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_KEYS = SCHEDULE_KEYS + EVALUATION_ONLY_KEYS + INPUT_ONLY_KEYS
-# Counts and sizes that are meaningless below 1 (a 0 would fail only deep inside a run).
-POSITIVE_INT_KEYS = SCHEDULE_KEYS + ("data.prefetch", "data.pairs.num_folds",
-                                      "data.pairs.pairs_per_fold", "eval.batch_size",
-                                      "model.embedding_dim")
-# The uniform sampler reads P×K only as its batch size: each factor just has to be >= 1.
-UNIFORM_BATCH_KEYS = ("batch.identities", "batch.images_per_identity")
 PAIRS_SEED_KEY = "data.pairs.seed"
-# Only this fold (1-based, as LFW numbers them) of data.split.exclude_pairs_file is excluded:
-# cross-validation over the folds (facenet_jax.crossval); None: all its folds.
-EXCLUDE_FOLD_KEY = "data.split.exclude_pairs_fold"
-MINING_SCOPES = ("global", "local")
-DTYPES = ("float32", "bfloat16")
 _PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
                         "numpy", "facenet_jax")
 
@@ -157,87 +151,13 @@ def _effective_values(flat: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-    """Checks everything that can be checked before data loading or compilation.
-
-    Raises ValueError naming the key and the fix. Dataset-dependent checks (P not above the
-    number of trainable identities) happen when the data is loaded, still before compiling.
-    """
-    from facenet_jax import (data, features_cache, losses, models, objectives,
-                             optim)  # local: import-light
-    from facenet_jax.losses import memory
-
-    data.validate_sampler(config.data.sampler)
-    uniform = config.data.sampler == "uniform"
-    for key in POSITIVE_INT_KEYS + (UNIFORM_BATCH_KEYS if uniform else ()):
-        value = get_dotted(config, key)
-        if key == "num_steps" and value == 0 and config.model.init_from is not None:
-            continue  # the imported encoder evaluated as it is (e.g. crossval's step-0 row)
-        if key == "num_steps" and value == 0:
-            raise ValueError("config.num_steps=0 trains nothing: it evaluates an encoder as "
-                             "it is, so it needs --config.model.init_from=DIR (or pass "
-                             "--config.num_steps=N with N >= 1)")
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.{key} must be a positive integer, got {value!r}; pass "
-                             f"--config.{key}=N with N >= 1")
-    losses.validate_loss_args(
-        margin=config.loss.margin, strategy=config.loss.strategy,
-        distance=config.loss.distance, soft=config.loss.soft,
-        strategy_options=dict(config.loss.options))
-    validate_warmup(config.loss, config.num_steps)
-    objectives.validate_objective_config(config.loss)
-    models.config_kwargs(config.model)  # model.name and its block config.model.<name>
-    if config.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
-    if config.model.input_norm not in models.INPUT_NORMS:
-        raise ValueError(f"model.input_norm must be one of {models.INPUT_NORMS}, got "
-                         f"{config.model.input_norm!r}")
-    with_bn_scale = [name for name in models.ENCODERS.names()
-                     if "bn_scale" in models.ENCODERS.get(name).top_level]
-    if config.model.bn_scale and config.model.name not in with_bn_scale:
-        raise ValueError(f"model.bn_scale=True is an option of {', '.join(with_bn_scale)} only "
-                         f"(model.name is {config.model.name!r}); leave it False")
-    optim.validate_optimizer_config(config.optimizer, config.num_steps)
-    features_cache.validate_cached_features(config)
-    validate_exclude_fold(config.data.split)
-    if config.parallel.mining not in MINING_SCOPES:
-        raise ValueError(f"parallel.mining must be one of {MINING_SCOPES}, "
-                         f"got {config.parallel.mining!r}")
-    validate_eval_config(config.eval)
-    if uniform:
-        validate_uniform_batch(config.batch.identities * config.batch.images_per_identity,
-                               num_devices)
-    else:
-        validate_batch_layout(config.batch.identities, config.batch.images_per_identity,
-                              num_devices)
-    memory.validate_memory_config(config.loss.memory,
-                                  config.batch.identities * config.batch.images_per_identity)
-    if config.eval.batch_size % num_devices:
-        raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-                         f"{num_devices} devices; use a multiple of {num_devices}")
-
-
-def validate_eval_config(eval_config: ml_collections.ConfigDict) -> None:
-    """The evaluation protocol's keys: eval.distance (metrics.EVAL_DISTANCES), eval.flip and
-    eval.subtract_mean (booleans), eval.flip_mode (metrics.FLIP_MODES), eval.threshold_search
-    (metrics.THRESHOLD_SEARCHES)."""
-    from facenet_jax.eval import metrics  # local: import-light
-
-    metrics.check_eval_distance(eval_config.distance, "eval.distance")
-    metrics.check_threshold_search(eval_config.threshold_search, "eval.threshold_search")
-    if eval_config.flip_mode not in metrics.FLIP_MODES:
-        raise ValueError(f"eval.flip_mode must be one of {metrics.FLIP_MODES}, got "
-                         f"{eval_config.flip_mode!r}")
-    for key in ("flip", "subtract_mean"):
-        if not isinstance(eval_config[key], bool):
-            raise ValueError(f"eval.{key} must be True or False, got {eval_config[key]!r}")
-
-
 def apply_evaluation_overrides(config: ml_collections.ConfigDict,
                                overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
     """A run's recorded config with evaluation-only keys changed: {"eval.flip": "True", ...}
-    (the text of `--config.eval.KEY=V`, read as the key's type) → a validated copy. Any other
-    key is refused in one line: it is the trained run's and only retraining changes it."""
+    (the text of `--config.eval.KEY=V`, read as the key's type) → a copy. Any other key is
+    refused in one line: it is the trained run's and only retraining changes it. The values'
+    meaning is the evaluation's to check (`metrics.validate_eval_config`, which `load_encoder`
+    runs on the copy)."""
     refused = [key for key in overrides if key not in EVALUATION_ONLY_KEYS]
     if refused:
         raise ValueError(f"--config.{refused[0]}: an evaluation may change only the "
@@ -246,7 +166,6 @@ def apply_evaluation_overrides(config: ml_collections.ConfigDict,
     config = ml_collections.ConfigDict(to_plain(config))
     for key, text in overrides.items():
         set_dotted(config, key, _typed_like(get_dotted(config, key), text, key))
-    validate_eval_config(config.eval)
     return config
 
 
@@ -266,74 +185,6 @@ def _typed_like(current: Any, text: str, key: str) -> Any:
         return type(current)(text) if isinstance(current, (int, float)) else text
     except ValueError:
         raise ValueError(f"--config.{key}={text}: give a {type(current).__name__}") from None
-
-
-def validate_exclude_fold(split_config: ml_collections.ConfigDict) -> None:
-    """data.split.exclude_pairs_fold: None, or an integer >= 1 with an exclude_pairs_file (its
-    upper bound, the file's fold count, is checked where the file is read)."""
-    fold = split_config.exclude_pairs_fold
-    if fold is None:
-        return
-    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
-        raise ValueError(f"data.split.exclude_pairs_fold must be a fold number >= 1 (1-based, "
-                         f"as LFW numbers its folds) or unset, got {fold!r}")
-    if split_config.exclude_pairs_file is None:
-        raise ValueError(f"data.split.exclude_pairs_fold={fold} selects a fold of "
-                         "data.split.exclude_pairs_file, which is unset; set both (or run "
-                         "python -m facenet_jax.crossval, which sets them per fold)")
-
-
-def validate_warmup(loss_config: ml_collections.ConfigDict, num_steps: int) -> None:
-    """loss.warmup_steps: an int in [0, num_steps]; > 0 needs a known loss.warmup_strategy."""
-    from facenet_jax import losses
-
-    steps = loss_config.warmup_steps
-    strategy = loss_config.warmup_strategy
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_steps:
-        raise ValueError(f"loss.warmup_steps must be an integer in [0, num_steps={num_steps}], "
-                         f"got {steps!r}")
-    if steps and strategy not in losses.MINING_STRATEGIES:
-        raise ValueError(f"loss.warmup_steps={steps} needs loss.warmup_strategy, one of "
-                         f"{', '.join(losses.MINING_STRATEGIES.names())}; got {strategy!r}")
-    if strategy is not None and not steps:
-        raise ValueError(f"loss.warmup_strategy={strategy!r} has no effect with "
-                         "loss.warmup_steps=0; set --config.loss.warmup_steps=N")
-
-
-def validate_batch_layout(identities: int, images_per_identity: int, num_devices: int) -> None:
-    """P ≥ 2, K ≥ 2 and whole identities per device (P divisible by the device count)."""
-    if identities < 2:
-        raise ValueError(f"batch.identities (P) = {identities}: a batch needs at least 2 "
-                         "identities to have negatives; set --config.batch.identities >= 2")
-    if images_per_identity < 2:
-        raise ValueError(f"batch.images_per_identity (K) = {images_per_identity}: with K < 2 "
-                         "no anchor has a positive; set --config.batch.images_per_identity >= 2")
-    if identities % num_devices:
-        lower = _multiple_below(identities, num_devices)
-        raise ValueError(
-            f"batch.identities (P) = {identities} is not divisible by the {num_devices} "
-            f"devices; each device must hold whole identities: use P = {lower} or "
-            f"{lower + num_devices}")
-
-
-def validate_uniform_batch(batch_size: int, num_devices: int) -> None:
-    """The uniform sampler's batch (P×K, only a size there): >= 1 and split evenly over the
-    devices. No K >= 2 rule: its batches carry no identity structure anyway."""
-    if batch_size < 1:
-        raise ValueError(f"the uniform sampler's batch size batch.identities × "
-                         f"batch.images_per_identity = {batch_size} must be >= 1")
-    if batch_size % num_devices:
-        lower = _multiple_below(batch_size, num_devices)
-        raise ValueError(
-            f"the uniform sampler's batch size batch.identities × batch.images_per_identity "
-            f"= {batch_size} is not divisible by the {num_devices} devices; make the product "
-            f"{lower} or {lower + num_devices} (e.g. --config.batch.images_per_identity=1 "
-            f"--config.batch.identities={lower})")
-
-
-def _multiple_below(value: int, divisor: int) -> int:
-    """The largest positive multiple of divisor not above value (divisor itself if none)."""
-    return max(divisor, value // divisor * divisor)
 
 
 def provenance() -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax import pretrained
+from facenet_jax import pretrained_common
 
 TF_HINT = ("reading davidsandberg's TensorFlow files needs TensorFlow, an optional extra: "
            "pip install 'facenet_jax[pretrained-tf]'")
@@ -62,7 +62,7 @@ _BLOCK8 = ("Branch_0/Conv2d_1x1", "Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_
            "Branch_1/Conv2d_0c_3x1")
 # davidsandberg's names, full model (slim.repeat numbers blocks from 1 in Repeat, Repeat_1,
 # Repeat_2); `convert_facenet_tf` replaces `repeat` with the scopes found in the file.
-FACENET_TF_NAMES = pretrained.LayerNames(
+FACENET_TF_NAMES = pretrained_common.LayerNames(
     stem=tuple(f"{SCOPE}/{name}" for name in (
         "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
         "Conv2d_4b_3x3")),
@@ -268,7 +268,7 @@ def convert_facenet_tf(arrays: Mapping[str, Any], *,
     names = dataclasses.replace(FACENET_TF_NAMES, repeat=lambda stage, i: scopes[stage][i])
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
-    reader = pretrained.ArrayReader(arrays)
+    reader = pretrained_common.ArrayReader(arrays)
     take = reader.take
 
     def unfolded_bn(scope: str, path: str) -> None:
@@ -276,25 +276,27 @@ def convert_facenet_tf(arrays: Mapping[str, Any], *,
                                   ("moving_variance", stats, "var")):
             value = take(f"{scope}/{field}", 1)
             if value is not None:
-                pretrained.set_path(tree, f"{path}/{name}", value)
+                pretrained_common.set_path(tree, f"{path}/{name}", value)
 
     def identity_bn(conv: str, path: str) -> None:
         offset = take(f"{conv}/Conv2D_bn_offset", 1)
         if offset is not None:
-            pretrained.set_path(params, f"{path}/bias", offset)
-            pretrained.set_path(stats, f"{path}/mean", np.zeros_like(offset))
-            pretrained.set_path(stats, f"{path}/var", np.full_like(offset, IDENTITY_VARIANCE))
+            pretrained_common.set_path(params, f"{path}/bias", offset)
+            pretrained_common.set_path(stats, f"{path}/mean", np.zeros_like(offset))
+            pretrained_common.set_path(stats, f"{path}/var",
+                                       np.full_like(offset, IDENTITY_VARIANCE))
 
-    for name, kind, path in pretrained.layer_names(*repeats, names):
+    for name, kind, path in pretrained_common.layer_names(*repeats, names):
         if kind in ("conv_bn", "conv"):
             weight = take(f"{name}/weights", 4)
             if weight is not None:
-                pretrained.set_path(params, f"{path}/Conv_0/kernel" if kind == "conv_bn"
-                                else f"{path}/kernel", weight)
+                pretrained_common.set_path(
+                    params, f"{path}/Conv_0/kernel" if kind == "conv_bn" else f"{path}/kernel",
+                    weight)
             if kind == "conv":
                 bias = take(f"{name}/biases", 1)
                 if bias is not None:
-                    pretrained.set_path(params, f"{path}/bias", bias)
+                    pretrained_common.set_path(params, f"{path}/bias", bias)
             elif layout == "folded":
                 identity_bn(name, f"{path}/BatchNorm_0")
             else:
@@ -302,7 +304,7 @@ def convert_facenet_tf(arrays: Mapping[str, Any], *,
         elif kind == "dense":
             weight = take(f"{name}/weights", 2)
             if weight is not None:
-                pretrained.set_path(params, f"{path}/kernel", weight)
+                pretrained_common.set_path(params, f"{path}/kernel", weight)
         else:
             unfolded_bn(name, path)
 
@@ -313,8 +315,8 @@ def convert_facenet_tf(arrays: Mapping[str, Any], *,
     reader.problems += _scale_problems(residual_scales or {}, scopes, names.last_block)
     variables = {"params": params, "batch_stats": stats}
     if not reader.problems:
-        reader.problems += pretrained.shape_problems(variables, repeats, bn_scale=False,
-                                                     source="the TensorFlow file")
+        reader.problems += pretrained_common.shape_problems(
+            variables, repeats, bn_scale=False, source="the TensorFlow file")
     reader.raise_problems("the file is not davidsandberg's Inception-ResNet-v1 (bottleneck 512)")
     logits = arrays.get("Logits/weights")
     details = {"bn_layout": layout, "repeats": list(repeats),
@@ -342,23 +344,24 @@ def load_facenet_tf(path: str | pathlib.Path):
     variables, details = convert_facenet_tf(weights.arrays,
                                             residual_scales=weights.residual_scales)
     block35, block17, block8 = details["repeats"]
-    return pretrained.build_model(block35_repeats=block35, block17_repeats=block17,
-                                  block8_repeats=block8, bn_scale=False), variables
+    return pretrained_common.build_model(block35_repeats=block35, block17_repeats=block17,
+                                         block8_repeats=block8, bn_scale=False), variables
 
 
 def import_facenet_tf(weights: str | pathlib.Path, workdir: str | pathlib.Path
                       ) -> dict[str, Any]:
     """`pretrained --source facenet-tf`: converts the file, writes the run folder (see
-    `pretrained.write_run`) and returns its provenance record."""
+    `pretrained_common.write_run`) and returns its provenance record."""
     read = read_facenet_tf(weights)
     variables, details = convert_facenet_tf(read.arrays, residual_scales=read.residual_scales)
     info = {"source": SOURCE, "weights": str(pathlib.Path(weights).resolve()),
-            "format": read.kind, "sha256": pretrained.sha256(read.files[0]),
-            "files": {p.name: pretrained.sha256(p) for p in read.files}, **details,
+            "format": read.kind, "sha256": pretrained_common.sha256(read.files[0]),
+            "files": {p.name: pretrained_common.sha256(p) for p in read.files}, **details,
             "input_shape": None if read.input_shape is None else list(read.input_shape)}
     # A graph's input placeholder fixes its image size (20180408-102900's: [1, 160, 160, 3]).
     size = read.input_shape[1] if read.input_shape and len(read.input_shape) == 4 else None
-    config = pretrained.imported_config(bn_scale=False, repeats=tuple(details["repeats"]),
-                                        image_size=size or pretrained.IMAGE_SIZE)
-    pretrained.write_run(workdir, variables, source_info=info, config=config)
+    config = pretrained_common.imported_config(
+        bn_scale=False, repeats=tuple(details["repeats"]),
+        image_size=size or pretrained_common.IMAGE_SIZE)
+    pretrained_common.write_run(workdir, variables, source_info=info, config=config)
     return info

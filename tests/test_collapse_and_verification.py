@@ -13,6 +13,7 @@ from facenet_jax import collapse, config as cfg, data, runfiles, sweep
 from facenet_jax.eval import evaluate, metrics
 from facenet_jax.eval.threshold import run_threshold, threshold_warning
 from facenet_jax.train import LossSpec
+from facenet_jax.train.validate import validate_run_config, validate_warmup
 
 
 def _rows(spreads, losses):
@@ -51,7 +52,7 @@ def test_warmup_keys_default_off_and_a_warmup_is_another_run():
     config.loss.warmup_strategy, config.loss.warmup_steps = "semihard", 100
     assert cfg.changed_keys(saved, cfg.to_plain(config)) == ["loss.warmup_steps",
                                                             "loss.warmup_strategy"]
-    cfg.validate_config(config, num_devices=1)
+    validate_run_config(config, num_devices=1)
     # A sweep cell started without the warm-up is stale once the sweep asks for one.
     current = {"config": cfg.to_plain(config)}
     assert sweep.record_changes({"config": saved}, current) == [
@@ -67,7 +68,7 @@ def test_warmup_keys_default_off_and_a_warmup_is_another_run():
 def test_bad_warmup_keys_are_clear_errors(strategy, steps, match):
     loss = ml_collections.ConfigDict({"warmup_strategy": strategy, "warmup_steps": steps})
     with pytest.raises(ValueError, match=match):
-        cfg.validate_warmup(loss, 1200)
+        validate_warmup(loss, 1200)
 
 
 def test_warmup_loss_spec_uses_the_warmup_strategy_with_its_own_options():

@@ -10,6 +10,7 @@ import pytest
 from facenet_jax import config as cfg
 from facenet_jax import optim, runfiles
 from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
+from facenet_jax.train.validate import validate_run_config
 
 DEFAULT = cfg.pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
 
@@ -35,6 +36,9 @@ def test_unknown_key_and_wrong_type_are_errors():
     ({"loss.distance": "manhattan"}, "squared"),
     ({"loss.margin": -0.1}, "margin"),
     ({"model.name": "vgg"}, "small_cnn"),
+    ({"data.source": "webdataset"}, "unknown data.source 'webdataset'; valid sources"),
+    ({"data.prefetch": 0}, "config.data.prefetch must be a positive integer"),
+    ({"model.dtype": "float16"}, r"model.dtype must be one of \('float32', 'bfloat16'\)"),
     ({"optimizer.name": "lamb"}, "adagrad"),
     ({"parallel.mining": "world"}, "global"),
     ({"batch.images_per_identity": 1}, "K"),
@@ -50,12 +54,12 @@ def test_unknown_key_and_wrong_type_are_errors():
 def test_validate_config_names_the_problem(override, message):
     config = cfg.load_config(DEFAULT, override)
     with pytest.raises(ValueError, match=message):
-        cfg.validate_config(config, num_devices=8)
+        validate_run_config(config, num_devices=8)
 
 
 def test_default_config_is_valid_on_1_and_8_devices():
     for devices in (1, 8):
-        cfg.validate_config(cfg.load_config(DEFAULT), num_devices=devices)
+        validate_run_config(cfg.load_config(DEFAULT), num_devices=devices)
 
 
 def test_changed_keys_ignores_resumable_ones():

@@ -12,6 +12,7 @@ from facenet_jax import config as config_lib
 from facenet_jax import data
 from facenet_jax.eval import crossval, metrics
 from facenet_jax.data.splits import pair_file_identities
+from facenet_jax.train.validate import validate_run_config
 
 from tiny import tiny_config
 
@@ -271,11 +272,11 @@ def test_exclude_pairs_fold_key_defaults_to_every_fold_and_is_validated(tmp_path
                                         {"data.split.exclude_pairs_file": "p.txt"})
         config.data.split.exclude_pairs_fold = bad
         with pytest.raises(ValueError, match=message):
-            config_lib.validate_config(config, num_devices=1)
+            validate_run_config(config, num_devices=1)
     config = config_lib.load_config(REPO / "experiments" / "default.py",
                                     {"data.split.exclude_pairs_fold": 2})
     with pytest.raises(ValueError, match="exclude_pairs_file, which is unset"):
-        config_lib.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
 
 
 def test_val_on_roc_hand_computed():
@@ -353,4 +354,4 @@ def test_step_0_with_init_from_is_the_imported_row(lfw_like, tmp_path):
     assert summary["rows"][0]["fold"] == 2
     config_lib.set_dotted(config, "model.init_from", None)
     with pytest.raises(ValueError, match="num_steps=0 trains nothing.*model.init_from"):
-        config_lib.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)

@@ -13,6 +13,7 @@ from facenet_jax import models, train
 from facenet_jax.eval.embed import load_encoder
 from facenet_jax.logs import read_metrics
 from facenet_jax.state import build_model
+from facenet_jax.train.validate import validate_run_config
 
 from tiny import tiny_config
 
@@ -39,7 +40,7 @@ def test_a_block_override_reaches_the_module():
     config = cfg.load_config(DEFAULT, {"model.small_cnn.widths": (8, 8, 24),
                                        "model.small_cnn.convs_per_stage": 2,
                                        "model.small_cnn.dropout_rate": 0.25})
-    cfg.validate_config(config, num_devices=1)
+    validate_run_config(config, num_devices=1)
     model = build_model(config, bn_axis_name=None)
     assert (model.widths, model.convs_per_stage, model.dropout_rate) == ((8, 8, 24), 2, 0.25)
     shapes = _param_shapes(model)
@@ -106,7 +107,7 @@ def test_other_bad_blocks_and_what_is_allowed():
     config = cfg.load_config(DEFAULT)
     config.model.small_cnn.widths = ("a",)
     with pytest.raises(ValueError, match="config.model.small_cnn.widths"):
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
 
 
 def test_bn_scale_is_the_top_level_key_only():
@@ -120,7 +121,7 @@ def test_bn_scale_is_the_top_level_key_only():
                                            "model.bn_scale": bn_scale})
         assert build_model(config, bn_axis_name=None).bn_scale is bn_scale
     with pytest.raises(ValueError, match="inception_resnet_v1 only"):
-        cfg.validate_config(cfg.load_config(DEFAULT, {"model.bn_scale": True}), num_devices=1)
+        validate_run_config(cfg.load_config(DEFAULT, {"model.bn_scale": True}), num_devices=1)
 
 
 @pytest.mark.slow

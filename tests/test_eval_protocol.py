@@ -15,6 +15,8 @@ from facenet_jax import data
 from facenet_jax.eval import cli as evaluate_cli
 from facenet_jax.eval import evaluate, metrics
 from facenet_jax.eval.threshold import run_threshold
+from facenet_jax.eval.metrics import validate_eval_config
+from facenet_jax.train.validate import validate_run_config
 
 # ----------------------------------------------------------------------------------------------
 # The port: davidsandberg/facenet src/facenet.py, only what the accuracy needs.
@@ -248,10 +250,16 @@ def test_evaluation_overrides_are_typed_checked_and_limited_to_evaluation_keys()
         config_lib.apply_evaluation_overrides(config, {"loss.margin": "0.3"})
     with pytest.raises(ValueError, match="give True or False"):
         config_lib.apply_evaluation_overrides(config, {"eval.subtract_mean": "yes"})
+    # The values' meaning is the evaluation's to check (load_encoder runs both).
     with pytest.raises(ValueError, match="unknown eval.distance 'manhattan'"):
-        config_lib.apply_evaluation_overrides(config, {"eval.distance": "manhattan"})
+        validate_eval_config(
+            config_lib.apply_evaluation_overrides(config, {"eval.distance": "manhattan"}).eval)
     with pytest.raises(ValueError, match="eval.flip_mode must be one of"):
-        config_lib.apply_evaluation_overrides(config, {"eval.flip_mode": "mean"})
+        validate_eval_config(
+            config_lib.apply_evaluation_overrides(config, {"eval.flip_mode": "mean"}).eval)
+    with pytest.raises(ValueError, match="eval.batch_size must be a positive integer"):
+        validate_eval_config(
+            config_lib.apply_evaluation_overrides(config, {"eval.batch_size": "0"}).eval)
     assert config_lib.overrides_from_texts(["eval.flip", "eval.distance=angular"]) == {
         "eval.flip": "True", "eval.distance": "angular"}
     assert evaluate_cli.split_run_config_flags(
@@ -264,10 +272,10 @@ def test_evaluation_overrides_are_typed_checked_and_limited_to_evaluation_keys()
 def test_angular_is_an_evaluation_distance_only():
     config = _run_config()
     config.eval.distance = "angular"
-    config_lib.validate_config(config, num_devices=1)
+    validate_run_config(config, num_devices=1)
     config.loss.distance = "angular"
     with pytest.raises(ValueError, match="angular"):
-        config_lib.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
     assert {"eval.distance", "eval.flip_mode", "eval.subtract_mean",
             "eval.threshold_search"} <= set(config_lib.EVALUATION_ONLY_KEYS)
 

@@ -10,7 +10,8 @@ import pathlib
 import pytest
 
 from facenet_jax import models, sweep
-from facenet_jax.config import flatten, load_config, to_plain, validate_config
+from facenet_jax.config import flatten, load_config, to_plain
+from facenet_jax.train.validate import validate_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TABLE_SWEEPS = {"default_classification.py": ("default.py", 1200),
@@ -29,7 +30,7 @@ def test_table_sweep_lists_its_rows_and_every_run_validates(name, capsys):
     assert len(cells) == 8 * 3 and [c["seed"] for c in cells[:3]] == [0, 1, 2]
     configs = [sweep.cell_config(spec["base"], spec["common"], cell) for cell in cells]
     for config in configs:
-        validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
     rows = [(c.loss.kind, c.loss.strategy if c.loss.kind != "classification" else
              c.loss.classification.head, c.loss.soft, c.data.sampler, c.num_steps,
              c.model.init_from is not None) for c in configs[::3]]
@@ -82,4 +83,4 @@ def test_at_scale_arcface_recipe_holds_the_published_values():
     assert [round(b * config.num_steps) for b in opt.decay_boundaries] == [100_000, 160_000]
     if "iresnet50" not in models.MODEL_NAMES:
         pytest.skip("model iresnet50 is not registered (yet): its config cannot validate")
-    validate_config(config, num_devices=8)
+    validate_run_config(config, num_devices=8)

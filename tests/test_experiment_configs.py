@@ -9,7 +9,8 @@ import runpy
 import pytest
 
 from facenet_jax import data, losses, models, sweep
-from facenet_jax.config import flatten, load_config, to_plain, validate_config
+from facenet_jax.config import flatten, load_config, to_plain
+from facenet_jax.train.validate import validate_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "experiments").glob("*.py"))
@@ -36,12 +37,12 @@ def test_config_loads_from_any_cwd_and_validates(path, tmp_path, monkeypatch):
     config = load_config(path)
     if config.model.name not in models.MODEL_NAMES:  # an encoder registered by another change
         pytest.skip(f"model.name {config.model.name!r} is not registered (yet)")
-    validate_config(config, num_devices=1)
+    validate_run_config(config, num_devices=1)
     if config.batch.identities % 8 == 0:
-        validate_config(config, num_devices=8)
+        validate_run_config(config, num_devices=8)
     else:
         with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-            validate_config(config, num_devices=8)
+            validate_run_config(config, num_devices=8)
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "default.py"],
@@ -118,7 +119,7 @@ def test_sweep_cells_all_load_validate_and_cover_their_grid(path, tmp_path):
     for cell in spec["cells"]:
         assert {"loss.margin", "loss.distance"} <= set(cell)
         config = sweep.cell_config(spec["base"], spec["common"], cell)
-        validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
         grid.add((config.loss.margin, config.loss.strategy, config.loss.distance))
     assert set(axes["STRATEGIES"]) == set(losses.STRATEGIES)
     assert grid == {(m, s, d) for m in axes["MARGINS"] for s in axes["STRATEGIES"]
@@ -137,7 +138,7 @@ def test_batch_hard_recipe_sweeps_are_three_seeds_of_three_valid_variants(path, 
     variants = {}
     for cell in spec["cells"]:
         config = sweep.cell_config(spec["base"], spec["common"], cell)
-        validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
         variant = (config.loss.strategy, config.loss.warmup_strategy, config.loss.warmup_steps)
         variants.setdefault(variant, []).append(config.seed)
     warmup = config.num_steps // 4
@@ -160,7 +161,7 @@ def test_runlocal_preset_is_the_default_with_its_keys_changed(tmp_path, monkeypa
     assert {k: runlocal[k] for k in preset} == preset
     assert runlocal["num_steps"] == 8 and default["num_steps"] == 1200
     for devices in (1, 2, 8):
-        validate_config(load_config(f"{REPO / 'experiments' / 'default.py'}:runlocal"),
+        validate_run_config(load_config(f"{REPO / 'experiments' / 'default.py'}:runlocal"),
                         num_devices=devices)
     with pytest.raises(ValueError, match=r"unknown config argument 'tiny'.*default\.py:runlocal"):
         load_config(f"{REPO / 'experiments' / 'default.py'}:tiny")

@@ -23,6 +23,7 @@ from facenet_jax.losses import triplet_loss
 from facenet_jax.models.inception_resnet_v1 import InceptionResNetV1
 from facenet_jax.optim import HEAD_SCOPE
 from facenet_jax.state import build_model, build_optimizer, create_train_state
+from facenet_jax.train.validate import validate_run_config
 
 DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
 # 8 test devices (conftest): P and the eval batch divide by 8.
@@ -157,7 +158,7 @@ def test_stored_features_are_computed_once_per_backbone_and_image(tmp_path, monk
 def test_a_cached_features_config_without_what_it_needs_is_refused(overrides, message):
     config = cfg.load_config(DEFAULT, {**TINY, **CACHED, **overrides})
     with pytest.raises(ValueError, match="model.cached_features") as error:
-        cfg.validate_config(config, num_devices=8)
+        validate_run_config(config, num_devices=8)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 

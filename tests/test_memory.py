@@ -17,6 +17,7 @@ from facenet_jax import losses, models, parallel
 from facenet_jax.losses import memory as xbm
 from facenet_jax.state import MemoryTrainState, TrainState, create_train_state
 from facenet_jax.train import LossSpec, make_train_step
+from facenet_jax.train.validate import validate_run_config
 
 KEY = jax.random.key(3)
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
@@ -240,7 +241,7 @@ def test_size_zero_is_no_memory():
 ])
 def test_bad_memory_config_is_an_error_before_any_work(memory, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.validate_config(_config(**memory), num_devices=1)
+        validate_run_config(_config(**memory), num_devices=1)
 
 
 def test_resume_restores_the_memory_bit_exactly(tmp_path):

@@ -22,6 +22,7 @@ from facenet_jax import config as config_lib
 from facenet_jax import losses, models, objectives, parallel, state as state_lib
 from facenet_jax.objectives import classification as cls_objective
 from facenet_jax.train import make_train_step
+from facenet_jax.train.validate import validate_run_config
 
 from tiny import tiny_config
 
@@ -202,7 +203,7 @@ def test_triplet_is_the_default_and_classification_keys_do_not_change_triplet_ru
 ])
 def test_bad_objective_configs_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.validate_config(_config(**override), num_devices=1)
+        validate_run_config(_config(**override), num_devices=1)
 
 
 def test_each_kind_is_a_registry_entry_that_knows_what_it_reads():

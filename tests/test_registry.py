@@ -19,6 +19,7 @@ from facenet_jax.eval import evaluators
 from facenet_jax.losses import mining
 from facenet_jax.registry import Registry
 from facenet_jax.state import build_model
+from facenet_jax.train.validate import validate_run_config
 
 DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
 
@@ -108,19 +109,19 @@ def test_a_registered_encoder_is_valid_buildable_and_gone_after():
     config = cfg.load_config(DEFAULT, {"model.embedding_dim": 8})
     config.model.name = "toy"
     with pytest.raises(ValueError, match="unknown model.name 'toy'; valid names: small_cnn"):
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
     with models.ENCODERS.temporary("toy", models.EncoderSpec(_Toy)):
         assert models.default_fields("toy") == {"gain": 1.0}
-        cfg.validate_config(config, num_devices=1)  # no block yet: the defaults
+        validate_run_config(config, num_devices=1)  # no block yet: the defaults
         config.model.toy = ml_collections.ConfigDict({"gain": 3.0})
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
         model = build_model(config, bn_axis_name=None)
         assert isinstance(model, _Toy) and model.gain == 3.0 and model.embedding_dim == 8
         out = model.apply(model.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), train=False),
                           jnp.ones((2, 4, 4, 3)), train=False)
         assert out.shape == (2, 8)
     with pytest.raises(ValueError, match="unknown model.name 'toy'"):
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
 
 
 def _farthest_negative(inputs: losses.MiningInputs) -> mining.PairNegatives:
@@ -138,9 +139,9 @@ def test_a_registered_strategy_trains_validates_and_lists_its_triplets():
     labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
     config = cfg.load_config(DEFAULT, {"loss.strategy": "farthest"})
     with pytest.raises(ValueError, match="valid strategies: semihard"):
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
     with losses.MINING_STRATEGIES.temporary("farthest", losses.Strategy(_farthest_negative)):
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
         loss, stats = losses.triplet_loss(jnp.asarray(emb), jnp.asarray(labels), margin=0.2,
                                           strategy="farthest")
         # Brute force: each ordered positive pair against the anchor's farthest negative.
@@ -175,10 +176,10 @@ def test_a_registered_optimizer_and_schedule_build_the_update():
                                        "optimizer.grad_clip_norm": None,
                                        "optimizer.learning_rate": 0.5})
     with pytest.raises(ValueError, match="unknown optimizer.name 'plain_sgd'; valid names"):
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
     with optim.OPTIMIZERS.temporary("plain_sgd", lambda opt, schedule: optax.sgd(schedule)), \
             optim.SCHEDULES.temporary("halved", lambda opt, peak, *_: lambda step: peak / 2):
-        cfg.validate_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)
         tx = optim.make_optimizer(config.optimizer, config.num_steps)
         params = {"w": jnp.ones(3)}
         updates, _ = tx.update({"w": jnp.full(3, 2.0)}, tx.init(params), params)

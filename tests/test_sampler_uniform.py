@@ -5,6 +5,7 @@ import pytest
 
 from facenet_jax import config as cfg
 from facenet_jax import data
+from facenet_jax.train.validate import validate_run_config
 
 DEFAULT = "experiments/default.py"
 
@@ -142,16 +143,16 @@ def test_the_sampler_defaults_to_pk_and_another_one_is_another_run():
 def test_bad_sampler_settings_are_clear_errors(overrides, devices, message):
     config = cfg.load_config(DEFAULT, overrides)
     with pytest.raises(ValueError, match=message):
-        cfg.validate_config(config, num_devices=devices)
+        validate_run_config(config, num_devices=devices)
 
 
 def test_uniform_lifts_the_pk_rules_it_does_not_need():
     # K = 1, and P not a multiple of the devices: only the product must be
     config = cfg.load_config(DEFAULT, {"data.sampler": "uniform", "batch.identities": 1,
                                        "batch.images_per_identity": 8})
-    cfg.validate_config(config, num_devices=8)
+    validate_run_config(config, num_devices=8)
     config.batch.identities, config.batch.images_per_identity = 12, 2
-    cfg.validate_config(config, num_devices=8)
+    validate_run_config(config, num_devices=8)
 
 
 @pytest.mark.parametrize("kwargs, match", [

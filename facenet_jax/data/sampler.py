@@ -12,9 +12,29 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax.config import validate_batch_layout
 from facenet_jax.data.augment import Augment
 from facenet_jax.data.dataset import Dataset, RowSubset
+
+
+def validate_batch_layout(identities: int, images_per_identity: int, num_devices: int) -> None:
+    """P ≥ 2, K ≥ 2 and whole identities per device (P divisible by the device count)."""
+    if identities < 2:
+        raise ValueError(f"batch.identities (P) = {identities}: a batch needs at least 2 "
+                         "identities to have negatives; set --config.batch.identities >= 2")
+    if images_per_identity < 2:
+        raise ValueError(f"batch.images_per_identity (K) = {images_per_identity}: with K < 2 "
+                         "no anchor has a positive; set --config.batch.images_per_identity >= 2")
+    if identities % num_devices:
+        lower = multiple_below(identities, num_devices)
+        raise ValueError(
+            f"batch.identities (P) = {identities} is not divisible by the {num_devices} "
+            f"devices; each device must hold whole identities: use P = {lower} or "
+            f"{lower + num_devices}")
+
+
+def multiple_below(value: int, divisor: int) -> int:
+    """The largest positive multiple of divisor not above value (divisor itself if none)."""
+    return max(divisor, value // divisor * divisor)
 
 
 class RowSampler(abc.ABC):

@@ -16,6 +16,24 @@ from facenet_jax.runfiles import atomic_write_text
 
 SPLITS = ("train", "validation", "test")
 IMAGE_COUNTS_KEY = "image_counts"  # split.json: {identity name: its number of images}
+# Only this fold (1-based, as LFW numbers them) of data.split.exclude_pairs_file is excluded:
+# cross-validation over the folds (facenet_jax.crossval); None: all its folds.
+EXCLUDE_FOLD_KEY = "data.split.exclude_pairs_fold"
+
+
+def validate_exclude_fold(split_config: Any) -> None:
+    """data.split.exclude_pairs_fold: None, or an integer >= 1 with an exclude_pairs_file (its
+    upper bound, the file's fold count, is checked where the file is read)."""
+    fold = split_config.exclude_pairs_fold
+    if fold is None:
+        return
+    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
+        raise ValueError(f"data.split.exclude_pairs_fold must be a fold number >= 1 (1-based, "
+                         f"as LFW numbers its folds) or unset, got {fold!r}")
+    if split_config.exclude_pairs_file is None:
+        raise ValueError(f"data.split.exclude_pairs_fold={fold} selects a fold of "
+                         "data.split.exclude_pairs_file, which is unset; set both (or run "
+                         "python -m facenet_jax.crossval, which sets them per fold)")
 
 
 def split_identities(dataset: Dataset, *, fractions: Sequence[float] = (0.8, 0.1, 0.1),

@@ -9,14 +9,28 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax.config import validate_uniform_batch
 from facenet_jax.data.augment import Augment
 from facenet_jax.data.dataset import Dataset
-from facenet_jax.data.sampler import RowSampler
+from facenet_jax.data.sampler import RowSampler, multiple_below
 
 # Stream tags: an epoch's order and a step's augmentation come from different streams, so
 # epoch e and step e never share random numbers.
 _EPOCH_STREAM, _STEP_STREAM = 0x0E9C, 0x57E9
+
+
+def validate_uniform_batch(batch_size: int, num_devices: int) -> None:
+    """The uniform sampler's batch (P×K, only a size there): >= 1 and split evenly over the
+    devices. No K >= 2 rule: its batches carry no identity structure anyway."""
+    if batch_size < 1:
+        raise ValueError(f"the uniform sampler's batch size batch.identities × "
+                         f"batch.images_per_identity = {batch_size} must be >= 1")
+    if batch_size % num_devices:
+        lower = multiple_below(batch_size, num_devices)
+        raise ValueError(
+            f"the uniform sampler's batch size batch.identities × batch.images_per_identity "
+            f"= {batch_size} is not divisible by the {num_devices} devices; make the product "
+            f"{lower} or {lower + num_devices} (e.g. --config.batch.images_per_identity=1 "
+            f"--config.batch.identities={lower})")
 
 
 class UniformSampler(RowSampler):

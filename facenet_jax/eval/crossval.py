@@ -43,10 +43,10 @@ import numpy as np
 
 from facenet_jax import data, runfiles
 from facenet_jax.cli import cli_logging
-from facenet_jax.config import (EXCLUDE_FOLD_KEY, changed_keys, json_safe, set_dotted,
-                                to_plain)
+from facenet_jax.config import changed_keys, json_safe, set_dotted, to_plain
 from facenet_jax.data.folder import scan_folder
 from facenet_jax.data.pairs import parse_pairs_file
+from facenet_jax.data.splits import EXCLUDE_FOLD_KEY
 from facenet_jax.eval import evaluate, plots, reporting, threshold
 
 FOLD_EVAL_FILE = "eval_crossval.json"  # in D/fold_k: fold k's pairs at the run's threshold

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from facenet_jax import checkpoints, parallel
 from facenet_jax.cli import cli_logging
 from facenet_jax.config import apply_evaluation_overrides
-from facenet_jax.eval.metrics import FLIP_MODES, pair_distances
+from facenet_jax.eval.metrics import FLIP_MODES, pair_distances, validate_eval_config
 from facenet_jax.eval.threshold import run_threshold
 from facenet_jax.runfiles import atomic_write_with, load_run_config
 from facenet_jax.state import build_model
@@ -194,12 +194,14 @@ def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
     """Restores the latest loadable checkpoint of `workdir` (params and BN statistics).
 
     The encoder embeds as the run's config.eval says (flip, flip_mode, batch_size), with
-    `eval_overrides` ({"eval.flip_mode": "concat"}: config.apply_evaluation_overrides, checked
-    before anything is restored) applied to its config; flip, when given, wins over both.
+    `eval_overrides` ({"eval.flip_mode": "concat"}: config.apply_evaluation_overrides, then
+    metrics.validate_eval_config, before anything is restored) applied to its config; flip,
+    when given, wins over both.
     """
     config = load_run_config(workdir)
     if eval_overrides:
         config = apply_evaluation_overrides(config, eval_overrides)
+        validate_eval_config(config.eval)
     mesh = mesh or parallel.make_mesh()
     model = build_model(config, bn_axis_name=None)
     size = config.data.image_size

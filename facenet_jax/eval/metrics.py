@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from facenet_jax.checks import check_one_of, check_positive_int
 from facenet_jax.losses.distances import DISTANCES, TINY_SQUARED_NORM
 
 # The evaluation distances: the training ones (losses.distances.DISTANCES) and "angular",
@@ -148,6 +149,20 @@ def check_threshold_search(search: str, name: str = "threshold_search") -> None:
     """ValueError naming `name` when `search` is not in THRESHOLD_SEARCHES."""
     if search not in THRESHOLD_SEARCHES:
         raise ValueError(f"unknown {name} {search!r}; valid: {', '.join(THRESHOLD_SEARCHES)}")
+
+
+def validate_eval_config(eval_config: Any) -> None:
+    """The evaluation protocol's keys (`config.eval`): eval.batch_size (>= 1; its fit to the
+    devices is the trainer's check), eval.distance (EVAL_DISTANCES), eval.flip and
+    eval.subtract_mean (booleans), eval.flip_mode (FLIP_MODES), eval.threshold_search
+    (THRESHOLD_SEARCHES). ValueError naming the key."""
+    check_positive_int(eval_config.batch_size, "eval.batch_size")
+    check_eval_distance(eval_config.distance, "eval.distance")
+    check_threshold_search(eval_config.threshold_search, "eval.threshold_search")
+    check_one_of(eval_config.flip_mode, FLIP_MODES, "eval.flip_mode")
+    for key in ("flip", "subtract_mean"):
+        if not isinstance(eval_config[key], bool):
+            raise ValueError(f"eval.{key} must be True or False, got {eval_config[key]!r}")
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:

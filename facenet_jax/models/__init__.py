@@ -16,9 +16,10 @@ encoder module is imported below.
 
 from __future__ import annotations
 
-from facenet_jax.models.layers import INPUT_NORMS, l2_normalize
+from facenet_jax.models.layers import DTYPES, INPUT_NORMS, l2_normalize
 from facenet_jax.models.registry import (COMMON_FIELDS, ENCODERS, EncoderSpec, config_kwargs,
-                                         create_model, default_fields, register_encoder)
+                                         create_model, default_fields, register_encoder,
+                                         validate_model_config)
 # Imported in the order the names are listed (registration order).
 from facenet_jax.models.small_cnn import SmallCNN  # noqa: I001
 from facenet_jax.models.resnet import RESNET_STAGES, BasicBlock, BottleneckBlock, ResNet
@@ -29,7 +30,8 @@ from facenet_jax.models.mobilefacenet import MobileFaceNet
 # The names registered at import (the registry is the source of truth: `ENCODERS.names()`).
 MODEL_NAMES = ENCODERS.names()
 
-__all__ = ["COMMON_FIELDS", "ENCODERS", "EncoderSpec", "MODEL_NAMES", "INPUT_NORMS",
-           "config_kwargs", "create_model", "default_fields", "register_encoder", "SmallCNN",
+__all__ = ["COMMON_FIELDS", "DTYPES", "ENCODERS", "EncoderSpec", "MODEL_NAMES", "INPUT_NORMS",
+           "config_kwargs", "create_model", "default_fields", "register_encoder",
+           "validate_model_config", "SmallCNN",
            "ResNet", "BasicBlock", "BottleneckBlock", "InceptionResNetV1", "IRESNET_STAGES",
            "IResNet", "MobileFaceNet", "RESNET_STAGES", "l2_normalize"]

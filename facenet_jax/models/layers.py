@@ -40,6 +40,8 @@ def check_images(images: jax.Array, *, min_size: int, model_name: str) -> None:
 # "fixed_standardization": (255x - 127.5) / 128, what davidsandberg's FaceNet weights (and
 # facenet-pytorch's copies of them) expect.
 INPUT_NORMS = ("symmetric", "fixed_standardization")
+# The compute dtypes `config.model.dtype` may name (parameters stay float32).
+DTYPES = ("float32", "bfloat16")
 
 
 def to_model_input(images: jax.Array, dtype: Dtype, input_norm: str = "symmetric") -> jax.Array:

@@ -26,6 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from facenet_jax.checks import check_one_of, check_positive_int
+from facenet_jax.models.layers import DTYPES, INPUT_NORMS
 from facenet_jax.registry import Registry
 
 # Fields every encoder has, set from config.model.embedding_dim / dtype / input_norm and by the
@@ -135,6 +137,22 @@ def config_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
                               bounds=FIELD_RANGES.get(field))
               for field, default in defaults.items()}
     return {**fields, **{field: model_config[field] for field in spec.top_level}}
+
+
+def validate_model_config(model_config: Mapping[str, Any]) -> None:
+    """ValueError naming the key and the fix for a bad `config.model`: model.name and its block
+    (`config_kwargs`, through the ENCODERS entry), embedding_dim, dtype, input_norm, and
+    bn_scale where the entry has no such top-level field. (model.init_from and the cached
+    features are checked by `finetune` and `features_cache`.)"""
+    config_kwargs(model_config)
+    check_positive_int(model_config["embedding_dim"], "model.embedding_dim")
+    check_one_of(model_config["dtype"], DTYPES, "model.dtype")
+    check_one_of(model_config["input_norm"], INPUT_NORMS, "model.input_norm")
+    with_bn_scale = [name for name in ENCODERS.names()
+                     if "bn_scale" in ENCODERS.get(name).top_level]
+    if model_config["bn_scale"] and model_config["name"] not in with_bn_scale:
+        raise ValueError(f"model.bn_scale=True is an option of {', '.join(with_bn_scale)} only "
+                         f"(model.name is {model_config['name']!r}); leave it False")
 
 
 def _checked(key: str, value: Any, default: Any, *, zero_ok: bool,

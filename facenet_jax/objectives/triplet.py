@@ -13,13 +13,14 @@ import ml_collections
 from jax import lax
 
 from facenet_jax import collapse, losses
-from facenet_jax.config import MINING_SCOPES  # noqa: F401  (re-exported; one definition)
 from facenet_jax.losses import memory as xbm
 from facenet_jax.objectives.base import Terms
 from facenet_jax.objectives.kinds import (LOSS_SETTINGS, MEMORY_SETTINGS, OBJECTIVES,
                                           ObjectiveKind, TableSpec)
 from facenet_jax.parallel import AXIS
 
+# config.parallel.mining: triplets mined over the global batch or inside each device's shard.
+MINING_SCOPES = ("global", "local")
 # The metrics of the batch's own triplet loss, in the training log's order.
 TRIPLET_STATS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_triplets",
                  "num_active", "semihard_found_fraction", "embedding_spread")

@@ -36,6 +36,7 @@ SEED_KEY = "seed"  # the config key a sweep's seeds set (training only; see data
 _MAX_NAME = 120
 # A cell's model.init_from that names another cell of the sweep (facenet_jax.sweep.stages).
 CELL_REFERENCE_PREFIX = "@cell:"
+INIT_KEY = "model.init_from"
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
@@ -88,7 +89,6 @@ def load_sweep(path: str | pathlib.Path) -> dict[str, Any]:
     if duplicates:
         raise ValueError(f"{path}: cells repeat the same overrides: {duplicates[:3]}; remove "
                          "the repeats (add a seed to repeat a run)")
-    from facenet_jax.sweep.stages import run_sources  # stages builds on this module
     try:
         run_sources(cells, common)
     except ValueError as error:
@@ -234,12 +234,49 @@ def list_lines(sweep: Mapping[str, Any]) -> list[str]:
     """What `--list` prints: per run, in the order `--cell` numbers them, "INDEX NAME
     key=value ..." (the run's own overrides; common ones are on every command line), and for a
     run that starts from another (stages.from_cell) " <- after run J"."""
-    from facenet_jax.sweep.stages import run_sources  # stages builds on this module
     sources = run_sources(sweep["cells"])
     return [f"{i} {name} " + " ".join(f"{k}={format_value(v)}" for k, v in cell.items())
             + ("" if source is None else f" <- after run {source}")
             for i, (name, cell, source) in enumerate(zip(cell_names(sweep["cells"]),
                                                          sweep["cells"], sources))]
+
+
+def is_reference(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(CELL_REFERENCE_PREFIX)
+
+
+def run_sources(cells: Sequence[Mapping[str, Any]], common: Mapping[str, Any] | None = None
+                ) -> list[int | None]:
+    """Per run (cells with seeds expanded, as load_sweep returns them): the index of the run
+    it starts from, or None. ValueError for a reference in `common`, to no cell, to several,
+    or to a later cell."""
+    if is_reference((common or {}).get(INIT_KEY)):
+        raise ValueError(f"{INIT_KEY}={common[INIT_KEY]!r} is in the sweep's common overrides; "
+                         "a cell reference belongs in the dependent cells")
+    unseeded = [cell_name({k: v for k, v in cell.items() if k != SEED_KEY}) for cell in cells]
+    sources: list[int | None] = []
+    for i, cell in enumerate(cells):
+        reference = cell.get(INIT_KEY)
+        if not is_reference(reference):
+            sources.append(None)
+            continue
+        wanted = reference[len(CELL_REFERENCE_PREFIX):]
+        matches = [j for j, other in enumerate(cells)
+                   if unseeded[j] == wanted and other.get(SEED_KEY) == cell.get(SEED_KEY)]
+        if not matches:
+            known = sorted(set(unseeded) - {unseeded[i]})
+            raise ValueError(f"cell {i} ({cell}) starts from {reference!r}, but no cell at seed "
+                             f"{cell.get(SEED_KEY)} is named {wanted!r}; build the reference "
+                             f"with from_cell(<that cell's overrides>). Cells: {known[:8]}")
+        if len(matches) > 1:
+            raise ValueError(f"cell {i} ({cell}): {reference!r} names {len(matches)} runs at seed "
+                             f"{cell.get(SEED_KEY)} ({matches}); give the source cell an "
+                             "override that tells it apart")
+        if matches[0] >= i:
+            raise ValueError(f"cell {i} ({cell}) starts from run {matches[0]}, which comes at or "
+                             "after it; list the source cell before the cells that start from it")
+        sources.append(matches[0])
+    return sources
 
 
 def _canonical(overrides: Mapping[str, Any]) -> str:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from facenet_jax.sweep.spec import CELL_REFERENCE_PREFIX as REFERENCE_PREFIX
-from facenet_jax.sweep.spec import SEED_KEY, cell_name
-
-INIT_KEY = "model.init_from"
+from facenet_jax.sweep.spec import INIT_KEY, SEED_KEY, cell_name
+# Where references are resolved to runs: spec, whose load_sweep checks them; public here too.
+from facenet_jax.sweep.spec import is_reference, run_sources  # noqa: F401
 SOURCE_RECORD_KEY = "source"  # in DIR/CELL/sweep_cell.json: {"run", "eval_sha1"}
 
 
@@ -44,44 +44,6 @@ def from_cell(overrides: Mapping[str, Any]) -> str:
         raise ValueError(f"from_cell({dict(overrides)}): leave out {SEED_KEY!r}; a dependent "
                          "starts from its source's run at its own seed")
     return REFERENCE_PREFIX + cell_name(overrides)
-
-
-def is_reference(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(REFERENCE_PREFIX)
-
-
-def run_sources(cells: Sequence[Mapping[str, Any]], common: Mapping[str, Any] | None = None
-                ) -> list[int | None]:
-    """Per run (cells with seeds expanded, as load_sweep returns them): the index of the run
-    it starts from, or None. ValueError for a reference in `common`, to no cell, to several,
-    or to a later cell."""
-    if is_reference((common or {}).get(INIT_KEY)):
-        raise ValueError(f"{INIT_KEY}={common[INIT_KEY]!r} is in the sweep's common overrides; "
-                         "a cell reference belongs in the dependent cells")
-    unseeded = [cell_name({k: v for k, v in cell.items() if k != SEED_KEY}) for cell in cells]
-    sources: list[int | None] = []
-    for i, cell in enumerate(cells):
-        reference = cell.get(INIT_KEY)
-        if not is_reference(reference):
-            sources.append(None)
-            continue
-        wanted = reference[len(REFERENCE_PREFIX):]
-        matches = [j for j, other in enumerate(cells)
-                   if unseeded[j] == wanted and other.get(SEED_KEY) == cell.get(SEED_KEY)]
-        if not matches:
-            known = sorted(set(unseeded) - {unseeded[i]})
-            raise ValueError(f"cell {i} ({cell}) starts from {reference!r}, but no cell at seed "
-                             f"{cell.get(SEED_KEY)} is named {wanted!r}; build the reference "
-                             f"with from_cell(<that cell's overrides>). Cells: {known[:8]}")
-        if len(matches) > 1:
-            raise ValueError(f"cell {i} ({cell}): {reference!r} names {len(matches)} runs at seed "
-                             f"{cell.get(SEED_KEY)} ({matches}); give the source cell an "
-                             "override that tells it apart")
-        if matches[0] >= i:
-            raise ValueError(f"cell {i} ({cell}) starts from run {matches[0]}, which comes at or "
-                             "after it; list the source cell before the cells that start from it")
-        sources.append(matches[0])
-    return sources
 
 
 def resolved(overrides: Mapping[str, Any], source_dir: pathlib.Path | None) -> dict[str, Any]:

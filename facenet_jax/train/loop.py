@@ -20,13 +20,13 @@ import numpy as np
 
 from facenet_jax import (checkpoints, data, features_cache, finetune, objectives, parallel,
                          runfiles)
-from facenet_jax.config import validate_config
 from facenet_jax.eval import evaluators, plots
 from facenet_jax.eval.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
 from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
                                create_train_state, partition_specs)
 from facenet_jax.train.step import AXIS, make_train_step
+from facenet_jax.train.validate import validate_run_config
 
 # Logged beside the objective's own stats_keys (averaged over the steps since the last line).
 STEP_STATS = ("learning_rate", "grad_norm")
@@ -200,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir).resolve()
     is_writer = jax.process_index() == 0
     mesh = parallel.make_mesh()
-    validate_config(config, num_devices=mesh.size)
+    validate_run_config(config, num_devices=mesh.size)
     runfiles.prepare_workdir(workdir, is_writer)
     with runfiles.exclusive_workdir(workdir, is_writer):
         return _train_in(workdir, config, mesh, is_writer, after_step)
