@@ -73,7 +73,6 @@ def write_ijb_layout(root):
     faces = load_synthetic(12, 16, FACE, 1.0, seed=3)
     rng = np.random.default_rng(0)
     names, landmarks, media_rows = [], [], []
-    media = 0
     for i, (face, label) in enumerate(zip(faces.images, faces.labels)):
         placement = _placement(rng)
         name = f"{i + 1}.png"

@@ -3,7 +3,6 @@
 import json
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 

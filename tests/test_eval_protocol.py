@@ -5,7 +5,6 @@ independent port of its src/facenet.py (distance, calculate_roc, calculate_accur
 import logging
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 from sklearn.model_selection import KFold

@@ -4,7 +4,6 @@ relative imports are resolved, and `from pkg import submodule` is an edge to the
 import ast
 import pathlib
 
-import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "facenet_jax"
 

@@ -10,11 +10,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from facenet_jax import losses, models, parallel
 from facenet_jax.state import TrainState
