@@ -82,8 +82,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
     Keys: the step's key is fold_in(state.rng, state.step); the objective's mining and
     Partial FC draws fold their own streams into it, and the encoder's dropout masks
     (dropout_rate > 0) are drawn from fold_in(key, _DROPOUT_STREAM) over the global batch at
-    once, so they do not depend on the device count (jax's partitionable threefry) and
-    differ from those of the earlier per-device step, which folded in each device's index.
+    once, so they do not depend on the device count (jit's partitioning never changes
+    random values).
     """
     objective = _objective(objective, loss, mining)
     key = jax.random.fold_in(state.rng, state.step)
