@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import models, objectives, optim
+from facenet_jax.parallel import AXIS
 
 
 @flax.struct.dataclass
@@ -122,14 +124,28 @@ def partition_specs(state: TrainState, objective: objectives.Objective,
                     tx: optax.GradientTransformation) -> TrainState:
     """A PartitionSpec tree (a prefix of `state`) of where each leaf lives on the mesh:
     everything replicated but the objective's parameters (its `param_specs`, e.g. centres
-    split along the classes) and their copies in the optimizer state (momenta, accumulators),
-    found by optax's own map over `tx`'s state. jit's sharding propagation does not do the
-    latter: the optimizer state is initialised from constants, and `jax.jit(tx.init)` of
-    sharded parameters returned every leaf on one device (jax 0.10, Auto mesh axes)."""
+    split along the classes) and their copies in the optimizer state (momenta, accumulators).
+
+    The latter follow their parameters by JAX's explicit sharding types: `tx.init` traced
+    (shapes only) on parameters typed with their specs carries each spec to the state leaves
+    derived from them. jit's propagation does not do it (the optimizer state is initialised
+    from constants: `jax.jit(tx.init)` of sharded parameters returned every leaf on one
+    device, jax 0.10), nor does `optax.tree_map_params` (it cannot call the label function of
+    `backbone_lr_multiplier`'s multi_transform)."""
     param_specs = {"encoder": jax.tree.map(lambda _: P(), state.params["encoder"]),
                    "head": objective.param_specs()}
-    opt_specs = optax.tree_map_params(
-        tx, lambda _, spec: spec, state.opt_state, param_specs,
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    with jax.sharding.use_abstract_mesh(_LAYOUT_MESH):
+        typed = jax.tree.map(
+            lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                 sharding=NamedSharding(_LAYOUT_MESH, spec)),
+            param_specs, state.params, is_leaf=lambda x: isinstance(x, P))
+        opt_state = jax.eval_shape(tx.init, typed)
+    opt_specs = jax.tree.map(lambda x: P() if x.sharding is None else x.sharding.spec,
+                             opt_state)
     return TrainState(step=P(), params=param_specs, batch_stats=P(), opt_state=opt_specs,
                       extra=P(), rng=P())
+
+
+# A one-device mesh with explicit axis types on which `partition_specs` traces `tx.init`: its
+# size does not matter, only that a leaf's spec is part of its type.
+_LAYOUT_MESH = AbstractMesh((1,), (AXIS,), axis_types=(AxisType.Explicit,))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints
 from facenet_jax import config as config_lib
@@ -145,6 +146,25 @@ def test_sharded_centres_match_one_device(head, fraction, clip_norm):
     if fraction < 1:  # Partial FC: the classes left out of the softmax get no gradient
         untouched = np.all(head_update["centres"][:NUM_CLASSES] == 0.0, axis=1)
         assert untouched.any() and not untouched.all()
+
+
+def test_optimizer_state_of_the_centres_is_laid_out_as_the_centres():
+    """state.partition_specs: the momentum of the centres is split along the classes as the
+    centres are, the encoder's replicated, also through backbone_lr_multiplier's
+    multi_transform (whose label function optax.tree_map_params cannot call)."""
+    from facenet_jax import optim
+
+    config = _config(**{"optimizer.backbone_lr_multiplier": 0.5, "optimizer.momentum": 0.9})
+    tx = optim.make_optimizer(config.optimizer, config.num_steps)
+    objective = _objective("arcface", 1.0, NUM_DEVICES)
+    specs = state_lib.partition_specs(_host_state(objective, tx), objective, tx)
+    assert specs.params["head"] == {"centres": P(parallel.AXIS)}
+    momentum = [(jax.tree_util.keystr(path), spec) for path, spec in
+                jax.tree_util.tree_leaves_with_path(specs.opt_state,
+                                                    is_leaf=lambda x: isinstance(x, P))]
+    centres = [spec for path, spec in momentum if path.endswith("['head']['centres']")]
+    assert centres and all(spec[0] == parallel.AXIS for spec in centres)
+    assert all(not any(spec) for path, spec in momentum if "['encoder']" in path)
 
 
 def _config(**overrides):
