@@ -11,8 +11,8 @@ advances after each step.
 
 The step (train/step.py) runs over global arrays and calls:
 
-    terms = psum(objective.sums(params, extra, embeddings, labels, key))  # per device, under
-                                                    # shard_map (step.objective_terms); differentiated
+    terms = psum(objective.sums(params, extra, embeddings, labels, key))  # per device under
+                                        # shard_map (step.objective_terms), differentiated
     value = weighted_objective(terms, objective.term_weights)            # the global mean
     metrics = objective.reduce(terms, extra)                             # keys: stats_keys
     extra = objective.update(extra, embeddings, labels, step)            # the global batch
