@@ -157,7 +157,7 @@ def build_step(model_name: str, size: int, p: int, k: int, devices: int, dtype: 
         "model.name": model_name, "model.dtype": dtype, "data.image_size": size,
         "batch.identities": p, "batch.images_per_identity": k, "loss.strategy": strategy})
     mesh = parallel.make_mesh(devices)
-    model = build_model(config, bn_axis_name=parallel.AXIS)
+    model = build_model(config, bn_axis_name=None)  # the step runs over global arrays
     tx, schedule = build_optimizer(config)
     state = parallel.put_replicated(create_train_state(config, model, tx), mesh)
     loss = LossSpec.from_config(config.loss)

@@ -220,8 +220,9 @@ def _restore_fields(path: pathlib.Path, target: dict[str, Any]) -> dict[str, Any
 def read_arrays(workdir: str | pathlib.Path, step: int,
                 fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Every array of step's checkpoint as host numpy, keyed by its tree path ("params/...");
-    with `fields`, only those top-level fields of the saved state (absent ones skipped), the
-    others left unread (e.g. an encoder without its optimizer state and class centres).
+    with `fields`, only those subtrees of the saved state, each a field or a path below one
+    ("params/encoder"; absent ones skipped), the others left unread (e.g. an encoder without
+    its optimizer state and class centres).
 
     Needs no config, model or devices (no target structure): for comparing two runs bit for
     bit, e.g. a run killed and resumed many times against an uninterrupted one.
@@ -231,12 +232,29 @@ def read_arrays(workdir: str | pathlib.Path, step: int,
         raise FileNotFoundError(f"no complete checkpoint of step {step} at {path}")
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     if fields is not None:
-        tree = {field: tree[field] for field in fields if field in tree}
+        tree = _subtrees(tree, fields)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     arrays = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=tree, restore_args=restore_args, partial_restore=fields is not None))
     return {jax.tree_util.keystr(key, simple=True, separator="/"): value
             for key, value in jax.tree.leaves_with_path(arrays)}
+
+
+def _subtrees(tree: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
+    """The part of a nested dict `tree` under each "a/b" path, nested as in `tree`; a path
+    that is absent is skipped."""
+    kept: dict[str, Any] = {}
+    for path in paths:
+        parts, node = path.split("/"), tree
+        for part in parts:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        into = kept
+        for part in parts[:-1]:
+            into = into.setdefault(part, {})
+        into[parts[-1]] = node
+    return kept
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

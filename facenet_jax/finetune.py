@@ -20,7 +20,8 @@ import optax
 from facenet_jax import checkpoints
 from facenet_jax.config import changed_keys, get_dotted, to_plain
 from facenet_jax.runfiles import CONFIG_FILE, load_run_config, read_run_record
-from facenet_jax.state import TrainState, create_train_state, state_from_variables
+from facenet_jax.state import (TrainState, create_train_state, encoder_variables,
+                               state_from_variables)
 
 # Model keys that change what the loaded weights compute without changing their shapes: the
 # fine-tuning config must agree with DIR's on them.
@@ -49,14 +50,15 @@ def read_variables(path: str | pathlib.Path) -> tuple[dict[str, Any], int]:
     """({"params", "batch_stats"} of DIR's newest checkpoint as host numpy, its step)."""
     check_init_dir(path)
     step = checkpoints.latest_step(path)
-    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
-    for key, value in checkpoints.read_arrays(path, step, fields=tuple(variables)).items():
-        collection, *rest = key.split("/")
-        node = variables[collection]
-        for part in rest[:-1]:
+    fields: dict[str, Any] = {"params": {"encoder": {}}, "batch_stats": {}}
+    for key, value in checkpoints.read_arrays(path, step,
+                                              fields=("params/encoder", "batch_stats")).items():
+        *parents, leaf = key.split("/")
+        node = fields
+        for part in parents:
             node = node.setdefault(part, {})
-        node[rest[-1]] = np.asarray(value)
-    return variables, step
+        node[leaf] = np.asarray(value)
+    return encoder_variables(fields), step
 
 
 def _paths(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -58,29 +58,30 @@ def make_schedule(opt: Any, num_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def make_optimizer(opt: Any, num_steps: int, *, clip: bool = True,
-                   backbone_multiplier: bool = True) -> optax.GradientTransformation:
-    """Clipping → the named optimiser → (coupled) weight decay, driven by `make_schedule`.
+def make_optimizer(opt: Any, num_steps: int) -> optax.GradientTransformation:
+    """Clipping → the named optimiser → (coupled) weight decay, driven by `make_schedule`, over
+    the train params {"encoder", "head"} (state.TrainState.params).
 
     AdamW decouples weight decay itself; for the others it is added to the gradient (L2), as in
-    FaceNet-era training with AdaGrad / SGD. clip=False leaves out the clipping (a step whose
-    parameters are partly sharded over the mesh clips them jointly itself: `clip_by_global_norm`
-    here would see one shard's norm); backbone_multiplier=False leaves out
-    `backbone_lr_multiplier` (an objective's own parameters, e.g. class centres).
+    FaceNet-era training with AdaGrad / SGD. `grad_clip_norm` clips the whole tree by its
+    global norm: the step runs over global arrays, so a head split over the mesh is clipped
+    with the encoder as one device would. `backbone_lr_multiplier` scales the encoder's
+    backbone (everything outside its embedding head, `param_groups`); the objective's own
+    parameters (class centres) train at the base rate.
     """
     schedule = make_schedule(opt, num_steps)
     chain = []
-    if opt.grad_clip_norm and clip:
+    if opt.grad_clip_norm:
         chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
     if opt.weight_decay and opt.name not in DECOUPLED_DECAY:
         chain.append(optax.add_decayed_weights(opt.weight_decay))
     chain.append(OPTIMIZERS.get(opt.name)(opt, schedule))
-    if opt.backbone_lr_multiplier != 1.0 and backbone_multiplier:
+    if opt.backbone_lr_multiplier != 1.0:
         # Scaling the final updates scales the learning rate (and AdamW's decoupled decay)
         # exactly; 0 leaves the backbone's parameters untouched.
         chain.append(optax.multi_transform(
             {"head": optax.identity(), "backbone": optax.scale(opt.backbone_lr_multiplier)},
-            head_or_backbone))
+            param_groups))
     return optax.chain(*chain)
 
 
@@ -119,9 +120,17 @@ SCHEDULE_NAMES = SCHEDULES.names()
 
 
 def head_or_backbone(tree: dict[str, Any]) -> dict[str, Any]:
-    """The same tree with each leaf labelled "head" (under HEAD_SCOPE) or "backbone"."""
+    """An encoder's parameter tree with each leaf labelled "head" (under HEAD_SCOPE) or
+    "backbone"."""
     return {scope: jax.tree.map(lambda _, s=scope: "head" if s == HEAD_SCOPE else "backbone",
                                 subtree) for scope, subtree in tree.items()}
+
+
+def param_groups(params: dict[str, Any]) -> dict[str, Any]:
+    """The train params {"encoder", "head"} labelled for `backbone_lr_multiplier`: the
+    encoder's leaves by `head_or_backbone`, the objective's own parameters "head"."""
+    return {"encoder": head_or_backbone(params["encoder"]),
+            "head": jax.tree.map(lambda _: "head", params["head"])}
 
 
 def keep_backbone_stats(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

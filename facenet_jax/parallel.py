@@ -1,12 +1,14 @@
-"""Device mesh, per-device programs under shard_map, multi-host start-up.
+"""Device mesh, global-array shardings, per-device programs under shard_map, multi-host start-up.
 
-Every per-device function in this project is written with pmap semantics: it sees its own shard
-of the batch and combines results with collectives over the axis name `AXIS`. It runs under
-`jax.jit(jax.shard_map(..., check_vma=False))` over a 1-D mesh: `jax.pmap` is in maintenance mode
-and has itself been built on shard_map since JAX 0.8, so the code targets shard_map directly. With
-`check_vma=False` nothing is summed behind our back: collectives transpose as under pmap (psum ↔
-psum, all_gather ↔ psum_scatter), so the gradient of the sum of per-device objectives is the
-psum of the per-device gradients.
+The train step (train/step.py) is jitted over global arrays laid out on a 1-D mesh with axis
+`AXIS` (`replicated`, `batch_sharded`, `put_with_specs`); only the objective's per-device sums
+run under `jax.shard_map` inside it (check_vma=True, differentiated outside). Per-device
+functions written with pmap semantics (each sees its own shard and combines results with
+collectives over `AXIS`; the embedder) run under `shard_per_device`:
+`jax.jit(jax.shard_map(..., check_vma=False))`. `jax.pmap` is in maintenance mode and has
+itself been built on shard_map since JAX 0.8, so the code targets shard_map directly. With
+`check_vma=False` nothing is summed behind our back: collectives transpose as under pmap
+(psum ↔ psum, all_gather ↔ psum_scatter).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ LOCK_FILE = ".lock"  # held by the training process (exclusive_workdir)
 # The version of what a run folder holds: its files, their keys (config.json's config keys
 # included) and the checkpoint tree. Bump it with any change to them; folders of another
 # version are refused (check_layout) with the commit that reads them, never converted.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # Config keys a resumed run may change when its data proves the same (names and image counts
 # per identity as split.json records them): the same folder reached by another path.
 RELOCATABLE_KEYS = ("data.root",)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
@@ -10,73 +9,48 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import models, objectives, optim
+from facenet_jax.parallel import AXIS
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a checkpoint holds. `step` counts completed updates.
 
-    `rng` is the run's base key; the key of step s is `fold_in(rng, s)`, so a resumed run draws
-    exactly what an uninterrupted one would.
+    params: {"encoder": the encoder's parameters, "head": the objective's own parameters
+    (e.g. class centres, laid out over the mesh by its `param_specs`; {} for none)}, trained
+    by one optimizer whose state is `opt_state`. `extra`: the objective's non-trained state
+    (a cross-batch memory; {} for none), replicated. `rng` is the run's base key; the key of
+    step s is `fold_in(rng, s)`, so a resumed run draws exactly what an uninterrupted one would.
     """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    extra: Any
     rng: jax.Array
 
     @property
     def variables(self) -> dict[str, Any]:
-        return {"params": self.params, "batch_stats": self.batch_stats}
-
-    # What the step hands its objective (objectives/base.py): its parameters and its
-    # non-trained state. A state without either field has none of them.
-    @property
-    def objective_params(self) -> Any:
-        return {}
-
-    @property
-    def objective_extra(self) -> Any:
-        return None
-
-    def with_objective_extra(self, extra: Any) -> "TrainState":
-        return self
+        """The encoder's {"params", "batch_stats"}: what evaluation and embed apply."""
+        return {"params": self.params["encoder"], "batch_stats": self.batch_stats}
 
 
-@flax.struct.dataclass
-class MemoryTrainState(TrainState):
-    """The train state of a run with a cross-batch memory (config.loss.memory.size > 0):
-    `memory` is a `losses.memory.CrossBatchMemory`, checkpointed with the rest. A separate
-    class, so a run without memory keeps exactly the old state tree (orbax restores only into
-    the tree a checkpoint was saved from)."""
-
-    memory: Any
-
-    @property
-    def objective_extra(self) -> Any:
-        return self.memory
-
-    def with_objective_extra(self, extra: Any) -> "MemoryTrainState":
-        return self.replace(memory=extra)
+def encoder_fields(variables: dict[str, Any]) -> dict[str, Any]:
+    """An encoder's variables {"params", "batch_stats"} placed where the train state (and so a
+    checkpoint) holds them: a partial state tree, e.g. the target of
+    `checkpoints.restore_latest(..., partial=True)` that reads the encoder alone."""
+    return {"params": {"encoder": variables["params"]},
+            "batch_stats": variables.get("batch_stats", {})}
 
 
-@flax.struct.dataclass
-class HeadTrainState(TrainState):
-    """The train state of an objective with parameters of its own (e.g. class centres,
-    objectives/classification.py): `head` holds them, laid out over the mesh by the
-    objective's `param_specs`, and `head_opt_state` their optimizer state (the encoder's stays
-    in `opt_state`, so runs without a head keep the old state tree)."""
-
-    head: Any
-    head_opt_state: Any
-
-    @property
-    def objective_params(self) -> Any:
-        return self.head
+def encoder_variables(fields: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `encoder_fields`: {"params", "batch_stats"} of a partial state tree."""
+    return {"params": fields["params"]["encoder"], "batch_stats": fields.get("batch_stats", {})}
 
 
 def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
@@ -90,18 +64,10 @@ def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None):
 
 def build_optimizer(config: ml_collections.ConfigDict
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The encoder's optimizer and the schedule. With an objective that has parameters the
-    step clips the whole tree jointly (some of it is sharded), so this one does not clip."""
-    clip = not objectives.has_parameters(config)
-    return (optim.make_optimizer(config.optimizer, config.num_steps, clip=clip),
+    """The optimizer of the train params {"encoder", "head"} (optim.make_optimizer: clipped
+    by their joint global norm) and the schedule."""
+    return (optim.make_optimizer(config.optimizer, config.num_steps),
             optim.make_schedule(config.optimizer, config.num_steps))
-
-
-def build_head_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimizer of the objective's own parameters: the encoder's settings at the base
-    learning rate, without clipping (the step clips jointly)."""
-    return optim.make_optimizer(config.optimizer, config.num_steps, clip=False,
-                                backbone_multiplier=False)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: Any,
@@ -138,37 +104,48 @@ def _keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
 def state_from_variables(config: ml_collections.ConfigDict, variables: Any,
                          tx: optax.GradientTransformation, *, num_classes: int | None = None,
                          num_shards: int = 1) -> TrainState:
-    """A step-0 train state holding given encoder variables ({"params", "batch_stats"}), a
-    fresh optimizer, the objective's own parameters (initialised from `config.seed`) and its
-    initial non-trained state (with `loss.memory.size` > 0, an empty cross-batch memory): what
-    `create_train_state` builds, and what a run starting from imported or fine-tuned weights
-    starts from without initialising (and compiling the initialisation of) the encoder."""
-    params = variables["params"]
-    fields = dict(step=jnp.zeros((), jnp.int32), params=params,
-                  batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                  rng=_keys(config)[1])
+    """A step-0 train state holding given encoder variables ({"params", "batch_stats"}), the
+    objective's own parameters (initialised from `config.seed`; {} for none), a fresh
+    optimizer over both, and the objective's initial non-trained state (with
+    `loss.memory.size` > 0, an empty cross-batch memory): what `create_train_state` builds,
+    and what a run starting from imported or fine-tuned weights starts from without
+    initialising (and compiling the initialisation of) the encoder."""
     objective = objectives.from_config(config, num_classes=num_classes, num_shards=num_shards)
-    if objectives.has_parameters(config):
-        head = objective.init(jax.random.fold_in(_keys(config)[0], _HEAD_INIT_STREAM),
-                              config.model.embedding_dim)
-        return HeadTrainState(**fields, head=head,
-                              head_opt_state=build_head_optimizer(config).init(head))
+    head_key = jax.random.fold_in(_keys(config)[0], _HEAD_INIT_STREAM)
+    params = {"encoder": variables["params"],
+              "head": objective.init(head_key, config.model.embedding_dim)}
     extra = objective.init_extra(config.model.embedding_dim)
-    if extra is None:
-        return TrainState(**fields)
-    return MemoryTrainState(**fields, memory=extra)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      extra={} if extra is None else extra, rng=_keys(config)[1])
 
 
 def partition_specs(state: TrainState, objective: objectives.Objective,
-                    head_tx: optax.GradientTransformation | None = None) -> Any:
-    """A PartitionSpec tree (a prefix of `state`) for the step's shard_map: everything
-    replicated but a head state's parameters (the objective's `param_specs`) and their copies
-    in its optimizer state (`head_tx`'s, e.g. momentum)."""
-    if not isinstance(state, HeadTrainState):
-        return P()
-    specs = objective.param_specs()
-    opt_specs = optax.tree_map_params(
-        head_tx, lambda _, spec: spec, state.head_opt_state, specs,
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
-    replicated = {field.name: P() for field in dataclasses.fields(TrainState)}
-    return HeadTrainState(**replicated, head=specs, head_opt_state=opt_specs)
+                    tx: optax.GradientTransformation) -> TrainState:
+    """A PartitionSpec tree (a prefix of `state`) of where each leaf lives on the mesh:
+    everything replicated but the objective's parameters (its `param_specs`, e.g. centres
+    split along the classes) and their copies in the optimizer state (momenta, accumulators).
+
+    The latter follow their parameters by JAX's explicit sharding types: `tx.init` traced
+    (shapes only) on parameters typed with their specs carries each spec to the state leaves
+    derived from them. jit's propagation does not do it (the optimizer state is initialised
+    from constants: `jax.jit(tx.init)` of sharded parameters returned every leaf on one
+    device, jax 0.10), nor does `optax.tree_map_params` (it cannot call the label function of
+    `backbone_lr_multiplier`'s multi_transform)."""
+    param_specs = {"encoder": jax.tree.map(lambda _: P(), state.params["encoder"]),
+                   "head": objective.param_specs()}
+    with jax.sharding.use_abstract_mesh(_LAYOUT_MESH):
+        typed = jax.tree.map(
+            lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                 sharding=NamedSharding(_LAYOUT_MESH, spec)),
+            param_specs, state.params, is_leaf=lambda x: isinstance(x, P))
+        opt_state = jax.eval_shape(tx.init, typed)
+    opt_specs = jax.tree.map(lambda x: P() if x.sharding is None else x.sharding.spec,
+                             opt_state)
+    return TrainState(step=P(), params=param_specs, batch_stats=P(), opt_state=opt_specs,
+                      extra=P(), rng=P())
+
+
+# A one-device mesh with explicit axis types on which `partition_specs` traces `tx.init`: its
+# size does not matter, only that a leaf's spec is part of its type.
+_LAYOUT_MESH = AbstractMesh((1,), (AXIS,), axis_types=(AxisType.Explicit,))

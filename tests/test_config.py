@@ -162,11 +162,16 @@ def test_init_from_must_be_a_run_folder_with_a_checkpoint(tmp_path):
 
 
 def test_backbone_lr_multiplier_scales_the_backbone_updates_only():
+    """The train params {"encoder", "head"}: the encoder's backbone is scaled; its embedding
+    head and the objective's own parameters (class centres) train at the base rate."""
     import jax.numpy as jnp
 
-    params = {"ConvBN_0": {"kernel": jnp.ones(3)}, optim.HEAD_SCOPE: {"kernel": jnp.ones(2)}}
-    grads = {"ConvBN_0": {"kernel": jnp.full(3, 2.0)},
-             optim.HEAD_SCOPE: {"kernel": jnp.full(2, 2.0)}}
+    params = {"encoder": {"ConvBN_0": {"kernel": jnp.ones(3)},
+                          optim.HEAD_SCOPE: {"kernel": jnp.ones(2)}},
+              "head": {"centres": jnp.ones((4, 2))}}
+    grads = {"encoder": {"ConvBN_0": {"kernel": jnp.full(3, 2.0)},
+                         optim.HEAD_SCOPE: {"kernel": jnp.full(2, 2.0)}},
+             "head": {"centres": jnp.full((4, 2), 2.0)}}
     updates = {}
     for multiplier in (1.0, 0.25, 0.0):
         tx = optim.make_optimizer(_opt(name="sgd", momentum=0.0, schedule="constant",
@@ -174,8 +179,10 @@ def test_backbone_lr_multiplier_scales_the_backbone_updates_only():
                                        backbone_lr_multiplier=multiplier), 10)
         updates[multiplier], _ = tx.update(grads, tx.init(params), params)
     for multiplier in (1.0, 0.25, 0.0):  # plain SGD: update = -lr * multiplier * grad
-        np.testing.assert_allclose(updates[multiplier]["ConvBN_0"]["kernel"], -0.2 * multiplier)
-        np.testing.assert_allclose(updates[multiplier][optim.HEAD_SCOPE]["kernel"], -0.2)
+        encoder = updates[multiplier]["encoder"]
+        np.testing.assert_allclose(encoder["ConvBN_0"]["kernel"], -0.2 * multiplier)
+        np.testing.assert_allclose(encoder[optim.HEAD_SCOPE]["kernel"], -0.2)
+        np.testing.assert_allclose(updates[multiplier]["head"]["centres"], -0.2)
 
 
 def test_a_resumed_fine_tune_never_reads_init_from(tmp_path):

@@ -12,6 +12,7 @@ import types
 import warnings
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from facenet_jax import checkpoints
@@ -174,3 +175,15 @@ def test_read_arrays_returns_every_leaf_by_path(tmp_path):
     assert arrays["w"].shape == (3, 4) and (arrays["w"] == 5.0).all() and arrays["step"] == 5
     with pytest.raises(FileNotFoundError, match="step 6"):
         checkpoints.read_arrays(tmp_path, 6)
+
+
+def test_read_arrays_reads_only_the_subtrees_asked_for(tmp_path):
+    """fields: top-level fields or paths below them ("params/encoder": an encoder without the
+    class centres beside it); an absent path is skipped."""
+    state = {"params": {"encoder": {"w": jnp.ones(2)}, "head": {"centres": jnp.zeros((4, 2))}},
+             "batch_stats": {"mean": jnp.full(2, 3.0)}, "step": jnp.asarray(1)}
+    checkpoints.save(_manager(tmp_path), 1, state)
+    arrays = checkpoints.read_arrays(tmp_path, 1, fields=("params/encoder", "batch_stats",
+                                                          "params/missing", "extra"))
+    assert sorted(arrays) == ["batch_stats/mean", "params/encoder/w"]
+    np.testing.assert_array_equal(arrays["batch_stats/mean"], [3.0, 3.0])

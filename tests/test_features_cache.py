@@ -196,7 +196,9 @@ def _source(workdir, config):
     model, (tx, _) = build_model(config, bn_axis_name=None), build_optimizer(config)
     state = create_train_state(config, model, tx)
     size = config.data.image_size
-    state = state.replace(**_random_variables(model, size))
+    variables = _random_variables(model, size)
+    state = state.replace(params={**state.params, "encoder": variables["params"]},
+                          batch_stats=variables["batch_stats"])
     manager = checkpoints.make_manager(workdir, max_to_keep=1)
     checkpoints.save(manager, 0, parallel.put_replicated(state, parallel.make_mesh(1)))
     return workdir

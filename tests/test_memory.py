@@ -15,7 +15,7 @@ import pytest
 from facenet_jax import config as config_lib
 from facenet_jax import losses, models, parallel
 from facenet_jax.losses import memory as xbm
-from facenet_jax.state import MemoryTrainState, TrainState, create_train_state
+from facenet_jax.state import TrainState, create_train_state
 from facenet_jax.train import LossSpec, make_train_step
 from facenet_jax.train.validate import validate_run_config
 
@@ -147,11 +147,11 @@ def _images(seed):
 def _memory_state(tx):
     model = models.create_model("small_cnn", embedding_dim=DIM, bn_axis_name=None)
     variables = model.init(jax.random.key(0), jnp.zeros((2, SIZE, SIZE, 3)), train=False)
-    return jax.device_get(MemoryTrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"],
-        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-        rng=jax.random.PRNGKey(1),
-        memory=xbm.init_memory(MEMORY, DIM)))
+    params = {"encoder": variables["params"], "head": {}}
+    return jax.device_get(TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params), extra=xbm.init_memory(MEMORY, DIM),
+        rng=jax.random.PRNGKey(1)))
 
 
 @functools.cache
@@ -159,7 +159,7 @@ def _step(num_devices, strategy, start_step):
     tx = optax.sgd(0.5)
     loss = LossSpec(strategy=strategy, margin=0.5, distance="squared", soft=False,
                     memory=xbm.MemorySpec(size=MEMORY, start_step=start_step, weight=0.7))
-    model = models.create_model("small_cnn", embedding_dim=DIM, bn_axis_name=parallel.AXIS)
+    model = models.create_model("small_cnn", embedding_dim=DIM, bn_axis_name=None)
     mesh = parallel.make_mesh(num_devices)
     step = make_train_step(mesh, model=model, tx=tx, schedule=optax.constant_schedule(0.5),
                            loss=loss, mining="global")
@@ -193,20 +193,20 @@ def test_train_step_memory_on_8_devices_matches_a_one_device_brute_force_referen
                                     train=True, mutable=["batch_stats"])
         np.testing.assert_allclose(metrics["loss"], batch_loss(embeddings, labels), rtol=2e-4,
                                    atol=2e-6)
-        memory = previous.memory
+        memory = previous.extra
         ref, count = _brute_force_memory_loss(
             np.asarray(embeddings), labels, np.asarray(memory.embeddings),
             np.asarray(memory.labels), np.asarray(memory.valid), 0.5, "semihard")
         np.testing.assert_allclose(metrics["memory_loss"], ref, rtol=2e-4, atol=2e-6)
         assert (count > 0) == (s > 1)
         if s == 0:
-            assert not state.memory.valid.any()
+            assert not state.extra.valid.any()
         else:  # FIFO: this step's batch now sits at slots [16 (s-1), 16 s) mod 32.
             slots = (np.arange(P_IDS * K) + P_IDS * K * (s - 1)) % MEMORY
-            np.testing.assert_array_equal(state.memory.labels[slots], labels)
-            np.testing.assert_allclose(state.memory.embeddings[slots], embeddings, rtol=1e-4,
+            np.testing.assert_array_equal(state.extra.labels[slots], labels)
+            np.testing.assert_allclose(state.extra.embeddings[slots], embeddings, rtol=1e-4,
                                        atol=1e-5)
-            assert int(state.memory.valid.sum()) == P_IDS * K * s
+            assert int(state.extra.valid.sum()) == P_IDS * K * s
         np.testing.assert_allclose(metrics["memory_fill"], memory.valid.mean())
         previous = state
     assert ref > 0
@@ -227,7 +227,7 @@ def test_size_zero_is_no_memory():
     assert LossSpec.from_config(config.loss).memory is None
     model = models.create_model("small_cnn", embedding_dim=8, bn_axis_name=None)
     state = jax.eval_shape(lambda: create_train_state(config, model, optax.sgd(0.1)))
-    assert type(state) is TrainState  # no memory buffer in the tree
+    assert state.extra == {}  # no memory buffer in the tree
     with_memory = config_lib.to_plain(_config(size=64))
     assert config_lib.changed_keys(config_lib.to_plain(config), with_memory) == [
         "loss.memory.size"]
@@ -261,14 +261,14 @@ def test_resume_restores_the_memory_bit_exactly(tmp_path):
     config.model.embedding_dim, config.data.image_size = DIM, SIZE
     model = models.create_model("small_cnn", embedding_dim=DIM, bn_axis_name=None)
     target = create_train_state(config, model, tx)
-    assert isinstance(target, MemoryTrainState) and not target.memory.valid.any()
-    assert target.memory.embeddings.shape == (MEMORY, DIM)
+    assert isinstance(target.extra, xbm.CrossBatchMemory) and not target.extra.valid.any()
+    assert target.extra.embeddings.shape == (MEMORY, DIM)
     restored, reached = checkpoints.restore_latest(
         checkpoints.make_manager(tmp_path, max_to_keep=2, read_only=True),
         parallel.put_replicated(target, mesh))
     assert reached == 2
     for s in range(2, 4):
         restored, _ = step(restored, *_images(s))
-    assert int(straight.memory.valid.sum()) == MEMORY  # steps 1, 2, 3 enqueued: wrapped
+    assert int(straight.extra.valid.sum()) == MEMORY  # steps 1, 2, 3 enqueued: wrapped
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(a, b)

@@ -246,8 +246,9 @@ def test_fine_tuning_the_imported_model_on_orl(imported, shared_data, tmp_path):
     for collection in ("params", "batch_stats"):
         for scope, subtree in start[collection].items():
             for key, value in jax.tree_util.tree_leaves_with_path(subtree):
-                path = f"{collection}/{scope}/" + jax.tree_util.keystr(
-                    key, simple=True, separator="/")
+                where = "params/encoder" if collection == "params" else collection
+                path = f"{where}/{scope}/" + jax.tree_util.keystr(key, simple=True,
+                                                                 separator="/")
                 if scope == optim.HEAD_SCOPE:
                     moved.append(not np.array_equal(tuned[path], value))
                 else:

@@ -36,7 +36,7 @@ from facenet_jax.config import apply_evaluation_overrides
 from facenet_jax.eval.metrics import FLIP_MODES, pair_distances, validate_eval_config
 from facenet_jax.eval.threshold import run_threshold
 from facenet_jax.runfiles import atomic_write_with, load_run_config
-from facenet_jax.state import build_model
+from facenet_jax.state import build_model, encoder_fields, encoder_variables
 
 Embedder = Callable[[Any, np.ndarray], np.ndarray]
 
@@ -216,12 +216,10 @@ def load_encoder(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
                                           train=False)))
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints,
                                        read_only=True)
-    restored = checkpoints.restore_latest(
-        manager, {"params": target["params"], "batch_stats": target.get("batch_stats", {})},
-        partial=True)
+    restored = checkpoints.restore_latest(manager, encoder_fields(target), partial=True)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}")
-    variables, step = restored
+    variables, step = encoder_variables(restored[0]), restored[1]
     batch_size = _round_up(config.eval.batch_size, mesh.size)
     embedder = make_embedder(model, mesh, batch_size=batch_size,
                              flip=config.eval.flip if flip is None else flip,

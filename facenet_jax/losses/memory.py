@@ -13,9 +13,10 @@ strategy mines against it (`triplet_loss_sums` with a candidate mask, so only fi
 slots are candidates and the batch's own rows are not). Gradients flow only through the batch's
 anchors.
 
-Pure functions and the state they act on; the triplet objective (objectives/triplet.py) wires them into the
-step, and the
-memory lives in the train state (state.py), identical on every device.
+Pure functions and the state they act on; the triplet objective (objectives/triplet.py) wires
+them into the step: the memory's loss per device (each device's anchors, under the step's
+shard_map), its update over global arrays (the global batch enqueued, no per-device code). The
+memory lives in the train state (state.py, `extra`), replicated on every device.
 """
 
 from __future__ import annotations

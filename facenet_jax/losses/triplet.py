@@ -480,6 +480,13 @@ def _sums_by_blocks(block_sums: BlockSums, embeddings: jax.Array, margin: jax.Ar
 
     blocked = jax.custom_vjp(forward)
     blocked.defvjp(forward_and_gradient, backward)
+    # Under shard_map with check_vma (the train step's per-device sums), the margin is the
+    # same on every device but the gradient `backward` returns for it is each device's: typed
+    # as varying over the manual axes, as the embeddings are (the cast's transpose then sums
+    # those gradients over the devices).
+    manual_axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual_axes:
+        margin = lax.pcast(margin, manual_axes, to="varying")
     return blocked(embeddings, margin)
 
 

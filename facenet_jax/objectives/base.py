@@ -2,18 +2,20 @@
 
 An objective turns one device's embeddings into additive loss sums, one entry per *term*
 (`{"triplet": sums, "memory": sums}`): each term's `loss_sum` and `count` add up over devices
-and over a split batch, so `weighted_objective` gives exactly the one-device mean on any mesh.
-It may own parameters (e.g. class centres), each with a PartitionSpec: `P()` for a replicated
-leaf, whose gradient the step psums over the mesh axis, or `P(AXIS)` for one sharded along its
-first dimension, whose gradient stays on its device. It may also own non-trained state (e.g. a
-cross-batch memory), identical on every device, that `update` advances after each step.
+and over a split batch, so `weighted_objective` of the psum'd sums is exactly the one-device
+mean on any mesh. It may own parameters (e.g. class centres), each with a PartitionSpec: `P()`
+for a replicated leaf or `P(AXIS)` for one sharded along its first dimension; this is the one
+place that says whether an objective has parameters ({} for none) and how they are laid out.
+It may also own non-trained state (e.g. a cross-batch memory), replicated, that `update`
+advances after each step.
 
-The step (train/step.py) calls, per device under shard_map with axis `parallel.AXIS`:
+The step (train/step.py) runs over global arrays and calls:
 
-    terms = objective.sums(params, extra, embeddings, labels, key)       # differentiated
-    value = weighted_objective(terms, objective.term_weights)            # its psum = the mean
-    metrics = objective.reduce(psum(terms), extra)                       # keys: stats_keys
-    extra = objective.update(extra, embeddings, labels, step)
+    terms = psum(objective.sums(params, extra, embeddings, labels, key))  # per device under
+                                        # shard_map (step.objective_terms), differentiated
+    value = weighted_objective(terms, objective.term_weights)            # the global mean
+    metrics = objective.reduce(terms, extra)                             # keys: stats_keys
+    extra = objective.update(extra, embeddings, labels, step)            # the global batch
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from facenet_jax.parallel import AXIS
 
 Terms = dict[str, dict[str, jax.Array]]  # term name -> additive sums with loss_sum and count
 
@@ -46,19 +46,22 @@ class Objective(Protocol):
         """Each term's weight in the optimised value."""
 
     def init(self, key: jax.Array, embedding_dim: int) -> Any:
-        """Its parameters as global arrays ({} for none)."""
+        """Its parameters as global arrays ({} for none): the train state's params["head"]."""
 
     def param_specs(self) -> Any:
-        """A PartitionSpec per parameter leaf (or subtree): P() replicated, P(AXIS) sharded
-        along the first dimension."""
+        """A PartitionSpec per parameter leaf: P() replicated, P(AXIS) sharded along the
+        first dimension. The step's shard_map and the state's layout (state.partition_specs,
+        the optimizer state's copies included) both read it."""
 
     def init_extra(self, embedding_dim: int) -> Any:
-        """The non-trained state a run starts with, or None."""
+        """The non-trained state a run starts with, or None (the state then holds {})."""
 
     def sums(self, params: Any, extra: Any, embeddings: jax.Array, labels: jax.Array,
              key: jax.Array) -> Terms:
-        """This device's additive sums. embeddings: [b,D] float32 (this device's rows);
-        labels: int [b]; key: the step's key (the same on every device)."""
+        """This device's additive sums, per device under shard_map (pmap semantics over
+        AXIS). params: this device's part of them (its `param_specs`); embeddings: [b,D]
+        float32 (this device's rows); labels: int [b]; key: the step's key (the same on every
+        device)."""
 
     def reduce(self, terms: Terms, extra: Any) -> dict[str, jax.Array]:
         """Metrics (`stats_keys`) from the sums over all devices, and the state before the
@@ -66,18 +69,19 @@ class Objective(Protocol):
 
     def update(self, extra: Any, embeddings: jax.Array, labels: jax.Array,
                step: jax.Array) -> Any:
-        """The state after step `step` (counted from 0), given this device's rows."""
+        """The state after step `step` (counted from 0), given the global batch's
+        embeddings [B,D] and labels [B] (global arrays, outside shard_map)."""
 
     def collapse_warning(self, rows: list[Mapping[str, float]], step: int) -> str | None:
         """A warning when the logged training rows show collapsed embeddings, else None."""
 
 
 def weighted_objective(terms: Terms, weights: Mapping[str, float]) -> jax.Array:
-    """Σ_t w_t · loss_sum_t / (the global count_t): this device's share of the weighted mean
-    (per device, under the mesh axis). Its sum over devices is the mean of the whole batch, so
-    the psum of the per-device gradients is the gradient of that mean (parallel.py)."""
+    """Σ_t w_t · loss_sum_t / count_t of the global (psum'd) sums: the weighted mean over the
+    whole batch (a term with no count contributes 0). The counts are constants of the
+    gradient."""
     value = jnp.zeros((), jnp.float32)
     for name, sums in terms.items():
-        count = lax.psum(lax.stop_gradient(sums["count"]), AXIS)
+        count = lax.stop_gradient(sums["count"])
         value += weights[name] * sums["loss_sum"] / jnp.maximum(count, 1.0)
     return value

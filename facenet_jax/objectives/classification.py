@@ -125,8 +125,8 @@ class ClassificationObjective:
         return {"loss": loss, **stats, "embedding_spread": _spread(sums)}
 
     def update(self, extra: Any, embeddings: jax.Array, labels: jax.Array,
-               step: jax.Array) -> None:
-        return None
+               step: jax.Array) -> Any:
+        return extra
 
     def collapse_warning(self, rows: list[Mapping[str, float]], step: int) -> str | None:
         return collapse.spread_collapse_warning(rows, step=step)
@@ -173,8 +173,8 @@ class CombinedObjective:
                 **{k: v for k, v in triplet.items() if k != "loss"}}
 
     def update(self, extra: Any, embeddings: jax.Array, labels: jax.Array,
-               step: jax.Array) -> None:
-        return None
+               step: jax.Array) -> Any:
+        return extra
 
     def collapse_warning(self, rows: list[Mapping[str, float]], step: int) -> str | None:
         return collapse.spread_collapse_warning(rows, step=step)

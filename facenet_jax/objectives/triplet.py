@@ -69,7 +69,7 @@ class TripletObjective:
     all-gathered global batch (the one-device result on any mesh), "local" within each
     device's shard (each with its own key). With `loss.memory`, the same anchors are also mined
     against the memory (weight × that loss added), and the global batch is enqueued after the
-    step from memory.start_step on."""
+    step from memory.start_step on (over global arrays: the memory stays replicated)."""
 
     loss: LossSpec
     mining: str = "global"
@@ -141,9 +141,7 @@ class TripletObjective:
                step: jax.Array) -> Any:
         if self.loss.memory is None:
             return extra
-        return xbm.enqueue_from(extra, lax.all_gather(embeddings, AXIS, tiled=True),
-                                lax.all_gather(labels, AXIS, tiled=True), step,
-                                self.loss.memory.start_step)
+        return xbm.enqueue_from(extra, embeddings, labels, step, self.loss.memory.start_step)
 
     def collapse_warning(self, rows: list[Mapping[str, float]], step: int) -> str | None:
         return collapse.collapse_warning(rows, step=step, margin=self.loss.margin,

@@ -23,9 +23,8 @@ from facenet_jax import (checkpoints, data, features_cache, finetune, objectives
 from facenet_jax.eval import evaluators, plots
 from facenet_jax.eval.embed import make_embedder
 from facenet_jax.logs import MetricsWriter, read_metrics, truncate_metrics
-from facenet_jax.state import (build_head_optimizer, build_model, build_optimizer,
-                               create_train_state, partition_specs)
-from facenet_jax.train.step import AXIS, make_train_step
+from facenet_jax.state import build_model, build_optimizer, create_train_state, partition_specs
+from facenet_jax.train.step import make_train_step
 from facenet_jax.train.validate import validate_run_config
 
 # Logged beside the objective's own stats_keys (averaged over the steps since the last line).
@@ -248,7 +247,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     runfiles.check_num_steps(reached, config.num_steps)
     if reached is None and config.model.init_from is not None:  # a resume never reads it
         finetune.check_init_dir(config.model.init_from)
-    model = build_model(config, bn_axis_name=AXIS)
+    model = build_model(config, bn_axis_name=None)  # the step is jitted over the global batch
     tx, schedule = build_optimizer(config)
     has_head = objectives.has_parameters(config)
 
@@ -268,8 +267,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
 
     host_state = finetune.initial_state(config, model, tx, resuming=reached is not None,
                                         **sizes)
-    head_tx = build_head_optimizer(config) if has_head else None
-    state_specs = partition_specs(host_state, objective, head_tx)
+    state_specs = partition_specs(host_state, objective, tx)
     state = parallel.put_with_specs(host_state, state_specs, mesh)
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
     restored = checkpoints.restore_latest(manager, state)
@@ -283,7 +281,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                               init_from=_init_from_record(config, resumed))
         data.write_split_record(workdir / runfiles.SPLIT_FILE, run_data.splits)
 
-    eval_model = build_model(config, bn_axis_name=None)
+    eval_model = model
     train_model = model
     if features_cache.enabled(config) and config.num_steps > start_step:
         # The restored state's backbone is model.init_from's on a resume too (frozen).
@@ -295,9 +293,7 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
         return make_train_step(
             mesh, state_specs=state_specs, model=train_model, tx=tx, schedule=schedule,
             objective=objective,
-            freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0,
-            head_tx=head_tx,
-            clip_norm=config.optimizer.grad_clip_norm if has_head else None)
+            freeze_backbone_stats=config.optimizer.backbone_lr_multiplier == 0)
 
     step_fn = compiled_step(objective)
     warmup_steps = config.loss.warmup_steps

@@ -1,18 +1,33 @@
-"""The per-device train step (pmap semantics over `parallel.AXIS`) and its compiled form."""
+"""The train step over global arrays (jit with NamedSharding) and its compiled form.
+
+The step sees the whole batch as one array sharded along its rows over the mesh axis `AXIS`,
+the encoder and its optimizer state replicated, and the objective's own parameters (class
+centres) and their optimizer state laid out by the objective's `param_specs` (split along the
+classes). jit partitions the encoder's forward and backward pass (BatchNorm's batch statistics
+are the global batch's), the gradient reduction, the optimizer (one optax chain over
+{"encoder", "head"}, clipped by the global norm of the whole tree) and the memory's update.
+Only the objective's additive sums run per device, under `shard_map` (`objective_terms`):
+each device mines its own anchors against the all-gathered batch in blocks, or within its
+shard (parallel.mining="local"), or scores the gathered batch against its class shard (the
+vocabulary-parallel softmax, Partial FC's sample): code whose point is to be per device.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import optim, parallel
-from facenet_jax.objectives import LossSpec, Objective, TripletObjective, weighted_objective
-from facenet_jax.state import HeadTrainState, TrainState
+from facenet_jax.objectives import (LossSpec, Objective, Terms, TripletObjective,
+                                    weighted_objective)
+from facenet_jax.state import TrainState
 
 AXIS = parallel.AXIS
 # Folded into the step's key for the encoder's dropout masks: the mining keys stay as they were.
@@ -26,103 +41,89 @@ def _objective(objective: Objective | None, loss: LossSpec | None, mining: str) 
     return objective if objective is not None else TripletObjective(loss, mining)
 
 
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               objective: Objective | None = None, loss: LossSpec | None = None,
-               mining: str = "global", freeze_backbone_stats: bool = False,
-               head_tx: optax.GradientTransformation | None = None,
-               clip_norm: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update, per device, with pmap semantics over the axis `AXIS`.
+def objective_terms(objective: Objective, mesh: jax.sharding.Mesh, params: Any, extra: Any,
+                    embeddings: jax.Array, labels: jax.Array, key: jax.Array) -> Terms:
+    """The objective's additive sums of the whole batch: its per-device `sums` under
+    shard_map (embeddings [B,D] and labels [B] split along the batch, `params` by the
+    objective's `param_specs`, `extra` and `key` replicated), psum'd over the mesh.
 
-    images: this device's shard, uint8 [b, H, W, 3] (whole identities with the P×K sampler),
-    scaled to [0, 1] for `model`; or float features [b, C] given to `model` as they are
-    (model.cached_features: `model` is then features_cache.FeatureHead); labels: int [b].
-    `objective` (objectives/base.py) turns the embeddings into additive sums; `loss`+`mining`
-    is shorthand for `TripletObjective(loss, mining)`. The per-device value is the objective's
-    share of the global mean (`weighted_objective`), so the psum of the per-device encoder
-    gradients is the gradient of the whole batch's mean: the all_gather inside a global-mining
-    objective transposes to a psum_scatter that routes each candidate's gradient back to the
-    device that embedded it. Metrics are the objective's (from the psum'd sums) plus grad_norm
-    and learning_rate. freeze_backbone_stats (backbone_lr_multiplier = 0): only the embedding
-    head's BN statistics update. Dropout (an encoder with dropout_rate > 0) draws per device
-    from the step's key.
+    check_vma=True types each value as varying over the devices or not, so a gradient taken
+    outside (the step's `jax.grad`) transposes the collectives exactly: the all_gather of
+    the batch to a psum_scatter that routes each candidate's gradient to its device, the final
+    psum to a broadcast; sharded parameters' gradients stay on their device."""
+    def per_device(params: Any, extra: Any, embeddings: jax.Array, labels: jax.Array,
+                   key: jax.Array) -> Terms:
+        return lax.psum(objective.sums(params, extra, embeddings, labels, key), AXIS)
+    return jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(objective.param_specs(), P(), P(AXIS), P(AXIS), P()),
+                         out_specs=P(), check_vma=True)(params, extra, embeddings, labels, key)
 
-    An objective with parameters (a `HeadTrainState`, e.g. class centres sharded over the
-    mesh) is optimised by `head_tx`; the encoder's `tx` and `head_tx` then do not clip: the
-    whole gradient tree is clipped here to `clip_norm` by its global norm, whose sharded
-    leaves' squares are psum'd (grad_norm is that norm), so any mesh clips as one device.
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
+               mesh: jax.sharding.Mesh, model: Any, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, objective: Objective | None = None,
+               loss: LossSpec | None = None, mining: str = "global",
+               freeze_backbone_stats: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update of the whole batch, written over global arrays (jit it over `mesh`).
+
+    images: the global batch, uint8 [B, H, W, 3] (whole identities per device with the P×K
+    sampler), scaled to [0, 1] for `model`; or float features [B, C] given to `model` as they
+    are (model.cached_features: `model` is then features_cache.FeatureHead); labels: int [B];
+    both split along the batch over the mesh. `model` is built without a BN axis name
+    (bn_axis_name=None): its batch statistics are the global batch's. `objective`
+    (objectives/base.py) turns the embeddings into additive sums (`objective_terms`, the
+    only per-device code); `loss`+`mining` is shorthand for `TripletObjective(loss, mining)`.
+    The optimised value is the objective's weighted mean over the global batch; `tx` updates
+    state.params {"encoder", "head"} (state.build_optimizer: one chain, clipped by the whole
+    tree's global norm). Metrics are the objective's plus grad_norm (the global norm of the
+    whole gradient tree, before clipping) and learning_rate. freeze_backbone_stats
+    (backbone_lr_multiplier = 0): only the embedding head's BN statistics update.
+
+    Keys: the step's key is fold_in(state.rng, state.step); the objective's mining and
+    Partial FC draws fold their own streams into it, and the encoder's dropout masks
+    (dropout_rate > 0) are drawn from fold_in(key, _DROPOUT_STREAM) over the global batch at
+    once, so they do not depend on the device count (jit's partitioning never changes
+    random values).
     """
     objective = _objective(objective, loss, mining)
     key = jax.random.fold_in(state.rng, state.step)
-    dropout_key = jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM),
-                                     lax.axis_index(AXIS))
-    extra = state.objective_extra
+    dropout_key = jax.random.fold_in(key, _DROPOUT_STREAM)
     x = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
 
     def value(params: Any) -> tuple[jax.Array, tuple[Any, Any, Any]]:
         embeddings, updates = model.apply(
             {"params": params["encoder"], "batch_stats": state.batch_stats}, x, train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_key})
-        terms = objective.sums(params["head"], extra, embeddings, labels, key)
+        terms = objective_terms(objective, mesh, params["head"], state.extra, embeddings,
+                                labels, key)
         return (weighted_objective(terms, objective.term_weights),
                 (terms, embeddings, updates["batch_stats"]))
 
-    params = {"encoder": state.params, "head": state.objective_params}
-    grads, (terms, embeddings, batch_stats) = jax.grad(value, has_aux=True)(params)
-    specs = {"encoder": P(), "head": objective.param_specs()}
-    grads = psum_replicated(grads, specs)
+    grads, (terms, embeddings, batch_stats) = jax.grad(value, has_aux=True)(state.params)
     if freeze_backbone_stats:
         batch_stats = optim.keep_backbone_stats(state.batch_stats, batch_stats)
-    has_head = isinstance(state, HeadTrainState)
-    if has_head:
-        grad_norm = sharded_global_norm(grads, specs)
-        if clip_norm:
-            grads = jax.tree.map(lambda g: jnp.where(grad_norm < clip_norm, g,
-                                                     g / grad_norm * clip_norm), grads)
-    else:
-        grad_norm = optax.global_norm(grads["encoder"])
-    updates, opt_state = tx.update(grads["encoder"], state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
-                                                                              updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
-    if has_head:
-        head_updates, head_opt_state = head_tx.update(grads["head"], state.head_opt_state,
-                                                      state.head)
-        new_state = new_state.replace(head=optax.apply_updates(state.head, head_updates),
-                                      head_opt_state=head_opt_state)
-    new_state = new_state.with_objective_extra(
-        objective.update(extra, embeddings, labels, state.step))
-    metrics = {**objective.reduce(lax.psum(terms, AXIS), extra),
-               "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats, opt_state=opt_state,
+        extra=objective.update(state.extra, embeddings, labels, state.step))
+    metrics = {**objective.reduce(terms, state.extra),
+               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
     return new_state, metrics
 
 
-def psum_replicated(grads: Any, specs: Any) -> Any:
-    """The gradient tree with each replicated leaf (spec `P()`) psum'd over `AXIS`; a leaf
-    sharded over it keeps its own device's gradient, already the whole batch's. `specs`: a
-    PartitionSpec per leaf, or one for a whole subtree."""
-    def reduce(spec: P, subtree: Any) -> Any:
-        return lax.psum(subtree, AXIS) if spec == P() else subtree
-    return jax.tree.map(reduce, specs, grads, is_leaf=lambda x: isinstance(x, P))
-
-
-def sharded_global_norm(grads: Any, specs: Any) -> jax.Array:
-    """The global L2 norm of a gradient tree whose leaves are replicated (spec P(): each device
-    holds the whole leaf) or sharded over `AXIS` (each holds a slice): squares of the sharded
-    leaves are psum'd, those of the replicated ones counted once."""
-    def squares(spec: P, subtree: Any) -> jax.Array:
-        total = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(subtree))
-        return total if spec == P() else lax.psum(total, AXIS)
-    parts = jax.tree.leaves(jax.tree.map(squares, specs, grads,
-                                         is_leaf=lambda x: isinstance(x, P)))
-    return jnp.sqrt(sum(parts))
-
-
 def make_train_step(mesh: jax.sharding.Mesh, *, state_specs: Any = P(), **step_kwargs: Any):
-    """`train_step` compiled once over the mesh; the state buffers are donated. state_specs:
-    the state's layout (`state.partition_specs`; all replicated by default)."""
-    def per_device(state, images, labels):
-        return train_step(state, images, labels, **step_kwargs)
-    return parallel.shard_per_device(
-        per_device, mesh, in_specs=(state_specs, P(AXIS), P(AXIS)),
-        out_specs=(state_specs, P()), donate_argnums=(0,))
+    """`train_step` jitted over `mesh`: the state laid out by `state_specs` (a PartitionSpec
+    prefix of it, `state.partition_specs`; all replicated by default) in and out, the batch
+    split along its rows, the metrics replicated; the state buffers are donated."""
+    model = step_kwargs.get("model")
+    if getattr(model, "bn_axis_name", None) is not None:
+        raise ValueError(f"the train step runs over global arrays: build its model with "
+                         f"bn_axis_name=None (got {model.bn_axis_name!r})")
+    state_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs,
+                                   is_leaf=lambda x: isinstance(x, P))
+    batch = parallel.batch_sharded(mesh)
+    return jax.jit(functools.partial(train_step, mesh=mesh, **step_kwargs),
+                   in_shardings=(state_shardings, batch, batch),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)),
+                   donate_argnums=(0,))
