@@ -9,9 +9,12 @@ always exist: tests about sharding take them explicitly). Fixtures for new tests
 `eight_devices`, `cli_env`. See CONTRIBUTING.md.
 """
 
+import fcntl
+import json
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 
 NUM_DEVICES = 8
@@ -19,14 +22,20 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# flax's train_test pattern: the tests' programs are tiny and run a few times, so compiling
+# dominates; without most XLA optimisations it takes about half the CPU time. Every process
+# the tests start inherits it (tiny.cli_env).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-# One compilation cache for the session and every process it starts (the train CLI, sweeps,
-# notebooks): the same tiny programs are compiled by dozens of them. FACENET_JAX_TEST_CACHE=DIR
-# keeps it across sessions; by default it is a fresh folder, removed at the end, so a run's
-# timing does not depend on an earlier one.
-_OWN_CACHE = "FACENET_JAX_TEST_CACHE" not in os.environ
-_CACHE_DIR = os.environ.get("FACENET_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="jax_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+# One compilation cache for the session and every process it starts (pytest-xdist's workers, the
+# train CLI, sweeps, notebooks): the same tiny programs are compiled by dozens of them.
+# FACENET_JAX_TEST_CACHE=DIR keeps it across sessions; by default it is a fresh folder, removed
+# at the end, so a run's timing does not depend on an earlier one. A process started with
+# JAX_COMPILATION_CACHE_DIR set (a worker: its controller set it) uses that folder as it is.
+_OWN_CACHE = not ({"FACENET_JAX_TEST_CACHE", "JAX_COMPILATION_CACHE_DIR"} & set(os.environ))
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("FACENET_JAX_TEST_CACHE", ""))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
@@ -43,7 +52,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 def pytest_unconfigure(config):
     if _OWN_CACHE:
-        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +97,19 @@ def tiny_config():
 def trained_run(tmp_path_factory):
     """(workdir, CompletedProcess) of one run of the train CLI on the runlocal preset (8 steps,
     2 devices, checkpoints at 4 and 8), shared by the tests that read a finished run (evaluate,
-    embed, verify, the CLI's outputs). Read it, never write it: copy it to change it."""
-    workdir = tmp_path_factory.mktemp("trained_run")
-    return workdir, train_cli(workdir, env=cli_env(devices=2))
+    embed, verify, the CLI's outputs). Read it, never write it: copy it to change it.
+
+    Under pytest-xdist the first worker to ask trains it, under a file lock in the session's
+    shared temporary folder; the others wait and read the same folder."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's basetemp is in the session's
+        shared = shared.parent
+    workdir, record = shared / "trained_run", shared / "trained_run.json"
+    with open(shared / "trained_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            workdir.mkdir()
+            result = train_cli(workdir, env=cli_env(devices=2))
+            record.write_text(json.dumps({"args": result.args, "returncode": result.returncode,
+                                          "stdout": result.stdout, "stderr": result.stderr}))
+    return workdir, subprocess.CompletedProcess(**json.loads(record.read_text()))

@@ -31,13 +31,11 @@ def tiny_config(overrides: Mapping[str, Any] | None = None, /, **dotted: Any):
 
 def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: this one's (the compilation cache included) on
-    `devices` CPU devices, with most XLA optimisations off (flax's train_test pattern: these
-    runs are a few steps, compiling dominates), plus `extra`."""
+    `devices` CPU devices, with most XLA optimisations off as conftest sets them (flax's
+    train_test pattern: these runs are a few steps, compiling dominates), plus `extra`."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "JAX_DISABLE_MOST_OPTIMIZATIONS": os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS",
-                                                             "1"),
             "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
             **extra}
 
