@@ -18,9 +18,9 @@ import subprocess
 import tempfile
 
 NUM_DEVICES = 8
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
-).strip()
+_DEVICE_FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", "").split():  # a worker inherits it
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # flax's train_test pattern: the tests' programs are tiny and run a few times, so compiling
 # dominates; without most XLA optimisations it takes about half the CPU time. Every process

@@ -16,6 +16,7 @@ import nbformat
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
+from tiny import cli_env
 
 from facenet_jax import explore, losses
 from facenet_jax.eval import metrics
@@ -375,10 +376,8 @@ def test_notebook_runs_small(name, kernel_name, tmp_path):
     notebook = small_notebook(nbformat.read(notebook_path(name), as_version=4))
     # The kernel finds the package from this checkout; it runs on one CPU device (conftest's
     # 8 forced devices would only add compile time here).
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
-               "--xla_force_host_platform_device_count=8", "")}
+    env = cli_env(devices=1, PYTHONPATH=os.pathsep.join([str(REPO_ROOT),
+                                                         os.environ.get("PYTHONPATH", "")]))
     client = NotebookClient(notebook, kernel_name=kernel_name, timeout=300,
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env)
