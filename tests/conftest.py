@@ -1,6 +1,6 @@
-"""Test setup, set before jax is imported: 8 host CPU devices, highest matmul precision and a
-persistent compilation cache that the subprocesses the tests start share (through the
-environment).
+"""Test setup, set before jax is imported: 8 host CPU devices, highest matmul precision, most XLA
+optimisations off, and a persistent compilation cache that pytest-xdist's workers and the
+subprocesses the tests start share (through the environment).
 
 Meshes: `parallel.make_mesh()` builds a 1-device mesh in a test unless the test asks for the
 `eight_devices` fixture (the device count itself is fixed when jax is imported, so the 8 devices
