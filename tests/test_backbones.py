@@ -187,7 +187,8 @@ def _run_once(fn, *args):
         compiler_options={"xla_backend_optimization_level": 0})(*args)
 
 
-@pytest.fixture(scope="module", params=list(SMALL))
+@pytest.fixture(scope="module", params=[  # the fast tier: iresnet
+    pytest.param(name, marks=() if name == "iresnet" else pytest.mark.slow) for name in SMALL])
 def small_forward(request):
     """One compiled program per small model, shared by the behaviour tests below.
 
@@ -263,6 +264,7 @@ def test_dropout_needs_a_key_in_training_only(small_forward):
     np.testing.assert_array_equal(out["dropout_eval"], out["together"])
 
 
+@pytest.mark.slow
 def test_published_mobilefacenet_runs_at_112_px():
     """The one full-size forward (0.44 GMACs an image): eval after a train step's stats."""
     model = mobilefacenet()

@@ -17,6 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import input_pipeline, mining_breakdown, train_step  # noqa: E402
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_writes_a_row_per_setting(tmp_path):
     output = tmp_path / "train_step.json"
     train_step.main(["--models", "small_cnn", "--batches", "4x2", "--devices", "1",
@@ -75,6 +76,7 @@ def test_input_overhead_times_both_feeds():
     assert row["ratio"] == pytest.approx(row["real_input_step_s"] / row["fixed_step_s"])
 
 
+@pytest.mark.slow
 def test_heap_growth_measures_both_heaps_between_its_marks(tmp_path):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     from benchmarks import heap_growth, kill_resume
@@ -92,6 +94,7 @@ def test_heap_growth_measures_both_heaps_between_its_marks(tmp_path):
     assert not any("heap_growth.py" in site["site"] for site in result["top_python_growth"])
 
 
+@pytest.mark.slow
 def test_mining_breakdown_times_each_part_of_each_size():
     rows = mining_breakdown.main(["--sizes", "16x4,12x3", "--repeats", "2"])
     assert [(r["batch"], r["per_identity"]) for r in rows] == [(16, 4)] * 3 + [(12, 3)] * 3

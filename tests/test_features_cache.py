@@ -66,7 +66,8 @@ def test_every_registered_encoder_module_has_a_small_variant_here():
     assert modules == {type(model) for model, _ in SMALL.values()}
 
 
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", [  # the fast tier: small_cnn; the bigger modules compile longer
+    pytest.param(name, marks=() if name == "small_cnn" else pytest.mark.slow) for name in SMALL])
 def test_the_backbone_features_then_the_head_are_the_encoder(name):
     model, size = SMALL[name]
     variables = _random_variables(model, size)

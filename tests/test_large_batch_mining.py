@@ -129,7 +129,8 @@ def test_default_semihard_on_every_slot_tier(per_identity):
     assert int(np.sum(chosen.has_term)) == len(expected)
 
 
-@pytest.mark.parametrize("per_identity, soft", [(4, False), (9, True), (70, False)])
+@pytest.mark.parametrize("per_identity, soft", [(4, False), (9, True),
+                                               pytest.param(70, False, marks=pytest.mark.slow)])
 def test_semihard_loss_sums_equal_the_differentiated_pair_sums(per_identity, soft):
     """The loss's semi-hard sums (each path summing in its own layout and returning
     ∂loss_sum/∂d: row minima at K = 4, buckets at K = 9, the sort past the cap at K = 70)
@@ -241,7 +242,7 @@ def test_default_call_is_the_auto_chunk_program(monkeypatch):
     assert float(automatic[0][1]["count"]) == float(sums["count"]) > 0
 
 
-@pytest.mark.parametrize("anchor_chunk", [None, 5])
+@pytest.mark.parametrize("anchor_chunk", [None, pytest.param(5, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("strategy", ["semihard", "hardest", "all"])
 def test_margin_gradient_and_vmap_over_margins(strategy, anchor_chunk):
     """The hinge's ∂loss_sum/∂margin is the number of active terms (each adds

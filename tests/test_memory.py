@@ -177,6 +177,7 @@ def _run(num_devices, strategy="semihard", steps=3, start_step=0):
     return history
 
 
+@pytest.mark.slow
 def test_train_step_memory_on_8_devices_matches_a_one_device_brute_force_reference():
     """With start_step = 1, on 8 devices: step 0 neither mines the (empty) memory nor
     enqueues; step s mines against the embeddings of steps 1..s-1 (FIFO, enqueued after each
@@ -244,6 +245,7 @@ def test_bad_memory_config_is_an_error_before_any_work(memory, message):
         validate_run_config(_config(**memory), num_devices=1)
 
 
+@pytest.mark.slow
 def test_resume_restores_the_memory_bit_exactly(tmp_path):
     """Two steps, a checkpoint, a restore into the state `create_train_state` builds for a
     config with memory (what the train CLI restores into), two more steps: the memory and the

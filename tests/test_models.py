@@ -57,7 +57,9 @@ def test_model_names_and_unknown_name():
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize("name", SMALL_SIZES)
+@pytest.mark.parametrize("name", [  # the fast tier: small_cnn and resnet18
+    pytest.param(name, marks=() if name in ("small_cnn", "resnet18") else pytest.mark.slow)
+    for name in SMALL_SIZES])
 def test_forward_shapes_unit_norm_and_running_stats(name):
     """Init, eval and train forward of every model: [N, D] float32 unit rows, BN updates."""
     model = models.create_model(name, embedding_dim=EMBEDDING_DIM)
