@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from tiers import slow_beyond_first
 from facenet_jax import losses
 from facenet_jax.losses import mining
 from triplet_reference import (distance_weighted_probabilities, reference_triplet_loss,
@@ -133,7 +134,7 @@ def test_unknown_distance_is_an_error():
 # --- every strategy against the brute-force reference ----------------------------------------
 
 @pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("distance", losses.DISTANCES)
+@pytest.mark.parametrize("distance", slow_beyond_first(losses.DISTANCES))
 @pytest.mark.parametrize("strategy", losses.STRATEGIES)
 def test_matches_brute_force_on_random_batches_with_ties(strategy, distance, soft):
     margin = {"squared": 0.5, "euclidean": 0.25, "cosine": 0.25}[distance]
@@ -155,7 +156,7 @@ def _semihard_value_and_grad(distance, max_positives):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-@pytest.mark.parametrize("distance", losses.DISTANCES)
+@pytest.mark.parametrize("distance", slow_beyond_first(losses.DISTANCES))
 def test_semihard_max_positives_path_equals_the_sort_path_and_brute_force(distance):
     """The same loss, stats and gradient whatever the bound: m = 2 leaves most batches
     with anchors of more positives (the sort fall-back), m = B - 1 always takes the
@@ -380,7 +381,7 @@ def _value_and_grad(strategy, distance, soft, margin, emb, labels):
     return float(loss), {k: float(v) for k, v in stats.items()}, np.asarray(grad)
 
 
-@pytest.mark.parametrize("distance", losses.DISTANCES)
+@pytest.mark.parametrize("distance", slow_beyond_first(losses.DISTANCES))
 @pytest.mark.parametrize("strategy", losses.STRATEGIES)
 def test_batches_without_a_valid_term_give_zero_loss_and_zero_gradient(strategy, distance):
     emb, _ = random_batch(0)

@@ -18,6 +18,7 @@ import pytest
 from matplotlib.figure import Figure
 from tiny import cli_env
 
+from tiers import slow_beyond_first
 from facenet_jax import explore, losses
 from facenet_jax.eval import metrics
 
@@ -65,7 +66,7 @@ def loss_from_triplets(emb: np.ndarray, triplets: explore.MinedTriplets, margin:
     return float(terms.mean()) if terms.size else 0.0
 
 
-@pytest.mark.parametrize("distance", losses.DISTANCES)
+@pytest.mark.parametrize("distance", slow_beyond_first(losses.DISTANCES))
 @pytest.mark.parametrize("strategy", losses.STRATEGIES)
 def test_mined_triplets_reproduce_the_loss(batch, strategy, distance):
     emb, labels = batch

@@ -83,8 +83,10 @@ GLOBAL_CASES = [(strategy, ()) for strategy in losses.STRATEGIES] + [
     ("semihard", (("max_positives", K - 1),))]
 
 
-@pytest.mark.parametrize("strategy,options", GLOBAL_CASES,
-                         ids=[f"{s}{'-' + str(dict(o)) if o else ''}" for s, o in GLOBAL_CASES])
+@pytest.mark.parametrize("strategy,options", [  # the fast tier: semi-hard and hardest
+    pytest.param(s, o, id=f"{s}{'-' + str(dict(o)) if o else ''}",
+                 marks=() if (s, o) in (("semihard", ()), ("hardest", ())) else pytest.mark.slow)
+    for s, o in GLOBAL_CASES])
 def test_global_mining_matches_one_device(strategy, options):
     _assert_global_step_matches_one_device(strategy, options)
 
