@@ -112,6 +112,16 @@ def test_semihard_slot_tiers():
     assert mining.semihard_slot_tiers(8) == (4, 8)
     assert mining.semihard_slot_tiers(4) == (4,)
     assert mining.semihard_slot_tiers(3) == (3,)
+    # A batch of B candidates has at most B positives per anchor: the cap is at most B, and the
+    # sort is compiled only when B is above the cap.
+    assert mining.semihard_slot_tiers(None, 12) == (4, 12)
+    assert mining.semihard_slot_tiers(None, 16) == (4, 16)
+    assert mining.semihard_slot_tiers(None, 3) == (3,)
+    assert mining.semihard_slot_tiers(None, 200) == (4, 16, mining.SEMIHARD_POSITIVES_CAP)
+    assert mining.semihard_slot_tiers(8, 200) == (4, 8)
+    assert not mining.semihard_sort_reachable(jnp.zeros((4, mining.SEMIHARD_POSITIVES_CAP)))
+    assert mining.semihard_sort_reachable(jnp.zeros((4, mining.SEMIHARD_POSITIVES_CAP + 1)))
+    assert mining.semihard_sort_reachable(jnp.zeros((4, 9)), max_positives=8)
 
 
 @pytest.mark.parametrize("per_identity", [2, 5, 6, 17, 40])

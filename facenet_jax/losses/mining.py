@@ -136,10 +136,23 @@ SEMIHARD_POSITIVES_CAP = 64
 _SLOT_TIERS = (4, 16)
 
 
-def semihard_slot_tiers(max_positives: int | None = None) -> tuple[int, ...]:
-    """The static slot counts `mine_semihard` compiles, smallest first; the last is the cap."""
+def semihard_slot_tiers(max_positives: int | None = None,
+                        num_candidates: int | None = None) -> tuple[int, ...]:
+    """The static slot counts `mine_semihard` compiles, smallest first; the last is the cap.
+
+    num_candidates (B, static): no anchor has more than B positives, so the cap is at most B
+    and the tiers above it are never taken: a small batch compiles fewer branches."""
     cap = SEMIHARD_POSITIVES_CAP if max_positives is None else max_positives
+    if num_candidates is not None:
+        cap = min(cap, max(num_candidates, 1))
     return tuple(t for t in _SLOT_TIERS if t < cap) + (cap,)
+
+
+def semihard_sort_reachable(positive: jax.Array, max_positives: int | None = None) -> bool:
+    """Whether a batch of positive's shape [A,B] can have an anchor beyond the cap (static):
+    only then do `mine_semihard` and the semi-hard loss compile the sort as a branch."""
+    cap = SEMIHARD_POSITIVES_CAP if max_positives is None else max_positives
+    return positive.shape[1] > cap
 
 
 def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
@@ -158,7 +171,9 @@ def mine_semihard(d: jax.Array, positive: jax.Array, negative: jax.Array,
     """
     branch, by_slots = semihard_paths(d, positive, negative, max_positives)
     paths = [lambda find=find: slots_as_pairs(find(), positive, negative) for find in by_slots]
-    return lax.switch(branch, paths + [lambda: semihard_by_sort(d, positive, negative)])
+    if semihard_sort_reachable(positive, max_positives):
+        paths.append(lambda: semihard_by_sort(d, positive, negative))
+    return lax.switch(branch, paths)
 
 
 def semihard_paths(d: jax.Array, positive: jax.Array, negative: jax.Array,
@@ -169,9 +184,10 @@ def semihard_paths(d: jax.Array, positive: jax.Array, negative: jax.Array,
     Returns (branch, paths): paths[i]() runs the sort-free path with tier i's slot count
     (row minima up to 4 slots, buckets above);
     branch (traced int32) is the tier this batch needs, or len(paths) when an anchor has more
-    positives than the cap (the sort). For `lax.switch` over these plus the sort.
+    positives than the cap (the sort). For `lax.switch` over these plus the sort where
+    `semihard_sort_reachable` (the tiers stop at B: a batch never needs more slots).
     """
-    tiers = semihard_slot_tiers(max_positives)
+    tiers = semihard_slot_tiers(max_positives, positive.shape[1])
     branch = jnp.searchsorted(jnp.asarray(tiers, jnp.int32), _most_positives(positive),
                               side="left")
     return branch, [functools.partial(_semihard_by_slots(slots), d, positive, negative, slots)

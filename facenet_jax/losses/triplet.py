@@ -260,8 +260,10 @@ def _semihard_sums(d: jax.Array, positive: jax.Array, negative: jax.Array, margi
         return _fixed_pair_sums(d_fixed, None, chosen.column, chosen.has_term,
                                 chosen.semihard_found, margin_fixed, soft)
 
-    sums, d_cotangent, margin_cotangent = lax.switch(
-        branch, [from_slots(find) for find in by_slots] + [by_sort])
+    paths = [from_slots(find) for find in by_slots]
+    if mining.semihard_sort_reachable(positive, max_positives):
+        paths.append(by_sort)
+    sums, d_cotangent, margin_cotangent = lax.switch(branch, paths)
     loss_sum = _with_gradient(sums["loss_sum"], d, d_cotangent)
     return {**sums, "loss_sum": _with_gradient(loss_sum, margin, margin_cotangent)}
 
