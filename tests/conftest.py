@@ -33,9 +33,9 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # at the end, so a run's timing does not depend on an earlier one. A process started with
 # JAX_COMPILATION_CACHE_DIR set (a worker: its controller set it) uses that folder as it is.
 _OWN_CACHE = not ({"FACENET_JAX_TEST_CACHE", "JAX_COMPILATION_CACHE_DIR"} & set(os.environ))
-if _OWN_CACHE:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("FACENET_JAX_TEST_CACHE", ""))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = (os.environ.get("FACENET_JAX_TEST_CACHE")
+                                               or tempfile.mkdtemp(prefix="jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
