@@ -50,6 +50,27 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+# pytest-xdist's loadfile hands whole files to the workers, by default the files with the most
+# tests first; a long file of few tests started last leaves one worker idle at the end (~20 s of
+# the full suite's 8 minutes). pyproject.toml turns that reordering off
+# (--no-loadscope-reorder) and these files, the full suite's longest (measured, longest first),
+# start first: the short files then fill in at the end and both workers end together. A stale
+# order costs balance only.
+LONGEST_FILES = (
+    "test_train_cli.py", "test_notebooks.py", "test_losses.py", "test_pretrained.py",
+    "test_large_batch_mining.py", "test_features_cache.py", "test_faults_kill.py",
+    "test_objectives_classification.py", "test_train_step.py", "test_models.py",
+    "test_benchmarks.py", "test_pretrained_tf.py", "test_backbones.py", "test_cli.py",
+    "test_classification_losses.py", "test_multihost.py", "test_crossval.py", "test_sweep.py",
+    "test_run_records.py", "test_memory.py", "test_extras.py", "test_evaluate_benchmarks.py",
+    "test_sweep_cluster.py", "test_data_rec.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
@@ -63,25 +84,27 @@ def shared_data() -> pathlib.Path:
     return SHARED_DATA
 
 
-@pytest.fixture(autouse=True)
-def _one_device_meshes(request, monkeypatch):
-    """`parallel.make_mesh()` (all devices) builds a 1-device mesh unless the test asks for
-    `eight_devices`: most tests are not about devices, and 8 shards only add compile time."""
-    if "eight_devices" in request.fixturenames:
-        return
+@pytest.fixture(scope="session", autouse=True)
+def _one_device_meshes():
+    """`parallel.make_mesh()` (all devices) builds a 1-device mesh for the whole session,
+    module and session fixtures included, unless a test asks for `eight_devices`: most tests
+    are not about devices, and 8 shards only add compile time (and per-device copies)."""
     from facenet_jax import parallel
 
     every_device = parallel.make_mesh
-    monkeypatch.setattr(parallel, "make_mesh",
-                        lambda num_devices=None: every_device(num_devices or 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parallel, "make_mesh",
+                      lambda num_devices=None: every_device(num_devices or 1))
+        yield every_device
 
 
 @pytest.fixture
-def eight_devices():
+def eight_devices(_one_device_meshes, monkeypatch):
     """The 8-device mesh; in its tests `parallel.make_mesh()` spans all 8 devices again."""
     from facenet_jax import parallel
 
     assert jax.device_count() == NUM_DEVICES, "tests/conftest.py forces 8 CPU devices"
+    monkeypatch.setattr(parallel, "make_mesh", _one_device_meshes)
     return parallel.make_mesh(NUM_DEVICES)
 
 

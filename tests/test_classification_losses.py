@@ -327,7 +327,7 @@ def test_bfloat16_inputs_give_finite_float32_close_to_float32(head):
 def _bf16_case(head):
     def loss(e, w, bias, labels):
         return losses.classification_loss(e, w, bias, labels, head=head)[0]
-    return jax.value_and_grad(loss, argnums=(0, 1))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
 @pytest.mark.parametrize("head", HEADS)

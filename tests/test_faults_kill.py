@@ -2,11 +2,12 @@
 during the run, a resumed run whose model shape changed.
 
 The kill loop is benchmarks/kill_resume.py's (that script runs 20+ kills; here 3). All train
-processes share one JAX persistent compilation cache, so only the first one compiles.
+processes share the session's JAX persistent compilation cache, so at most the first compiles.
 """
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -28,8 +29,10 @@ NUM_STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return kill_resume.train_env(tmp_path_factory.mktemp("jax_cache"))
+def env():
+    """The benchmark's environment with the session's compilation cache (conftest): its
+    programs are the runlocal preset's on 2 devices, which other CLI tests compile too."""
+    return kill_resume.train_env(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="module")

@@ -53,12 +53,13 @@ CACHED = {"model.cached_features": True, "optimizer.backbone_lr_multiplier": 0.0
 def _random_variables(model, size, seed=0):
     """Initial variables with every BN statistic and parameter moved at random (so eval mode,
     train mode and the head's own BN all compute something distinct)."""
-    variables = model.init(jax.random.key(seed), jnp.zeros((2, size, size, 3)), train=False)
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    moved = [leaf + 0.1 * jnp.abs(jax.random.normal(key, leaf.shape)) for leaf, key in
-             zip(leaves, keys)]
-    return jax.tree.unflatten(tree, moved)
+    def moved_at_random():
+        variables = model.init(jax.random.key(seed), jnp.zeros((2, size, size, 3)), train=False)
+        leaves, tree = jax.tree.flatten(variables)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        return jax.tree.unflatten(tree, [leaf + 0.1 * jnp.abs(jax.random.normal(key, leaf.shape))
+                                         for leaf, key in zip(leaves, keys)])
+    return jax.jit(moved_at_random)()  # one program: op by op, each leaf's shape compiles
 
 
 def test_every_registered_encoder_module_has_a_small_variant_here():
@@ -72,11 +73,17 @@ def test_the_backbone_features_then_the_head_are_the_encoder(name):
     model, size = SMALL[name]
     variables = _random_variables(model, size)
     images = jax.random.uniform(jax.random.key(2), (3, size, size, 3))
-    features = features_cache.BackboneFeatures(model).apply(variables, images, train=False)
     head = features_cache.FeatureHead(features_cache.head_fields_of(model, size))
+
+    @jax.jit
+    def both_ways(variables, images):
+        features = features_cache.BackboneFeatures(model).apply(variables, images, train=False)
+        return features, head.apply(variables, features, train=False), model.apply(
+            variables, images, train=False)
+
+    features, through_the_head, whole = both_ways(variables, images)
     assert features.ndim == 2 and features.shape[0] == 3
-    np.testing.assert_allclose(head.apply(variables, features, train=False),
-                               model.apply(variables, images, train=False), atol=1e-6)
+    np.testing.assert_allclose(through_the_head, whole, atol=1e-6)
 
 
 def test_the_head_takes_the_encoders_own_settings():
@@ -254,7 +261,7 @@ def test_a_cached_features_step_is_the_head_trained_alone_on_eval_features(tmp_p
         return triplet_loss(embed(kernel, bias), jnp.asarray(labels), margin=config.loss.margin,
                             strategy="semihard", distance="squared")[0]
 
-    grads = jax.grad(mean_loss, argnums=(0, 1))(head["kernel"], head["bias"])
+    grads = jax.jit(jax.grad(mean_loss, argnums=(0, 1)))(head["kernel"], head["bias"])
     after, step = finetune.read_variables(run)
     assert step == 1
     trained = after["params"][HEAD_SCOPE]["embedding"]

@@ -46,9 +46,21 @@ def random_batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
+def _loss_and_grad(strategy, distance, soft):
+    """jit of ((loss, stats), ∂loss/∂emb) with the margin traced: one compile per
+    (strategy, distance, soft) serves every margin and every test on these shapes."""
+    def loss(e, l, k, margin):
+        return losses.triplet_loss(e, l, margin=margin, strategy=strategy, distance=distance,
+                                   soft=soft, key=k)
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return lambda e, l, k, margin: compiled(e, l, k, jnp.float32(margin))  # one dtype: one compile
+
+
 def _loss_fn(strategy, distance, soft, margin):
-    return jax.jit(lambda e, l, k: losses.triplet_loss(
-        e, l, margin=margin, strategy=strategy, distance=distance, soft=soft, key=k))
+    """(emb, labels, key) -> (loss, stats), through the shared compiled `_loss_and_grad`."""
+    def loss(e, l, k):
+        return _loss_and_grad(strategy, distance, soft)(e, l, k, margin)[0]
+    return loss
 
 
 @functools.cache
@@ -299,12 +311,13 @@ def test_gradient_matches_finite_differences(strategy, soft):
     emb, labels = random_batch(0)
     direction = np.random.default_rng(3).normal(size=emb.shape)
     with jax.enable_x64(True):
-        f = jax.jit(lambda e: losses.triplet_loss(e, labels, margin=0.25, strategy=strategy,
-                                                  distance="euclidean", soft=soft, key=KEY)[0])
+        f = jax.jit(jax.value_and_grad(lambda e: losses.triplet_loss(
+            e, labels, margin=0.25, strategy=strategy, distance="euclidean", soft=soft,
+            key=KEY)[0]))  # one program for the gradient and the differences
         x = jnp.asarray(emb, jnp.float64)
-        analytic = float(jnp.sum(jax.grad(f)(x) * direction))
+        analytic = float(jnp.sum(f(x)[1] * direction))
         eps = 1e-6
-        numeric = (float(f(x + eps * direction)) - float(f(x - eps * direction))) / (2 * eps)
+        numeric = (float(f(x + eps * direction)[0]) - float(f(x - eps * direction)[0])) / (2 * eps)
     assert abs(analytic) > 1e-3
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
 
@@ -315,8 +328,7 @@ def test_only_chosen_distances_carry_gradient(strategy):
     # at most 4 rows get a gradient; the pair's rows get one whenever a term is active.
     emb, _ = random_batch(0)
     labels = np.array([0, 0] + list(range(1, B - 1)), np.int32)  # one positive pair only
-    loss, grad = jax.value_and_grad(lambda e: _loss_fn(strategy, "squared", False, 0.5)(
-        e, labels, KEY)[0])(emb)
+    (loss, _), grad = _loss_and_grad(strategy, "squared", False)(emb, labels, KEY, 0.5)
     touched = np.flatnonzero(np.abs(np.asarray(grad)).sum(1) > 0)
     if float(loss) > 0:
         assert set(touched) >= {0, 1}, touched
@@ -361,8 +373,8 @@ def test_sums_over_anchor_slices_equal_the_whole_batch(strategy):
         return losses.reduce_triplet_sums(total)
 
     (loss, stats), grad = jax.value_and_grad(total_objective, has_aux=True)(emb)
-    (whole, whole_stats), whole_grad = jax.value_and_grad(
-        lambda e: _loss_fn(strategy, "squared", False, 0.5)(e, labels, KEY), has_aux=True)(emb)
+    (whole, whole_stats), whole_grad = _loss_and_grad(strategy, "squared", False)(
+        emb, labels, KEY, 0.5)
     assert float(whole) > 0
     np.testing.assert_allclose(loss, whole, rtol=1e-6)
     for name in losses.STATS_KEYS:
@@ -374,8 +386,7 @@ def test_sums_over_anchor_slices_equal_the_whole_batch(strategy):
 # --- degenerate batches ----------------------------------------------------------------------
 
 def _value_and_grad(strategy, distance, soft, margin, emb, labels):
-    fn = _loss_fn(strategy, distance, soft, margin)
-    (loss, stats), grad = jax.value_and_grad(lambda e: fn(e, labels, KEY), has_aux=True)(emb)
+    (loss, stats), grad = _loss_and_grad(strategy, distance, soft)(emb, labels, KEY, margin)
     assert np.all(np.isfinite(np.asarray(grad)))
     assert all(np.isfinite(float(v)) for v in stats.values())
     return float(loss), {k: float(v) for k, v in stats.items()}, np.asarray(grad)

@@ -187,11 +187,12 @@ def test_train_step_memory_on_8_devices_matches_a_one_device_brute_force_referen
     model = models.create_model("small_cnn", embedding_dim=DIM, bn_axis_name=None)
     batch_loss = jax.jit(lambda e, l: losses.triplet_loss(e, l, margin=0.5,
                                                           strategy="semihard")[0])
+    embed = jax.jit(lambda variables, images: model.apply(  # eager: every op per device
+        variables, images, train=True, mutable=["batch_stats"])[0])
     previous = _memory_state(optax.sgd(0.5))
     for s, (state, metrics) in enumerate(_run(8, start_step=1)):
         images, labels = _images(s)
-        embeddings, _ = model.apply(previous.variables, images.astype(np.float32) / 255.0,
-                                    train=True, mutable=["batch_stats"])
+        embeddings = embed(previous.variables, images.astype(np.float32) / 255.0)
         np.testing.assert_allclose(metrics["loss"], batch_loss(embeddings, labels), rtol=2e-4,
                                    atol=2e-6)
         memory = previous.extra

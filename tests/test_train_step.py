@@ -36,8 +36,8 @@ def _batch(seed=0):
 
 def _state(tx):
     """A host (numpy) state, so donating its device copy cannot delete the reference."""
-    variables = _model(None).init(jax.random.PRNGKey(0), jnp.zeros((2, SIZE, SIZE, 3)),
-                                  train=False)
+    variables = jax.jit(lambda key: _model(None).init(key, jnp.zeros((2, SIZE, SIZE, 3)),
+                                                      train=False))(jax.random.PRNGKey(0))
     params = {"encoder": variables["params"], "head": {}}
     return jax.device_get(TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
@@ -58,8 +58,8 @@ def _reference_grads(state, images, labels, loss: LossSpec):
             distance=loss.distance, soft=loss.soft, key=key, **dict(loss.options))
         return value, (stats, updates["batch_stats"])
 
-    (value, (stats, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params["encoder"])
+    (value, (stats, batch_stats)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+        state.params["encoder"])  # jitted: op by op compiles hundreds of programs
     return value, stats, grads, batch_stats
 
 
@@ -139,17 +139,21 @@ def test_local_mining_mines_within_each_shard():
     images, _ = _batch(1)
     labels = np.repeat(np.arange(2 * NUM_DEVICES), 2).astype(np.int32)
     state = _state(tx)
-    model = _model(None)
-    emb, _ = model.apply(state.variables, jnp.asarray(images, jnp.float32) / 255.0,
-                         train=True, mutable=["batch_stats"])
     b = len(images) // NUM_DEVICES
-    shard_sums = [losses.triplet_loss_sums(emb[i * b:(i + 1) * b], labels[i * b:(i + 1) * b],
-                                           anchor_start=0, num_anchors=b, margin=0.5,
-                                           strategy="hardest", distance="squared")
-                  for i in range(NUM_DEVICES)]
-    total = jax.tree.map(lambda *xs: sum(xs), *shard_sums)
-    expected, _ = losses.reduce_triplet_sums(total)
-    global_expected, _ = losses.triplet_loss(emb, labels, margin=0.5, strategy="hardest")
+
+    @jax.jit
+    def per_shard_and_global_losses(variables, images, labels):
+        emb, _ = _model(None).apply(variables, images.astype(jnp.float32) / 255.0, train=True,
+                                    mutable=["batch_stats"])
+        shard_sums = [losses.triplet_loss_sums(emb[i * b:(i + 1) * b], labels[i * b:(i + 1) * b],
+                                               anchor_start=0, num_anchors=b, margin=0.5,
+                                               strategy="hardest", distance="squared")
+                      for i in range(NUM_DEVICES)]
+        total = jax.tree.map(lambda *xs: sum(xs), *shard_sums)
+        return (losses.reduce_triplet_sums(total)[0],
+                losses.triplet_loss(emb, labels, margin=0.5, strategy="hardest")[0])
+
+    expected, global_expected = per_shard_and_global_losses(state.variables, images, labels)
 
     mesh, step = _sharded_step(loss, "local", tx)
     _, metrics = step(parallel.put_replicated(state, mesh), images, labels)
