@@ -201,6 +201,28 @@ def test_write_then_read_round_trips_generated_pairs(tmp_path):
         data.write_pairs(tmp_path / "p.txt", bad, _lfw_like())
 
 
+def test_restricting_to_the_pairs_identities_keeps_every_pair_and_their_people_only():
+    """Persons 0..3 with 3, 1, 2, 4 images (rows 0-2, 3, 4-5, 6-9); the pairs name persons 0
+    and 2 only, so rows 0-2 and 4-5 stay (5 images) and the pairs point at the same images."""
+    ds = _lfw_like()
+    ds.images = np.arange(len(ds.labels), dtype=np.uint8)[:, None, None, None] * np.ones(
+        (1, 4, 4, 3), np.uint8)  # image r is filled with r: where a pair points is readable
+    pairs = data.Pairs(first=np.array([5, 0]), second=np.array([4, 1]),
+                       is_same=np.array([True, True]), fold=np.array([0, 1]))
+    kept, moved = data.restrict_to_pair_identities(ds, pairs)
+    assert kept.identity_names == ["Person_0", "Person_2"]
+    np.testing.assert_array_equal(kept.images[:, 0, 0, 0], [0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(kept.labels, [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(moved.first, [4, 0])
+    np.testing.assert_array_equal(moved.second, [3, 1])
+    np.testing.assert_array_equal(kept.images[moved.first], ds.images[pairs.first])
+    np.testing.assert_array_equal(moved.fold, pairs.fold)
+    assert kept.paths == [ds.paths[r] for r in (0, 1, 2, 4, 5)]
+    none = data.Pairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0, bool), np.zeros(0, np.int64))
+    empty, _ = data.restrict_to_pair_identities(ds, none)
+    assert len(empty.labels) == 0 and empty.num_identities == 0
+
+
 # ---------------------------------------------------------------- generating
 
 def _check_valid(pairs, ds):

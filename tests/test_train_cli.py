@@ -394,10 +394,12 @@ def test_encoder_distance_and_verify_use_the_runs_distance_and_threshold(straigh
 
 
 def test_single_fold_pairs_and_one_fold_are_scored_at_a_threshold_from_elsewhere(
-        straight_run, tmp_path):
+        straight_run, tmp_path, monkeypatch):
+    """...embedding only the photos of the people fold 2's pairs name (the other fold's
+    people and those in no pair are never read), with the same scores."""
     from facenet_jax import data, parallel
     from facenet_jax.eval import evaluate, metrics
-    from facenet_jax.eval.embed import load_encoder
+    from facenet_jax.eval.embed import Encoder, load_encoder
 
     workdir, _ = straight_run
     folder = _faces_folder(tmp_path / "faces", identities=6, per_identity=3)
@@ -410,8 +412,14 @@ def test_single_fold_pairs_and_one_fold_are_scored_at_a_threshold_from_elsewhere
     d = metrics.pair_distances(encoder.embed(faces.images), pairs.first, pairs.second,
                                "squared")
     run = encoder.threshold_info["threshold"]
+    embedded = []
+    embed = Encoder.embed
+    monkeypatch.setattr(Encoder, "embed",
+                        lambda self, images: embedded.append(len(images)) or embed(self, images))
     result = evaluate.evaluate_workdir(workdir, data_root=str(folder), pairs_file=str(pairs_file),
                                        output=tmp_path / "fold2.json", fold=2)
+    named = np.unique(faces.labels[np.concatenate([pairs.first, pairs.second])])
+    assert embedded == [3 * len(named)] and len(named) < 6
     assert result["num_pairs"] == 6 and result["fold"] == 2 and result["threshold"] == run
     assert result["accuracy"] == pytest.approx(np.mean((d <= run) == pairs.is_same))
     assert "the run's validation split at step 8" in result["threshold_source"]

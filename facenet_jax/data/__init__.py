@@ -13,7 +13,8 @@ from facenet_jax.data.dataset import DATA_SOURCES, Dataset, DecodedOnAccess, Row
 from facenet_jax.data.folder import (IMAGE_EXTENSIONS, BadImageError, FolderImages,
                                      decode_image, load_folder_as_configured, load_image_folder,
                                      load_images)
-from facenet_jax.data.pairs import Pairs, generate_pairs, read_pairs, write_pairs
+from facenet_jax.data.pairs import (Pairs, generate_pairs, read_pairs,
+                                   restrict_to_pair_identities, write_pairs)
 from facenet_jax.data.prefetch import prefetch
 from facenet_jax.data.sampler import PKSampler, RowSampler, validate_batch_layout
 from facenet_jax.data.splits import (EXCLUDE_FOLD_KEY, check_split_record, split_dataset,
@@ -48,6 +49,7 @@ __all__ = ["Augment", "BadImageError", "DATA_SOURCES", "Dataset", "DecodedOnAcce
            "SOURCES", "UniformSampler", "check_split_record", "decode_image", "generate_pairs",
            "load_dataset", "load_folder_as_configured", "load_image_folder", "load_images",
            "load_pack", "load_synthetic", "load_tfds", "PackImages", "make_sampler", "prefetch", "read_pairs",
+           "restrict_to_pair_identities",
            "split_dataset", "split_identities", "validate_batch_layout",
            "validate_data_config", "validate_exclude_fold", "validate_sampler",
            "validate_uniform_batch", "write_pairs", "write_split_record"]

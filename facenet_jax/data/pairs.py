@@ -38,6 +38,20 @@ class Pairs:
         return len(self.first)
 
 
+def restrict_to_pair_identities(dataset: Dataset, pairs: Pairs) -> tuple[Dataset, Pairs]:
+    """The images of the identities `pairs` names (dataset order, labels re-indexed) and the
+    pairs re-indexed into them: everything that scoring the pairs, and identification over
+    their identities, reads. Embedding a big folder for one fold's pairs embeds only these."""
+    named = np.concatenate([pairs.first, pairs.second])
+    identities = np.unique(dataset.labels[named]) if len(named) else np.zeros(0, np.int64)
+    kept = dataset.subset(identities)
+    rows = np.flatnonzero(np.isin(dataset.labels, identities))
+    position = np.full(len(dataset.labels), -1, np.int64)
+    position[rows] = np.arange(len(rows))
+    return kept, dataclasses.replace(pairs, first=position[pairs.first],
+                                     second=position[pairs.second])
+
+
 def image_numbers(dataset: Dataset, identities: Sequence[int] | None = None) -> np.ndarray:
     """The LFW image number of every image, int [N] (see the module docstring).
 

@@ -311,6 +311,8 @@ def evaluate_workdir(workdir: pathlib.Path, *, data_root: str | None, pairs_file
                  else generated_pairs(config, test, "folder"))
     if fold is not None:
         pairs = select_fold(pairs, fold)
+    if pairs_file is not None:  # identification="pairs": the rest of the folder is never read
+        test, pairs = data.restrict_to_pair_identities(test, pairs)
     if threshold is None and len(np.unique(pairs.fold)) < 2:
         threshold = "run"
         logging.info("one fold of pairs: scored at the run's own threshold (--threshold T to "
