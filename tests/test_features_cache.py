@@ -53,13 +53,12 @@ CACHED = {"model.cached_features": True, "optimizer.backbone_lr_multiplier": 0.0
 def _random_variables(model, size, seed=0):
     """Initial variables with every BN statistic and parameter moved at random (so eval mode,
     train mode and the head's own BN all compute something distinct)."""
-    def moved_at_random():
-        variables = model.init(jax.random.key(seed), jnp.zeros((2, size, size, 3)), train=False)
-        leaves, tree = jax.tree.flatten(variables)
-        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        return jax.tree.unflatten(tree, [leaf + 0.1 * jnp.abs(jax.random.normal(key, leaf.shape))
-                                         for leaf, key in zip(leaves, keys)])
-    return jax.jit(moved_at_random)()  # one program: op by op, each leaf's shape compiles
+    init = jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((2, size, size, 3)),
+                                      train=False))
+    # The moves are drawn on the host: a jitted draw per leaf compiles for seconds.
+    rng = np.random.default_rng(seed + 1)
+    return jax.tree.map(
+        lambda leaf: leaf + 0.1 * np.abs(rng.standard_normal(leaf.shape, np.float32)), init())
 
 
 def test_every_registered_encoder_module_has_a_small_variant_here():
@@ -267,7 +266,8 @@ def test_a_cached_features_step_is_the_head_trained_alone_on_eval_features(tmp_p
     trained = after["params"][HEAD_SCOPE]["embedding"]
     np.testing.assert_allclose(trained["kernel"], head["kernel"] - lr * grads[0], atol=1e-6)
     np.testing.assert_allclose(trained["bias"], head["bias"] - lr * grads[1], atol=1e-6)
-    assert np.abs(trained["kernel"] - head["kernel"]).max() > 1e-4  # the step moved the head
+    # The step moved the head well beyond the comparison's tolerance.
+    assert np.abs(trained["kernel"] - head["kernel"]).max() > 20e-6
 
     # The backbone, parameters and statistics, is the source's to the bit.
     for collection in ("params", "batch_stats"):
