@@ -19,11 +19,14 @@ EMBEDDING_DIM = 16
 # face backbones (iresnet50/100, mobilefacenet) have these checks in test_backbones.py.
 SMALL_SIZES = {"small_cnn": 32, "resnet18": 32, "resnet34": 32, "resnet50": 32,
                "inception_resnet_v1": 75}
-# The forward test runs Inception-ResNet-v1 with one block per repeated stage (every module
-# type, a third of the compile time); the published 5/10/5 depth is checked, without a
-# compile, by the parameter counts and the BN-layer count.
+# The forward test runs the deep nets with one block per repeated stage (every module type, a
+# fraction of the compile time); their published depths (Inception-ResNet-v1's 5/10/5,
+# ResNet-34's and -50's 3/4/6/3) are checked, without a compile, by the parameter counts (and
+# Inception-ResNet-v1's BN-layer count).
 FORWARD_FIELDS = {"inception_resnet_v1": {"block35_repeats": 1, "block17_repeats": 1,
-                                          "block8_repeats": 1}}
+                                          "block8_repeats": 1},
+                  "resnet34": {"stage_sizes": (1, 1, 1, 1)},
+                  "resnet50": {"stage_sizes": (1, 1, 1, 1)}}
 BACKBONES = ("iresnet50", "iresnet100", "mobilefacenet")
 
 
