@@ -130,18 +130,22 @@ def _check_same_meaning(config: ml_collections.ConfigDict, path: str | pathlib.P
 
 def initial_state(config: ml_collections.ConfigDict, model: Any,
                   tx: optax.GradientTransformation, *, resuming: bool,
-                  num_classes: int | None = None, num_shards: int = 1) -> TrainState:
+                  num_classes: int | None = None, num_shards: int = 1,
+                  shapes: TrainState | None = None) -> TrainState:
     """The train state a run starts from (on the host): `create_train_state`, or, with
     `config.model.init_from` on a fresh start, a step-0 state holding DIR's encoder and a
     fresh optimizer (and a fresh objective head: num_classes, num_shards as in
-    `create_train_state`). When `resuming`, DIR is not read: the run's own checkpoint wins."""
+    `create_train_state`). When `resuming`, DIR is not read: the run's own checkpoint wins.
+    shapes: `create_train_state`'s shapes (jax.eval_shape) when the caller has them; else
+    they are traced here."""
     sizes = dict(num_classes=num_classes, num_shards=num_shards)
     source = config.model.init_from
     if source is None or resuming:
         return create_train_state(config, model, tx, **sizes)
     check_init_dir(source)
     _check_same_meaning(config, source)
-    expected = jax.eval_shape(lambda: create_train_state(config, model, tx, **sizes))
+    expected = (shapes if shapes is not None
+                else jax.eval_shape(lambda: create_train_state(config, model, tx, **sizes)))
     variables, step = read_variables(source)
     check_structure(expected.variables, variables, source=f"model.init_from={source}",
                     hint=_structure_hint(config, source))

@@ -251,22 +251,25 @@ def _train_in(workdir: pathlib.Path, config: ml_collections.ConfigDict,
     tx, schedule = build_optimizer(config)
     has_head = objectives.has_parameters(config)
 
-    def check_space(**sizes: int) -> None:  # from the state's shapes alone: before compiling
+    def state_shapes(**sizes: int) -> Any:
+        """The train state's shapes (traced once: the free-space check before compiling and
+        model.init_from's structure check both read them)."""
+        shapes = jax.eval_shape(lambda: create_train_state(config, model, tx, **sizes))
         if is_writer:
-            checkpoints.check_free_space(
-                workdir, jax.eval_shape(lambda: create_train_state(config, model, tx, **sizes)))
+            checkpoints.check_free_space(workdir, shapes)
+        return shapes
 
     if not has_head:  # a head's size depends on the data: checked once it is loaded
-        check_space()
+        shapes = state_shapes()
     run_data = _load_data(config, workdir, mesh, resuming=reached is not None,
                           moved_from=moved_from)
     sizes = dict(num_classes=run_data.splits["train"].num_identities, num_shards=mesh.size)
     if has_head:
-        check_space(**sizes)
+        shapes = state_shapes(**sizes)
     objective = objectives.from_config(config, **sizes)
 
     host_state = finetune.initial_state(config, model, tx, resuming=reached is not None,
-                                        **sizes)
+                                        shapes=shapes, **sizes)
     state_specs = partition_specs(host_state, objective, tx)
     state = parallel.put_with_specs(host_state, state_specs, mesh)
     manager = checkpoints.make_manager(workdir, max_to_keep=config.keep_checkpoints)
