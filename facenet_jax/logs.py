@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +55,23 @@ def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
     _keep_metric_rows(workdir, lambda row: row.get("step", 0) <= last_step)
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter (event files without TensorFlow), imported without torch.
+
+    tensorboardX imports torch at module level when it is installed (the `[pretrained]` extra),
+    only to accept torch tensors, which nothing here passes: 1.3 s of every run's start-up.
+    A torch already imported is left as it is."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends metric rows to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
 
@@ -65,9 +83,8 @@ class MetricsWriter:
         self._path = pathlib.Path(workdir) / METRICS_FILE
         self._tensorboard = None
         if enabled:
-            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-            self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / TENSORBOARD_DIR),
-                                              purge_step=purge_step)
+            self._tensorboard = _summary_writer_class()(
+                str(pathlib.Path(workdir) / TENSORBOARD_DIR), purge_step=purge_step)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         if not self._enabled:

@@ -31,3 +31,21 @@ def test_writer_on_other_processes_writes_nothing(tmp_path):
     writer.write(1, {"loss": 0.5})
     writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_writer_leaves_torch_unimported_and_importable(tmp_path):
+    """tensorboardX imports torch when it is installed; a run's writer must not pay for it (a
+    fresh interpreter: this one may hold torch already), and torch must import afterwards."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("torch", reason="without torch installed there is nothing to avoid")
+    script = ("import sys\nfrom facenet_jax import logs\n"
+              f"logs.MetricsWriter({str(tmp_path)!r}).write(1, {{'loss': 0.5}})\n"
+              "print('torch' in sys.modules)\nimport torch\nprint(torch.zeros(1).item())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["False", "0.0"]
+    assert list((tmp_path / "tensorboard").iterdir())
