@@ -1,6 +1,6 @@
 """Test setup, set before jax is imported: 8 host CPU devices, highest matmul precision, most XLA
-optimisations off, and a persistent compilation cache that pytest-xdist's workers and the
-subprocesses the tests start share (through the environment).
+optimisations and the CPU fusion emitters off, and a persistent compilation cache that
+pytest-xdist's workers and the subprocesses the tests start share (through the environment).
 
 Meshes: `parallel.make_mesh()` builds a 1-device mesh in a test unless the test asks for the
 `eight_devices` fixture (the device count itself is fixed when jax is imported, so the 8 devices
@@ -15,12 +15,28 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 
 NUM_DEVICES = 8
 _DEVICE_FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", "").split():  # a worker inherits it
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+# XLA's CPU fusion emitters compile the tests' tiny programs 2-3x slower than the loop emitters
+# (measured: tests/test_large_batch_mining.py 79 s -> 33 s; the programs' results are the tests'
+# to check either way). Off where this jaxlib knows the flag: XLA aborts on one it does not.
+_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_knows(flag: str) -> bool:
+    """Whether a process with XLA_FLAGS=flag starts (a second's probe, once per session)."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"],
+                           env={**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"},
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", "").split():  # a worker inherits both
+    wanted = [_DEVICE_FLAG] + ([_FAST_COMPILE_FLAG] if _xla_knows(_FAST_COMPILE_FLAG) else [])
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *wanted]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # flax's train_test pattern: the tests' programs are tiny and run a few times, so compiling
 # dominates; without most XLA optimisations it takes about half the CPU time. Every process

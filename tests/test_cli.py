@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from facenet_jax import cli
+from tiny import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "experiments" / "default.py"
@@ -25,8 +26,7 @@ TINY = {"num_steps": 8, "log_every": 2, "eval_every": 4, "checkpoint_every": 4,
 
 
 def _cli(module, *args, cwd=REPO, env_extra=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2", **(env_extra or {}))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2), **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

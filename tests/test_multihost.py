@@ -27,7 +27,7 @@ import pytest
 from facenet_jax import checkpoints, parallel
 from facenet_jax.logs import read_metrics
 
-from tiny import RUNLOCAL
+from tiny import RUNLOCAL, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -51,7 +51,7 @@ def _start(workdir: pathlib.Path, record: pathlib.Path, *, local_devices: int,
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_COORDINATOR_ADDRESS", parallel.NUM_PROCESSES_VAR,
                         parallel.PROCESS_ID_VAR)}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+    env.update(XLA_FLAGS=xla_flags(local_devices),
                JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **extra_env)
     cmd = [sys.executable, str(WORKER), str(record), "--config", RUNLOCAL,
            "--workdir", str(workdir), *TINY,

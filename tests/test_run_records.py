@@ -22,6 +22,7 @@ from facenet_jax import config as cfg
 from facenet_jax import sweep, train
 from facenet_jax.eval.embed import load_encoder
 from facenet_jax.logs import read_metrics
+from tiny import xla_flags
 from facenet_jax.state import build_model, build_optimizer, create_train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -146,8 +147,7 @@ def test_the_train_cli_refuses_an_old_folder_in_one_line_with_status_2(trained, 
     old = tmp_path / "old"
     shutil.copytree(trained, old)
     _set_layout(old, layout_version=None, git_commit=COMMIT)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     overrides = [f"--config.{key}={value}" for key, value in TINY.items()]
     result = subprocess.run(
         [sys.executable, "-m", "facenet_jax.train", "--config", str(DEFAULT), "--workdir",

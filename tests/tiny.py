@@ -1,6 +1,6 @@
 """The tests' tiny runs: experiments/default.py:runlocal in process or through the train CLI.
 
-    from tiny import RUNLOCAL, RUNLOCAL_OVERRIDES, cli_env, tiny_config, train_cli
+    from tiny import RUNLOCAL, RUNLOCAL_OVERRIDES, cli_env, tiny_config, train_cli, xla_flags
 """
 
 from __future__ import annotations
@@ -29,15 +29,20 @@ def tiny_config(overrides: Mapping[str, Any] | None = None, /, **dotted: Any):
     return cfg.load_config(RUNLOCAL, {**(overrides or {}), **dotted})
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess on `devices` CPU devices, keeping this session's other flags
+    (conftest's compile-time ones: a process without them compiles slower and shares no
+    compilation-cache entry with the session)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: this one's (the compilation cache included) on
     `devices` CPU devices, with most XLA optimisations off as conftest sets them (flax's
     train_test pattern: these runs are a few steps, compiling dominates), plus `extra`."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
-            **extra}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **extra}
 
 
 def train_cli(workdir: str | pathlib.Path, *flags: str, env: Mapping[str, str] | None = None,
