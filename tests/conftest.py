@@ -68,18 +68,18 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # pytest-xdist's loadfile hands whole files to the workers, by default the files with the most
 # tests first; a long file of few tests started last leaves one worker idle at the end (~20 s of
-# the full suite's 8 minutes). pyproject.toml turns that reordering off
+# the full suite's 6 minutes). pyproject.toml turns that reordering off
 # (--no-loadscope-reorder) and these files, the full suite's longest (measured, longest first),
 # start first: the short files then fill in at the end and both workers end together. A stale
 # order costs balance only.
 LONGEST_FILES = (
-    "test_train_cli.py", "test_notebooks.py", "test_losses.py", "test_pretrained.py",
-    "test_large_batch_mining.py", "test_features_cache.py", "test_faults_kill.py",
-    "test_objectives_classification.py", "test_train_step.py", "test_models.py",
-    "test_benchmarks.py", "test_pretrained_tf.py", "test_backbones.py", "test_cli.py",
-    "test_classification_losses.py", "test_multihost.py", "test_crossval.py", "test_sweep.py",
-    "test_run_records.py", "test_memory.py", "test_extras.py", "test_evaluate_benchmarks.py",
-    "test_sweep_cluster.py", "test_data_rec.py")
+    "test_train_cli.py", "test_notebooks.py", "test_pretrained.py", "test_losses.py",
+    "test_faults_kill.py", "test_large_batch_mining.py", "test_benchmarks.py", "test_cli.py",
+    "test_pretrained_tf.py", "test_models.py", "test_backbones.py",
+    "test_objectives_classification.py", "test_train_step.py", "test_crossval.py",
+    "test_features_cache.py", "test_extras.py", "test_sweep.py", "test_multihost.py",
+    "test_run_records.py", "test_evaluate_benchmarks.py", "test_classification_losses.py",
+    "test_memory.py", "test_sweep_cluster.py", "test_data_rec.py")
 
 
 def pytest_collection_modifyitems(items):
