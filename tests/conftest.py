@@ -1,6 +1,7 @@
 """Test setup, set before jax is imported: 8 host CPU devices, highest matmul precision, most XLA
-optimisations and the CPU fusion emitters off, and a persistent compilation cache that
-pytest-xdist's workers and the subprocesses the tests start share (through the environment).
+optimisations and the CPU fusion emitters off, and a persistent compilation cache and a folder
+cache (data.cache_dir's default) that pytest-xdist's workers and the subprocesses the tests
+start share (through the environment), both removed at the end.
 
 Meshes: `parallel.make_mesh()` builds a 1-device mesh in a test unless the test asks for the
 `eight_devices` fixture (the device count itself is fixed when jax is imported, so the 8 devices
@@ -54,6 +55,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                                                or tempfile.mkdtemp(prefix="jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# Decoded image folders (data.cache_dir's default) go to a session folder as well, removed at the
+# end: in the user's ~/.cache/facenet_jax every test folder would leave an entry behind.
+_OWN_FOLDER_CACHE = "FACENET_JAX_CACHE_DIR" not in os.environ
+if _OWN_FOLDER_CACHE:
+    os.environ["FACENET_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="facenet_jax_folders_")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -90,6 +96,8 @@ def pytest_collection_modifyitems(items):
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if _OWN_FOLDER_CACHE:
+        shutil.rmtree(os.environ["FACENET_JAX_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

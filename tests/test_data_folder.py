@@ -93,6 +93,19 @@ def test_cache_is_reused_and_keyed_by_contents_and_preprocessing(folder, tmp_pat
     assert not [p for p in cache.iterdir() if ".tmp" in p.name]
 
 
+def test_unset_cache_dir_caches_where_the_environment_says_else_in_home(folder, tmp_path,
+                                                                        monkeypatch):
+    from facenet_jax.data import folder as folder_module
+
+    monkeypatch.setenv(folder_module.CACHE_DIR_ENV, str(tmp_path / "env_cache"))
+    data.load_image_folder(folder, 8)
+    assert [p.name.startswith(f"{folder.name}-8px-")
+            for p in (tmp_path / "env_cache").iterdir() if p.is_dir()] == [True]
+    monkeypatch.delenv(folder_module.CACHE_DIR_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert folder_module.default_cache_dir() == tmp_path / "home" / ".cache" / "facenet_jax"
+
+
 def _load_in_subprocess(args):
     root, cache = args
     ds = data.load_image_folder(root, 8, cache_dir=cache)

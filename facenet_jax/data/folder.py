@@ -28,7 +28,13 @@ from facenet_jax.runfiles import blocking_lock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".pbm", ".bmp")
 _CACHE_VERSION = 1  # bump when decoding or the cache layout changes
-_DEFAULT_CACHE = pathlib.Path("~/.cache/facenet_jax").expanduser()
+CACHE_DIR_ENV = "FACENET_JAX_CACHE_DIR"  # where data.cache_dir=None caches decoded folders
+
+
+def default_cache_dir() -> pathlib.Path:
+    """The folder cache when data.cache_dir is unset: $FACENET_JAX_CACHE_DIR, else
+    ~/.cache/facenet_jax (read at each call: a test session points it at its own folder)."""
+    return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/facenet_jax").expanduser()
 
 
 def decode_image(path: str | pathlib.Path, image_size: int,
@@ -140,7 +146,7 @@ def load_image_folder(root: str | pathlib.Path, image_size: int, *,
     if stream:
         return _with_min_images(_stream_folder(root, relative, image_size, center_crop), root,
                                 min_images_per_identity)
-    cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir else _DEFAULT_CACHE
+    cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     key = _cache_key(root, relative, image_size, center_crop, skip_bad_files)
     entry = cache_dir / f"{root.name}-{image_size}px-{key[:20]}"
     if not (entry / "meta.json").exists():
