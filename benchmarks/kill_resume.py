@@ -76,11 +76,11 @@ class Kill:
 def train_env(cache_dir: str | pathlib.Path, devices: int = 2) -> dict[str, str]:
     """The environment of every run: CPU devices and a shared persistent compilation cache
     (the caller's other XLA flags kept)."""
+    from facenet_jax.parallel import host_device_flags
+
     env = dict(os.environ)
-    flags = [flag for flag in env.get("XLA_FLAGS", "").split()
-             if not flag.startswith("--xla_force_host_platform_device_count")]
     env.update({
-        "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+        "XLA_FLAGS": host_device_flags(env.get("XLA_FLAGS", ""), devices),
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -99,6 +99,16 @@ def maybe_initialize_distributed(distributed: bool) -> None:
                  jax.device_count())
 
 
+_HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def host_device_flags(xla_flags: str, count: int) -> str:
+    """XLA_FLAGS `xla_flags` asking for `count` host CPU devices (any earlier count replaced,
+    the other flags kept): for a process about to start, before it imports jax."""
+    kept = [flag for flag in xla_flags.split() if not flag.startswith(_HOST_DEVICES_FLAG)]
+    return " ".join([*kept, f"{_HOST_DEVICES_FLAG}={count}"])
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over all (or the first `num_devices`) devices of every process, axis `AXIS`.
 

@@ -231,3 +231,10 @@ def test_distributed_init_kwargs(distributed, environ, expected):
 def test_bad_hand_launch_names_the_missing_variable(environ, named):
     with pytest.raises(ValueError, match=named):
         parallel.distributed_init_kwargs(False, environ)
+
+
+def test_host_device_flags_replace_the_count_and_keep_the_other_flags():
+    flags = "--xla_cpu_use_fusion_emitters=false --xla_force_host_platform_device_count=8 --x=1"
+    assert parallel.host_device_flags(flags, 2) == (
+        "--xla_cpu_use_fusion_emitters=false --x=1 --xla_force_host_platform_device_count=2")
+    assert parallel.host_device_flags("", 3) == "--xla_force_host_platform_device_count=3"

@@ -33,9 +33,9 @@ def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a subprocess on `devices` CPU devices, keeping this session's other flags
     (conftest's compile-time ones: a process without them compiles slower and shares no
     compilation-cache entry with the session)."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    from facenet_jax.parallel import host_device_flags
+
+    return host_device_flags(os.environ.get("XLA_FLAGS", ""), devices)
 
 
 def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
