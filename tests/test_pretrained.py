@@ -206,7 +206,7 @@ def _file_digests(folder: pathlib.Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-SHALLOW = (1, 1, 1)  # block35, block17, block8 repeats of the shallow import
+SHALLOW = {"block35_repeats": 1, "block17_repeats": 1, "block8_repeats": 1}  # the shallow import
 
 
 @pytest.fixture(scope="module")
@@ -216,11 +216,10 @@ def imported_shallow(reference, tmp_path_factory):
     test compiles in seconds (the full depth is the other tests')."""
     shallow = {key: value for key, value in reference[0].state_dict().items()
                if not re.match(r"repeat_\d\.[1-9]", key)}
-    variables, _ = pretrained.convert_facenet_pytorch(
-        shallow, **dict(zip(("block35_repeats", "block17_repeats", "block8_repeats"), SHALLOW)))
+    variables, _ = pretrained.convert_facenet_pytorch(shallow, **SHALLOW)
     folder = tmp_path_factory.mktemp("imported_shallow") / "run"
     pretrained.write_run(folder, variables, source_info={"source": "facenet-pytorch"},
-                         config=pretrained.imported_config(repeats=SHALLOW))
+                         config=pretrained.imported_config(repeats=tuple(SHALLOW.values())))
     return folder
 
 
@@ -236,13 +235,11 @@ def test_fine_tuning_the_imported_model_on_orl(imported_shallow, shared_data, tm
 
     workdir_in = imported_shallow
     before = _file_digests(workdir_in)
-    blocks = "model.inception_resnet_v1"
     config = load_config(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "orl.py", {
         "data.root": str(shared_data / "orl_faces"), "data.image_size": 80,
         "model.name": "inception_resnet_v1", "model.embedding_dim": 512,
         "model.bn_scale": True, "model.input_norm": "fixed_standardization",
-        f"{blocks}.block35_repeats": 1, f"{blocks}.block17_repeats": 1,
-        f"{blocks}.block8_repeats": 1,
+        **{f"model.inception_resnet_v1.{key}": value for key, value in SHALLOW.items()},
         "model.init_from": str(workdir_in), "optimizer.backbone_lr_multiplier": 0.0,
         "optimizer.warmup_steps": 0, "num_steps": 1, "log_every": 1, "eval_every": 1000,
         "checkpoint_every": 1, "batch.identities": 8, "batch.images_per_identity": 2,
